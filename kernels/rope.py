@@ -1,0 +1,51 @@
+"""Wan's 3-axis rotary embedding computed from integer positions (the reference formulation).
+
+head_dim d splits into bands t: d - 4*(d//6), h: 2*(d//6), w: 2*(d//6); in a band of n channels pair j
+rotates by ``pos * theta**(-2j/n)``. Pairs are interleaved (x[2j], x[2j+1]) as in diffusers. Angles are
+computed from positions (no table), so negative and large positions work; a token at (0, 0, 0) is not
+rotated, which is how ``ref_rope="none"`` is expressed.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rope_bands(head_dim: int) -> tuple[int, int, int]:
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"head_dim must be even and >= 6 for Wan RoPE, got {head_dim}")
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Per-pair inverse frequency [head_dim // 2] (float64) and the position axis each pair reads."""
+    parts = []
+    for n in rope_bands(head_dim):
+        parts.append(theta ** (-torch.arange(0, n, 2, dtype=torch.float64) / n))
+    return torch.cat(parts)
+
+
+def rope_pair_axis(head_dim: int) -> torch.Tensor:
+    """Which position column (0=t, 1=h, 2=w) each rotation pair uses, [head_dim // 2] int64."""
+    t, h, w = rope_bands(head_dim)
+    return torch.cat([torch.full((n // 2,), axis, dtype=torch.long) for axis, n in enumerate((t, h, w))])
+
+
+def rope_angles(pos: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype=torch.float32) -> torch.Tensor:
+    """Rotation angles [N, head_dim // 2] for integer positions ``pos`` [N, 3].
+
+    The product is formed in ``dtype`` (float32 at run time, which is also what the Triton kernel and the
+    exported graph do; float64 for the oracle).
+    """
+    inv_freq = rope_inv_freq(head_dim, theta).to(device=pos.device, dtype=dtype)
+    axis = rope_pair_axis(head_dim).to(pos.device)
+    return pos.to(dtype).index_select(1, axis) * inv_freq
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, N, H, D] by angles [N, D/2]; math in the angles' dtype, result in x's dtype."""
+    cos = angles.cos()[None, :, None, :]
+    sin = angles.sin()[None, :, None, :]
+    x0, x1 = x.to(angles.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    return out.to(x.dtype)
