@@ -1,0 +1,132 @@
+"""The one configuration that flows from checkpoint to kernel launch."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REF_MODES = ("dual_stream", "token_concat")
+REF_ROPES = ("shared", "decoupled", "none")
+REF_TIMESTEPS = ("shared", "zero")
+REF_ATTENTIONS = ("full", "isolated", "prototype")
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
+
+# keys of a diffusers WanTransformer3DModel config.json that this engine reads
+_WAN_KEYS = (
+    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
+    "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len",
+)
+
+
+@dataclass(frozen=True)
+class MvgenConfig:
+    """Wan2.1-I2V transformer hyper-parameters plus the multi-view reference settings.
+
+    The first block mirrors diffusers' ``WanTransformer3DModel`` config so a diffusers checkpoint maps
+    onto it key for key; the second block is ours (from ``mvgen_config.json`` or overrides).
+    """
+
+    # Wan2.1-I2V (diffusers names)
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    num_attention_heads: int = 40
+    attention_head_dim: int = 128
+    in_channels: int = 36
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 13824
+    num_layers: int = 40
+    cross_attn_norm: bool = True
+    qk_norm: str = "rms_norm_across_heads"
+    eps: float = 1e-6
+    image_dim: int | None = 1280
+    added_kv_proj_dim: int | None = 5120
+    rope_max_seq_len: int = 1024
+    pos_embed_seq_len: int | None = None
+    rope_theta: float = 10000.0
+    text_len: int = 512
+
+    # multi-view reference stream
+    ref_mode: str = "dual_stream"
+    ref_rope: str = "decoupled"
+    ref_t_stride: int = 1
+    ref_timestep: str = "shared"
+    ref_attention: str = "full"
+    max_references: int = 3
+    view_weights: tuple[float, ...] | None = None
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    attention_backend: str = "auto"
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        _choice("ref_mode", self.ref_mode, REF_MODES)
+        _choice("ref_rope", self.ref_rope, REF_ROPES)
+        _choice("ref_timestep", self.ref_timestep, REF_TIMESTEPS)
+        _choice("ref_attention", self.ref_attention, REF_ATTENTIONS)
+        _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {self.qk_norm!r}")
+        if self.in_channels != 36 or self.out_channels != 16:
+            raise ValueError(
+                f"expected a Wan2.1-I2V transformer (in_channels 36, out_channels 16), "
+                f"got in_channels={self.in_channels}, out_channels={self.out_channels}"
+            )
+        if self.ref_t_stride < 1:
+            raise ValueError(f"ref_t_stride must be >= 1, got {self.ref_t_stride}")
+        if self.max_references < 0:
+            raise ValueError(f"max_references must be >= 0, got {self.max_references}")
+        if self.view_weights is not None and len(self.view_weights) != self.max_references:
+            raise ValueError(
+                f"view_weights has {len(self.view_weights)} entries, expected max_references={self.max_references}"
+            )
+        if self.ref_attention == "prototype":
+            raise ValueError("ref_attention='prototype' needs the PPA pose encoder, which this build does not ship")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def caches_reference(self) -> bool:
+        """The reference stream is independent of the video and of the step: compute its K/V once."""
+        return self.ref_attention == "isolated" and self.ref_timestep == "zero"
+
+    def replace(self, **changes) -> "MvgenConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides) -> "MvgenConfig":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        merged = {**values, **overrides}
+        kwargs = {k: v for k, v in merged.items() if k in known}
+        for key in ("patch_size", "view_weights"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        unknown_overrides = set(overrides) - known
+        if unknown_overrides:
+            raise ValueError(f"unknown config override(s): {sorted(unknown_overrides)}; known: {sorted(known)}")
+        return cls(**kwargs, extra={k: v for k, v in merged.items() if k not in known and not k.startswith("_")})
+
+    @classmethod
+    def from_files(cls, transformer_config: Path, mvgen_config: Path | None = None, **overrides) -> "MvgenConfig":
+        values = {k: v for k, v in json.loads(Path(transformer_config).read_text()).items() if k in _WAN_KEYS}
+        if mvgen_config is not None and Path(mvgen_config).is_file():
+            values.update(json.loads(Path(mvgen_config).read_text()))
+        return cls.from_dict(values, **overrides)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("extra")
+        return out
+
+    def wan_dict(self) -> dict:
+        """The diffusers ``WanTransformer3DModel`` constructor arguments of this config."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.to_dict().items() if k in _WAN_KEYS}
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,401 @@
+"""The multi-view reference denoiser: Wan2.1-I2V's DiT plus a reference-token stream.
+
+Parameter names of the video stream follow diffusers' ``WanTransformer3DModel`` key for key, so a diffusers
+checkpoint loads without renaming; the reference stream lives in ``ref_blocks`` (dual-stream, MVI2V) or
+reuses ``blocks`` (Token-Concat). The streams meet only in the joint self-attention.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import joint_attention
+
+from .config import MvgenConfig
+from .positions import grid_positions, rd_rope_positions
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm evaluated in float32 whatever the activation dtype (as Wan does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class GELUProjection(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int, approximate: str):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, inner_dim: int, dim_out: int | None = None, approximate: str = "tanh"):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProjection(dim, inner_dim, approximate), nn.Identity(),
+                                  nn.Linear(inner_dim, dim_out or dim)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class Attention(nn.Module):
+    """Q/K/V/out projections with RMSNorm across heads on Q and K (and the I2V image K/V when asked)."""
+
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Identity()])
+        self.norm_q = nn.RMSNorm(dim, eps=eps)
+        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        if added_kv_proj_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_proj_dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=eps)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # [B, N, H, Dh]
+
+    def project_qkv(self, x: torch.Tensor, context: torch.Tensor):
+        q = self.split_heads(self.norm_q(self.to_q(x)))
+        k = self.split_heads(self.norm_k(self.to_k(context)))
+        v = self.split_heads(self.to_v(context))
+        return q, k, v
+
+    def cross(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
+        """Cross-attention to the text states, plus (I2V) to the CLIP image states, summed."""
+        q, k, v = self.project_qkv(x, text)
+        out = _sdpa(q, k, v)
+        if image is not None:
+            k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image)))
+            v_img = self.split_heads(self.add_v_proj(image))
+            out = out + _sdpa(q, k_img, v_img)
+        return self.to_out[0](out.flatten(2))
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@dataclass
+class Modulation:
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    c_shift: torch.Tensor
+    c_scale: torch.Tensor
+    c_gate: torch.Tensor
+
+
+class StreamBlock(nn.Module):
+    """One Wan transformer block of one stream, split at the joint self-attention.
+
+    ``self_attention_inputs`` produces this stream's Q/K/V; the joint attention runs outside over all
+    streams; ``finish`` applies this stream's output projection, cross-attention and FFN.
+    """
+
+    def __init__(self, cfg: MvgenConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
+        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps, cfg.added_kv_proj_dim)
+        self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, cfg.ffn_dim)
+        self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def modulation(self, timestep_proj: torch.Tensor) -> Modulation:
+        # timestep_proj [B, 6, D] -> six [B, 1, D] float32 tensors
+        return Modulation(*(self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1))
+
+    def self_attention_inputs(self, x: torch.Tensor, mod: Modulation):
+        h = (self.norm1(x.float()) * (1 + mod.scale_msa) + mod.shift_msa).type_as(x)
+        return self.attn1.project_qkv(h, h)
+
+    def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image) -> torch.Tensor:
+        # attn [B, N, H, Dh]: this stream's rows of the joint attention
+        out = self.attn1.to_out[0](attn.flatten(2))
+        x = (x.float() + out * mod.gate_msa).type_as(x)
+        x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image)
+        h = (self.norm3(x.float()) * (1 + mod.c_scale) + mod.c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * mod.c_gate).type_as(x)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TextProjection(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ImageEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(in_dim)
+        self.ff = FeedForward(in_dim, in_dim, dim, approximate="none")
+        self.norm2 = FP32LayerNorm(dim)
+
+    def forward(self, x):
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+def sinusoidal_embedding(timestep: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep features: [cos | sin] of t * 10000**(-i/half), float32 [B, dim]."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+    args = timestep.float()[:, None] * exponent.exp()[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: MvgenConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.freq_dim = cfg.freq_dim
+        self.time_embedder = TimestepEmbedding(cfg.freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextProjection(cfg.text_dim, dim)
+        self.image_embedder = ImageEmbedding(cfg.image_dim, dim) if cfg.image_dim is not None else None
+
+    def time(self, timestep: torch.Tensor, dtype: torch.dtype):
+        """temb [B, D] (output head) and timestep_proj [B, 6, D] (block modulation)."""
+        features = sinusoidal_embedding(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        temb = self.time_embedder(features).to(dtype)
+        return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
+
+
+@dataclass
+class ReferenceCache:
+    """Per-layer reference K/V (before RoPE) of an ``isolated`` + ``zero``-timestep reference stream."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    num_refs: int
+    ref_hw: tuple[int, int]
+    video_fhw: tuple[int, int, int]
+
+
+class MultiViewWanTransformer(nn.Module):
+    """Wan2.1-I2V DiT with a reference stream; with no references it is exactly Wan2.1-I2V."""
+
+    def __init__(self, config: MvgenConfig):
+        super().__init__()
+        self.config = cfg = config
+        dim = cfg.inner_dim
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.ref_patch_embedding: nn.Conv3d | None = None
+        self.condition_embedder = ConditionEmbedder(cfg)
+        self.blocks = nn.ModuleList(StreamBlock(cfg) for _ in range(cfg.num_layers))
+        self.ref_blocks = (
+            nn.ModuleList(StreamBlock(cfg) for _ in range(cfg.num_layers)) if cfg.ref_mode == "dual_stream" else None
+        )
+        self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        weights = cfg.view_weights if cfg.view_weights is not None else (1.0,) * cfg.max_references
+        self.register_buffer("view_weights", torch.tensor(weights, dtype=torch.float32))
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+    def reference_block(self, i: int) -> StreamBlock:
+        return self.ref_blocks[i] if self.ref_blocks is not None else self.blocks[i]
+
+    def init_reference_stream_from_base(self) -> None:
+        """MVI2V initialisation: the reference stream starts as a copy of the video stream's weights."""
+        if self.ref_blocks is not None:
+            self.ref_blocks.load_state_dict(self.blocks.state_dict())
+
+    def embed_references(self, ref_latents: torch.Tensor) -> torch.Tensor:
+        """[B, R, 16, Hr, Wr] clean latents -> [B, R*hr*wr, D] tokens.
+
+        Without an adapter-provided embedding a reference enters Wan's own patch embedding as the 36
+        channels ``[z, ones(4), z]``: a fully known frame whose first-frame condition is itself.
+        """
+        b, r, c, hr, wr = ref_latents.shape
+        z = ref_latents.reshape(b * r, c, 1, hr, wr)
+        embed = self.ref_patch_embedding if self.ref_patch_embedding is not None else self.patch_embedding
+        if embed.in_channels != c:
+            z = torch.cat([z, torch.ones_like(z[:, :4]), z], dim=1)
+        tokens = embed(z.to(embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B*R, hr*wr, D]
+        return tokens.reshape(b, -1, tokens.shape[-1])
+
+    def reference_key_scale(self, num_video: int, num_refs: int, tokens_per_ref: int, device) -> torch.Tensor:
+        """Per-key logit multiplier: 1 for video keys, omega_m for the keys of view m (MVAnimate)."""
+        ref_scale = self.view_weights[:num_refs].repeat_interleave(tokens_per_ref)
+        return torch.cat([torch.ones(num_video, device=device), ref_scale.to(device)])
+
+    def _reference_positions(self, num_refs, ref_hw, video_fhw, device):
+        cfg = self.config
+        return rd_rope_positions(cfg.ref_rope, num_refs, ref_hw, video_fhw, cfg.ref_t_stride, device=device)
+
+    def _ref_timestep(self, timestep):
+        return torch.zeros_like(timestep) if self.config.ref_timestep == "zero" else timestep
+
+    def _attend(self, q, k, v, q_pos, k_pos, n_video_q, n_video_k, key_scale):
+        cfg = self.config
+        return joint_attention(
+            q, k, v, q_pos, k_pos, n_video_q=n_video_q, n_video_k=n_video_k, key_scale=key_scale,
+            mask=cfg.ref_attention, theta=cfg.rope_theta, backend=cfg.attention_backend,
+        )
+
+    def _contexts(self, text, image_context):
+        emb = self.condition_embedder
+        image = emb.image_embedder(image_context) if emb.image_embedder is not None else None
+        return emb.text_embedder(text), image
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        latents: torch.Tensor,
+        condition: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        image_context: torch.Tensor,
+        ref_latents: torch.Tensor | None = None,
+        ref_cache: ReferenceCache | None = None,
+    ) -> torch.Tensor:
+        """Flow-matching velocity [B, 16, F, H, W].
+
+        latents [B,16,F,H,W], condition [B,20,F,H,W] (4 mask + 16 first-frame channels), timestep [B],
+        text [B,L,text_dim], image_context [B,257,image_dim], ref_latents [B,R,16,Hr,Wr] (R may be 0) or
+        ``ref_cache`` from ``precompute_reference`` (isolated + zero-timestep reference stream).
+        """
+        cfg = self.config
+        b, _, frames, height, width = latents.shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = frames // pt, height // ph, width // pw
+        device = latents.device
+
+        # 1. video tokens [B, Nv, D] and their (t, h, w) positions [Nv, 3]
+        x = self.patch_embedding(torch.cat([latents, condition], dim=1).to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).transpose(1, 2).contiguous()
+        n_video = x.shape[1]
+        video_pos = grid_positions(f, h, w, device=device)
+
+        # 2. timestep and context embeddings
+        temb, tproj = self.condition_embedder.time(timestep, x.dtype)
+        text_ctx, image_ctx = self._contexts(text, image_context)
+
+        # 3. blocks: reference stream joint with the video, cached, or absent
+        if ref_cache is not None:
+            x = self._video_blocks_with_cache(x, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w))
+        elif ref_latents is not None:
+            x = self._joint_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, (f, h, w))
+        else:
+            for block in self.blocks:
+                mod = block.modulation(tproj)
+                q, k, v = block.self_attention_inputs(x, mod)
+                attn = self._attend(q, k, v, video_pos, video_pos, n_video, n_video, None)
+                x = block.finish(x, attn, mod, text_ctx, image_ctx)
+
+        # 4. output head on video tokens, unpatchify
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)  # [B, Nv, 16*pt*ph*pw]
+        x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw):
+        b, num_refs, _, hr_lat, wr_lat = ref_latents.shape
+        _, ph, pw = self.config.patch_size
+        ref_hw = (hr_lat // ph, wr_lat // pw)
+        r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
+        n_video = x.shape[1]
+        pos = torch.cat([video_pos, self._reference_positions(num_refs, ref_hw, fhw, x.device)])
+        key_scale = self.reference_key_scale(n_video, num_refs, ref_hw[0] * ref_hw[1], x.device)
+        _, ref_tproj = self.condition_embedder.time(self._ref_timestep(timestep), x.dtype)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            ref_block = self.reference_block(i)
+            mod_v, mod_r = block.modulation(tproj), ref_block.modulation(ref_tproj)
+            qv, kv, vv = block.self_attention_inputs(x, mod_v)
+            qr, kr, vr = ref_block.self_attention_inputs(r, mod_r)
+            attn = self._attend(
+                torch.cat([qv, qr], 1), torch.cat([kv, kr], 1), torch.cat([vv, vr], 1),
+                pos, pos, n_video, n_video, key_scale,
+            )
+            x = block.finish(x, attn[:, :n_video], mod_v, text_ctx, image_ctx)
+            if i < last:  # the reference stream's last output is never read
+                r = ref_block.finish(r, attn[:, n_video:], mod_r, text_ctx, image_ctx)
+        return x
+
+    @torch.no_grad()
+    def precompute_reference(self, ref_latents, text, image_context, latent_fhw) -> ReferenceCache:
+        """Run the reference stream alone once and keep each layer's K/V.
+
+        ``latent_fhw`` is the video latent's (frames, height, width), which fixes the reference positions
+        (``shared`` places references after the last frame; ``decoupled`` centres them on the video grid).
+        Valid only when the reference stream depends neither on the video (``ref_attention='isolated'``)
+        nor on the step (``ref_timestep='zero'``); then every step reuses the cache.
+        """
+        cfg = self.config
+        if not cfg.caches_reference:
+            raise ValueError(
+                "reference K/V caching needs ref_attention='isolated' and ref_timestep='zero', "
+                f"got ref_attention={cfg.ref_attention!r}, ref_timestep={cfg.ref_timestep!r}"
+            )
+        b, num_refs, _, hr_lat, wr_lat = ref_latents.shape
+        _, ph, pw = cfg.patch_size
+        ref_hw = (hr_lat // ph, wr_lat // pw)
+        r = self.embed_references(ref_latents)
+        text_ctx, image_ctx = self._contexts(text, image_context)
+        zero = torch.zeros(b, device=r.device)
+        _, ref_tproj = self.condition_embedder.time(zero, r.dtype)
+        pt, _, _ = cfg.patch_size
+        fhw = (latent_fhw[0] // pt, latent_fhw[1] // ph, latent_fhw[2] // pw)
+        pos = self._reference_positions(num_refs, ref_hw, fhw, r.device)
+        key_scale = self.reference_key_scale(0, num_refs, ref_hw[0] * ref_hw[1], r.device)
+        keys, values = [], []
+        last = len(self.blocks) - 1
+        for i in range(len(self.blocks)):
+            ref_block = self.reference_block(i)
+            mod = ref_block.modulation(ref_tproj)
+            q, k, v = ref_block.self_attention_inputs(r, mod)
+            keys.append(k)
+            values.append(v)
+            if i < last:
+                attn = self._attend(q, k, v, pos, pos, 0, 0, key_scale)
+                r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
+        return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
+
+    def _video_blocks_with_cache(self, x, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw):
+        if cache.video_fhw != fhw:
+            raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
+        n_video = x.shape[1]
+        k_pos = torch.cat([video_pos, self._reference_positions(cache.num_refs, cache.ref_hw, fhw, x.device)])
+        key_scale = self.reference_key_scale(n_video, cache.num_refs, cache.ref_hw[0] * cache.ref_hw[1], x.device)
+        for block, k_ref, v_ref in zip(self.blocks, cache.keys, cache.values):
+            mod = block.modulation(tproj)
+            q, k, v = block.self_attention_inputs(x, mod)
+            attn = self._attend(
+                q, torch.cat([k, k_ref], 1), torch.cat([v, v_ref], 1), video_pos, k_pos, n_video, n_video, key_scale
+            )
+            x = block.finish(x, attn, mod, text_ctx, image_ctx)
+        return x
