@@ -267,8 +267,9 @@ class MultiViewWanTransformer(nn.Module):
 
     def _contexts(self, text, image_context):
         emb = self.condition_embedder
-        image = emb.image_embedder(image_context) if emb.image_embedder is not None else None
-        return emb.text_embedder(text), image
+        dtype = self.proj_out.weight.dtype
+        image = emb.image_embedder(image_context.to(dtype)) if emb.image_embedder is not None else None
+        return emb.text_embedder(text.to(dtype)), image
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(

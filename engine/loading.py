@@ -1,0 +1,135 @@
+"""Load the denoiser from a diffusers Wan2.1-I2V checkpoint plus an optional reference-stream adapter."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .config import MvgenConfig
+from .denoiser import MultiViewWanTransformer
+from .lora import AdapterError, ReferenceAdapter, merge_into_reference_stream, read_adapter
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# tensors of diffusers checkpoints that Wan2.1 does not use (diffusers ignores them too)
+_IGNORED_BASE_KEYS = ("norm_added_q",)
+# kept in float32 whatever the compute dtype, as diffusers' Wan does
+_FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_weights")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (names what is wrong)."""
+
+
+def find_transformer_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model directory not found: {path}")
+    for candidate in (path / "transformer", path):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise CheckpointError(f"{path} is neither a diffusers Wan pipeline (transformer/config.json) nor a transformer dir")
+
+
+def transformer_weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a transformer dir: the shards of an index, or every *.safetensors."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{indexes[0].name} names shard(s) that are missing: {missing}")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
+        hint = f"; found {pickles}, but pickled weights are never loaded (convert to safetensors)" if pickles else ""
+        raise CheckpointError(f"no .safetensors weights in {folder}{hint}")
+    return files
+
+
+def _base_state(files: list[Path]) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in files:
+        state.update(load_file(file))
+    return {k: v for k, v in state.items() if not any(part in k for part in _IGNORED_BASE_KEYS)}
+
+
+def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tensor]) -> None:
+    expected = {k for k in model.state_dict() if not k.startswith(("ref_blocks.", "ref_patch_embedding.", "view_weights"))}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"transformer weights do not match a Wan2.1-I2V model of this config: "
+            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
+            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+        )
+    shapes = model.state_dict()
+    wrong = [f"{k} {list(state[k].shape)} vs {list(shapes[k].shape)}" for k in expected if state[k].shape != shapes[k].shape]
+    if wrong:
+        raise CheckpointError(f"transformer weights with the wrong shape (file vs config): {sorted(wrong)[:6]}")
+
+
+def _apply_adapter_extras(model, state, adapter: ReferenceAdapter, config: MvgenConfig) -> None:
+    extras = adapter.extras
+    if "view_weights" in extras:
+        weights = extras["view_weights"].float().reshape(-1)
+        if weights.numel() != config.max_references:
+            raise AdapterError(f"adapter view_weights has {weights.numel()} entries, expected {config.max_references}")
+        state["view_weights"] = weights
+    if "ref_patch_embedding.weight" in extras:
+        weight = extras["ref_patch_embedding.weight"]
+        if weight.ndim != 5 or weight.shape[0] != config.inner_dim or weight.shape[1] not in (16, 36):
+            raise AdapterError(
+                f"ref_patch_embedding.weight must be [{config.inner_dim}, 16 or 36, *patch], got {list(weight.shape)}"
+            )
+        with torch.device("meta"):
+            model.ref_patch_embedding = torch.nn.Conv3d(
+                weight.shape[1], config.inner_dim, kernel_size=config.patch_size, stride=config.patch_size
+            )
+        state["ref_patch_embedding.weight"] = weight
+        state["ref_patch_embedding.bias"] = extras.get("ref_patch_embedding.bias", torch.zeros(config.inner_dim))
+
+
+def load_denoiser(
+    path: str | Path,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    lora_scale: float | None = None,
+    **config_overrides,
+) -> MultiViewWanTransformer:
+    """Build the denoiser from a diffusers pipeline dir (with ``transformer/``) or a transformer dir.
+
+    ``adapter`` (a LoRA ``.safetensors`` or a PEFT dir; PEFT/diffusers, kohya or original-Wan names) defines
+    the reference stream: ``W_ref = W + scale * B @ A`` merged once here, scale = alpha/rank from the file
+    (or ``lora_scale``). Without an adapter the reference stream is a copy of the base weights (MVI2V).
+    ``mvgen_config.json`` beside the adapter (or in ``path``) sets the multi-view options; keyword
+    overrides win over both.
+    """
+    transformer_dir = find_transformer_dir(path)
+    parsed = read_adapter(adapter) if adapter is not None else None
+    mvgen_config = parsed.config_path if parsed is not None and parsed.config_path else Path(path) / "mvgen_config.json"
+    config = MvgenConfig.from_files(transformer_dir / "config.json", mvgen_config, **config_overrides)
+    if parsed is not None and parsed.loras and config.ref_mode != "dual_stream":
+        raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {config.ref_mode!r}")
+
+    with torch.device("meta"):
+        model = MultiViewWanTransformer(config)
+    state = _base_state(transformer_weight_files(transformer_dir))
+    _check_base_keys(model, state)
+    if model.ref_blocks is not None:
+        state.update({f"ref_{k}": v.clone() for k, v in state.items() if k.startswith("blocks.")})
+    state["view_weights"] = torch.tensor(
+        config.view_weights if config.view_weights is not None else (1.0,) * config.max_references
+    )
+    if parsed is not None:
+        _apply_adapter_extras(model, state, parsed, config)
+        merge_into_reference_stream(state, parsed, config.num_layers, lora_scale)
+    for key, value in state.items():
+        if value.is_floating_point():
+            value = value.to(torch.float32 if any(part in key for part in _FP32_PARAMS) else dtype)
+        state[key] = value.to(device)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
