@@ -343,7 +343,7 @@ class MultiViewPipeline:
     def denoise(self, state: DenoiseState, callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
         """Run the remaining steps; ``callback(step, total)`` after each (step counts from 1)."""
         with tqdm(total=state.total_steps, initial=state.step_index, disable=not progress, desc="denoising",
-                  unit="step", file=sys.stderr, leave=False) as bar:
+                  unit="step", file=sys.stderr) as bar:
             while not state.done:
                 self.denoise_step(state)
                 bar.update()
