@@ -1,0 +1,189 @@
+"""The joint-attention kernel (through Triton's interpreter) against the float64 reference."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kernels
+from kernels.joint_attention import joint_attention_reference
+
+# relative Frobenius error allowed per input dtype (inputs are rounded to the dtype before the oracle runs)
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = list(TOLERANCE)
+
+
+def grid_positions(t_values, height: int, width: int, h0: int = 0, w0: int = 0) -> torch.Tensor:
+    """(t, h, w) integer positions of a [len(t_values), height, width] token grid, row-major."""
+    t, h, w = torch.meshgrid(torch.as_tensor(t_values), torch.arange(height) + h0, torch.arange(width) + w0,
+                             indexing="ij")
+    return torch.stack([t, h, w], -1).reshape(-1, 3)
+
+
+def rd_rope(num_refs: int, height: int, width: int, stride: int = 7) -> torch.Tensor:
+    """RD-RoPE-style reference positions: reference k at t = -(k + 1) * stride, grid shifted negative in w."""
+    return torch.cat([grid_positions([-(k + 1) * stride], height, width, w0=-2) for k in range(num_refs)])
+
+
+def make_case(case: dict, gen: torch.Generator) -> dict:
+    """Positions, token counts and key scales of a case; q/k/v are drawn by ``draw``."""
+    frames, height, width = case["video"]
+    video = grid_positions(range(frames), height, width)
+    mask = case["mask"]
+    if mask == "prototype":
+        other = grid_positions(range(frames), 1, case["proto_tokens"], h0=-3)  # frame f's prototype at t = f
+    elif case.get("ref_rope") == "none":
+        other = torch.zeros(case["refs"] * case["ref_hw"][0] * case["ref_hw"][1], 3, dtype=torch.long)
+    else:
+        other = rd_rope(case["refs"], *case["ref_hw"])
+    k_pos = torch.cat([video, other])
+    q_pos = video if case.get("video_queries_only") else k_pos
+    n_k = k_pos.shape[0]
+    key_scale = None
+    if case.get("key_scale", True):
+        views = torch.rand(max(case.get("refs", 1), 1), generator=gen) * 1.5 + 0.25  # omega_m per view
+        key_scale = torch.cat([torch.ones(video.shape[0]), views.repeat_interleave(
+            math.ceil(other.shape[0] / views.numel()))[: other.shape[0]]])
+    return dict(q_pos=q_pos, k_pos=k_pos, n_video_q=video.shape[0], n_video_k=video.shape[0], mask=mask,
+                tokens_per_frame=height * width, proto_tokens=case.get("proto_tokens", 1), key_scale=key_scale,
+                n_k=n_k, sm_scale=case.get("sm_scale"))
+
+
+def draw(batch, n_q, n_k, heads, head_dim, dtype, gen, packed=False):
+    """q, k, v rounded to ``dtype``; ``packed`` takes them as strided views of one [B, N, 3, H, D] tensor."""
+    if packed:
+        qkv = torch.randn(batch, n_q, 3, heads, head_dim, generator=gen).to(dtype)
+        return qkv.unbind(2)
+    q = (2 * torch.randn(batch, n_q, heads, head_dim, generator=gen)).to(dtype)
+    k = torch.randn(batch, n_k, heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, n_k, heads, head_dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+CASES = {
+    # video (F, H, W) tokens; refs x ref_hw reference tokens
+    "full-1ref-d64": dict(video=(2, 3, 5), refs=1, ref_hw=(4, 4), mask="full", head_dim=64, heads=2, batch=1),
+    "full-5refs-d128": dict(video=(2, 3, 3), refs=5, ref_hw=(2, 3), mask="full", head_dim=128, heads=1, batch=2),
+    "isolated-1ref-d128": dict(video=(3, 2, 3), refs=1, ref_hw=(3, 5), mask="isolated", head_dim=128, heads=1,
+                               batch=1),
+    "isolated-5refs-d64": dict(video=(2, 2, 5), refs=5, ref_hw=(3, 3), mask="isolated", head_dim=64, heads=2,
+                               batch=1),
+    "isolated-video-queries": dict(video=(2, 3, 3), refs=3, ref_hw=(2, 4), mask="isolated", head_dim=64, heads=1,
+                                   batch=2, video_queries_only=True),
+    "prototype-d64": dict(video=(3, 2, 3), proto_tokens=4, mask="prototype", head_dim=64, heads=2, batch=1),
+    "prototype-d128-video-queries": dict(video=(4, 3, 3), proto_tokens=3, mask="prototype", head_dim=128, heads=1,
+                                         batch=1, video_queries_only=True),
+    "full-no-key-scale-sm-scale": dict(video=(1, 4, 5), refs=1, ref_hw=(3, 3), mask="full", head_dim=64, heads=1,
+                                       batch=1, key_scale=False, sm_scale=0.07),
+    "full-ref-rope-none": dict(video=(2, 2, 4), refs=2, ref_hw=(2, 2), mask="full", head_dim=128, heads=1,
+                               batch=1, ref_rope="none"),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_float64_reference(name, dtype, gen):
+    case = CASES[name]
+    setup = make_case(case, gen)
+    n_q, n_k = setup["q_pos"].shape[0], setup.pop("n_k")
+    q, k, v = draw(case["batch"], n_q, n_k, case["heads"], case["head_dim"], dtype, gen)
+    oracle_kw = dict(setup, key_scale=None if setup["key_scale"] is None else setup["key_scale"].double())
+    ref = joint_attention_reference(q.double(), k.double(), v.double(), **oracle_kw)
+    out = torch.full_like(q, float("nan"))
+    result = kernels.joint_attention(q, k, v, **setup, backend="triton", out=out)
+    assert result is out
+    assert not out.isnan().any(), "unwritten or NaN outputs"
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_views_of_packed_qkv(dtype, gen):
+    """q, k, v as views of one packed projection (token stride 3*H*D), negative positions, two heads."""
+    n = 29
+    q, k, v = draw(2, n, n, 2, 64, dtype, gen, packed=True)
+    pos = torch.randint(-40, 40, (n, 3), generator=gen)
+    kw = dict(n_video_q=20, n_video_k=20, mask="isolated", key_scale=torch.rand(n, generator=gen) + 0.5)
+    ref = joint_attention_reference(q.double(), k.double(), v.double(), pos, pos,
+                                    **dict(kw, key_scale=kw["key_scale"].double()))
+    out = kernels.joint_attention(q, k, v, pos, pos, **kw, backend="triton")
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+def test_auto_on_cpu_is_the_reference(gen, monkeypatch):
+    from kernels.joint_attention import kernel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto must not launch the kernel for CPU tensors")
+
+    monkeypatch.setattr(kernel, "joint_attention_triton", refuse)
+    q, k, v = draw(1, 12, 12, 2, 64, torch.bfloat16, gen)
+    pos = torch.randint(-5, 5, (12, 3), generator=gen)
+    kw = dict(n_video_q=8, n_video_k=8, mask="prototype", tokens_per_frame=4, proto_tokens=2)
+    out = kernels.joint_attention(q, k, v, pos, pos, **kw)
+    assert torch.equal(out, joint_attention_reference(q, k, v, pos, pos, **kw))
+    assert torch.equal(kernels.joint_attention(q, k, v, pos, pos, **kw, backend="reference"), out)
+
+
+def _bad(**changes):
+    """Valid arguments for a small problem, with ``changes`` applied."""
+    q = torch.zeros(1, 6, 2, 64)
+    args = dict(q=q, k=torch.zeros(1, 7, 2, 64), v=torch.zeros(1, 7, 2, 64), q_pos=torch.zeros(6, 3, dtype=torch.long),
+                k_pos=torch.zeros(7, 3, dtype=torch.long), n_video_q=4, n_video_k=4)
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(q=torch.zeros(1, 6, 2, 96), k=torch.zeros(1, 7, 2, 96), v=torch.zeros(1, 7, 2, 96)), "head_dim"),
+    (dict(k=torch.zeros(1, 7, 2, 64, dtype=torch.float16)), "share a dtype"),
+    (dict(q=torch.zeros(1, 6, 2, 64, dtype=torch.float64)), "dtype must be one of"),
+    (dict(v=torch.zeros(1, 8, 2, 64)), "k and v must be"),
+    (dict(q=torch.zeros(1, 6, 64, 2).transpose(2, 3)), "contiguous in head_dim"),
+    (dict(q_pos=torch.zeros(6, 3)), "q_pos must be integer"),
+    (dict(k_pos=torch.zeros(6, 3, dtype=torch.long)), "k_pos must be integer \\[7, 3\\]"),
+    (dict(key_scale=torch.ones(6)), "key_scale must be \\[7\\]"),
+    (dict(n_video_k=9), "n_video_k"),
+    (dict(mask="causal"), "mask must be one of"),
+    (dict(tokens_per_frame=0), "tokens_per_frame"),
+    (dict(out=torch.zeros(1, 6, 2, 32)), "out must be"),
+])
+def test_bad_inputs_give_one_line_errors(changes, message):
+    with pytest.raises(ValueError, match=message) as err:
+        kernels.joint_attention(**_bad(**changes), backend="triton")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.joint_attention(**_bad(), backend="cuda")
+
+
+def test_autotune_prune_keeps_a_config():
+    from kernels.joint_attention import kernel
+
+    configs = kernel._joint_attention_tuned.configs
+    for n_q in (1, 100, 100_000):
+        for head_dim in kernel.HEAD_DIMS:
+            for precision in ("tf32", "ieee"):
+                kept = kernel._prune_configs(configs, dict(n_q=n_q), HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                assert kept and all(c in configs for c in kept)
+
+
+@pytest.mark.parametrize("block_m, block_n", [(64, 32), (32, 64)])
+def test_gpu_sized_tiles(block_m, block_n, gen):
+    """Tiles as large as the autotune configs' (every query block straddles a boundary)."""
+    from kernels.joint_attention.kernel import joint_attention_triton
+
+    case = CASES["prototype-d64"] | dict(video=(5, 3, 5))
+    setup = make_case(case, gen)
+    n_q, n_k = setup["q_pos"].shape[0], setup.pop("n_k")
+    q, k, v = draw(1, n_q, n_k, 1, 64, torch.float32, gen)
+    ref = joint_attention_reference(q.double(), k.double(), v.double(),
+                                    **dict(setup, key_scale=setup["key_scale"].double()))
+    out = joint_attention_triton(q, k, v, **setup, config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
