@@ -70,12 +70,12 @@ def reference(view: str) -> Image.Image:
 
 
 def write_demo_inputs(out: str | Path) -> dict[str, Path]:
-    """Write first_frame.png, first_frame_mask.png and reference_{front,back,side}.png; returns their paths."""
+    """Write first_frame.png, first_frame_mask.png, front.png, back.png, side.png; returns name -> path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scene, mask = first_frame()
     images = {"first_frame": scene, "first_frame_mask": mask,
-              **{f"reference_{view}": reference(view) for view in ("front", "back", "side")}}
+              **{view: reference(view) for view in ("front", "back", "side")}}
     paths = {}
     for name, image in images.items():
         paths[name] = out / f"{name}.png"

@@ -1,0 +1,21 @@
+"""Suite-wide fixtures: the embedded tiny checkpoint, built once per session in a private cache."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """A cache root (``$MVGEN_CACHE``) holding the built tiny pipeline at ``<root>/tiny-v1``."""
+    from engine.tiny import ensure_tiny
+
+    root = tmp_path_factory.mktemp("mvgen-cache")
+    ensure_tiny(root)
+    return root
+
+
+@pytest.fixture
+def tiny_env(tiny_cache, monkeypatch):
+    """``--model tiny`` / ``from_pretrained("tiny")`` resolve to the session's tiny build."""
+    monkeypatch.setenv("MVGEN_CACHE", str(tiny_cache))
+    return tiny_cache

@@ -1,0 +1,50 @@
+"""The embedded tiny checkpoint: complete diffusers layout, bit-identical builds, cached once."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from engine.lora import read_adapter
+from engine.tiny import TINY_VERSION, build_tiny, ensure_tiny
+
+
+def _digests(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_builds_are_bit_identical(tiny_cache, tmp_path):
+    first = tiny_cache / TINY_VERSION
+    second = build_tiny(tmp_path / "again")
+    digests = _digests(first)
+    assert digests == _digests(second)
+    assert any(name.endswith(".safetensors") for name in digests)
+
+
+def test_diffusers_layout_with_sharded_transformer(tiny_cache):
+    tiny = tiny_cache / TINY_VERSION
+    index = json.loads((tiny / "model_index.json").read_text())
+    for component in ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler"):
+        assert component in index and (tiny / component).is_dir()
+    shards = set(json.loads((tiny / "transformer/diffusion_pytorch_model.safetensors.index.json").read_text())
+                 ["weight_map"].values())
+    assert len(shards) > 1
+    scheduler = json.loads((tiny / "scheduler/scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "flow_prediction" and scheduler["use_flow_sigmas"]
+
+
+def test_bundled_adapter_is_a_peft_lora_on_every_block_linear(tiny_cache):
+    adapter = read_adapter(tiny_cache / TINY_VERSION / "adapter")
+    assert len(adapter.loras) == 2 * 10
+    assert all(pair.down.shape[0] == 4 and pair.up.shape[1] == 4 for pair in adapter.loras.values())
+    assert adapter.default_alpha == 4
+
+
+def test_ensure_tiny_builds_once(tiny_cache, monkeypatch):
+    marker = tiny_cache / TINY_VERSION / "model_index.json"
+    stamp = marker.stat().st_mtime_ns
+    monkeypatch.setenv("MVGEN_CACHE", str(tiny_cache))
+    assert ensure_tiny() == tiny_cache / TINY_VERSION
+    assert ensure_tiny(tiny_cache) == tiny_cache / TINY_VERSION
+    assert marker.stat().st_mtime_ns == stamp
+    assert not [p for p in tiny_cache.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
