@@ -174,8 +174,11 @@ class MultiViewPipeline:
                 .to(device).eval(),
                 vae=AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32).to(device).eval(),
             )
-        return cls(**components, denoiser=denoiser, scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
-                   scheduler=scheduler, defaults=_read_json(path / "mvgen_defaults.json"), max_tokens=max_tokens)
+        return cls(
+            **components, denoiser=denoiser, scheduler=scheduler, max_tokens=max_tokens,
+            scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+            defaults=_read_json(path / "mvgen_defaults.json"),
+        )
 
     @property
     def device(self) -> torch.device:
@@ -236,7 +239,8 @@ class MultiViewPipeline:
     def encode_image(self, first_frame: np.ndarray) -> torch.Tensor:
         """CLIP vision penultimate hidden states [1, 257, image_dim] of the first frame (RGB uint8)."""
         pixels = self.image_processor(images=Image.fromarray(first_frame), return_tensors="pt").pixel_values
-        out = self.image_encoder(pixel_values=pixels.to(self.device, self.image_encoder.dtype), output_hidden_states=True)
+        pixels = pixels.to(self.device, self.image_encoder.dtype)
+        out = self.image_encoder(pixel_values=pixels, output_hidden_states=True)
         return out.hidden_states[-2].to(self.dtype)
 
     def condition_frame(self, first_frame: np.ndarray, mask: np.ndarray | None, height: int, width: int):
@@ -300,7 +304,9 @@ class MultiViewPipeline:
         """Run every once-per-request stage and return the loop's state (reference cache included)."""
         guided = request.guidance_scale > 1
         text, negative = self.encode_prompt(request.prompt, request.negative_prompt if guided else None)
-        frame, known = self.condition_frame(request.first_frame, request.first_frame_mask, request.height, request.width)
+        frame, known = self.condition_frame(
+            request.first_frame, request.first_frame_mask, request.height, request.width
+        )
         image_context = self.encode_image(frame)
         condition = self._condition(frame, known, request.num_frames)
         refs = self.encode_references(request.references, *request.reference_size)
@@ -360,7 +366,8 @@ class MultiViewPipeline:
         return video.permute(1, 2, 3, 0).cpu().numpy()
 
     # ---- one call -----------------------------------------------------------------------------------------
-    def generate(self, request: GenerationRequest, callback: Callback | None = None, progress: bool = False) -> np.ndarray:
+    def generate(self, request: GenerationRequest, callback: Callback | None = None,
+                 progress: bool = False) -> np.ndarray:
         """A validated request -> frames uint8 [F, H, W, 3]."""
         state = self.prepare(request)
         return self.decode(self.denoise(state, callback, progress))

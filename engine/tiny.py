@@ -24,7 +24,9 @@ TRANSFORMER_CONFIG = dict(
     text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, image_dim=32, added_kv_proj_dim=48, rope_max_seq_len=1024,
 )
-VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+VAE_CONFIG = dict(
+    base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+)
 TEXT_ENCODER_CONFIG = dict(
     vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
     relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -35,7 +37,9 @@ IMAGE_ENCODER_CONFIG = dict(
 )
 # Wan2.1-I2V-480P's scheduler: UniPC over flow-matching sigmas
 SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-ADAPTER_CONFIG = {"ref_mode": "dual_stream", "ref_rope": "decoupled", "max_references": 3, "lora_rank": 4, "lora_alpha": 4}
+ADAPTER_CONFIG = {
+    "ref_mode": "dual_stream", "ref_rope": "decoupled", "max_references": 3, "lora_rank": 4, "lora_alpha": 4,
+}
 ADAPTER_MODULES = (
     "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
     "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
@@ -95,8 +99,7 @@ def _seeded(offset: int) -> None:
 
 def _write_pipeline(out: Path) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel
-    from transformers import UMT5Config, UMT5EncoderModel
+    from transformers import ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     _seeded(0)
     transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)

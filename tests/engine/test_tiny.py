@@ -24,7 +24,8 @@ def test_two_builds_are_bit_identical(tiny_cache, tmp_path):
 def test_diffusers_layout_with_sharded_transformer(tiny_cache):
     tiny = tiny_cache / TINY_VERSION
     index = json.loads((tiny / "model_index.json").read_text())
-    for component in ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler"):
+    components = ("transformer", "vae", "text_encoder", "tokenizer", "image_encoder", "image_processor", "scheduler")
+    for component in components:
         assert component in index and (tiny / component).is_dir()
     shards = set(json.loads((tiny / "transformer/diffusion_pytorch_model.safetensors.index.json").read_text())
                  ["weight_map"].values())
