@@ -1,0 +1,136 @@
+"""The denoiser's deployment interface, declared once.
+
+The ONNX exporter (input/output names, dynamic axes), the TensorRT builder (optimization profiles) and the
+Triton ``config.pbtxt`` writer (names, dims, data types) all read this module, so the three agree by
+construction. Axis sizes are in *latent* units: ``frames`` latent frames (81 video frames -> 21), ``height``
+and ``width`` latent rows/columns (480x832 -> 60x104), which the 1x2x2 patch needs to be even.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+DENOISER_MODEL_NAME = "mvgen_denoiser"
+ONNX_FILE = "denoiser.onnx"
+ONNX_DATA_FILE = "denoiser.onnx.data"
+META_FILE = "export.json"
+OPSET = 18
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A dynamic axis with its default TensorRT profile (min/opt/max) and the multiple its sizes must be."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+    multiple: int = 1
+
+    def check(self, lo: int, opt: int, hi: int) -> None:
+        if not lo <= opt <= hi:
+            raise ValueError(f"profile for axis {self.name!r} needs min <= opt <= max, got {lo}/{opt}/{hi}")
+        bad = [v for v in (lo, opt, hi) if v % self.multiple]
+        if bad:
+            raise ValueError(f"profile sizes of axis {self.name!r} must be multiples of {self.multiple}, got {bad}")
+
+
+# Defaults: Wan2.1-I2V 480P, 81 frames, cond+uncond batched for CFG, up to 3 references.
+AXES: dict[str, Axis] = {a.name: a for a in (
+    Axis("batch", 1, 2, 2),
+    Axis("frames", 1, 21, 21),
+    Axis("height", 16, 60, 104, multiple=2),
+    Axis("width", 16, 104, 104, multiple=2),
+    Axis("refs", 0, 3, 3),
+    Axis("ref_height", 16, 60, 104, multiple=2),
+    Axis("ref_width", 16, 104, 104, multiple=2),
+)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output: name, dims (axis names or fixed sizes) and dtype role.
+
+    ``dtype`` is ``"model"`` (the export dtype: fp32/fp16/bf16) or ``"float32"`` (always float32).
+    """
+
+    name: str
+    dims: tuple[str | int, ...]
+    dtype: str = "model"
+    doc: str = ""
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.dims)
+
+    def torch_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if self.dtype == "float32" else model_dtype
+
+
+def input_specs(text_dim: int, image_dim: int, text_len: int = 512, image_len: int = 257) -> list[TensorSpec]:
+    """The denoiser's inputs, in the order of ``MultiViewWanTransformer.forward``."""
+    return [
+        TensorSpec("latents", ("batch", 16, "frames", "height", "width"), doc="noisy video latents"),
+        TensorSpec("condition", ("batch", 20, "frames", "height", "width"), doc="4 mask + 16 first-frame channels"),
+        TensorSpec("timestep", ("batch",), "float32", doc="flow-matching timestep (0..1000)"),
+        TensorSpec("text", ("batch", text_len, text_dim), doc="umT5 states padded to 512 tokens"),
+        TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states"),
+        TensorSpec("ref_latents", ("batch", "refs", 16, "ref_height", "ref_width"), doc="clean reference latents"),
+    ]
+
+
+OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TRITON_DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16"}
+
+
+def dynamic_axes(specs: list[TensorSpec]) -> dict[str, dict[int, str]]:
+    """``{tensor: {dim index: axis name}}`` in the form of ``torch.onnx.export(dynamic_axes=...)``."""
+    return {s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)} for s in specs}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """min/opt/max size per dynamic axis; anything not given takes the default of ``AXES``."""
+
+    ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = set(self.ranges) - set(AXES)
+        if unknown:
+            raise ValueError(f"unknown profile axis {sorted(unknown)}; axes are {list(AXES)}")
+        for name, (lo, opt, hi) in self.ranges.items():
+            AXES[name].check(lo, opt, hi)
+
+    def range(self, axis: str) -> tuple[int, int, int]:
+        a = AXES[axis]
+        return self.ranges.get(axis, (a.min, a.opt, a.max))
+
+    def sizes(self, which: str) -> dict[str, int]:
+        """Axis sizes of the ``"min"``, ``"opt"`` or ``"max"`` corner."""
+        index = ("min", "opt", "max").index(which)
+        return {axis: self.range(axis)[index] for axis in AXES}
+
+    def shapes(self, specs: list[TensorSpec]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """``{input: (min shape, opt shape, max shape)}`` for a TensorRT optimization profile."""
+        corners = [self.sizes(w) for w in ("min", "opt", "max")]
+        return {s.name: tuple(s.shape(c) for c in corners) for s in specs}
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {axis: list(self.range(axis)) for axis in AXES}
+
+    @classmethod
+    def parse(cls, spec: str | None) -> "Profile":
+        """``"batch=1:2:2,frames=1:21:21,refs=0:3:3"`` (min:opt:max; a single number fixes the axis)."""
+        ranges = {}
+        for item in filter(None, (spec or "").replace(" ", "").split(",")):
+            name, sep, values = item.partition("=")
+            try:
+                numbers = [int(v) for v in values.split(":")]
+            except ValueError:
+                numbers = []
+            if not sep or len(numbers) not in (1, 3):
+                raise ValueError(f"bad profile entry {item!r}: expected AXIS=MIN:OPT:MAX or AXIS=SIZE, axes {list(AXES)}")
+            ranges[name] = tuple(numbers * 3 if len(numbers) == 1 else numbers)
+        return cls(ranges)

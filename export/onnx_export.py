@@ -1,0 +1,185 @@
+"""Denoiser (LoRA merged at load) -> ONNX with dynamic batch, frames, height, width and references.
+
+Exporter choice: ``torch.onnx.export(dynamo=True)``. It keeps every size symbolic (positions and RoPE angles
+are computed in-graph from ``Shape``), so R = 0 and R > 0 are the same graph with a dynamic ``refs`` axis.
+The TorchScript exporter (``dynamo=False``) does not work for this model: it has no ``aten::rms_norm`` at
+opset 18, and tracing freezes the sizes that feed ``arange``. Two torchlib translations are replaced here,
+both wrong for this graph as shipped with onnxscript 0.7:
+  - ``operator.floordiv`` on symbolic ints is emitted as a truncating ``Div``; RD-RoPE centres a reference
+    grid with ``(h - hr) // 2``, negative when a reference is larger than the video, so floor is restored;
+  - ``aten.repeat_interleave.self_int`` with a symbolic repeat count produces an invalid ``Expand`` shape
+    (the per-view logit scale of each reference token); it is re-expressed as Unsqueeze/Expand/Reshape.
+Sample sizes avoid 0 and 1, which torch.export would specialise.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import operator
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from engine.loading import load_denoiser
+
+from . import names
+from .plugin import plugin_attention
+
+ATTENTION_MODES = ("native", "plugin")
+# sizes of the example inputs traced at export time (tests check other sizes)
+EXPORT_SIZES = dict(batch=2, frames=3, height=6, width=8, refs=2, ref_height=4, ref_width=6)
+
+
+class DenoiserGraph(nn.Module):
+    """The denoiser with the graph's positional input order; references always go through the joint path."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, latents, condition, timestep, text, image_context, ref_latents):
+        return self.denoiser(latents, condition, timestep, text, image_context, ref_latents=ref_latents)
+
+
+def graph_specs(config) -> list[names.TensorSpec]:
+    return names.input_specs(config.text_dim, config.image_dim, config.text_len)
+
+
+def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: torch.Generator) -> dict:
+    """Random inputs for ``specs`` at axis ``sizes`` (timesteps in [0, 1000))."""
+    out = {}
+    for spec in specs:
+        shape = spec.shape(sizes)
+        if spec.name == "timestep":
+            out[spec.name] = torch.rand(shape, generator=generator) * 1000
+        else:
+            out[spec.name] = torch.randn(shape, generator=generator).to(spec.torch_dtype(dtype))
+    return out
+
+
+def export_dynamic_shapes(specs) -> dict[str, dict[int, object]]:
+    """torch.export ``Dim``s per input; an axis with a multiple m is ``m * Dim(axis_div_m)``."""
+    from torch.export import Dim
+
+    dims = {}
+    for name, axis in names.AXES.items():
+        if axis.multiple > 1:
+            dims[name] = axis.multiple * Dim(f"{name}_div{axis.multiple}", min=1)
+        else:
+            dims[name] = Dim(name, min=axis.min)
+    return {s.name: {i: dims[d] for i, d in enumerate(s.dims) if isinstance(d, str)} for s in specs}
+
+
+def _floordiv(a, b):
+    """Python floor division of int64 scalars (ONNX ``Div`` truncates towards zero)."""
+    from onnxscript import opset18 as op
+
+    trunc = op.Div(a, b)
+    inexact = op.Not(op.Equal(op.Mul(trunc, b), a))
+    signs_differ = op.Xor(op.Less(a, op.CastLike(0, a)), op.Less(b, op.CastLike(0, b)))
+    return op.Sub(trunc, op.CastLike(op.And(inexact, signs_differ), trunc))
+
+
+def _repeat_interleave(self, repeats, dim=None, output_size=None):
+    """``x.repeat_interleave(n)`` of a 1-D tensor with a (symbolic) int repeat count."""
+    from onnxscript import opset18 as op
+
+    flat = op.Reshape(self, op.Constant(value_ints=[-1]))
+    count = op.Constant(value_ints=[repeats]) if isinstance(repeats, int) else op.Reshape(
+        op.Cast(repeats, to=onnx.TensorProto.INT64), op.Constant(value_ints=[1]))
+    tiled = op.Expand(op.Unsqueeze(flat, op.Constant(value_ints=[1])), op.Concat(op.Shape(flat), count, axis=0))
+    return op.Reshape(tiled, op.Constant(value_ints=[-1]))
+
+
+def translation_table() -> dict:
+    return {operator.floordiv: _floordiv, torch.ops.aten.repeat_interleave.self_int: _repeat_interleave}
+
+
+def _name_axes(path: Path, specs) -> None:
+    """Give the graph's dynamic input/output dims the axis names of ``names`` (weights stay external)."""
+    model = onnx.load(str(path), load_external_data=False)
+    by_name = {s.name: s for s in [*specs, names.OUTPUT]}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = by_name[value.name]
+        for dim, axis in zip(value.type.tensor_type.shape.dim, spec.dims):
+            if isinstance(axis, str):
+                dim.ClearField("dim_value")
+                dim.dim_param = axis
+    onnx.save(model, str(path))
+
+
+def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
+                    profile: names.Profile | None = None, source: dict | None = None) -> Path:
+    """Write ``denoiser.onnx`` (+ ``denoiser.onnx.data``) and ``export.json`` into ``out_dir``."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+    cfg = denoiser.config
+    if cfg.ref_attention == "prototype":
+        raise ValueError("ref_attention='prototype' (PPA) is not exportable in this build")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / names.ONNX_FILE
+    dtype = denoiser.proj_out.weight.dtype
+    specs = graph_specs(cfg)
+    example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
+    denoiser = denoiser.eval().requires_grad_(False)
+
+    with plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext(), torch.no_grad():
+        program = torch.onnx.export(
+            DenoiserGraph(denoiser), tuple(example.values()), dynamo=True,
+            dynamic_shapes=export_dynamic_shapes(specs), input_names=[s.name for s in specs],
+            output_names=[names.OUTPUT.name], opset_version=names.OPSET,
+            custom_translation_table=translation_table(), verbose=False,
+        )
+    for stale in (path, out_dir / names.ONNX_DATA_FILE):
+        stale.unlink(missing_ok=True)
+    program.save(str(path), external_data=True)
+    _name_axes(path, specs)
+    meta = {
+        "model_name": names.DENOISER_MODEL_NAME,
+        "onnx": names.ONNX_FILE,
+        "attention": attention,
+        "dtype": {v: k for k, v in names.DTYPES.items()}[dtype],
+        "opset": names.OPSET,
+        "profile": (profile or names.Profile()).to_dict(),
+        "inputs": [{"name": s.name, "dims": list(s.dims), "dtype": s.dtype} for s in specs],
+        "output": {"name": names.OUTPUT.name, "dims": list(names.OUTPUT.dims)},
+        "config": cfg.to_dict(),
+        "source": source or {},
+    }
+    (out_dir / names.META_FILE).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def resolve_model(model: str | Path) -> tuple[Path, Path | None]:
+    """``tiny`` -> the embedded tiny pipeline and its adapter; anything else is a checkpoint directory."""
+    if str(model) == "tiny":
+        from engine.tiny import ensure_tiny
+
+        root = ensure_tiny()
+        adapter = root / "adapter"
+        return root, adapter if adapter.exists() else None
+    return Path(model), None
+
+
+def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
+                attention: str = "native", profile: names.Profile | None = None, lora_scale: float | None = None,
+                **config_overrides) -> Path:
+    """Load ``model`` with ``adapter`` merged into the reference stream, export it; returns the .onnx path."""
+    if dtype not in names.DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(names.DTYPES)}, got {dtype!r}")
+    path, default_adapter = resolve_model(model)
+    adapter = adapter if adapter is not None else default_adapter
+    denoiser = load_denoiser(path, adapter=adapter, dtype=names.DTYPES[dtype], lora_scale=lora_scale,
+                             attention_backend="reference", **config_overrides)
+    source = {"model": str(model), "adapter": str(adapter) if adapter else None, "lora_scale": lora_scale}
+    return export_denoiser(denoiser, out_dir, attention=attention, profile=profile, source=source)
+
+
+def read_meta(onnx_dir: str | Path) -> dict:
+    meta = Path(onnx_dir) / names.META_FILE
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} not found: is {onnx_dir} a directory written by `mvgen export onnx`?")
+    return json.loads(meta.read_text())
