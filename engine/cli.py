@@ -134,6 +134,8 @@ def run_generate(args) -> int:
 
     if args.out.suffix.lower() != ".mp4":
         raise UsageError(f"--out must name an .mp4 file, got {str(args.out)!r}")
+    if args.out.parent.exists() and not args.out.parent.is_dir():
+        raise UsageError(f"cannot write {args.out}: {args.out.parent} is not a directory")
     if args.fps <= 0:
         raise UsageError(f"--fps must be a positive integer, got {args.fps}")
     # read every input before the (possibly slow) model load, so a typo fails at once
@@ -158,8 +160,11 @@ def run_generate(args) -> int:
         shift=args.shift,
     )
     frames = pipe.generate(request, progress=True)
-    video = write_mp4(frames, args.out, fps=args.fps)
-    sheet = write_contact_sheet(frames, args.out.with_suffix(".png"))
+    try:
+        video = write_mp4(frames, args.out, fps=args.fps)
+        sheet = write_contact_sheet(frames, args.out.with_suffix(".png"))
+    except OSError as error:
+        raise UsageError(f"cannot write {args.out}: {error}") from None
     print(video)
     print(sheet)
     return 0

@@ -75,6 +75,8 @@ def test_bad_arguments_exit_2_in_one_line_without_traceback(demo, tiny_cache, tm
     (["--set", "no_such_key=1"], "unknown config override"),
     (["--model", "/nonexistent/model"], "model directory not found"),
     (["--out", "{tmp}/video.gif"], "--out must name an .mp4 file"),
+    (["--out", "{unreadable}/video.mp4"], "unreadable.png is not a directory"),
+    (["--fps", "0"], "--fps must be a positive integer"),
 ])
 def test_bad_arguments_in_process(demo, tiny_env, tmp_path, capsys, extra, words):
     unreadable = tmp_path / "unreadable.png"
