@@ -19,7 +19,7 @@ venv: $(BIN)/mvgen
 demo: venv
 	$(BIN)/mvgen demo-inputs --out $(OUT)/inputs
 	$(BIN)/mvgen generate --model tiny --first-frame $(OUT)/inputs/first_frame.png \
-		--reference $(OUT)/inputs/front.png --reference $(OUT)/inputs/back.png --reference $(OUT)/inputs/side.png \
+		--first-frame-mask $(OUT)/inputs/first_frame_mask.png --reference $(OUT)/inputs/front.png --reference $(OUT)/inputs/back.png --reference $(OUT)/inputs/side.png \
 		--prompt "a person turns around, showing the back of the jacket" --out $(OUT)/demo.mp4
 
 test: venv
