@@ -5,6 +5,9 @@ import pytest
 import torch
 
 import kernels
+from tests.kernels.conftest import needs_interpreter
+
+pytestmark = needs_interpreter
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = list(TOLERANCE)

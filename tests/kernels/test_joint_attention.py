@@ -8,6 +8,9 @@ import torch
 
 import kernels
 from kernels.joint_attention import joint_attention_reference
+from tests.kernels.conftest import needs_interpreter
+
+pytestmark = needs_interpreter
 
 # relative Frobenius error allowed per input dtype (inputs are rounded to the dtype before the oracle runs)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}

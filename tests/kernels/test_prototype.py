@@ -6,6 +6,9 @@ import torch
 
 import kernels
 from kernels.prototype import prototype_aggregate_reference
+from tests.kernels.conftest import needs_interpreter
+
+pytestmark = needs_interpreter
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
