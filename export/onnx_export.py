@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import warnings
 from pathlib import Path
 
 import onnx
@@ -126,16 +127,19 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
     denoiser = denoiser.eval().requires_grad_(False)
 
-    with plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext(), torch.no_grad():
+    with plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext(), torch.no_grad(), \
+            warnings.catch_warnings():
+        # torch.onnx notes that derived axes (2*height_div2) keep their symbolic name; _name_axes renames them
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
-            DenoiserGraph(denoiser), tuple(example.values()), dynamo=True,
+            DenoiserGraph(denoiser).eval(), tuple(example.values()), dynamo=True,
             dynamic_shapes=export_dynamic_shapes(specs), input_names=[s.name for s in specs],
             output_names=[names.OUTPUT.name], opset_version=names.OPSET,
             custom_translation_table=translation_table(), verbose=False,
         )
-    for stale in (path, out_dir / names.ONNX_DATA_FILE):
-        stale.unlink(missing_ok=True)
-    program.save(str(path), external_data=True)
+        for stale in (path, out_dir / names.ONNX_DATA_FILE):
+            stale.unlink(missing_ok=True)
+        program.save(str(path), external_data=True)
     _name_axes(path, specs)
     meta = {
         "model_name": names.DENOISER_MODEL_NAME,

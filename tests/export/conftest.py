@@ -1,0 +1,76 @@
+"""Shared fixtures: a small Wan2.1-I2V checkpoint, a PEFT-made reference adapter, exported graphs.
+
+The oracle of every exported graph is the *unmerged* model: our denoiser with PEFT LoRA layers injected
+into the reference stream (as in tests/engine/test_lora.py); the graph is exported from ``load_denoiser``
+with the same LoRA written to a PEFT adapter directory and merged at load.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from engine.loading import load_denoiser
+from export.onnx_export import export_denoiser
+from tests.engine.conftest import make_wan
+
+RANK, ALPHA = 4, 8.0
+TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.add_v_proj",
+           "ffn.net.0.proj", "ffn.net.2"]
+VIEW_WEIGHTS = [0.5, 1.0, 2.0]  # MVAnimate omegas: non-trivial per-view logit scales reach the graph
+
+
+def _inject(den):
+    pattern = r"ref_blocks\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in TARGETS) + ")"
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=pattern), den)
+    return den
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """(pipeline dir, adapter dir, lora state dict): sharded base weights + a PEFT adapter directory."""
+    root = tmp_path_factory.mktemp("export_wan")
+    make_wan(seed=3).save_pretrained(root / "transformer", safe_serialization=True, max_shard_size="40KB")
+    den = _inject(load_denoiser(root))
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in den.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()}
+    adapter = root / "adapter"
+    adapter.mkdir()
+    tensors = {f"transformer.{k[len('ref_'):]}": v for k, v in lora.items()}
+    tensors["view_weights"] = torch.tensor(VIEW_WEIGHTS)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": ALPHA}))
+    return root, adapter, lora
+
+
+def unmerged_model(checkpoint, **overrides):
+    """The oracle: base weights, PEFT LoRA layers (unmerged) in the reference stream, the adapter's omegas."""
+    root, _, lora = checkpoint
+    den = _inject(load_denoiser(root, attention_backend="reference", **overrides))
+    set_peft_model_state_dict(den, lora)
+    den.view_weights.copy_(torch.tensor(VIEW_WEIGHTS))
+    return den.eval()
+
+
+@pytest.fixture(scope="session")
+def exported(checkpoint, tmp_path_factory):
+    """``exported(attention, mask)`` -> (onnx path, unmerged oracle); each graph is exported once."""
+    root, adapter, _ = checkpoint
+    cache = {}
+
+    def get(attention: str, mask: str):
+        if (attention, mask) not in cache:
+            den = load_denoiser(root, adapter=adapter, attention_backend="reference", ref_attention=mask)
+            out = tmp_path_factory.mktemp(f"onnx_{attention}_{mask}")
+            cache[attention, mask] = (export_denoiser(den, out, attention=attention),
+                                      unmerged_model(checkpoint, ref_attention=mask))
+        return cache[attention, mask]
+
+    return get
