@@ -2,28 +2,31 @@
 
 Node (opset domain ``mvgen``, version 1)::
 
-    out = mvgen.JointAttention(q, k, v, pos, ref_scale, mask=..., theta=..., sm_scale=...)
+    out = mvgen.JointAttention(q, k, v, pos, key_scale, n_video, inv_freq, mask=..., theta=..., sm_scale=...)
 
-Inputs (B batch, N tokens of [video | reference] streams, H heads, D head_dim):
-  - ``q``, ``k``, ``v``  [B, N, H, D]  projected and QK-normalised, *not* rotated (RoPE happens in the op)
-  - ``pos``              [N, 3] int64   integer (t, h, w) position of every token (Wan's 3-axis RoPE)
-  - ``ref_scale``        [Nr] float32   MVAnimate's per-view logit scale of each non-video key; its
-                                         length is the number of reference tokens, so the video/reference
-                                         split is ``n_video = N - Nr``, a pure shape expression (no data-
-                                         dependent scalar, which TensorRT's plugin launch parameters need)
-Output: ``out`` [B, N, H, D], same dtype as ``q``.
+Inputs (B batch, N tokens of the [video | reference] streams, H heads, D head_dim):
+  - ``q``, ``k``, ``v``  [B, N, H, D] model dtype  projected and QK-normalised, *not* rotated (RoPE is in the op)
+  - ``pos``        [N, 3] int64    integer (t, h, w) position of every token (Wan's 3-axis RoPE, RD-RoPE refs)
+  - ``key_scale``  [N] float32     logit multiplier of each key: 1 for video keys, MVAnimate's omega_m for
+                                   the keys of view m
+  - ``n_video``    [1] int64       number of video tokens (the first ``n_video`` of the sequence); computed
+                                   in-graph from shapes, read by the kernel from device memory
+  - ``inv_freq``   [D/2] float32   per-pair RoPE inverse frequency, ``kernels.rope.rope_inv_freq(D, theta)``
+                                   (a graph constant: the kernel reads it instead of owning a table)
+Output: ``out`` [B, N, H, D], the dtype of ``q``.
 Attributes:
   - ``mask`` (string): ``"full"`` (every token sees every token, MVI2V) or ``"isolated"`` (reference queries
-    see only reference keys); ``"prototype"`` is not exported (the PPA path is not in this build)
-  - ``theta`` (float): RoPE base (10000 for Wan); bands t: D - 4*(D//6), h: 2*(D//6), w: 2*(D//6), pairs
-    interleaved (x[2j], x[2j+1]) as in ``kernels/rope.py``
+    see only reference keys); ``"prototype"`` (PPA) is not exported by this build
+  - ``theta`` (float): the RoPE base ``inv_freq`` was made from (10000 for Wan); bands t: D - 4*(D//6),
+    h: 2*(D//6), w: 2*(D//6), pairs interleaved (x[2j], x[2j+1]) as in ``kernels/rope.py``
   - ``sm_scale`` (float): softmax scale; 0 means 1/sqrt(D)
-Semantics are exactly ``kernels.joint_attention_reference(q, k, v, pos, pos, n_video_q=n_video,
-n_video_k=n_video, key_scale=[1]*n_video ++ ref_scale, mask=mask, theta=theta)``.
+Semantics: ``kernels.joint_attention_reference(q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video,
+key_scale=key_scale, mask=mask, theta=theta, sm_scale=sm_scale or None)``.
 
 Runtimes:
-  - TensorRT: ``export/tensorrt_build.py`` registers ``mvgen::JointAttention`` as a quickly-deployable
-    plugin (``tensorrt.plugin``) whose AOT implementation is the Triton kernel of ``kernels/joint_attention``.
+  - TensorRT: ``export/tensorrt_build.py`` registers ``mvgen::JointAttention`` as a quickly-deployable plugin
+    (``tensorrt.plugin``) whose AOT implementation is the Triton kernel of ``kernels/joint_attention``
+    (through the thin launch-convention wrapper in ``export/trt_kernel.py``).
   - onnxruntime (verification): a Python custom op of onnxruntime-extensions (PyOp) backed by the reference.
     PyOps live in the ``ai.onnx.contrib`` domain, so ``onnxruntime_model`` rewrites the domain of a copy of
     the graph before the session is built; the file on disk keeps ``mvgen``.
@@ -37,6 +40,7 @@ import onnx
 import torch
 
 from kernels import joint_attention_reference
+from kernels.rope import rope_inv_freq
 
 DOMAIN = "mvgen"
 OP_TYPE = "JointAttention"
@@ -45,24 +49,24 @@ EXPORTED_MASKS = ("full", "isolated")
 _ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 
 
-def _reference(q, k, v, pos, ref_scale, mask: str, theta: float, sm_scale: float):
-    n_video = q.shape[1] - ref_scale.shape[0]
-    key_scale = torch.cat([torch.ones(n_video, dtype=ref_scale.dtype, device=ref_scale.device), ref_scale])
-    return joint_attention_reference(
-        q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video, key_scale=key_scale, mask=mask, theta=theta,
-        sm_scale=sm_scale or None,
-    )
+def _reference(q, k, v, pos, key_scale, n_video, inv_freq, mask: str, theta: float, sm_scale: float):
+    n = int(n_video.reshape(-1)[0])
+    if not torch.allclose(inv_freq.double(), rope_inv_freq(q.shape[-1], theta), rtol=1e-6):
+        raise ValueError(f"JointAttention inv_freq input does not match theta={theta} for head_dim {q.shape[-1]}")
+    return joint_attention_reference(q, k, v, pos, pos, n_video_q=n, n_video_k=n, key_scale=key_scale, mask=mask,
+                                     theta=theta, sm_scale=sm_scale or None)
 
 
-def joint_attention_node(q, k, v, pos, ref_scale, mask: str, theta: float, sm_scale: float = 0.0):
+def joint_attention_node(q, k, v, pos, key_scale, n_video, inv_freq, mask: str, theta: float,
+                         sm_scale: float = 0.0):
     """The plugin node: emitted as ``mvgen.JointAttention`` while exporting, the reference when run eagerly."""
+    inputs = (q, k, v, pos, key_scale, n_video, inv_freq)
     if torch.onnx.is_in_onnx_export():
         return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::{OP_TYPE}", (q, k, v, pos, ref_scale),
-            dict(mask=mask, theta=float(theta), sm_scale=float(sm_scale)),
+            f"{DOMAIN}::{OP_TYPE}", inputs, dict(mask=mask, theta=float(theta), sm_scale=float(sm_scale)),
             dtype=q.dtype, shape=q.shape, version=OP_VERSION,
         )
-    return _reference(q, k, v, pos, ref_scale, mask, theta, sm_scale)
+    return _reference(*inputs, mask, theta, sm_scale)
 
 
 @contextlib.contextmanager
@@ -75,8 +79,12 @@ def plugin_attention(denoiser):
     def attend(self, q, k, v, q_pos, k_pos, n_video_q, n_video_k, key_scale):
         if q_pos is not k_pos or n_video_q != n_video_k:
             raise ValueError("the plugin node is the joint *self*-attention (same tokens for queries and keys)")
-        ref_scale = key_scale[n_video_k:] if key_scale is not None else q.new_zeros(0, dtype=torch.float32)
-        return joint_attention_node(q, k, v, q_pos, ref_scale.float(), cfg.ref_attention, cfg.rope_theta)
+        if key_scale is None:
+            key_scale = torch.ones(k.shape[1], device=k.device)
+        n_video = torch.full((1,), n_video_k, dtype=torch.int64, device=q.device)
+        inv_freq = rope_inv_freq(q.shape[-1], cfg.rope_theta).to(device=q.device, dtype=torch.float32)
+        return joint_attention_node(q, k, v, q_pos, key_scale.float(), n_video, inv_freq, cfg.ref_attention,
+                                    cfg.rope_theta)
 
     denoiser._attend = types.MethodType(attend, denoiser)
     try:
@@ -97,12 +105,13 @@ def register_onnxruntime_op() -> None:
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
     @onnx_op(op_type=OP_TYPE,
-             inputs=[PyCustomOpDef.dt_float] * 3 + [PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float],
+             inputs=[PyCustomOpDef.dt_float] * 3 + [PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float,
+                                                     PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float],
              outputs=[PyCustomOpDef.dt_float],
              attrs={"mask": PyCustomOpDef.dt_string, "theta": PyCustomOpDef.dt_float,
                     "sm_scale": PyCustomOpDef.dt_float})
-    def joint_attention(q, k, v, pos, ref_scale, mask="full", theta=10000.0, sm_scale=0.0):
-        args = [torch.from_numpy(a) for a in (q, k, v, pos, ref_scale)]
+    def joint_attention(q, k, v, pos, key_scale, n_video, inv_freq, mask="full", theta=10000.0, sm_scale=0.0):
+        args = [torch.from_numpy(a) for a in (q, k, v, pos, key_scale, n_video, inv_freq)]
         return _reference(*args, mask, theta, sm_scale).numpy()
 
     _ORT_OP = joint_attention
