@@ -45,12 +45,14 @@ def joint_attention(q, k, v, q_pos, k_pos, *, n_video_q, n_video_k, key_scale=No
     """Joint attention over [video | other stream] tokens with RoPE from integer positions.
 
     q [B, Nq, H, D], k/v [B, Nk, H, D], q_pos [Nq, 3], k_pos [Nk, 3] int, key_scale [Nk] or None; see
-    ``joint_attention_reference`` for the semantics. ``auto`` takes the kernel for CUDA fp16/bf16/fp32 with
-    D in (64, 128). ``out``, if given, receives the result and is returned.
+    ``joint_attention_reference`` for the semantics. ``auto`` takes the kernel for CUDA fp16/bf16 with
+    D in (64, 128); fp32 stays on the reference under ``auto`` because the kernel's fp32 path (IEEE products
+    on CUDA cores, small tiles) is an exactness path, not a fast one; ``backend="triton"`` runs it.
+    ``out``, if given, receives the result and is returned.
     """
     kw = dict(n_video_q=n_video_q, n_video_k=n_video_k, key_scale=key_scale, mask=mask,
               tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, theta=theta, sm_scale=sm_scale)
-    if _use_kernel(backend, (q, k, v), q.shape[-1] in ATTENTION_HEAD_DIMS):
+    if _use_kernel(backend, (q, k, v), q.shape[-1] in ATTENTION_HEAD_DIMS and q.dtype != torch.float32):
         from .joint_attention.kernel import joint_attention_triton
         return joint_attention_triton(q, k, v, q_pos, k_pos, out=out, **kw)
     result = joint_attention_reference(q, k, v, q_pos, k_pos, **kw)

@@ -79,31 +79,29 @@ def _attention_variants() -> list[Variant]:
         kept = attn._prune_configs(configs, dict(n_q=1 << 20), HEAD_DIM=head_dim, DOT_PRECISION=precision)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
-    out = []
-    for head_dim in attn.HEAD_DIMS:
-        for cfg in pruned(head_dim, "tf32"):
-            out.append(variant("bf16", head_dim, "prototype", *cfg))
-        first = pruned(head_dim, "tf32")[0]
-        out += [variant("bf16", head_dim, mask, *first) for mask in ("full", "isolated")]
+    # every config the pruner keeps, in "prototype" mode (the superset of the masking code), bf16;
+    # fp16 and fp32 (IEEE) once each. The other masks are compiled by ``_mask_variants`` (sm_90 only).
+    out = [variant("bf16", d, "prototype", *cfg) for d in attn.HEAD_DIMS for cfg in pruned(d, "tf32")]
     out.append(variant("fp16", 128, "prototype", *pruned(128, "tf32")[0]))
     out.append(variant("fp32", 64, "prototype", *pruned(64, "ieee")[0]))
-    return out
+    masks = [variant("bf16", 128, mask, *pruned(128, "tf32")[0]) for mask in ("full", "isolated")]
+    return out, masks
 
 
 def _prototype_variants() -> list[Variant]:
-    from .prototype.kernel import GPU_CONFIG
+    from .prototype.kernel import GPU_CONFIG, GPU_CONFIG_FP32
 
     out = []
-    for dtype in ("bf16", "fp32"):
+    for dtype, config in (("bf16", GPU_CONFIG), ("fp32", GPU_CONFIG_FP32)):
         common = dict(BLOCK_D=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", EMULATE_BF16=False)
         ptr = dict(Q=f"*{dtype}", K=f"*{dtype}")
         out.append(Variant("kernels.prototype.kernel:_ppa_row_stats", f"{dtype} d64", ptr | dict(Lse="*fp32"),
-                           common | dict(BLOCK_Q=GPU_CONFIG["BLOCK_Q"], BLOCK_K=GPU_CONFIG["BLOCK_T"]),
-                           GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"], floats=("qk_scale",)))
+                           common | dict(BLOCK_Q=config["BLOCK_Q"], BLOCK_K=config["BLOCK_T"]),
+                           config["num_warps"], config["num_stages"], floats=("qk_scale",)))
         out.append(Variant("kernels.prototype.kernel:_ppa_columns", f"{dtype} d64",
                            ptr | dict(Z=f"*{dtype}", Lse="*fp32", Scores="*fp32", Proto=f"*{dtype}"),
-                           common | {k: GPU_CONFIG[k] for k in ("BLOCK_Q", "BLOCK_T", "BLOCK_C")},
-                           GPU_CONFIG["num_warps"], GPU_CONFIG["num_stages"], floats=("qk_scale", "inv_n_q")))
+                           common | {k: config[k] for k in ("BLOCK_Q", "BLOCK_T", "BLOCK_C")},
+                           config["num_warps"], config["num_stages"], floats=("qk_scale", "inv_n_q")))
     return out
 
 
@@ -127,8 +125,11 @@ def _fusion_variants() -> list[Variant]:
     return out
 
 
-def variants() -> list[Variant]:
-    return _attention_variants() + _prototype_variants() + _fusion_variants()
+def jobs(archs) -> list[tuple[Variant, int]]:
+    """(variant, arch) pairs: every variant for every arch, the extra mask modes for the first arch."""
+    attention, masks = _attention_variants()
+    per_arch = attention + _prototype_variants() + _fusion_variants()
+    return [(v, a) for a in archs for v in per_arch] + [(v, archs[0]) for v in masks]
 
 
 def _load(spec: str):
@@ -239,10 +240,10 @@ def main(argv=None) -> int:
         if reason is not None:
             print(f"skipped: {reason}")
             return BACKEND_UNAVAILABLE
-        jobs = [(v, arch) for arch in args.arch for v in variants()]
+        todo = jobs(args.arch)
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker, initargs=(cache,)) as pool:
-            results = list(pool.map(compile_variant, *zip(*jobs)))
+            results = list(pool.map(compile_variant, *zip(*todo)))
     print(table(results))
     failed = [r for r in results if not r.ok]
     print(f"\n{len(results) - len(failed)}/{len(results)} variants compiled for "

@@ -179,29 +179,35 @@ def _joint_attention_fwd(
 
 
 # --- autotuning ------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); every entry is compiled for sm_80 and sm_90 by compile_check.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); every entry is compiled for sm_80 and sm_90 by compile_check,
+# whose ptxas table is the basis of the pruning below (RoPE'd K tiles in fp32 raise register pressure).
 AUTOTUNE_CONFIGS = [
     (128, 64, 8, 2),
     (128, 64, 8, 3),
-    (128, 128, 8, 2),
-    (128, 32, 4, 3),
+    (128, 32, 8, 3),
     (64, 64, 4, 3),
     (64, 32, 4, 4),
+    (32, 32, 4, 2),
 ]
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16)
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Drop configs whose tiles exceed the problem or the register/shared-memory budget of the head dim."""
-    n_q = named_args["n_q"]
-    head_dim = kwargs["HEAD_DIM"]
-    kept = [
-        c for c in configs
-        if c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(n_q))
-        and not (head_dim == 128 and c.kwargs["BLOCK_N"] == 128 and c.num_stages > 2)
-        and not (kwargs["DOT_PRECISION"] == "ieee" and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 64)
-    ]
-    return kept or configs[-1:]
+    """Keep the configs that fit the problem and the register budget of the head dim and precision.
+
+    fp32 (IEEE products on CUDA cores) spills beyond 32x32 tiles; at head_dim 128 the 64x64 tile spills
+    over 1 KB, the others at most ~100 B; tiles far taller than the query count only waste work.
+    """
+    head_dim, ieee = kwargs["HEAD_DIM"], kwargs["DOT_PRECISION"] == "ieee"
+
+    def fits(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if ieee:
+            return m * n <= 32 * 32
+        return m * n > 32 * 32 and not (head_dim == 128 and (m, n) == (64, 64)) \
+            and m <= max(64, triton.next_power_of_2(named_args["n_q"]))
+
+    return [c for c in configs if fits(c)] or configs[-1:]
 
 
 _joint_attention_tuned = triton.autotune(

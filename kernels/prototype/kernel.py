@@ -19,8 +19,9 @@ import triton.language as tl
 from .._common import MMA_DTYPES, check_device, dot_precision, emulate_bf16, mma, narrow
 
 _LOG2E = 1.4426950408889634
-# (BLOCK_Q, BLOCK_T, BLOCK_C, num_warps, num_stages) on a GPU; BLOCK_D covers the pose dim.
-GPU_CONFIG = dict(BLOCK_Q=64, BLOCK_T=64, BLOCK_C=128, num_warps=4, num_stages=2)
+# Tiles on a GPU (BLOCK_D covers the pose dim); chosen from compile_check's ptxas table: no spills at d=64.
+GPU_CONFIG = dict(BLOCK_Q=64, BLOCK_T=64, BLOCK_C=64, num_warps=8, num_stages=2)
+GPU_CONFIG_FP32 = dict(BLOCK_Q=32, BLOCK_T=32, BLOCK_C=32, num_warps=4, num_stages=1)
 INTERPRETER_CONFIG = dict(BLOCK_Q=16, BLOCK_T=16, BLOCK_C=16, num_warps=4, num_stages=1)
 
 
@@ -129,7 +130,9 @@ def prototype_aggregate_triton(pose_q, pose_k, ref_feats, *, sm_scale=None, conf
     _check_inputs(pose_q, pose_k, ref_feats)
     batch, n_frames, n_q, dim = pose_q.shape
     _, n_refs, n_tokens, channels = ref_feats.shape
-    config = config or (GPU_CONFIG if pose_q.is_cuda else INTERPRETER_CONFIG)
+    if config is None and not pose_q.is_cuda:
+        config = INTERPRETER_CONFIG
+    config = config or (GPU_CONFIG_FP32 if pose_q.dtype == torch.float32 else GPU_CONFIG)
     block_q, block_t, block_c = config["BLOCK_Q"], config["BLOCK_T"], config["BLOCK_C"]
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     consts = dict(BLOCK_D=max(16, triton.next_power_of_2(dim)), DOT_PRECISION=dot_precision(pose_q.dtype),
