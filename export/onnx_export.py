@@ -157,25 +157,15 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     return path
 
 
-def resolve_model(model: str | Path) -> tuple[Path, Path | None]:
-    """``tiny`` -> the embedded tiny pipeline and its adapter; anything else is a checkpoint directory."""
-    if str(model) == "tiny":
-        from engine.tiny import ensure_tiny
-
-        root = ensure_tiny()
-        adapter = root / "adapter"
-        return root, adapter if adapter.exists() else None
-    return Path(model), None
-
-
 def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
                 attention: str = "native", profile: names.Profile | None = None, lora_scale: float | None = None,
                 **config_overrides) -> Path:
     """Load ``model`` with ``adapter`` merged into the reference stream, export it; returns the .onnx path."""
     if dtype not in names.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(names.DTYPES)}, got {dtype!r}")
-    path, default_adapter = resolve_model(model)
-    adapter = adapter if adapter is not None else default_adapter
+    from engine.pipeline import resolve_model
+
+    path, adapter = resolve_model(model, adapter)  # tiny: the embedded checkpoint and its bundled adapter
     denoiser = load_denoiser(path, adapter=adapter, dtype=names.DTYPES[dtype], lora_scale=lora_scale,
                              attention_backend="reference", **config_overrides)
     source = {"model": str(model), "adapter": str(adapter) if adapter else None, "lora_scale": lora_scale}

@@ -20,6 +20,8 @@ Attributes:
   - ``theta`` (float): the RoPE base ``inv_freq`` was made from (10000 for Wan); bands t: D - 4*(D//6),
     h: 2*(D//6), w: 2*(D//6), pairs interleaved (x[2j], x[2j+1]) as in ``kernels/rope.py``
   - ``sm_scale`` (float): softmax scale; 0 means 1/sqrt(D)
+  - ``plugin_namespace`` (string): ``"mvgen"``; TensorRT's ONNX parser looks plugins up by op type plus
+    this attribute, i.e. ``mvgen::JointAttention``
 Semantics: ``kernels.joint_attention_reference(q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video,
 key_scale=key_scale, mask=mask, theta=theta, sm_scale=sm_scale or None)``.
 
@@ -63,7 +65,8 @@ def joint_attention_node(q, k, v, pos, key_scale, n_video, inv_freq, mask: str, 
     inputs = (q, k, v, pos, key_scale, n_video, inv_freq)
     if torch.onnx.is_in_onnx_export():
         return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::{OP_TYPE}", inputs, dict(mask=mask, theta=float(theta), sm_scale=float(sm_scale)),
+            f"{DOMAIN}::{OP_TYPE}", inputs,
+            dict(mask=mask, theta=float(theta), sm_scale=float(sm_scale), plugin_namespace=DOMAIN),
             dtype=q.dtype, shape=q.shape, version=OP_VERSION,
         )
     return _reference(*inputs, mask, theta, sm_scale)
@@ -109,8 +112,9 @@ def register_onnxruntime_op() -> None:
                                                      PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float],
              outputs=[PyCustomOpDef.dt_float],
              attrs={"mask": PyCustomOpDef.dt_string, "theta": PyCustomOpDef.dt_float,
-                    "sm_scale": PyCustomOpDef.dt_float})
-    def joint_attention(q, k, v, pos, key_scale, n_video, inv_freq, mask="full", theta=10000.0, sm_scale=0.0):
+                    "sm_scale": PyCustomOpDef.dt_float, "plugin_namespace": PyCustomOpDef.dt_string})
+    def joint_attention(q, k, v, pos, key_scale, n_video, inv_freq, mask="full", theta=10000.0, sm_scale=0.0,
+                        plugin_namespace=DOMAIN):
         args = [torch.from_numpy(a) for a in (q, k, v, pos, key_scale, n_video, inv_freq)]
         return _reference(*args, mask, theta, sm_scale).numpy()
 

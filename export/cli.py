@@ -1,0 +1,155 @@
+"""``mvgen export onnx|tensorrt|refit|repository`` (registered through ``add_parser``).
+
+TensorRT steps print ``skipped: tensorrt not installed`` and exit with status 3 (``EXIT_SKIPPED``) where
+``tensorrt`` cannot be imported: a skip is never reported as success.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+EXIT_SKIPPED = 3
+
+
+def add_parser(subparsers) -> None:
+    export = subparsers.add_parser("export", help="export the denoiser: ONNX, TensorRT engines, Triton repository")
+    commands = export.add_subparsers(dest="export_command", metavar="COMMAND", parser_class=type(export))
+    commands.required = True
+
+    p = commands.add_parser("onnx", help="denoiser with the LoRA merged -> ONNX (dynamic axes, external weights)")
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a diffusers Wan2.1-I2V directory")
+    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    p.add_argument("--out", type=Path, required=True, help="directory for denoiser.onnx(.data) and export.json")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--attention", choices=("native", "plugin"), default="native",
+                   help="native: plain ONNX ops (TensorRT fuses them); plugin: one mvgen.JointAttention node each")
+    p.add_argument("--profile", help="TensorRT profile recorded with the graph, e.g. batch=1:2:2,frames=1:21:21")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="denoiser config override, e.g. ref_attention=isolated (repeatable)")
+    p.add_argument("--verify", action="store_true", help="then compare with PyTorch through polygraphy (fp32)")
+    p.set_defaults(func=run_onnx)
+
+    p = commands.add_parser("tensorrt", help="build a TensorRT engine from an exported ONNX directory")
+    p.add_argument("--onnx", type=Path, required=True, help="directory written by `mvgen export onnx`")
+    p.add_argument("--out", type=Path, required=True, help="plan file to write (its metadata goes to PLAN.json)")
+    p.add_argument("--profile", help="min:opt:max per axis, e.g. batch=1:2:2,height=16:60:104 (default: export's)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", action="store_const", dest="precision", const="fp16")
+    precision.add_argument("--bf16", action="store_const", dest="precision", const="bf16")
+    p.add_argument("--timing-cache", type=Path, help="timing cache to read (if present) and update")
+    p.add_argument("--refit", action="store_true", help="build with refittable weights (for `mvgen export refit`)")
+    p.add_argument("--workspace-gib", type=float, help="builder workspace limit")
+    p.set_defaults(func=run_tensorrt)
+
+    p = commands.add_parser("refit", help="swap the reference-stream LoRA of a refittable engine (no rebuild)")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, required=True, help="the new LoRA (.safetensors or PEFT dir)")
+    p.add_argument("--out", type=Path, help="write the refitted plan here (default: in place)")
+    p.add_argument("--model", help="base checkpoint (default: the one the plan was exported from)")
+    p.add_argument("--lora-scale", type=float, help="override alpha/rank of the adapter")
+    p.set_defaults(func=run_refit)
+
+    p = commands.add_parser("repository", help="Triton model repository serving the plan as mvgen_denoiser")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="repository directory")
+    p.add_argument("--model", help="checkpoint of the python models (default: the plan's)")
+    p.add_argument("--adapter", type=Path, help="adapter of the python models (default: the plan's)")
+    p.set_defaults(func=run_repository)
+
+
+def _overrides(items: list[str]) -> dict:
+    import json
+
+    from engine.cli import UsageError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _profile(spec):
+    from engine.cli import UsageError
+
+    from .names import Profile
+
+    try:
+        return Profile.parse(spec) if spec else None
+    except ValueError as error:
+        raise UsageError(f"--profile: {error}") from error
+
+
+def _skipped(error) -> int:
+    print(str(error), file=sys.stderr)
+    return EXIT_SKIPPED
+
+
+def run_onnx(args) -> int:
+    from engine.cli import UsageError
+
+    from .onnx_export import export_onnx
+
+    try:
+        path = export_onnx(args.model, args.out, adapter=args.adapter, dtype=args.dtype, attention=args.attention,
+                           profile=_profile(args.profile), **_overrides(args.overrides))
+    except ValueError as error:
+        if type(error) is not ValueError:
+            raise
+        raise UsageError(str(error)) from error
+    print(path)
+    if args.verify:
+        return _verify(args, path)
+    return 0
+
+
+def _verify(args, path) -> int:
+    from engine.loading import load_denoiser
+    from engine.pipeline import resolve_model
+
+    from .verify import verify_onnx
+
+    if args.dtype != "fp32":
+        print("verify: skipped (onnxruntime verification runs fp32 graphs)", file=sys.stderr)
+        return 0
+    model, adapter = resolve_model(args.model, args.adapter)
+    denoiser = load_denoiser(model, adapter=adapter, attention_backend="reference", **_overrides(args.overrides))
+    results = verify_onnx(path, denoiser)
+    for r in results:
+        print(f"verify {'ok  ' if r.passed else 'FAIL'} rel_err={r.rel_err:.2e} {r.sizes}")
+    return 0 if all(r.passed for r in results) else 1
+
+
+def run_tensorrt(args) -> int:
+    from .tensorrt_build import TensorRTUnavailable, build_engine
+
+    try:
+        plan = build_engine(args.onnx, args.out, profile=_profile(args.profile), precision=args.precision,
+                            timing_cache=args.timing_cache, refit=args.refit, workspace_gib=args.workspace_gib)
+    except TensorRTUnavailable as error:
+        return _skipped(error)
+    print(plan)
+    return 0
+
+
+def run_refit(args) -> int:
+    from .tensorrt_build import TensorRTUnavailable, refit_engine
+
+    try:
+        plan = refit_engine(args.plan, args.adapter, out=args.out, model=args.model, lora_scale=args.lora_scale)
+    except TensorRTUnavailable as error:
+        return _skipped(error)
+    print(plan)
+    return 0
+
+
+def run_repository(args) -> int:
+    from .repository import write_repository
+
+    print(write_repository(args.plan, args.out, model=args.model, adapter=args.adapter))
+    return 0
