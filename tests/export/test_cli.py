@@ -1,0 +1,42 @@
+"""`mvgen export onnx` end to end (export + polygraphy verification) and its one-line refusals."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from engine.cli import UsageError
+from export import cli, names
+
+
+def _run(argv):
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
+    root, adapter, _ = checkpoint
+    out = tmp_path / "onnx"
+    code = _run(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
+                 "--attention", "plugin", "--set", "ref_attention=isolated", "--profile", "batch=1:2:4",
+                 "--verify"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0, printed
+    assert printed[0] == str(out / names.ONNX_FILE)
+    assert len([line for line in printed if line.startswith("verify ok")]) == 3
+    from export.onnx_export import read_meta
+    meta = read_meta(out)
+    assert meta["attention"] == "plugin" and meta["profile"]["batch"] == [1, 2, 4]
+    assert meta["config"]["ref_attention"] == "isolated" and meta["source"]["adapter"] == str(adapter)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--profile", "batch=3:2:1"], "min <= opt <= max"),
+    (["--set", "ref_attention"], "KEY=VALUE"),
+    (["--set", "ref_attention=prototype"], "prototype"),
+])
+def test_bad_export_arguments_are_usage_errors(checkpoint, tmp_path, extra, message):
+    with pytest.raises(UsageError, match=message):
+        _run(["export", "onnx", "--model", str(checkpoint[0]), "--out", str(tmp_path / "o"), *extra])
