@@ -131,6 +131,7 @@ class Profile:
             except ValueError:
                 numbers = []
             if not sep or len(numbers) not in (1, 3):
-                raise ValueError(f"bad profile entry {item!r}: expected AXIS=MIN:OPT:MAX or AXIS=SIZE, axes {list(AXES)}")
+                raise ValueError(
+                    f"bad profile entry {item!r}: expected AXIS=MIN:OPT:MAX or AXIS=SIZE, axes {list(AXES)}")
             ranges[name] = tuple(numbers * 3 if len(numbers) == 1 else numbers)
         return cls(ranges)

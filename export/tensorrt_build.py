@@ -193,7 +193,8 @@ def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None =
             errors = [str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors)]
             raise RuntimeError(f"refit from {onnx_path} failed: {errors}")
         if not refitter.refit_cuda_engine():
-            raise RuntimeError(f"TensorRT refused the new weights for {plan} (missing: {refitter.get_missing_weights()})")
+            missing = refitter.get_missing_weights()
+            raise RuntimeError(f"TensorRT refused the new weights for {plan} (missing: {missing})")
     out = Path(out or plan)
     out.write_bytes(bytes(engine.serialize()))
     meta["source"] = {**meta["source"], "adapter": str(adapter), "lora_scale": lora_scale}
