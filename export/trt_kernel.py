@@ -6,7 +6,8 @@ node (see ``export/plugin.py``): inputs q, k, v, pos, key_scale, n_video, inv_fr
 n_heads, batch (``batch`` only sizes the grid); output out; grid (cdiv(n_tokens, BLOCK_M), batch * n_heads).
 It only derives strides of contiguous [B, N, H, D] tensors, reads ``n_video`` from device memory and calls
 ``kernels.joint_attention.kernel._joint_attention_fwd`` (the same kernel the engine launches), so the plugin and the
-PyTorch path share one implementation. The same entry point is what ``CMakeLists.txt`` compiles with ``triton.tools.compile`` into C launchers + cubins.
+PyTorch path share one implementation. The same entry point is what ``CMakeLists.txt`` compiles with
+``triton.tools.compile`` into C launchers + cubins.
 """
 from __future__ import annotations
 
