@@ -1,0 +1,127 @@
+"""``mvgen serve`` and ``mvgen client generate`` (registered by ``engine.cli`` through ``add_parser``)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from engine.cli import DTYPES, UsageError, parse_overrides
+
+
+def add_parser(subparsers) -> None:
+    _add_serve(subparsers)
+    client = subparsers.add_parser("client", help="talk to a running mvgen server (gRPC)")
+    commands = client.add_subparsers(dest="client_command", metavar="COMMAND", parser_class=type(client))
+    commands.required = True
+    _add_client_generate(commands)
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the model on Triton Inference Server (gRPC + HTTP + Prometheus metrics)",
+        description="Build a Triton model repository for the model and run tritonserver until SIGINT/SIGTERM.",
+    )
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a diffusers Wan2.1-I2V directory")
+    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    p.add_argument("--repository", type=Path, help="write the model repository here (default: a temporary dir)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
+    p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
+    p.add_argument("--max-tokens", type=int, default=131_072, help="reject requests longer than this (tokens)")
+    p.add_argument("--max-concurrency", type=int, default=8, help="requests generated at once per mvgen model")
+    p.add_argument("--pad-batch-to", type=int, help="denoiser batch rows to pad to (default: the max batch, "
+                   "which makes results independent of batch companions; 0: no padding)")
+    p.add_argument("--denoiser-plan", type=Path, help="serve this TensorRT plan as mvgen_denoiser")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="denoiser config override, e.g. ref_attention=isolated (repeatable)")
+    p.add_argument("--log-file", type=Path, help="tritonserver log (default: in the temporary work dir)")
+    p.set_defaults(func=run_serve)
+
+
+def _add_client_generate(commands) -> None:
+    p = commands.add_parser("generate", help="generate a video on a server, with a progress bar",
+                            description="The arguments of `mvgen generate`; the model is the server's.")
+    p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT")
+    p.add_argument("--first-frame", type=Path, required=True, help="first frame image")
+    p.add_argument("--first-frame-mask", type=Path, help="mask image, white = person region to take from references")
+    p.add_argument("--reference", type=Path, action="append", default=[], help="reference view image (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--frames", type=int, help="number of frames, 4k+1")
+    p.add_argument("--height", type=int, help="multiple of 16")
+    p.add_argument("--width", type=int, help="multiple of 16")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (<= 1 turns it off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, help="flow-matching sigma shift")
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--no-stream", action="store_true", help="use the unary model (no progress bar)")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds without a response")
+    p.add_argument("--out", type=Path, required=True, help="output .mp4 (a .png contact sheet is written beside it)")
+    p.set_defaults(func=run_client_generate)
+
+
+def run_serve(args) -> int:
+    from .launcher import LaunchError, ServeConfig, serve_forever
+    from .repository import RepositoryOptions
+
+    for flag in ("grpc_port", "http_port", "metrics_port"):
+        port = getattr(args, flag)
+        if not 0 < port < 65536:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a port in 1..65535, got {port}")
+    if args.denoiser_plan is not None and not args.denoiser_plan.is_file():
+        raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
+    options = RepositoryOptions(
+        model=args.model, adapter=str(args.adapter) if args.adapter else None, dtype=args.dtype, device=args.device,
+        scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=parse_overrides(args.overrides),
+        max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
+        denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
+    )
+    config = ServeConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                         metrics_port=args.metrics_port, repository=args.repository, log_file=args.log_file)
+    try:
+        return serve_forever(options, config, announce=lambda line: print(line, file=sys.stderr, flush=True))
+    except LaunchError as error:
+        raise UsageError(str(error)) from None
+
+
+def run_client_generate(args) -> int:
+    from engine.media import write_contact_sheet, write_mp4
+
+    from .client import ClientError, GenerationInputs, generate
+
+    if args.out.suffix.lower() != ".mp4":
+        raise UsageError(f"--out must name an .mp4 file, got {str(args.out)!r}")
+    for path in [args.first_frame, *args.reference] + ([args.first_frame_mask] if args.first_frame_mask else []):
+        if not path.is_file():
+            raise UsageError(f"file not found: {path}")
+    request = GenerationInputs(
+        prompt=args.prompt, first_frame=args.first_frame, references=list(args.reference),
+        first_frame_mask=args.first_frame_mask, negative_prompt=args.negative_prompt, num_frames=args.frames,
+        height=args.height, width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        shift=args.shift,
+    )
+    try:
+        frames = _generate_with_bar(args, request, generate)
+    except ClientError as error:
+        raise UsageError(str(error)) from None
+    print(write_mp4(frames, args.out, fps=args.fps))
+    print(write_contact_sheet(frames, args.out.with_suffix(".png")))
+    return 0
+
+
+def _generate_with_bar(args, request, generate):
+    from tqdm import tqdm
+
+    if args.no_stream:
+        return generate(args.url, request, stream=False, timeout_s=args.timeout)
+    with tqdm(desc="denoising", unit="step", file=sys.stderr) as bar:
+        def on_progress(step, total):
+            bar.total = total
+            bar.n = step
+            bar.refresh()
+
+        return generate(args.url, request, on_progress, stream=True, timeout_s=args.timeout)

@@ -1,0 +1,59 @@
+"""Custom Prometheus metrics of the served models, next to Triton's own (``nv_inference_*``) on ``/metrics``.
+
+Created through the python backend's ``MetricFamily`` API; every series carries a ``model`` label. The
+backend requires a ``MetricFamily`` to outlive its ``Metric`` objects, so both are kept on the instance.
+"""
+from __future__ import annotations
+
+STEP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+WAIT_BUCKETS = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]
+COUNT_BUCKETS = [1, 2, 4, 8, 16, 32]
+OUTCOMES = ("success", "rejected", "cancelled", "error")
+
+
+class LoopMetrics:
+    """``mvgen`` / ``mvgen_stream``: per-step latency, queue wait, active requests, outcomes."""
+
+    def __init__(self, pb, model: str):
+        kind = pb.MetricFamily
+        labels = {"model": model}
+        self.families = [
+            kind("mvgen_step_duration_seconds", "One denoising step as the loop sees it (denoiser call incl. "
+                 "the batching wait, guidance, scheduler step)", kind.HISTOGRAM),
+            kind("mvgen_queue_wait_seconds", "Time a request waited for a free loop worker", kind.HISTOGRAM),
+            kind("mvgen_active_requests", "Requests being generated now", kind.GAUGE),
+            kind("mvgen_requests_total", "Finished requests by outcome", kind.COUNTER),
+        ]
+        step, wait, active, requests = self.families
+        self.step = step.Metric(labels=labels, buckets=STEP_BUCKETS)
+        self.wait = wait.Metric(labels=labels, buckets=WAIT_BUCKETS)
+        self.active = active.Metric(labels=labels)
+        self.outcomes = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+
+    def request_started(self, waited: float) -> None:
+        self.wait.observe(waited)
+        self.active.increment(1)
+
+    def request_finished(self, outcome: str) -> None:
+        self.active.increment(-1)
+        self.outcomes[outcome].increment(1)
+
+    def observe_step(self, seconds: float) -> None:
+        self.step.observe(seconds)
+
+
+class BatchMetrics:
+    """``mvgen_denoiser``: how many rows and requests each dynamic batch held."""
+
+    def __init__(self, pb, model: str):
+        kind = pb.MetricFamily
+        labels = {"model": model}
+        self.families = [
+            kind("mvgen_denoiser_batch_rows", "Rows (cond + uncond of each request) per denoiser batch", kind.HISTOGRAM),
+            kind("mvgen_denoiser_batch_requests", "Requests per denoiser batch", kind.HISTOGRAM),
+        ]
+        self.rows, self.requests = (f.Metric(labels=labels, buckets=COUNT_BUCKETS) for f in self.families)
+
+    def observe_batch(self, rows: int, requests: int) -> None:
+        self.rows.observe(rows)
+        self.requests.observe(requests)

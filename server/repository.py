@@ -1,0 +1,192 @@
+"""Write the Triton model repository: one folder per model with ``config.pbtxt`` and a thin ``1/model.py``.
+
+    mvgen                python, BLS: validate, encoders once, scheduler loop over mvgen_denoiser, decode
+    mvgen_stream         the same model, decoupled: one ``progress`` response per step, then the video
+    mvgen_text_encoder   umT5 (prompt and negative prompt in one call)
+    mvgen_image_encoder  CLIP vision states of the conditioning frame
+    mvgen_vae            Wan VAE: I2V condition, reference latents, decode
+    mvgen_denoiser       the multi-view DiT, dynamic batching across requests; or a TensorRT plan
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import protocol
+
+GENERATE_MODELS = ("mvgen", "mvgen_stream")
+DENOISER = "mvgen_denoiser"
+MODEL_CLASSES = {
+    "mvgen": "GenerateModel",
+    "mvgen_stream": "GenerateModel",
+    "mvgen_text_encoder": "TextEncoderModel",
+    "mvgen_image_encoder": "ImageEncoderModel",
+    "mvgen_vae": "VaeModel",
+    DENOISER: "DenoiserModel",
+}
+# rows per denoiser batch: 4 requests with classifier-free guidance (cond + uncond each)
+MAX_BATCH_ROWS = 8
+
+MODEL_PY = '''"""Triton python-backend adapter for `{name}`; the work is `server.models.{cls}` over `engine`."""
+import json
+import sys
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        extra = config.get("parameters", {{}}).get("python_path", {{}}).get("string_value", "")
+        sys.path[:0] = [p for p in extra.split(":") if p and p not in sys.path]
+        from server.models import {cls}
+
+        self.model = {cls}(config, pb_utils)
+
+    def execute(self, requests):
+        return self.model.execute(requests)
+
+    def finalize(self):
+        self.model.finalize()
+'''
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    """What the generated repository serves and how (``mvgen serve`` flags map onto these)."""
+
+    model: str = "tiny"
+    adapter: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    scheduler: str = "unipc"
+    max_tokens: int = 131_072
+    overrides: dict = field(default_factory=dict)
+    max_concurrency: int = 8  # requests one mvgen instance generates at once
+    max_batch_rows: int = MAX_BATCH_ROWS
+    pad_batch_to: int | None = None  # None: pad every denoiser batch to max_batch_rows (bit-reproducible)
+    batch_delay_us: int = 2000  # how long the dynamic batcher waits for companions
+    denoiser_plan: str | None = None  # a TensorRT plan replaces the python denoiser
+
+
+def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOptions()) -> Path:
+    """Write the repository into ``dest`` (replacing models of the same names); return ``dest``.
+
+    Raises ``engine.loading.CheckpointError`` when the model directory is not a Wan2.1-I2V checkpoint.
+    """
+    import json
+
+    from engine.config import MvgenConfig
+    from engine.loading import find_transformer_dir, transformer_weight_files
+    from engine.pipeline import resolve_model
+
+    path, adapter = resolve_model(options.model, options.adapter)
+    transformer = find_transformer_dir(path)
+    transformer_weight_files(transformer)
+    if adapter is not None and not adapter.exists():
+        raise FileNotFoundError(f"adapter not found: {adapter}")
+    config = MvgenConfig.from_files(transformer / "config.json")
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    params = {
+        "model": str(path.resolve()), "adapter": str(adapter.resolve()) if adapter else "", "dtype": options.dtype,
+        "device": options.device, "scheduler": options.scheduler, "max_tokens": str(options.max_tokens),
+        "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
+    }
+    for name in GENERATE_MODELS:
+        _write_python_model(dest, name, _generate_config(name, params, options))
+    _write_python_model(dest, "mvgen_text_encoder", _config(
+        "mvgen_text_encoder", [_tensor("prompt", "TYPE_STRING", [-1])], [_tensor("text", "TYPE_FP32", [-1, -1, -1])],
+        params))
+    _write_python_model(dest, "mvgen_image_encoder", _config(
+        "mvgen_image_encoder",
+        [_tensor("first_frame", "TYPE_UINT8", [-1, -1, 3]), _tensor("first_frame_mask", "TYPE_BOOL", [-1, -1], True),
+         _tensor("size", "TYPE_INT32", [2])],
+        [_tensor("image_context", "TYPE_FP32", [-1, -1, -1])], params))
+    _write_python_model(dest, "mvgen_vae", _config(
+        "mvgen_vae",
+        [_tensor("first_frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("first_frame_mask", "TYPE_BOOL", [-1, -1], True),
+         _tensor("size", "TYPE_INT32", [3], True), _tensor("references", "TYPE_UINT8", [-1, -1, -1, 3], True),
+         _tensor("latents", "TYPE_FP32", [1, 16, -1, -1, -1], True)],
+        [_tensor("condition", "TYPE_FP32", [1, 20, -1, -1, -1]), _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
+         _tensor("video", "TYPE_UINT8", [-1, -1, -1, 3])], params))
+    _write_denoiser(dest, config, params, options)
+    return dest
+
+
+def _write_denoiser(dest: Path, config, params: dict, options: RepositoryOptions) -> None:
+    """The denoiser's I/O comes from ``export.names`` (shared with the ONNX exporter and TensorRT builder)."""
+    from export.names import OUTPUT, TRITON_DTYPES, input_specs
+
+    import torch
+
+    io_dtype = TRITON_DTYPES[getattr(torch, options.dtype)] if options.denoiser_plan else "TYPE_FP32"
+    inputs = [_spec_tensor(s, io_dtype) for s in input_specs(config.text_dim, config.image_dim, config.text_len)]
+    outputs = [_spec_tensor(OUTPUT, io_dtype)]
+    batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
+    if options.denoiser_plan:
+        folder = _fresh(dest / DENOISER)
+        shutil.copyfile(options.denoiser_plan, folder / "1" / "model.plan")
+        text = _config(DENOISER, inputs, outputs, {}, backend='platform: "tensorrt_plan"', kind="KIND_GPU",
+                       max_batch_size=options.max_batch_rows, extra=batching)
+        (folder / "config.pbtxt").write_text(text)
+        return
+    pad = options.max_batch_rows if options.pad_batch_to is None else options.pad_batch_to
+    _write_python_model(dest, DENOISER, _config(
+        DENOISER, inputs, outputs, {**params, "pad_batch_to": str(pad)}, max_batch_size=options.max_batch_rows,
+        extra=batching))
+
+
+def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str:
+    inputs = [_tensor(f.name, f.triton_type, list(f.dims), f.optional) for f in protocol.INPUTS]
+    outputs = [_tensor(f.name, f.triton_type, list(f.dims)) for f in protocol.OUTPUTS
+               if f.name != "progress" or name == "mvgen_stream"]
+    extra = "model_transaction_policy { decoupled: true }" if name == "mvgen_stream" else ""
+    return _config(name, inputs, outputs, {**params, "max_concurrency": str(options.max_concurrency)}, extra=extra)
+
+
+def _spec_tensor(spec, io_dtype: str) -> str:
+    dtype = "TYPE_FP32" if spec.dtype == "float32" else io_dtype
+    dims = [d if isinstance(d, int) else -1 for d in spec.dims[1:]]  # the batch axis is Triton's
+    if not dims:  # a per-row scalar ([batch]): one element per row on the wire
+        return _tensor(spec.name, dtype, [1], reshape=[])
+    return _tensor(spec.name, dtype, dims)
+
+
+def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False, reshape: list[int] | None = None) -> str:
+    parts = [f'name: "{name}"', f"data_type: {dtype}", f"dims: [ {', '.join(map(str, dims))} ]"]
+    if reshape is not None:
+        parts.append(f"reshape: {{ shape: [ {', '.join(map(str, reshape))} ] }}")
+    if optional:
+        parts.append("optional: true")
+    return "{ " + " ".join(parts) + " }"
+
+
+def _config(name: str, inputs: list[str], outputs: list[str], params: dict, *, backend: str = 'backend: "python"',
+            kind: str = "KIND_CPU", max_batch_size: int = 0, extra: str = "") -> str:
+    lines = [f'name: "{name}"', backend, f"max_batch_size: {max_batch_size}",
+             "input [\n  " + ",\n  ".join(inputs) + "\n]", "output [\n  " + ",\n  ".join(outputs) + "\n]",
+             f"instance_group [ {{ kind: {kind} count: 1 }} ]"]
+    if extra:
+        lines.append(extra)
+    for key, value in params.items():
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: {_quote(value)} }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "1").mkdir(parents=True)
+    return folder
+
+
+def _write_python_model(dest: Path, name: str, config_text: str) -> None:
+    folder = _fresh(dest / name)
+    (folder / "config.pbtxt").write_text(config_text)
+    (folder / "1" / "model.py").write_text(MODEL_PY.format(name=name, cls=MODEL_CLASSES[name]))
