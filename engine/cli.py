@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import RequestError
 
 # the lead extends this list with "server.cli" and "export.cli"
-SUBCOMMAND_MODULES = ["engine.cli", "export.cli"]
+SUBCOMMAND_MODULES = ["engine.cli", "export.cli", "server.cli"]
 DTYPES = ("float32", "bfloat16", "float16")
 EXIT_USAGE = 2
 
