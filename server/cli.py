@@ -114,14 +114,20 @@ def run_client_generate(args) -> int:
 
 
 def _generate_with_bar(args, request, generate):
+    """Streamed progress as a tqdm bar, opened at the first step (so a refused request prints no bar)."""
     from tqdm import tqdm
 
     if args.no_stream:
         return generate(args.url, request, stream=False, timeout_s=args.timeout)
-    with tqdm(desc="denoising", unit="step", file=sys.stderr) as bar:
-        def on_progress(step, total):
-            bar.total = total
-            bar.n = step
-            bar.refresh()
+    bars = []
 
+    def on_progress(step, total):
+        if not bars:
+            bars.append(tqdm(total=total, desc="denoising", unit="step", file=sys.stderr))
+        bars[0].update(step - bars[0].n)
+
+    try:
         return generate(args.url, request, on_progress, stream=True, timeout_s=args.timeout)
+    finally:
+        for bar in bars:
+            bar.close()

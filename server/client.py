@@ -48,6 +48,9 @@ class GenerationInputs:
                 out.update(_image(name, value))
         if self.references:
             if all(isinstance(r, np.ndarray) for r in self.references):
+                if len({r.shape for r in self.references}) > 1:
+                    raise ClientError("references given as pixels must share one size (references_rgb is "
+                                      "[R, H, W, 3]); send them encoded instead")
                 out["references_rgb"] = np.stack(self.references).astype(np.uint8)
             else:
                 out["references"] = np.array([_encoded(r) for r in self.references], dtype=object)

@@ -130,8 +130,12 @@ class Server:
         for flag, port in ports.items():
             check_port_free(cfg.host, port, flag)
         self.workdir = Path(tempfile.mkdtemp(prefix="mvgen-serve-"))
-        repository = build_repository(cfg.repository or self.workdir / "repository", self.options)
-        backends = assemble_backends(server, self.workdir / "backends")
+        try:
+            repository = build_repository(cfg.repository or self.workdir / "repository", self.options)
+            backends = assemble_backends(server, self.workdir / "backends")
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self.log_path = cfg.log_file or self.workdir / "tritonserver.log"
         command = [
             str(server.binary), f"--model-repository={repository}", f"--grpc-port={cfg.grpc_port}",

@@ -1,9 +1,15 @@
 """Custom Prometheus metrics of the served models, next to Triton's own (``nv_inference_*``) on ``/metrics``.
 
 Created through the python backend's ``MetricFamily`` API; every series carries a ``model`` label. The
-backend requires a ``MetricFamily`` to outlive its ``Metric`` objects, so both are kept on the instance.
+backend requires a ``MetricFamily`` to outlive its ``Metric`` objects, so both are kept on the instance,
+and its metric messages are not thread-safe (concurrent updates from worker threads crash tritonserver
+2.51 in ``Metric::LoadFromSharedMemory``), so every update holds one lock per process.
 """
 from __future__ import annotations
+
+import threading
+
+_LOCK = threading.Lock()
 
 STEP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 WAIT_BUCKETS = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]
@@ -31,15 +37,18 @@ class LoopMetrics:
         self.outcomes = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
 
     def request_started(self, waited: float) -> None:
-        self.wait.observe(waited)
-        self.active.increment(1)
+        with _LOCK:
+            self.wait.observe(waited)
+            self.active.increment(1)
 
     def request_finished(self, outcome: str) -> None:
-        self.active.increment(-1)
-        self.outcomes[outcome].increment(1)
+        with _LOCK:
+            self.active.increment(-1)
+            self.outcomes[outcome].increment(1)
 
     def observe_step(self, seconds: float) -> None:
-        self.step.observe(seconds)
+        with _LOCK:
+            self.step.observe(seconds)
 
 
 class BatchMetrics:
@@ -55,5 +64,6 @@ class BatchMetrics:
         self.rows, self.requests = (f.Metric(labels=labels, buckets=COUNT_BUCKETS) for f in self.families)
 
     def observe_batch(self, rows: int, requests: int) -> None:
-        self.rows.observe(rows)
-        self.requests.observe(requests)
+        with _LOCK:
+            self.rows.observe(rows)
+            self.requests.observe(requests)

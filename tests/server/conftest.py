@@ -1,0 +1,132 @@
+"""One real ``tritonserver`` (started by ``mvgen serve`` on free loopback ports) for the server tests."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (pip install 'mvgen[server]')")
+
+from server.launcher import LaunchError, find_tritonserver, free_port  # noqa: E402
+
+MVGEN = str(Path(sys.executable).parent / "mvgen")
+MODELS = ("mvgen", "mvgen_stream", "mvgen_text_encoder", "mvgen_image_encoder", "mvgen_vae", "mvgen_denoiser")
+START_TIMEOUT_S = 300
+# a small request: 5 frames of 32x32, 2 steps (the tiny model makes noise; shapes are what matter)
+SMALL = dict(num_frames=5, height=32, width=32, steps=2, guidance_scale=5.0, seed=7)
+
+
+@dataclass
+class Served:
+    url: str
+    metrics_url: str
+    process: subprocess.Popen
+    log: Path
+
+    def tree_rss(self) -> int:
+        """Resident memory of tritonserver and every process below it (the python backend stubs), bytes."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        total = 0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return response.read().decode()
+
+    def metric(self, name: str, **labels) -> float:
+        """Sum of the samples of ``name`` whose labels include ``labels``."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            head, _, value = line.rpartition(" ")
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+        return total
+
+
+def _tritonserver_available() -> str | None:
+    try:
+        find_tritonserver()
+    except LaunchError as error:
+        return str(error)
+    return None
+
+
+@pytest.fixture(scope="session")
+def served(tiny_cache, tmp_path_factory):
+    """``mvgen serve --model tiny`` on free loopback ports; SIGINT at the end must stop it with exit code 0."""
+    reason = _tritonserver_available()
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path_factory.mktemp("served")
+    grpc, http, metrics = free_port(), free_port(), free_port()
+    env = {**os.environ, "MVGEN_CACHE": str(tiny_cache)}
+    log = work / "tritonserver.log"
+    command = [MVGEN, "serve", "--model", "tiny", "--grpc-port", str(grpc), "--http-port", str(http),
+               "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = Served(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", process, log)
+    try:
+        _wait_ready(server)
+        yield server
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        output = process.stdout.read()
+        assert code == 0, f"mvgen serve exited with {code} on SIGINT:\n{output[-2000:]}"
+
+
+def _wait_ready(server: Served) -> None:
+    import tritonclient.grpc as grpcclient
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"mvgen serve exited ({server.process.returncode}): {server.process.stdout.read()}")
+        try:
+            client = grpcclient.InferenceServerClient(server.url)
+            if client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS):
+                return
+        except Exception:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s; log {server.log}")
+
+
+@pytest.fixture
+def images():
+    """A first frame and three reference views (RGB uint8), fresh from a seeded generator per test."""
+    rng = np.random.default_rng(1234)
+    first = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    refs = [rng.integers(0, 256, (40, 32, 3), dtype=np.uint8) for _ in range(3)]
+    return first, refs
+
+
+def png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

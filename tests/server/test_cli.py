@@ -1,0 +1,86 @@
+"""``mvgen serve`` refuses to start with one clear line; ``mvgen client generate`` writes the same outputs."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.launcher import free_port
+from tests.server.conftest import MVGEN, png
+
+
+def _serve(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    return subprocess.run([MVGEN, "serve", *ports, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mvgen: error: "), result.stderr
+    return lines[0]
+
+
+def test_taken_port(tiny_env):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        line = _one_error_line(_serve("--model", "tiny", "--grpc-port", str(port)))
+    assert f"port {port} on 127.0.0.1 is already in use (--grpc-port)" in line
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "pickles"])
+def test_invalid_model_dir(tmp_path, layout):
+    model = tmp_path / "model"
+    if layout != "missing":
+        (model / "transformer").mkdir(parents=True)
+        (model / "transformer" / "config.json").write_text("{}")
+    if layout == "pickles":
+        (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"")
+    line = _one_error_line(_serve("--model", str(model)))
+    expected = {"missing": "model directory not found", "empty": "no .safetensors weights",
+                "pickles": "pickled weights are never loaded"}[layout]
+    assert expected in line and str(model) in line
+
+
+def test_no_tritonserver(tmp_path, tiny_env):
+    """PATH without tritonserver and the nvidia-pytriton wheel hidden from the interpreter."""
+    hidden = tmp_path / "hide"
+    (hidden / "pytriton").mkdir(parents=True)
+    (hidden / "pytriton" / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + "/usr/bin:/bin",
+           "PYTHONPATH": str(hidden)}
+    line = _one_error_line(_serve("--model", "tiny", env=env))
+    assert "no tritonserver found" in line
+
+
+def test_client_generate_writes_video_and_sheet(served, images, tmp_path):
+    first, refs = images
+    (tmp_path / "first.png").write_bytes(png(first))
+    (tmp_path / "front.png").write_bytes(png(refs[0]))
+    out = tmp_path / "video.mp4"
+    command = [MVGEN, "client", "generate", "--url", served.url, "--first-frame", str(tmp_path / "first.png"),
+               "--reference", str(tmp_path / "front.png"), "--prompt", "a person turns", "--frames", "5",
+               "--height", "32", "--width", "32", "--steps", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 0 and out.with_suffix(".png").stat().st_size > 0
+    assert "2/2" in result.stderr  # the progress bar reached the last step
+
+    bad = subprocess.run(command[:-1] + [str(tmp_path / "bad.mp4"), "--height", "40"], capture_output=True, text=True,
+                         timeout=120)
+    line = _one_error_line(bad)
+    assert "height must be a positive multiple of 16" in line
+
+
+def test_client_unreachable_server(tmp_path, images):
+    (tmp_path / "first.png").write_bytes(png(images[0]))
+    result = subprocess.run([MVGEN, "client", "generate", "--url", f"127.0.0.1:{free_port()}", "--first-frame",
+                             str(tmp_path / "first.png"), "--prompt", "x", "--out", str(tmp_path / "v.mp4")],
+                            capture_output=True, text=True, timeout=60)
+    assert "cannot reach an mvgen server" in _one_error_line(result)
