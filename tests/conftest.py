@@ -1,7 +1,14 @@
 """Suite-wide fixtures: the embedded tiny checkpoint, built once per session in a private cache."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Triton reads TRITON_INTERPRET when its library is first imported, and diffusers imports Triton, so the
+# switch is set here, before any test module loads: the kernel tests then run interpreted in this process.
+# Tests that compile for sm_90/sm_80 run in subprocesses with the variable removed.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
