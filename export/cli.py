@@ -58,20 +58,9 @@ def add_parser(subparsers) -> None:
 
 
 def _overrides(items: list[str]) -> dict:
-    import json
+    from engine.cli import parse_overrides
 
-    from engine.cli import UsageError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    return parse_overrides(items)
 
 
 def _profile(spec):
