@@ -135,6 +135,7 @@ def generate(url: str, request: GenerationInputs, on_progress: Callable[[int, in
 def _stream(client, inputs, on_progress, timeout_s) -> np.ndarray:
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
+    finished = False
     try:
         client.async_stream_infer(STREAM_MODEL, inputs, enable_empty_final_response=False)
         while True:
@@ -143,12 +144,15 @@ def _stream(client, inputs, on_progress, timeout_s) -> np.ndarray:
             except queue.Empty:
                 raise ClientError(f"no response from the server within {timeout_s} s") from None
             if error is not None:
+                finished = True
                 raise ClientError(_message(error))
             video = result.as_numpy("video")
             if video is not None:
+                finished = True
                 return video
             progress = result.as_numpy("progress")
             if progress is not None and on_progress is not None:
                 on_progress(int(progress[0]), int(progress[1]))
     finally:
-        client.stop_stream(cancel_requests=True)
+        # a finished request closes its stream; an abandoned one (timeout, Ctrl-C) is cancelled on the server
+        client.stop_stream(cancel_requests=not finished)

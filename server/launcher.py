@@ -141,7 +141,7 @@ class Server:
             str(server.binary), f"--model-repository={repository}", f"--grpc-port={cfg.grpc_port}",
             f"--http-port={cfg.http_port}", f"--metrics-port={cfg.metrics_port}", f"--grpc-address={cfg.host}",
             f"--http-address={cfg.host}", f"--metrics-address={cfg.host}", "--disable-auto-complete-config",
-            "--exit-timeout-secs=60", "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
+            "--exit-timeout-secs=30", "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
         ]
         if backends is not None:
             command.append(f"--backend-directory={backends}")
@@ -201,6 +201,8 @@ class Server:
                 code = self.process.wait()
         elif self.process is not None:
             code = self.process.returncode
+        if self.process is not None:
+            _kill_leftovers(self.process.pid)
         if self.workdir is not None and self.config.log_file is None and code == 0:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
@@ -216,6 +218,14 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _kill_leftovers(group: int) -> None:
+    """Backend stubs outlive a crashed tritonserver; they share its process group (its own session)."""
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _url_host(host: str) -> str:

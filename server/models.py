@@ -248,12 +248,17 @@ class GenerateModel:
             self.metrics.request_finished(outcome)
 
     def _fail(self, sender, message: str, code) -> None:
+        """Answer with an error; when the client is gone, still close the stream so the request is released."""
         pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)),
-                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as error:  # the client is gone: nothing left to tell it
-            pb.Logger.log_verbose(f"{self.name}: could not send the error response: {error}")
+            sender.send(pb.InferenceResponse(error=pb.TritonError(message, code)), flags=final)
+        except Exception as error:
+            pb.Logger.log_warn(f"{self.name}: could not send the error response ({error}); closing the stream")
+            try:
+                sender.send(flags=final)
+            except Exception as again:
+                pb.Logger.log_warn(f"{self.name}: could not close the stream: {again}")
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -20,6 +20,7 @@ from server.launcher import LaunchError, find_tritonserver, free_port  # noqa: E
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 MODELS = ("mvgen", "mvgen_stream", "mvgen_text_encoder", "mvgen_image_encoder", "mvgen_vae", "mvgen_denoiser")
 START_TIMEOUT_S = 300
+MAX_TOKENS = 4096  # a small budget, so the over-budget request in the tests is cheap to build
 # a small request: 5 frames of 32x32, 2 steps (the tiny model makes noise; shapes are what matter)
 SMALL = dict(num_frames=5, height=32, width=32, steps=2, guidance_scale=5.0, seed=7)
 
@@ -79,7 +80,8 @@ def served(tiny_cache, tmp_path_factory):
     env = {**os.environ, "MVGEN_CACHE": str(tiny_cache)}
     log = work / "tritonserver.log"
     command = [MVGEN, "serve", "--model", "tiny", "--grpc-port", str(grpc), "--http-port", str(http),
-               "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu"]
+               "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu",
+               "--max-tokens", str(MAX_TOKENS)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Served(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", process, log)
     try:
