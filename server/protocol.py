@@ -122,6 +122,8 @@ def markdown_table() -> str:
     for direction, fields in (("input", INPUTS), ("output", OUTPUTS)):
         for f in fields:
             shape = "[" + ", ".join("-1" if d < 0 else str(d) for d in f.dims) + "]"
-            required = "yes" if not f.optional else "no"
+            required = "" if direction == "output" else "yes" if not f.optional else "no"
+            if f.name in ("first_frame", "first_frame_rgb"):
+                required = "one of the two"
             lines.append(f"| `{f.name}` | {direction} | {f.wire_type} | {shape} | {required} | {f.doc} |")
     return "\n".join(lines)

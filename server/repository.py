@@ -87,6 +87,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     if adapter is not None and not adapter.exists():
         raise FileNotFoundError(f"adapter not found: {adapter}")
     config = MvgenConfig.from_files(transformer / "config.json")
+    model_type = _model_type(options.dtype)
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -98,13 +99,13 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
     _write_python_model(dest, "mvgen_text_encoder", _config(
-        "mvgen_text_encoder", [_tensor("prompt", "TYPE_STRING", [-1])], [_tensor("text", "TYPE_FP32", [-1, -1, -1])],
+        "mvgen_text_encoder", [_tensor("prompt", "TYPE_STRING", [-1])], [_tensor("text", model_type, [-1, -1, -1])],
         params))
     _write_python_model(dest, "mvgen_image_encoder", _config(
         "mvgen_image_encoder",
         [_tensor("first_frame", "TYPE_UINT8", [-1, -1, 3]), _tensor("first_frame_mask", "TYPE_BOOL", [-1, -1], True),
          _tensor("size", "TYPE_INT32", [2])],
-        [_tensor("image_context", "TYPE_FP32", [-1, -1, -1])], params))
+        [_tensor("image_context", model_type, [-1, -1, -1])], params))
     _write_python_model(dest, "mvgen_vae", _config(
         "mvgen_vae",
         [_tensor("first_frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("first_frame_mask", "TYPE_BOOL", [-1, -1], True),
@@ -118,11 +119,9 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
 
 def _write_denoiser(dest: Path, config, params: dict, options: RepositoryOptions) -> None:
     """The denoiser's I/O comes from ``export.names`` (shared with the ONNX exporter and TensorRT builder)."""
-    from export.names import OUTPUT, TRITON_DTYPES, input_specs
+    from export.names import OUTPUT, input_specs
 
-    import torch
-
-    io_dtype = TRITON_DTYPES[getattr(torch, options.dtype)] if options.denoiser_plan else "TYPE_FP32"
+    io_dtype = _model_type(options.dtype)
     inputs = [_spec_tensor(s, io_dtype) for s in input_specs(config.text_dim, config.image_dim, config.text_len)]
     outputs = [_spec_tensor(OUTPUT, io_dtype)]
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
@@ -137,6 +136,15 @@ def _write_denoiser(dest: Path, config, params: dict, options: RepositoryOptions
     _write_python_model(dest, DENOISER, _config(
         DENOISER, inputs, outputs, {**params, "pad_batch_to": str(pad)}, max_batch_size=options.max_batch_rows,
         extra=batching))
+
+
+def _model_type(dtype: str) -> str:
+    """The Triton type of tensors in the model's dtype (the denoiser's I/O, encoder states)."""
+    import torch
+
+    from export.names import TRITON_DTYPES
+
+    return TRITON_DTYPES[getattr(torch, dtype)]
 
 
 def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str:

@@ -1,0 +1,39 @@
+"""The generated model repository: every model folder, thin adapters, the denoiser's I/O from export.names."""
+from __future__ import annotations
+
+import ast
+
+from export.names import OUTPUT, input_specs
+from server.repository import MODEL_CLASSES, RepositoryOptions, build_repository
+
+
+def test_every_model_has_a_config_and_a_thin_adapter(tmp_path, tiny_env):
+    repo = build_repository(tmp_path / "repo", RepositoryOptions(model="tiny"))
+    for name, cls in MODEL_CLASSES.items():
+        config = (repo / name / "config.pbtxt").read_text()
+        assert f'name: "{name}"' in config and 'backend: "python"' in config
+        source = (repo / name / "1" / "model.py").read_text()
+        ast.parse(source)
+        assert f"from server.models import {cls}" in source and len(source.splitlines()) < 40
+    assert "decoupled: true" in (repo / "mvgen_stream" / "config.pbtxt").read_text()
+    assert "decoupled" not in (repo / "mvgen" / "config.pbtxt").read_text()
+    denoiser = (repo / "mvgen_denoiser" / "config.pbtxt").read_text()
+    assert "dynamic_batching" in denoiser and "max_batch_size: 8" in denoiser
+    assert 'key: "pad_batch_to" value: { string_value: "8" }' in denoiser
+    for spec in [*input_specs(32, 32), OUTPUT]:
+        assert f'name: "{spec.name}"' in denoiser
+
+
+def test_a_tensorrt_plan_replaces_the_python_denoiser(tmp_path, tiny_env):
+    plan = tmp_path / "denoiser.plan"
+    plan.write_bytes(b"plan bytes")
+    repo = build_repository(tmp_path / "repo", RepositoryOptions(model="tiny", dtype="float16",
+                                                                 denoiser_plan=str(plan)))
+    config = (repo / "mvgen_denoiser" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config and "backend:" not in config
+    assert (repo / "mvgen_denoiser" / "1" / "model.plan").read_bytes() == b"plan bytes"
+    assert not (repo / "mvgen_denoiser" / "1" / "model.py").exists()
+    assert 'name: "latents" data_type: TYPE_FP16' in config
+    assert 'name: "timestep" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [  ] }' in config
+    # the scheduler loop is untouched: the same mvgen config
+    assert (repo / "mvgen" / "1" / "model.py").exists()
