@@ -310,38 +310,55 @@ class MultiViewPipeline:
         image_context = self.encode_image(frame)
         condition = self._condition(frame, known, request.num_frames)
         refs = self.encode_references(request.references, *request.reference_size)
-
-        batch = 2 if guided else 1
         text = torch.cat([text, negative]) if guided else text
+        return self.assemble_state(request, text, image_context, condition, refs)
+
+    @torch.no_grad()
+    def assemble_state(self, request: GenerationRequest, text: torch.Tensor, image_context: torch.Tensor,
+                       condition: torch.Tensor, refs: torch.Tensor | None, cache_references: bool = True
+                       ) -> DenoiseState:
+        """The loop's state from the encoded request: text [B, 512, text_dim] (B = 2 with guidance: cond then
+        uncond), image_context [1, 257, image_dim], condition [1, 20, f, h, w], refs [1, R, 16, hr, wr] or None.
+        Builds the initial noise and a fresh scheduler, and the reference K/V cache where the config allows it
+        (``cache_references``)."""
+        batch = text.shape[0]
         image_context = image_context.expand(batch, -1, -1)
         condition = condition.expand(batch, -1, -1, -1, -1)
         refs = refs.to(self.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None
         latents = self.prepare_latents(request.seed, request.num_frames, request.height, request.width)
         cache = None
-        if refs is not None and self.config.caches_reference:
+        if cache_references and refs is not None and self.config.caches_reference:
             cache = self.denoiser.precompute_reference(refs, text, image_context, latent_fhw=tuple(latents.shape[2:]))
         scheduler = self.make_scheduler(request.shift)
         scheduler.set_timesteps(request.steps, device=self.device)
         return DenoiseState(latents, condition, text, image_context, refs, cache, scheduler, request.guidance_scale)
 
-    @torch.no_grad()
-    def predict_velocity(self, state: DenoiseState, timestep: torch.Tensor) -> torch.Tensor:
-        """One denoiser call with cond and uncond batched, combined by classifier-free guidance: [1, 16, f, h, w]."""
+    def denoiser_inputs(self, state: DenoiseState, timestep: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """One step's denoiser inputs with cond and uncond batched (``ref_latents`` None when cached)."""
         batch = state.batch
-        velocity = self.denoiser(
-            state.latents.expand(batch, -1, -1, -1, -1).to(self.dtype), state.condition.to(self.dtype),
-            timestep.expand(batch), state.text, state.image_context,
-            ref_latents=None if state.ref_cache is not None else state.ref_latents, ref_cache=state.ref_cache,
+        return dict(
+            latents=state.latents.expand(batch, -1, -1, -1, -1).to(self.dtype), condition=state.condition.to(self.dtype),
+            timestep=timestep.expand(batch), text=state.text, image_context=state.image_context,
+            ref_latents=None if state.ref_cache is not None else state.ref_latents,
         )
+
+    @torch.no_grad()
+    def predict_velocity(self, state: DenoiseState, timestep: torch.Tensor,
+                         denoise: Callable[[dict], torch.Tensor] | None = None) -> torch.Tensor:
+        """One denoiser call with cond and uncond batched, combined by classifier-free guidance: [1, 16, f, h, w].
+
+        ``denoise(inputs) -> velocity`` replaces the in-process denoiser (the server calls its denoiser model)."""
+        inputs = self.denoiser_inputs(state, timestep)
+        velocity = denoise(inputs) if denoise is not None else self.denoiser(**inputs, ref_cache=state.ref_cache)
         return classifier_free_guidance(velocity.float(), state.guidance_scale)
 
     @torch.no_grad()
-    def denoise_step(self, state: DenoiseState) -> DenoiseState:
+    def denoise_step(self, state: DenoiseState, denoise: Callable[[dict], torch.Tensor] | None = None) -> DenoiseState:
         """Advance the state by one scheduler step (in place; returned for chaining)."""
         if state.done:
             raise ValueError(f"denoising already finished ({state.total_steps} steps)")
         t = state.timesteps[state.step_index]
-        velocity = self.predict_velocity(state, t)
+        velocity = self.predict_velocity(state, t, denoise)
         state.latents = state.scheduler.step(velocity, t, state.latents, return_dict=False)[0]
         state.step_index += 1
         return state

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.media import fit_image
-from engine.pipeline import MultiViewPipeline, classifier_free_guidance
+from engine.pipeline import MultiViewPipeline
 from engine.validation import GenerationRequest
 
 # which pipeline parts each served model uses; the rest is released after loading
@@ -90,7 +90,6 @@ def generate(pipe: MultiViewPipeline, request: GenerationRequest, stages: Stages
     import time
 
     guided = request.guidance_scale > 1
-    batch = 2 if guided else 1
     stage_calls = (
         lambda: stages.text(request.prompt, request.negative_prompt if guided else None),
         lambda: stages.image(request.first_frame, request.first_frame_mask, request.height, request.width),
@@ -102,25 +101,15 @@ def generate(pipe: MultiViewPipeline, request: GenerationRequest, stages: Stages
     for call in stage_calls:
         _check(cancelled)
         results.append(call())
-    text, image_context, condition, refs = results
-    image_context = image_context.expand(batch, -1, -1)
-    condition = condition.expand(batch, -1, -1, -1, -1)
-    if refs is not None:
-        refs = refs.to(pipe.dtype).expand(batch, -1, -1, -1, -1)
-    latents = pipe.prepare_latents(request.seed, request.num_frames, request.height, request.width)
-    scheduler = pipe.make_scheduler(request.shift)
-    scheduler.set_timesteps(request.steps, device=latents.device)
-    total = len(scheduler.timesteps)
-    for step, t in enumerate(scheduler.timesteps, start=1):
+    # the server sends the references every step: its denoiser model may be a TensorRT plan without the cache
+    state = pipe.assemble_state(request, *results, cache_references=False)
+    while not state.done:
         _check(cancelled)
         start = time.perf_counter()
-        inputs = dict(latents=latents.expand(batch, -1, -1, -1, -1).to(pipe.dtype), condition=condition.to(pipe.dtype),
-                      timestep=t.expand(batch).float(), text=text, image_context=image_context, ref_latents=refs)
-        velocity = classifier_free_guidance(stages.denoise(inputs).float(), request.guidance_scale)
-        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
-        on_step(step, total, time.perf_counter() - start)
+        pipe.denoise_step(state, stages.denoise)
+        on_step(state.step_index, state.total_steps, time.perf_counter() - start)
     _check(cancelled)
-    return stages.decode(latents)
+    return stages.decode(state.latents)
 
 
 def _check(cancelled: Callable[[], bool]) -> None:
