@@ -76,13 +76,8 @@ def add_parser(subparsers) -> None:
     demo.set_defaults(func=run_demo_inputs)
 
 
-def _add_generate(subparsers) -> None:
-    p = subparsers.add_parser(
-        "generate", help="generate a video from a first frame, reference views and a prompt",
-        description="Generate a video; unset sizes/steps come from the model (tiny: 9 frames of 64x64, 4 steps).",
-    )
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, built locally) or a diffusers Wan2.1-I2V dir")
-    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+def add_request_arguments(p) -> None:
+    """A generation request's arguments, shared by ``mvgen generate`` and ``mvgen client generate``."""
     p.add_argument("--first-frame", type=Path, required=True, help="first frame image")
     p.add_argument("--first-frame-mask", type=Path, help="mask image, white = person region to take from references")
     p.add_argument("--reference", type=Path, action="append", default=[], help="reference view image (repeatable)")
@@ -95,6 +90,16 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (<= 1 turns it off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, help="flow-matching sigma shift (default: the checkpoint's scheduler)")
+
+
+def _add_generate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate a video from a first frame, reference views and a prompt",
+        description="Generate a video; unset sizes/steps come from the model (tiny: 9 frames of 64x64, 4 steps).",
+    )
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, built locally) or a diffusers Wan2.1-I2V dir")
+    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    add_request_arguments(p)
     p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")

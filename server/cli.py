@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli import DTYPES, UsageError, parse_overrides
+from engine.cli import DTYPES, UsageError, add_request_arguments, parse_overrides
 
 
 def add_parser(subparsers) -> None:
@@ -45,18 +45,7 @@ def _add_client_generate(commands) -> None:
     p = commands.add_parser("generate", help="generate a video on a server, with a progress bar",
                             description="The arguments of `mvgen generate`; the model is the server's.")
     p.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC HOST:PORT")
-    p.add_argument("--first-frame", type=Path, required=True, help="first frame image")
-    p.add_argument("--first-frame-mask", type=Path, help="mask image, white = person region to take from references")
-    p.add_argument("--reference", type=Path, action="append", default=[], help="reference view image (repeatable)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--frames", type=int, help="number of frames, 4k+1")
-    p.add_argument("--height", type=int, help="multiple of 16")
-    p.add_argument("--width", type=int, help="multiple of 16")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (<= 1 turns it off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shift", type=float, help="flow-matching sigma shift")
+    add_request_arguments(p)
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--no-stream", action="store_true", help="use the unary model (no progress bar)")
     p.add_argument("--timeout", type=float, help="give up after this many seconds without a response")
