@@ -50,3 +50,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 def check_device(t: torch.Tensor, what: str) -> None:
     if not t.is_cuda and not interpreting():
         raise ValueError(f"the Triton {what} kernel needs CUDA tensors (or TRITON_INTERPRET=1), got {t.device}")
+
+
+def check_operand(name: str, t: torch.Tensor, layout: str, first_name: str, first: torch.Tensor,
+                  last_dim: str = "its last dim") -> None:
+    """What every launcher checks of a tensor operand: rank (``layout`` spells it, e.g. "[B, N, H, D]"),
+    an MMA dtype, a unit stride in the last dim (named ``last_dim``), and the device of the ``first`` operand."""
+    if t.dim() != layout.count(",") + 1:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in MMA_DTYPES:
+        raise ValueError(f"{name} dtype must be one of float16/bfloat16/float32, got {t.dtype}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in {last_dim} (stride(-1) == 1), got strides {t.stride()}")
+    if t.device != first.device:
+        raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")

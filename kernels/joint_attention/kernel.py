@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
-from .._common import MMA_DTYPES, check_device, dot_precision, emulate_bf16, mma, narrow
+from .._common import check_device, check_operand, dot_precision, emulate_bf16, mma, narrow
 from ..rope import rope_bands, rope_inv_freq
 
 MASK_IDS = {"full": 0, "isolated": 1, "prototype": 2}
@@ -223,14 +223,7 @@ def _check_inputs(q, k, v, q_pos, k_pos, key_scale, out, n_video_q, n_video_k, m
     if mask not in MASK_IDS:
         raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, N, H, D], got shape {tuple(t.shape)}")
-        if t.dtype not in MMA_DTYPES:
-            raise ValueError(f"{name} dtype must be one of float16/bfloat16/float32, got {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), got strides {t.stride()}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        check_operand(name, t, "[B, N, H, D]", "q", q, last_dim="head_dim")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, n_q, heads, head_dim = q.shape

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import MMA_DTYPES, check_device, dot_precision, emulate_bf16, mma, narrow
+from .._common import check_device, check_operand, dot_precision, emulate_bf16, mma, narrow
 
 _LOG2E = 1.4426950408889634
 # Tiles on a GPU (BLOCK_D covers the pose dim); chosen from compile_check's ptxas table: no spills at d=64.
@@ -101,15 +101,9 @@ def _ppa_columns(Q, K, Z, Lse, Scores, Proto, n_frames, n_q, n_refs, n_tokens, d
 
 
 def _check_inputs(pose_q, pose_k, ref_feats):
-    for name, t, dims in (("pose_q", pose_q, 4), ("pose_k", pose_k, 3), ("ref_feats", ref_feats, 4)):
-        if t.dim() != dims:
-            raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
-        if t.dtype not in MMA_DTYPES:
-            raise ValueError(f"{name} dtype must be one of float16/bfloat16/float32, got {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-        if t.device != pose_q.device:
-            raise ValueError(f"{name} is on {t.device} but pose_q is on {pose_q.device}")
+    for name, t, layout in (("pose_q", pose_q, "[B, F, Q, d]"), ("pose_k", pose_k, "[B, R*T, d]"),
+                            ("ref_feats", ref_feats, "[B, R, T, C]")):
+        check_operand(name, t, layout, "pose_q", pose_q)
     batch, _, n_q, dim = pose_q.shape
     _, n_refs, n_tokens, _ = ref_feats.shape
     if pose_k.dtype != pose_q.dtype:
