@@ -76,6 +76,12 @@ def add_parser(subparsers) -> None:
     demo.set_defaults(func=run_demo_inputs)
 
 
+def add_model_arguments(p) -> None:
+    """``--model`` and ``--adapter``, shared by every subcommand that loads the model."""
+    p.add_argument("--model", default="tiny", help="'tiny' (embedded, built locally) or a diffusers Wan2.1-I2V dir")
+    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+
+
 def add_request_arguments(p) -> None:
     """A generation request's arguments, shared by ``mvgen generate`` and ``mvgen client generate``."""
     p.add_argument("--first-frame", type=Path, required=True, help="first frame image")
@@ -97,8 +103,7 @@ def _add_generate(subparsers) -> None:
         "generate", help="generate a video from a first frame, reference views and a prompt",
         description="Generate a video; unset sizes/steps come from the model (tiny: 9 frames of 64x64, 4 steps).",
     )
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, built locally) or a diffusers Wan2.1-I2V dir")
-    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    add_model_arguments(p)
     add_request_arguments(p)
     p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
     p.add_argument("--dtype", choices=DTYPES, default="float32")

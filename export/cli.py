@@ -12,13 +12,14 @@ EXIT_SKIPPED = 3
 
 
 def add_parser(subparsers) -> None:
+    from engine.cli import add_model_arguments
+
     export = subparsers.add_parser("export", help="export the denoiser: ONNX, TensorRT engines, Triton repository")
     commands = export.add_subparsers(dest="export_command", metavar="COMMAND", parser_class=type(export))
     commands.required = True
 
     p = commands.add_parser("onnx", help="denoiser with the LoRA merged -> ONNX (dynamic axes, external weights)")
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a diffusers Wan2.1-I2V directory")
-    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    add_model_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="directory for denoiser.onnx(.data) and export.json")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     p.add_argument("--attention", choices=("native", "plugin"), default="native",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli import DTYPES, UsageError, add_request_arguments, parse_overrides
+from engine.cli import DTYPES, UsageError, add_model_arguments, add_request_arguments, parse_overrides
 
 
 def add_parser(subparsers) -> None:
@@ -20,8 +20,7 @@ def _add_serve(subparsers) -> None:
         "serve", help="serve the model on Triton Inference Server (gRPC + HTTP + Prometheus metrics)",
         description="Build a Triton model repository for the model and run tritonserver until SIGINT/SIGTERM.",
     )
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded) or a diffusers Wan2.1-I2V directory")
-    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    add_model_arguments(p)
     p.add_argument("--repository", type=Path, help="write the model repository here (default: a temporary dir)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     p.add_argument("--grpc-port", type=int, default=8001)
