@@ -251,9 +251,18 @@ class MultiViewWanTransformer(nn.Module):
         ref_scale = self.view_weights[:num_refs].repeat_interleave(tokens_per_ref)
         return torch.cat([torch.ones(num_video, device=device), ref_scale.to(device)])
 
-    def _reference_positions(self, num_refs, ref_hw, video_fhw, device):
+    def _reference_grid(self, ref_latents: torch.Tensor) -> tuple[int, tuple[int, int]]:
+        """(R, (hr, wr)): the number of references and each one's token grid after patching."""
+        _, num_refs, _, height, width = ref_latents.shape
+        _, ph, pw = self.config.patch_size
+        return num_refs, (height // ph, width // pw)
+
+    def _keys_layout(self, video_pos, num_refs, ref_hw, video_fhw):
+        """Positions [Nv + R*hr*wr, 3] of the [video | reference] keys and their per-key logit scales."""
         cfg = self.config
-        return rd_rope_positions(cfg.ref_rope, num_refs, ref_hw, video_fhw, cfg.ref_t_stride, device=device)
+        ref_pos = rd_rope_positions(cfg.ref_rope, num_refs, ref_hw, video_fhw, cfg.ref_t_stride, device=video_pos.device)
+        key_scale = self.reference_key_scale(video_pos.shape[0], num_refs, ref_hw[0] * ref_hw[1], video_pos.device)
+        return torch.cat([video_pos, ref_pos]), key_scale
 
     def _ref_timestep(self, timestep):
         return torch.zeros_like(timestep) if self.config.ref_timestep == "zero" else timestep
@@ -324,13 +333,9 @@ class MultiViewWanTransformer(nn.Module):
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
     def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw):
-        b, num_refs, _, hr_lat, wr_lat = ref_latents.shape
-        _, ph, pw = self.config.patch_size
-        ref_hw = (hr_lat // ph, wr_lat // pw)
         r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
         n_video = x.shape[1]
-        pos = torch.cat([video_pos, self._reference_positions(num_refs, ref_hw, fhw, x.device)])
-        key_scale = self.reference_key_scale(n_video, num_refs, ref_hw[0] * ref_hw[1], x.device)
+        pos, key_scale = self._keys_layout(video_pos, *self._reference_grid(ref_latents), fhw)
         _, ref_tproj = self.condition_embedder.time(self._ref_timestep(timestep), x.dtype)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -362,17 +367,13 @@ class MultiViewWanTransformer(nn.Module):
                 "reference K/V caching needs ref_attention='isolated' and ref_timestep='zero', "
                 f"got ref_attention={cfg.ref_attention!r}, ref_timestep={cfg.ref_timestep!r}"
             )
-        b, num_refs, _, hr_lat, wr_lat = ref_latents.shape
-        _, ph, pw = cfg.patch_size
-        ref_hw = (hr_lat // ph, wr_lat // pw)
+        num_refs, ref_hw = self._reference_grid(ref_latents)
         r = self.embed_references(ref_latents)
         text_ctx, image_ctx = self._contexts(text, image_context)
-        zero = torch.zeros(b, device=r.device)
-        _, ref_tproj = self.condition_embedder.time(zero, r.dtype)
-        pt, _, _ = cfg.patch_size
-        fhw = (latent_fhw[0] // pt, latent_fhw[1] // ph, latent_fhw[2] // pw)
-        pos = self._reference_positions(num_refs, ref_hw, fhw, r.device)
-        key_scale = self.reference_key_scale(0, num_refs, ref_hw[0] * ref_hw[1], r.device)
+        _, ref_tproj = self.condition_embedder.time(torch.zeros(r.shape[0], device=r.device), r.dtype)
+        fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
+        no_video = torch.zeros(0, 3, dtype=torch.long, device=r.device)
+        pos, key_scale = self._keys_layout(no_video, num_refs, ref_hw, fhw)
         keys, values = [], []
         last = len(self.blocks) - 1
         for i in range(len(self.blocks)):
@@ -390,8 +391,7 @@ class MultiViewWanTransformer(nn.Module):
         if cache.video_fhw != fhw:
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
         n_video = x.shape[1]
-        k_pos = torch.cat([video_pos, self._reference_positions(cache.num_refs, cache.ref_hw, fhw, x.device)])
-        key_scale = self.reference_key_scale(n_video, cache.num_refs, cache.ref_hw[0] * cache.ref_hw[1], x.device)
+        k_pos, key_scale = self._keys_layout(video_pos, cache.num_refs, cache.ref_hw, fhw)
         for block, k_ref, v_ref in zip(self.blocks, cache.keys, cache.values):
             mod = block.modulation(tproj)
             q, k, v = block.self_attention_inputs(x, mod)
