@@ -10,6 +10,7 @@ then the same requests at once; the denoiser's batch histogram shows how many re
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.tiny import default_cache_root, resolve_checkpoint
 from server.client import GenerationInputs, generate
 from server.launcher import ServeConfig, Server, free_port
 from server.repository import RepositoryOptions
@@ -51,10 +53,10 @@ def _timed(url: str, request: GenerationInputs) -> float:
     return time.perf_counter() - start
 
 
-def measure(policy: str, requests: list[GenerationInputs], rounds: int) -> list[dict]:
+def measure(policy: str, requests: list[GenerationInputs], rounds: int, model: Path, adapter: Path) -> list[dict]:
     config = ServeConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     metrics_url = f"http://127.0.0.1:{config.metrics_port}/metrics"
-    options = RepositoryOptions(model="tiny", device="cpu", pad_batch_to=POLICIES[policy])
+    options = RepositoryOptions(model=str(model), adapter=str(adapter), device="cpu", pad_batch_to=POLICIES[policy])
     samples = {"sequential": [], "concurrent": []}
     with Server(options, config) as server:
         _timed(server.grpc_url, requests[0])  # warm-up: first calls allocate and JIT-free paths settle
@@ -97,8 +99,9 @@ def main(argv=None) -> None:
     parser.add_argument("--refs", type=int, default=3)
     parser.add_argument("--policy", choices=tuple(POLICIES), action="append")
     args = parser.parse_args(argv)
+    model, adapter = resolve_checkpoint("tiny", None, default_cache_root(os.environ))  # an entry point: env read here
     requests = _requests(args.concurrency, args.steps, args.size, args.frames, args.refs)
-    rows = [row for policy in args.policy or POLICIES for row in measure(policy, requests, args.rounds)]
+    rows = [row for policy in args.policy or POLICIES for row in measure(policy, requests, args.rounds, model, adapter)]
     config = {"model": "tiny", "concurrency": args.concurrency, "steps": args.steps, "frames": args.frames,
               "height": args.size, "width": args.size, "references": args.refs, "guidance_scale": 5.0,
               "rounds": args.rounds, "statistic": "median over rounds"}

@@ -1,101 +1,31 @@
-"""The ``mvgen`` command line.
+"""``mvgen generate``, ``mvgen tiny`` and ``mvgen demo-inputs`` (registered by ``mvgen.cli`` through ``add_parser``).
 
-Subcommands come from the modules in ``SUBCOMMAND_MODULES``: each has ``add_parser(subparsers)`` that adds
-its subcommand(s) and sets ``func`` (``args -> exit code``) on them. A module must import its heavy or
-optional dependencies inside its handlers, so ``mvgen --help`` works on a machine without them.
-User mistakes (``UsageError``, ``RequestError``, checkpoint/adapter errors) end as one line
-``mvgen: error: ...`` on stderr with exit code 2; anything else is a bug and keeps its traceback.
+Heavy dependencies are imported inside the handlers, so ``mvgen --help`` works on a machine without them.
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import sys
 from pathlib import Path
 
-from .errors import RequestError
-
-# the lead extends this list with "server.cli" and "export.cli"
-SUBCOMMAND_MODULES = ["engine.cli", "export.cli", "server.cli"]
-DTYPES = ("float32", "bfloat16", "float16")
-EXIT_USAGE = 2
+from .cli_args import DTYPES, UsageError, add_model_arguments, add_request_arguments, model_paths, parse_overrides
 
 
-class UsageError(ValueError):
-    """A bad command line (the message is the whole story)."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``mvgen: error: ...`` and exit 2, no usage dump."""
-
-    def error(self, message: str):
-        command = self.prog.split(" ", 1)[1] if " " in self.prog else None
-        hint = f" (see: mvgen {command} --help)" if command else " (see: mvgen --help)"
-        raise UsageError(f"{message}{hint}")
-
-
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions that are the user's mistake, not a bug (the loading errors are imported lazily)."""
+def user_errors() -> tuple[type[Exception], ...]:
+    """This package's exceptions that are the user's mistake, not a bug (imported lazily: they pull in torch)."""
+    from .errors import RequestError
     from .loading import CheckpointError
     from .lora import AdapterError
 
     return UsageError, RequestError, CheckpointError, AdapterError, FileNotFoundError
 
 
-def build_parser() -> Parser:
-    parser = Parser(prog="mvgen", description="Multi-view reference human video generation (Wan2.1-I2V + references).")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    subparsers.required = True
-    for name in SUBCOMMAND_MODULES:
-        importlib.import_module(name).add_parser(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
-    except _user_errors() as error:
-        message = str(error).strip().replace("\n", " ") or type(error).__name__
-        print(f"mvgen: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("mvgen: interrupted", file=sys.stderr)
-        return 130
-
-
-# ---- this module's subcommands ----------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
     _add_generate(subparsers)
     tiny = subparsers.add_parser("tiny", help="build the embedded tiny checkpoint and print its directory")
-    tiny.add_argument("--out", type=Path, help="directory to write it to (default: the cache, $MVGEN_CACHE)")
+    tiny.add_argument("--out", type=Path, help="directory to write it to (default: <--cache-dir>/tiny-v1)")
     tiny.set_defaults(func=run_tiny)
     demo = subparsers.add_parser("demo-inputs", help="write a synthetic first frame, mask and 3 reference views")
     demo.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
     demo.set_defaults(func=run_demo_inputs)
-
-
-def add_model_arguments(p) -> None:
-    """``--model`` and ``--adapter``, shared by every subcommand that loads the model."""
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, built locally) or a diffusers Wan2.1-I2V dir")
-    p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
-
-
-def add_request_arguments(p) -> None:
-    """A generation request's arguments, shared by ``mvgen generate`` and ``mvgen client generate``."""
-    p.add_argument("--first-frame", type=Path, required=True, help="first frame image")
-    p.add_argument("--first-frame-mask", type=Path, help="mask image, white = person region to take from references")
-    p.add_argument("--reference", type=Path, action="append", default=[], help="reference view image (repeatable)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--frames", type=int, help="number of frames, 4k+1")
-    p.add_argument("--height", type=int, help="multiple of 16")
-    p.add_argument("--width", type=int, help="multiple of 16")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (<= 1 turns it off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shift", type=float, help="flow-matching sigma shift (default: the checkpoint's scheduler)")
 
 
 def _add_generate(subparsers) -> None:
@@ -113,19 +43,6 @@ def _add_generate(subparsers) -> None:
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable; VALUE is JSON or text)")
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a .png contact sheet is written beside it)")
     p.set_defaults(func=run_generate)
-
-
-def parse_overrides(items: list[str]) -> dict:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    return overrides
 
 
 def _device(name: str) -> str:
@@ -154,13 +71,14 @@ def run_generate(args) -> int:
         if args.first_frame_mask else None
     references = [load_image(path, f"--reference {path}") for path in args.reference]
     overrides = parse_overrides(args.overrides)
+    model, adapter = model_paths(args)
     try:
         pipe = MultiViewPipeline.from_pretrained(
-            args.model, adapter=args.adapter, dtype=getattr(torch, args.dtype), device=_device(args.device),
+            model, adapter=adapter, dtype=getattr(torch, args.dtype), device=_device(args.device),
             scheduler=args.scheduler, **overrides,
         )
     except ValueError as error:  # config values (overrides, mvgen_config.json) the model refuses
-        if isinstance(error, _user_errors()):
+        if isinstance(error, user_errors()):
             raise
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
     request = pipe.make_request(
@@ -183,7 +101,7 @@ def run_generate(args) -> int:
 def run_tiny(args) -> int:
     from .tiny import build_tiny, ensure_tiny
 
-    print(build_tiny(args.out) if args.out else ensure_tiny())
+    print(build_tiny(args.out) if args.out else ensure_tiny(args.cache_dir))
     return 0
 
 

@@ -12,10 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 TINY_VERSION = "tiny-v1"
+CACHE_ENV = "MVGEN_CACHE"  # where the tiny checkpoint is built (read by entry points only)
 SEED = 20261122
 
 # diffusers WanTransformer3DModel arguments (Wan2.1-I2V layout, 2 heads x 24 = 48 wide, 2 layers)
@@ -60,15 +62,31 @@ MODEL_INDEX = {
 _COMPLETE_MARKER = "model_index.json"
 
 
-def default_cache_root() -> Path:
-    """``$MVGEN_CACHE`` when set, else ``~/.cache/mvgen``."""
-    return Path(os.environ.get("MVGEN_CACHE") or Path.home() / ".cache" / "mvgen")
+def default_cache_root(environ: Mapping[str, str]) -> Path:
+    """``$MVGEN_CACHE`` when set in ``environ``, else ``~/.cache/mvgen``.
+
+    The environment is passed in: only process entry points (the ``mvgen`` command, a served model's
+    ``initialize``) read ``os.environ``, and hand the root down from there.
+    """
+    return Path(environ.get(CACHE_ENV) or Path.home() / ".cache" / "mvgen")
 
 
-def ensure_tiny(root: Path | str | None = None) -> Path:
-    """The tiny pipeline directory ``<root>/tiny-v1``, built once (root defaults to ``default_cache_root()``)."""
-    root = Path(root) if root is not None else default_cache_root()
-    return build_tiny(root / TINY_VERSION)
+def ensure_tiny(root: Path | str) -> Path:
+    """The tiny pipeline directory ``<root>/tiny-v1``, built once."""
+    if root is None:  # a caller that forgot to thread the root down: say so rather than guess one
+        raise ValueError("the tiny model needs a cache directory to be built in: pass cache_root "
+                         f"(the mvgen command takes it from --cache-dir or ${CACHE_ENV})")
+    return build_tiny(Path(root) / TINY_VERSION)
+
+
+def resolve_checkpoint(model: str | Path, adapter: str | Path | None, cache_root: Path | str
+                       ) -> tuple[Path, Path | None]:
+    """``"tiny"`` -> the tiny pipeline under ``cache_root`` (built once) with its bundled adapter unless
+    ``adapter`` is given; any other ``model`` is a checkpoint directory, returned as is."""
+    if str(model) == "tiny":
+        path = ensure_tiny(cache_root)
+        return path, Path(adapter) if adapter is not None else path / "adapter"
+    return Path(model), Path(adapter) if adapter is not None else None
 
 
 def build_tiny(dest: Path | str) -> Path:

@@ -1,20 +1,26 @@
-"""``mvgen export onnx|tensorrt|refit|repository`` (registered through ``add_parser``).
+"""``mvgen export onnx|tensorrt|refit`` (registered by ``mvgen.cli`` through ``add_parser``).
 
 TensorRT steps print ``skipped: tensorrt not installed`` and exit with status 3 (``EXIT_SKIPPED``) where
-``tensorrt`` cannot be imported: a skip is never reported as success.
+``tensorrt`` cannot be imported: a skip is never reported as success. The Triton repository around a plan
+is the server's (``mvgen repository``): the exporter does not import the server.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from engine.cli_args import UsageError, add_model_arguments, model_paths, parse_overrides
+
 EXIT_SKIPPED = 3
 
 
-def add_parser(subparsers) -> None:
-    from engine.cli import add_model_arguments
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exporter refuses bad command lines with ``UsageError``; a missing TensorRT is a skip, not an error."""
+    return (UsageError,)
 
-    export = subparsers.add_parser("export", help="export the denoiser: ONNX, TensorRT engines, Triton repository")
+
+def add_parser(subparsers) -> None:
+    export = subparsers.add_parser("export", help="export the denoiser: ONNX graph, TensorRT engines")
     commands = export.add_subparsers(dest="export_command", metavar="COMMAND", parser_class=type(export))
     commands.required = True
 
@@ -50,24 +56,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lora-scale", type=float, help="override alpha/rank of the adapter")
     p.set_defaults(func=run_refit)
 
-    p = commands.add_parser("repository", help="Triton model repository serving the plan as mvgen_denoiser")
-    p.add_argument("--plan", type=Path, required=True)
-    p.add_argument("--out", type=Path, required=True, help="repository directory")
-    p.add_argument("--model", help="checkpoint of the python models (default: the plan's)")
-    p.add_argument("--adapter", type=Path, help="adapter of the python models (default: the plan's)")
-    p.set_defaults(func=run_repository)
-
-
-def _overrides(items: list[str]) -> dict:
-    from engine.cli import parse_overrides
-
-    return parse_overrides(items)
-
 
 def _profile(spec):
-    from engine.cli import UsageError
-
-    from .names import Profile
+    from engine.denoiser_io import Profile
 
     try:
         return Profile.parse(spec) if spec else None
@@ -81,13 +72,12 @@ def _skipped(error) -> int:
 
 
 def run_onnx(args) -> int:
-    from engine.cli import UsageError
-
     from .onnx_export import export_onnx
 
+    model, adapter = model_paths(args)
     try:
-        path = export_onnx(args.model, args.out, adapter=args.adapter, dtype=args.dtype, attention=args.attention,
-                           profile=_profile(args.profile), **_overrides(args.overrides))
+        path = export_onnx(model, args.out, adapter=adapter, dtype=args.dtype, attention=args.attention,
+                           profile=_profile(args.profile), **parse_overrides(args.overrides))
     except ValueError as error:
         if type(error) is not ValueError:
             raise
@@ -100,15 +90,15 @@ def run_onnx(args) -> int:
 
 def _verify(args, path) -> int:
     from engine.loading import load_denoiser
-    from engine.pipeline import resolve_model
 
     from .verify import verify_onnx
 
     if args.dtype != "fp32":
         print("verify: skipped (onnxruntime verification runs fp32 graphs)", file=sys.stderr)
         return 0
-    model, adapter = resolve_model(args.model, args.adapter)
-    denoiser = load_denoiser(model, adapter=adapter, attention_backend="reference", **_overrides(args.overrides))
+    model, adapter = model_paths(args)
+    denoiser = load_denoiser(model, adapter=adapter, attention_backend="reference",
+                             **parse_overrides(args.overrides))
     results = verify_onnx(path, denoiser)
     for r in results:
         print(f"verify {'ok  ' if r.passed else 'FAIL'} rel_err={r.rel_err:.2e} {r.sizes}")
@@ -131,15 +121,9 @@ def run_refit(args) -> int:
     from .tensorrt_build import TensorRTUnavailable, refit_engine
 
     try:
-        plan = refit_engine(args.plan, args.adapter, out=args.out, model=args.model, lora_scale=args.lora_scale)
+        plan = refit_engine(args.plan, args.adapter, out=args.out, model=args.model, lora_scale=args.lora_scale,
+                            cache_root=args.cache_dir)
     except TensorRTUnavailable as error:
         return _skipped(error)
     print(plan)
-    return 0
-
-
-def run_repository(args) -> int:
-    from .repository import write_repository
-
-    print(write_repository(args.plan, args.out, model=args.model, adapter=args.adapter))
     return 0

@@ -23,9 +23,10 @@ import onnx
 import torch
 from torch import nn
 
+from engine import denoiser_io
 from engine.loading import load_denoiser
+from engine.tiny import resolve_checkpoint
 
-from . import names
 from .plugin import plugin_attention
 
 ATTENTION_MODES = ("native", "plugin")
@@ -44,8 +45,8 @@ class DenoiserGraph(nn.Module):
         return self.denoiser(latents, condition, timestep, text, image_context, ref_latents=ref_latents)
 
 
-def graph_specs(config) -> list[names.TensorSpec]:
-    return names.input_specs(config.text_dim, config.image_dim, config.text_len)
+def graph_specs(config) -> list[denoiser_io.TensorSpec]:
+    return denoiser_io.input_specs(config.text_dim, config.image_dim, config.text_len)
 
 
 def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: torch.Generator) -> dict:
@@ -65,7 +66,7 @@ def export_dynamic_shapes(specs) -> dict[str, dict[int, object]]:
     from torch.export import Dim
 
     dims = {}
-    for name, axis in names.AXES.items():
+    for name, axis in denoiser_io.AXES.items():
         if axis.multiple > 1:
             dims[name] = axis.multiple * Dim(f"{name}_div{axis.multiple}", min=1)
         else:
@@ -101,7 +102,7 @@ def translation_table() -> dict:
 def _name_axes(path: Path, specs) -> None:
     """Give the graph's dynamic input/output dims the axis names of ``names`` (weights stay external)."""
     model = onnx.load(str(path), load_external_data=False)
-    by_name = {s.name: s for s in [*specs, names.OUTPUT]}
+    by_name = {s.name: s for s in [*specs, denoiser_io.OUTPUT]}
     for value in [*model.graph.input, *model.graph.output]:
         spec = by_name[value.name]
         for dim, axis in zip(value.type.tensor_type.shape.dim, spec.dims):
@@ -112,7 +113,7 @@ def _name_axes(path: Path, specs) -> None:
 
 
 def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
-                    profile: names.Profile | None = None, source: dict | None = None) -> Path:
+                    profile: denoiser_io.Profile | None = None, source: dict | None = None) -> Path:
     """Write ``denoiser.onnx`` (+ ``denoiser.onnx.data``) and ``export.json`` into ``out_dir``."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -121,7 +122,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         raise ValueError("ref_attention='prototype' (PPA) is not exportable in this build")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / names.ONNX_FILE
+    path = out_dir / denoiser_io.ONNX_FILE
     dtype = denoiser.proj_out.weight.dtype
     specs = graph_specs(cfg)
     example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
@@ -134,46 +135,46 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         program = torch.onnx.export(
             DenoiserGraph(denoiser).eval(), tuple(example.values()), dynamo=True,
             dynamic_shapes=export_dynamic_shapes(specs), input_names=[s.name for s in specs],
-            output_names=[names.OUTPUT.name], opset_version=names.OPSET,
+            output_names=[denoiser_io.OUTPUT.name], opset_version=denoiser_io.OPSET,
             custom_translation_table=translation_table(), verbose=False,
         )
-        for stale in (path, out_dir / names.ONNX_DATA_FILE):
+        for stale in (path, out_dir / denoiser_io.ONNX_DATA_FILE):
             stale.unlink(missing_ok=True)
         program.save(str(path), external_data=True)
     _name_axes(path, specs)
     meta = {
-        "model_name": names.DENOISER_MODEL_NAME,
-        "onnx": names.ONNX_FILE,
+        "model_name": denoiser_io.DENOISER_MODEL_NAME,
+        "onnx": denoiser_io.ONNX_FILE,
         "attention": attention,
-        "dtype": {v: k for k, v in names.DTYPES.items()}[dtype],
-        "opset": names.OPSET,
-        "profile": (profile or names.Profile()).to_dict(),
+        "dtype": {v: k for k, v in denoiser_io.DTYPES.items()}[dtype],
+        "opset": denoiser_io.OPSET,
+        "profile": (profile or denoiser_io.Profile()).to_dict(),
         "inputs": [{"name": s.name, "dims": list(s.dims), "dtype": s.dtype} for s in specs],
-        "output": {"name": names.OUTPUT.name, "dims": list(names.OUTPUT.dims)},
+        "output": {"name": denoiser_io.OUTPUT.name, "dims": list(denoiser_io.OUTPUT.dims)},
         "config": cfg.to_dict(),
         "source": source or {},
     }
-    (out_dir / names.META_FILE).write_text(json.dumps(meta, indent=2))
+    (out_dir / denoiser_io.META_FILE).write_text(json.dumps(meta, indent=2))
     return path
 
 
 def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
-                attention: str = "native", profile: names.Profile | None = None, lora_scale: float | None = None,
-                **config_overrides) -> Path:
-    """Load ``model`` with ``adapter`` merged into the reference stream, export it; returns the .onnx path."""
-    if dtype not in names.DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(names.DTYPES)}, got {dtype!r}")
-    from engine.pipeline import resolve_model
+                attention: str = "native", profile: denoiser_io.Profile | None = None, lora_scale: float | None = None,
+                cache_root: str | Path | None = None, **config_overrides) -> Path:
+    """Load ``model`` with ``adapter`` merged into the reference stream, export it; returns the .onnx path.
 
-    path, adapter = resolve_model(model, adapter)  # tiny: the embedded checkpoint and its bundled adapter
-    denoiser = load_denoiser(path, adapter=adapter, dtype=names.DTYPES[dtype], lora_scale=lora_scale,
+    ``model`` ``"tiny"`` is the embedded checkpoint (built under ``cache_root``) with its bundled adapter."""
+    if dtype not in denoiser_io.DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(denoiser_io.DTYPES)}, got {dtype!r}")
+    path, adapter = resolve_checkpoint(model, adapter, cache_root)
+    denoiser = load_denoiser(path, adapter=adapter, dtype=denoiser_io.DTYPES[dtype], lora_scale=lora_scale,
                              attention_backend="reference", **config_overrides)
     source = {"model": str(model), "adapter": str(adapter) if adapter else None, "lora_scale": lora_scale}
     return export_denoiser(denoiser, out_dir, attention=attention, profile=profile, source=source)
 
 
 def read_meta(onnx_dir: str | Path) -> dict:
-    meta = Path(onnx_dir) / names.META_FILE
+    meta = Path(onnx_dir) / denoiser_io.META_FILE
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: is {onnx_dir} a directory written by `mvgen export onnx`?")
     return json.loads(meta.read_text())

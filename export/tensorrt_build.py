@@ -4,8 +4,8 @@ Everything here needs ``tensorrt`` (and a GPU); where it cannot be imported ever
 ``TensorRTUnavailable("skipped: tensorrt not installed")``, which the CLI reports as a skip (exit status 3),
 never as success.
 
-- Optimization profiles come from ``export.names`` (one min/opt/max range per dynamic axis), so the engine,
-  the ONNX graph and the Triton ``config.pbtxt`` agree on names and dims.
+- Optimization profiles come from ``engine.denoiser_io`` (one min/opt/max range per dynamic axis), so the
+  engine, the ONNX graph and the Triton ``config.pbtxt`` agree on names and dims.
 - Precision: a graph exported in fp16/bf16 is built *strongly typed* (TensorRT keeps the ONNX types; no
   precision flags). Asking for ``--fp16``/``--bf16`` on an fp32 graph builds a weakly typed network with
   that flag instead (TensorRT chooses per layer), which is the only case where strong typing is not used.
@@ -30,12 +30,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from . import names
+from engine import denoiser_io
+from engine.denoiser_io import plan_meta_path, read_plan_meta
+
 from .onnx_export import export_onnx, read_meta
 
 SKIP_REASON = "skipped: tensorrt not installed"
 PLUGIN_ID = "mvgen::JointAttention"
-PLAN_META_SUFFIX = ".json"
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -48,10 +49,6 @@ def import_tensorrt():
     except ImportError as error:
         raise TensorRTUnavailable(SKIP_REASON) from error
     return trt
-
-
-def plan_meta_path(plan: str | Path) -> Path:
-    return Path(str(plan) + PLAN_META_SUFFIX)
 
 
 # ---- plugin ----------------------------------------------------------------------------------------------
@@ -110,7 +107,7 @@ def register_joint_attention_plugin() -> None:
 
 
 # ---- build -----------------------------------------------------------------------------------------------
-def build_engine(onnx_dir: str | Path, plan: str | Path, profile: names.Profile | None = None,
+def build_engine(onnx_dir: str | Path, plan: str | Path, profile: denoiser_io.Profile | None = None,
                  precision: str | None = None, timing_cache: str | Path | None = None, refit: bool = False,
                  workspace_gib: float | None = None) -> Path:
     """Build ``plan`` from ``onnx_dir`` (written by ``export_onnx``); returns the plan path.
@@ -131,9 +128,9 @@ def build_engine(onnx_dir: str | Path, plan: str | Path, profile: names.Profile 
     if not strongly_typed and graph_dtype != "fp32":
         raise ValueError(f"the graph is {graph_dtype}; rebuild it with `mvgen export onnx --dtype {precision}` "
                          f"instead of asking TensorRT for {precision}")
-    profile = profile or names.Profile({k: tuple(v) for k, v in meta["profile"].items()})
+    profile = profile or denoiser_io.Profile({k: tuple(v) for k, v in meta["profile"].items()})
     cfg = meta["config"]
-    specs = names.input_specs(cfg["text_dim"], cfg["image_dim"], cfg["text_len"])
+    specs = denoiser_io.input_specs(cfg["text_dim"], cfg["image_dim"], cfg["text_len"])
     trt_profile = TrtProfile()
     for name, (lo, opt, hi) in profile.shapes(specs).items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
@@ -158,19 +155,14 @@ def build_engine(onnx_dir: str | Path, plan: str | Path, profile: names.Profile 
     return plan
 
 
-def read_plan_meta(plan: str | Path) -> dict:
-    path = plan_meta_path(plan)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: was {plan} built by `mvgen export tensorrt`?")
-    return json.loads(path.read_text())
-
-
 # ---- refit -----------------------------------------------------------------------------------------------
 def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None = None,
-                 model: str | Path | None = None, lora_scale: float | None = None) -> Path:
+                 model: str | Path | None = None, lora_scale: float | None = None,
+                 cache_root: str | Path | None = None) -> Path:
     """Swap the reference-stream LoRA of a refittable ``plan`` for ``adapter``; writes ``out`` (default: in place).
 
-    The base checkpoint is the one the plan was exported from (``model`` overrides it).
+    The base checkpoint is the one the plan was exported from (``model`` overrides it; ``cache_root`` is
+    where ``tiny`` is built when that is the model).
     """
     trt = import_tensorrt()
     meta = read_plan_meta(plan)
@@ -186,7 +178,8 @@ def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None =
     overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride")}
     with tempfile.TemporaryDirectory(prefix="mvgen_refit_") as tmp:
         onnx_path = export_onnx(model or meta["source"]["model"], tmp, adapter=adapter, dtype=meta["dtype"],
-                                attention=meta["attention"], lora_scale=lora_scale, **overrides)
+                                attention=meta["attention"], lora_scale=lora_scale, cache_root=cache_root,
+                                **overrides)
         refitter = trt.Refitter(engine, logger)
         parser_refitter = trt.OnnxParserRefitter(refitter, logger)
         if not parser_refitter.refit_from_file(str(onnx_path)):

@@ -20,7 +20,8 @@ from polygraphy.backend.onnxrt import OnnxrtRunner
 from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
 
-from . import names
+from engine import denoiser_io
+
 from .onnx_export import graph_specs, sample_inputs
 from .plugin import onnxruntime_session
 
@@ -34,7 +35,7 @@ DEFAULT_SHAPES = (  # none of these is the export-time size (onnx_export.EXPORT_
 class TorchRunner(BaseRunner):
     """A polygraphy runner over a PyTorch module called with the graph's named inputs."""
 
-    def __init__(self, module, specs, output_name: str = names.OUTPUT.name, name: str | None = None):
+    def __init__(self, module, specs, output_name: str = denoiser_io.OUTPUT.name, name: str | None = None):
         super().__init__(name=name, prefix="torch-runner")
         self.module = module
         self.output_name = output_name
@@ -78,7 +79,7 @@ def verify_onnx(onnx_path: str | Path, denoiser, shapes=DEFAULT_SHAPES, rtol: fl
     """Run the graph and ``denoiser`` on random inputs at each of ``shapes``; one result per shape."""
     onnx_path = Path(onnx_path)
     if onnx_path.is_dir():
-        onnx_path = onnx_path / names.ONNX_FILE
+        onnx_path = onnx_path / denoiser_io.ONNX_FILE
     dtype = denoiser.proj_out.weight.dtype
     specs = graph_specs(denoiser.config)
     gen = torch.Generator().manual_seed(seed)
@@ -89,9 +90,9 @@ def verify_onnx(onnx_path: str | Path, denoiser, shapes=DEFAULT_SHAPES, rtol: fl
     errors = []
 
     def within_rtol(run0, run1):
-        err = relative_error(run0[names.OUTPUT.name], run1[names.OUTPUT.name])
+        err = relative_error(run0[denoiser_io.OUTPUT.name], run1[denoiser_io.OUTPUT.name])
         errors.append(err)
-        return OrderedDict({names.OUTPUT.name: err <= rtol})
+        return OrderedDict({denoiser_io.OUTPUT.name: err <= rtol})
 
     Comparator.compare_accuracy(results, compare_func=within_rtol)
     return [ShapeResult(sizes, err, err <= rtol) for sizes, err in zip(shapes, errors)]

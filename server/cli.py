@@ -1,14 +1,23 @@
-"""``mvgen serve`` and ``mvgen client generate`` (registered by ``engine.cli`` through ``add_parser``)."""
+"""``mvgen serve``, ``mvgen repository`` and ``mvgen client generate`` (registered by ``mvgen.cli``)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from engine.cli import DTYPES, UsageError, add_model_arguments, add_request_arguments, parse_overrides
+from engine.cli_args import DTYPES, UsageError, add_model_arguments, add_request_arguments, model_paths, parse_overrides
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The server's exceptions that are the user's mistake: a refused or unreachable request, a failed start."""
+    from .client import ClientError
+    from .launcher import LaunchError
+
+    return ClientError, LaunchError
 
 
 def add_parser(subparsers) -> None:
     _add_serve(subparsers)
+    _add_repository(subparsers)
     client = subparsers.add_parser("client", help="talk to a running mvgen server (gRPC)")
     commands = client.add_subparsers(dest="client_command", metavar="COMMAND", parser_class=type(client))
     commands.required = True
@@ -40,6 +49,18 @@ def _add_serve(subparsers) -> None:
     p.set_defaults(func=run_serve)
 
 
+def _add_repository(subparsers) -> None:
+    p = subparsers.add_parser(
+        "repository", help="write the Triton model repository serving a TensorRT plan (for tritonserver)",
+        description="mvgen_denoiser becomes the plan (platform tensorrt_plan); the other models stay python.",
+    )
+    p.add_argument("--plan", type=Path, required=True, help="a plan built by `mvgen export tensorrt`")
+    p.add_argument("--out", type=Path, required=True, help="repository directory")
+    p.add_argument("--model", help="checkpoint of the python models (default: the plan's)")
+    p.add_argument("--adapter", type=Path, help="adapter of the python models (default: the plan's)")
+    p.set_defaults(func=run_repository)
+
+
 def _add_client_generate(commands) -> None:
     p = commands.add_parser("generate", help="generate a video on a server, with a progress bar",
                             description="The arguments of `mvgen generate`; the model is the server's.")
@@ -62,8 +83,9 @@ def run_serve(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be a port in 1..65535, got {port}")
     if args.denoiser_plan is not None and not args.denoiser_plan.is_file():
         raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
+    model, adapter = model_paths(args)
     options = RepositoryOptions(
-        model=args.model, adapter=str(args.adapter) if args.adapter else None, dtype=args.dtype, device=args.device,
+        model=str(model), adapter=str(adapter) if adapter else None, dtype=args.dtype, device=args.device,
         scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=parse_overrides(args.overrides),
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
@@ -74,6 +96,13 @@ def run_serve(args) -> int:
         return serve_forever(options, config, announce=lambda line: print(line, file=sys.stderr, flush=True))
     except LaunchError as error:
         raise UsageError(str(error)) from None
+
+
+def run_repository(args) -> int:
+    from .plan_repository import write_repository
+
+    print(write_repository(args.plan, args.out, model=args.model, adapter=args.adapter, cache_root=args.cache_dir))
+    return 0
 
 
 def run_client_generate(args) -> int:

@@ -119,7 +119,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
 
 def _write_denoiser(dest: Path, config, params: dict, options: RepositoryOptions) -> None:
     """The denoiser's I/O comes from ``export.names`` (shared with the ONNX exporter and TensorRT builder)."""
-    from export.names import OUTPUT, input_specs
+    from engine.denoiser_io import OUTPUT, input_specs
 
     io_dtype = _model_type(options.dtype)
     inputs = [_spec_tensor(s, io_dtype) for s in input_specs(config.text_dim, config.image_dim, config.text_len)]
@@ -142,7 +142,7 @@ def _model_type(dtype: str) -> str:
     """The Triton type of tensors in the model's dtype (the denoiser's I/O, encoder states)."""
     import torch
 
-    from export.names import TRITON_DTYPES
+    from engine.denoiser_io import TRITON_DTYPES
 
     return TRITON_DTYPES[getattr(torch, dtype)]
 

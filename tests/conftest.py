@@ -23,6 +23,7 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture
 def tiny_env(tiny_cache, monkeypatch):
-    """``--model tiny`` / ``from_pretrained("tiny")`` resolve to the session's tiny build."""
+    """``$MVGEN_CACHE`` names the session's tiny build: ``mvgen ... --model tiny`` run here (``mvgen.cli.main``
+    reads the environment at its entry) or as a subprocess (which inherits it) finds it there."""
     monkeypatch.setenv("MVGEN_CACHE", str(tiny_cache))
     return tiny_cache

@@ -4,8 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 from engine.lora import read_adapter
-from engine.tiny import TINY_VERSION, build_tiny, ensure_tiny
+from engine.tiny import TINY_VERSION, build_tiny, default_cache_root, ensure_tiny, resolve_checkpoint
 
 
 def _digests(folder):
@@ -41,11 +43,24 @@ def test_bundled_adapter_is_a_peft_lora_on_every_block_linear(tiny_cache):
     assert adapter.default_alpha == 4
 
 
-def test_ensure_tiny_builds_once(tiny_cache, monkeypatch):
+def test_ensure_tiny_builds_once(tiny_cache):
     marker = tiny_cache / TINY_VERSION / "model_index.json"
     stamp = marker.stat().st_mtime_ns
-    monkeypatch.setenv("MVGEN_CACHE", str(tiny_cache))
-    assert ensure_tiny() == tiny_cache / TINY_VERSION
     assert ensure_tiny(tiny_cache) == tiny_cache / TINY_VERSION
+    assert ensure_tiny(str(tiny_cache)) == tiny_cache / TINY_VERSION
     assert marker.stat().st_mtime_ns == stamp
     assert not [p for p in tiny_cache.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
+
+
+def test_the_cache_root_comes_from_the_mapping_it_is_given(tmp_path):
+    assert default_cache_root({"MVGEN_CACHE": str(tmp_path)}) == tmp_path
+    assert default_cache_root({}).parts[-2:] == (".cache", "mvgen")
+    with pytest.raises(ValueError, match="tiny model needs a cache directory"):
+        ensure_tiny(None)
+
+
+def test_resolve_checkpoint(tiny_cache, tmp_path):
+    tiny = tiny_cache / TINY_VERSION
+    assert resolve_checkpoint("tiny", None, tiny_cache) == (tiny, tiny / "adapter")
+    assert resolve_checkpoint("tiny", tmp_path / "a", tiny_cache) == (tiny, tmp_path / "a")
+    assert resolve_checkpoint(str(tmp_path), None, None) == (tmp_path, None)

@@ -1,18 +1,16 @@
 """`mvgen export onnx` end to end (export + polygraphy verification) and its one-line refusals."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from engine.cli import UsageError
-from export import cli, names
+from engine import denoiser_io
+from engine.cli_args import UsageError
+from mvgen.cli import build_parser
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    """The handler of ``mvgen ARGV`` called directly, so a usage error arrives as the exception."""
+    args = build_parser({}).parse_args(argv)
     return args.func(args)
 
 
@@ -24,7 +22,7 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
                  "--verify"])
     printed = capsys.readouterr().out.splitlines()
     assert code == 0, printed
-    assert printed[0] == str(out / names.ONNX_FILE)
+    assert printed[0] == str(out / denoiser_io.ONNX_FILE)
     assert len([line for line in printed if line.startswith("verify ok")]) == 3
     from export.onnx_export import read_meta
     meta = read_meta(out)

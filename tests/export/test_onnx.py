@@ -7,9 +7,9 @@ import onnx
 import pytest
 import torch
 
+from engine import denoiser_io
 from engine.config import MvgenConfig
 from engine.denoiser import MultiViewWanTransformer
-from export import names
 from export.onnx_export import EXPORT_SIZES, export_denoiser
 from export.plugin import DOMAIN, OP_TYPE, count_nodes
 from export.verify import verify_onnx
@@ -38,11 +38,11 @@ def test_graph_is_lora_free_with_named_dynamic_axes(exported, attention):
     path, oracle = exported(attention, "full")
     model = onnx.load(str(path), load_external_data=False)
     assert not [i.name for i in model.graph.initializer if "lora" in i.name.lower()]
-    specs = names.input_specs(oracle.config.text_dim, oracle.config.image_dim)
+    specs = denoiser_io.input_specs(oracle.config.text_dim, oracle.config.image_dim)
     graph_io = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in [*model.graph.input, *model.graph.output]}
-    assert graph_io == {s.name: list(s.dims) for s in [*specs, names.OUTPUT]}
-    assert (path.parent / names.ONNX_DATA_FILE).is_file()
+    assert graph_io == {s.name: list(s.dims) for s in [*specs, denoiser_io.OUTPUT]}
+    assert (path.parent / denoiser_io.ONNX_DATA_FILE).is_file()
 
 
 def test_plugin_graph_has_one_attention_node_per_layer(exported):
@@ -71,15 +71,15 @@ def test_large_widths_export_passes_checker(tmp_path):
     path = export_denoiser(den, tmp_path, attention="native")
     assert time.time() - start < 180
     onnx.checker.check_model(str(path), full_check=True)
-    data = path.parent / names.ONNX_DATA_FILE
+    data = path.parent / denoiser_io.ONNX_DATA_FILE
     assert data.stat().st_size > 500e6 and path.stat().st_size < 5e6  # weights live in the external file
 
 
 def test_profile_spec_overrides_defaults():
-    profile = names.Profile.parse("batch=1:2:4, refs=2")
+    profile = denoiser_io.Profile.parse("batch=1:2:4, refs=2")
     assert profile.range("batch") == (1, 2, 4) and profile.range("refs") == (2, 2, 2)
-    assert profile.range("frames") == (names.AXES["frames"].min, names.AXES["frames"].opt, names.AXES["frames"].max)
-    shapes = profile.shapes(names.input_specs(4096, 1280))
+    assert profile.range("frames") == (denoiser_io.AXES["frames"].min, denoiser_io.AXES["frames"].opt, denoiser_io.AXES["frames"].max)
+    shapes = profile.shapes(denoiser_io.input_specs(4096, 1280))
     assert shapes["ref_latents"] == ((1, 2, 16, 16, 16), (2, 2, 16, 60, 104), (4, 2, 16, 104, 104))
     assert shapes["text"] == ((1, 512, 4096), (2, 512, 4096), (4, 512, 4096))
 
@@ -90,4 +90,4 @@ def test_profile_spec_overrides_defaults():
 ])
 def test_bad_profile_names_the_problem(spec, message):
     with pytest.raises(ValueError, match=message):
-        names.Profile.parse(spec)
+        denoiser_io.Profile.parse(spec)

@@ -1,14 +1,21 @@
-"""The generated model repository: every model folder, thin adapters, the denoiser's I/O from export.names."""
+"""The generated model repository: every model folder, thin adapters, the denoiser's I/O from engine.denoiser_io."""
 from __future__ import annotations
 
 import ast
 
-from export.names import OUTPUT, input_specs
+from engine.denoiser_io import OUTPUT, input_specs
+from engine.tiny import resolve_checkpoint
 from server.repository import MODEL_CLASSES, RepositoryOptions, build_repository
 
 
-def test_every_model_has_a_config_and_a_thin_adapter(tmp_path, tiny_env):
-    repo = build_repository(tmp_path / "repo", RepositoryOptions(model="tiny"))
+def _tiny(cache_root) -> dict:
+    """The tiny checkpoint and its adapter as directories (the ``mvgen`` command resolves ``tiny`` the same way)."""
+    model, adapter = resolve_checkpoint("tiny", None, cache_root)
+    return dict(model=str(model), adapter=str(adapter))
+
+
+def test_every_model_has_a_config_and_a_thin_adapter(tmp_path, tiny_cache):
+    repo = build_repository(tmp_path / "repo", RepositoryOptions(**_tiny(tiny_cache)))
     for name, cls in MODEL_CLASSES.items():
         config = (repo / name / "config.pbtxt").read_text()
         assert f'name: "{name}"' in config and 'backend: "python"' in config
@@ -24,10 +31,10 @@ def test_every_model_has_a_config_and_a_thin_adapter(tmp_path, tiny_env):
         assert f'name: "{spec.name}"' in denoiser
 
 
-def test_a_tensorrt_plan_replaces_the_python_denoiser(tmp_path, tiny_env):
+def test_a_tensorrt_plan_replaces_the_python_denoiser(tmp_path, tiny_cache):
     plan = tmp_path / "denoiser.plan"
     plan.write_bytes(b"plan bytes")
-    repo = build_repository(tmp_path / "repo", RepositoryOptions(model="tiny", dtype="float16",
+    repo = build_repository(tmp_path / "repo", RepositoryOptions(**_tiny(tiny_cache), dtype="float16",
                                                                  denoiser_plan=str(plan)))
     config = (repo / "mvgen_denoiser" / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in config and "backend:" not in config

@@ -2,12 +2,15 @@
 
 The ONNX exporter (input/output names, dynamic axes), the TensorRT builder (optimization profiles) and the
 Triton ``config.pbtxt`` writer (names, dims, data types) all read this module, so the three agree by
-construction. Axis sizes are in *latent* units: ``frames`` latent frames (81 video frames -> 21), ``height``
+construction; it lives in ``engine`` because ``export`` and ``server`` both read it and neither may import
+the other. Axis sizes are in *latent* units: ``frames`` latent frames (81 video frames -> 21), ``height``
 and ``width`` latent rows/columns (480x832 -> 60x104), which the 1x2x2 patch needs to be even.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -15,6 +18,7 @@ DENOISER_MODEL_NAME = "mvgen_denoiser"
 ONNX_FILE = "denoiser.onnx"
 ONNX_DATA_FILE = "denoiser.onnx.data"
 META_FILE = "export.json"
+PLAN_META_SUFFIX = ".json"  # a TensorRT plan's metadata (dtype, profile, source) sits beside it: PLAN.json
 OPSET = 18
 
 
@@ -135,3 +139,15 @@ class Profile:
                     f"bad profile entry {item!r}: expected AXIS=MIN:OPT:MAX or AXIS=SIZE, axes {list(AXES)}")
             ranges[name] = tuple(numbers * 3 if len(numbers) == 1 else numbers)
         return cls(ranges)
+
+
+def plan_meta_path(plan: str | Path) -> Path:
+    return Path(str(plan) + PLAN_META_SUFFIX)
+
+
+def read_plan_meta(plan: str | Path) -> dict:
+    """The metadata ``mvgen export tensorrt`` writes beside a plan (the server's repository writer reads it)."""
+    path = plan_meta_path(plan)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: was {plan} built by `mvgen export tensorrt`?")
+    return json.loads(path.read_text())
