@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import DTYPES, UsageError, add_model_arguments, add_request_arguments, model_paths, parse_overrides
+from .cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, map_images, model_paths,
+                       parse_overrides, request_values)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -65,11 +66,8 @@ def run_generate(args) -> int:
         raise UsageError(f"cannot write {args.out}: {args.out.parent} is not a directory")
     if args.fps <= 0:
         raise UsageError(f"--fps must be a positive integer, got {args.fps}")
-    # read every input before the (possibly slow) model load, so a typo fails at once
-    first_frame = load_image(args.first_frame, f"--first-frame {args.first_frame}")
-    mask = load_image(args.first_frame_mask, f"--first-frame-mask {args.first_frame_mask}") \
-        if args.first_frame_mask else None
-    references = [load_image(path, f"--reference {path}") for path in args.reference]
+    # every image is read before the (possibly slow) model load, so a typo fails at once
+    values = map_images(request_values(args), lambda path, flag: load_image(path, f"{flag} {path}"))
     overrides = parse_overrides(args.overrides)
     model, adapter = model_paths(args)
     try:
@@ -81,12 +79,7 @@ def run_generate(args) -> int:
         if isinstance(error, user_errors()):
             raise
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
-    request = pipe.make_request(
-        first_frame=first_frame, references=references, prompt=args.prompt, negative_prompt=args.negative_prompt,
-        first_frame_mask=mask, num_frames=args.frames,
-        height=args.height, width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        shift=args.shift,
-    )
+    request = pipe.make_request(**values)
     frames = pipe.generate(request, progress=True)
     try:
         video = write_mp4(frames, args.out, fps=args.fps)

@@ -44,19 +44,56 @@ def model_paths(args) -> tuple[Path, Path | None]:
 
 
 def add_request_arguments(p) -> None:
-    """A generation request's arguments, shared by ``mvgen generate`` and ``mvgen client generate``."""
-    p.add_argument("--first-frame", type=Path, required=True, help="first frame image")
-    p.add_argument("--first-frame-mask", type=Path, help="mask image, white = person region to take from references")
-    p.add_argument("--reference", type=Path, action="append", default=[], help="reference view image (repeatable)")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--frames", type=int, help="number of frames, 4k+1")
-    p.add_argument("--height", type=int, help="multiple of 16")
-    p.add_argument("--width", type=int, help="multiple of 16")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance (<= 1 turns it off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shift", type=float, help="flow-matching sigma shift (default: the checkpoint's scheduler)")
+    """A generation request's options, one per field of ``engine.request.FIELDS`` (``dest`` is the field's name);
+    shared by ``mvgen generate`` and ``mvgen client generate``. Unset options stay None: the model fills them."""
+    from . import request
+
+    for field in request.FIELDS:
+        options = dict(_KIND_OPTIONS[field.kind])
+        suffix = "; repeatable" if options.get("action") == "append" else ""
+        p.add_argument(field.flag, dest=field.name, required=field.required, help=field.describe() + suffix, **options)
+
+
+def request_values(args) -> dict:
+    """The request fields given on the command line, by field name (unset ones left out)."""
+    from . import request
+
+    return {f.name: getattr(args, f.name) for f in request.FIELDS if getattr(args, f.name) not in (None, [])}
+
+
+def map_images(values: dict, read) -> dict:
+    """``values`` (from ``request_values``) with each image path replaced by ``read(path, flag)``."""
+    from . import request
+
+    out = dict(values)
+    for field in request.FIELDS:
+        if field.name not in values:
+            continue
+        if field.kind == "image":
+            out[field.name] = read(values[field.name], field.flag)
+        elif field.kind == "images":
+            out[field.name] = [read(path, field.flag) for path in values[field.name]]
+    return out
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` (e.g. ``720x720``) -> (height, width); the values are checked with the request."""
+    height, _, width = text.lower().partition("x")
+    try:
+        return int(height), int(width)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH (e.g. 720x720), got {text!r}") from None
+
+
+# argparse options of each kind of request field (engine.request.KINDS)
+_KIND_OPTIONS = {
+    "text": dict(type=str, metavar="TEXT"),
+    "integer": dict(type=int, metavar="N"),
+    "number": dict(type=float, metavar="X"),
+    "size": dict(type=parse_size, metavar="HxW"),
+    "image": dict(type=Path, metavar="IMAGE"),
+    "images": dict(type=Path, action="append", metavar="IMAGE"),
+}
 
 
 def parse_overrides(items: list[str]) -> dict:

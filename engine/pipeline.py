@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .denoiser import MultiViewWanTransformer, ReferenceCache
 from .loading import load_denoiser
 from .media import fit_image
-from .validation import DEFAULT_MAX_TOKENS, GenerationRequest, RequestLimits, validate_request
+from .request import GenerationRequest, make_request
+from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 
 SCHEDULERS = ("unipc", "euler")
 # diffusers' WanImageToVideoPipeline defaults (480p checkpoint); a checkpoint may ship mvgen_defaults.json
@@ -193,17 +194,10 @@ class MultiViewPipeline:
         return self.denoiser.config
 
     # ---- requests -----------------------------------------------------------------------------------------
-    def make_request(self, *, first_frame, references: Sequence = (), prompt: str, negative_prompt: str = "",
-                     first_frame_mask=None, num_frames: int | None = None, height: int | None = None,
-                     width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                     seed: int = 0, shift: float | None = None, ref_size=None) -> GenerationRequest:
-        """Fill unset values from this model's defaults and validate (raises ``RequestError``)."""
-        given = dict(num_frames=num_frames, height=height, width=width, steps=steps,
-                     guidance_scale=guidance_scale, shift=shift)
-        numbers = {k: self.defaults[k] if v is None else v for k, v in given.items()}
-        return validate_request(self.limits, first_frame=first_frame, references=references, prompt=prompt,
-                                negative_prompt=negative_prompt, first_frame_mask=first_frame_mask, seed=seed,
-                                ref_size=ref_size, **numbers)
+    def make_request(self, **fields) -> GenerationRequest:
+        """Fill unset values from this model's defaults and validate (raises ``RequestError``); the keywords
+        are the fields of ``engine.request.FIELDS`` (first_frame, references, prompt, ..., ref_size)."""
+        return make_request(self.defaults, self.limits, **fields)
 
     def make_scheduler(self, shift: float):
         """A fresh flow-matching scheduler (schedulers are stateful: one per request)."""
@@ -390,16 +384,10 @@ class MultiViewPipeline:
         return self.decode(self.denoise(state, callback, progress))
 
     def __call__(self, first_frame, references: Sequence = (), prompt: str = "", negative_prompt: str = "", *,
-                 first_frame_mask=None, num_frames: int | None = None, height: int | None = None,
-                 width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
-                 seed: int = 0, shift: float | None = None, ref_size=None, callback: Callback | None = None,
-                 progress: bool = False) -> np.ndarray:
+                 callback: Callback | None = None, progress: bool = False, **fields) -> np.ndarray:
         """Validate (``RequestError`` on bad input), generate, and return frames uint8 [F, H, W, 3]."""
-        request = self.make_request(
-            first_frame=first_frame, references=references, prompt=prompt, negative_prompt=negative_prompt,
-            first_frame_mask=first_frame_mask, num_frames=num_frames, height=height, width=width, steps=steps,
-            guidance_scale=guidance_scale, seed=seed, shift=shift, ref_size=ref_size,
-        )
+        request = self.make_request(first_frame=first_frame, references=references, prompt=prompt,
+                                    negative_prompt=negative_prompt, **fields)
         return self.generate(request, callback, progress)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli_args import DTYPES, UsageError, add_model_arguments, add_request_arguments, model_paths, parse_overrides
+from engine.cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, map_images, model_paths,
+                             parse_overrides, request_values)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -112,15 +113,7 @@ def run_client_generate(args) -> int:
 
     if args.out.suffix.lower() != ".mp4":
         raise UsageError(f"--out must name an .mp4 file, got {str(args.out)!r}")
-    for path in [args.first_frame, *args.reference] + ([args.first_frame_mask] if args.first_frame_mask else []):
-        if not path.is_file():
-            raise UsageError(f"file not found: {path}")
-    request = GenerationInputs(
-        prompt=args.prompt, first_frame=args.first_frame, references=list(args.reference),
-        first_frame_mask=args.first_frame_mask, negative_prompt=args.negative_prompt, num_frames=args.frames,
-        height=args.height, width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        shift=args.shift,
-    )
+    request = GenerationInputs(**map_images(request_values(args), _existing))
     try:
         frames = _generate_with_bar(args, request, generate)
     except ClientError as error:
@@ -128,6 +121,13 @@ def run_client_generate(args) -> int:
     print(write_mp4(frames, args.out, fps=args.fps))
     print(write_contact_sheet(frames, args.out.with_suffix(".png")))
     return 0
+
+
+def _existing(path: Path, flag: str) -> Path:
+    """An image file the client will send encoded; a missing one is refused before connecting."""
+    if not path.is_file():
+        raise UsageError(f"{flag}: file not found: {path}")
+    return path
 
 
 def _generate_with_bar(args, request, generate):

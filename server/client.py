@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import queue
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from . import protocol
+from engine import request as contract
 
 STREAM_MODEL = "mvgen_stream"
 UNARY_MODEL = "mvgen"
@@ -21,43 +20,30 @@ class ClientError(RuntimeError):
     """The server refused or failed the request, or cannot be reached (one line)."""
 
 
-@dataclass
 class GenerationInputs:
-    """One request; images are paths (sent encoded), bytes, or RGB arrays (sent as pixels)."""
+    """One request: keywords named as ``engine.request.FIELDS`` (prompt, first_frame, references, ...; unset
+    ones take the server model's defaults). Images are paths (sent encoded), bytes, or RGB arrays (sent as pixels).
+    """
 
-    prompt: str
-    first_frame: Path | bytes | np.ndarray
-    references: list = field(default_factory=list)
-    first_frame_mask: Path | bytes | np.ndarray | None = None
-    negative_prompt: str | None = None
-    num_frames: int | None = None
-    height: int | None = None
-    width: int | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
-    shift: float | None = None
+    def __init__(self, **values):
+        names = [f.name for f in contract.FIELDS]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise TypeError(f"unknown request field(s) {unknown}; the fields are {names}")
+        missing = [f.name for f in contract.FIELDS if f.required and values.get(f.name) is None]
+        if missing:
+            raise TypeError(f"missing required request field(s) {missing}")
+        self.values = {name: value for name, value in values.items() if value is not None}
+
+    def __repr__(self) -> str:
+        return f"GenerationInputs({', '.join(sorted(self.values))})"
 
     def tensors(self) -> dict[str, np.ndarray]:
-        """The request's inputs by contract name (``server.protocol.INPUTS``), unset values left out."""
-        out = {"prompt": _texts([self.prompt])}
-        if self.negative_prompt is not None:
-            out["negative_prompt"] = _texts([self.negative_prompt])
-        for name, value in (("first_frame", self.first_frame), ("first_frame_mask", self.first_frame_mask)):
-            if value is not None:
-                out.update(_image(name, value))
-        if self.references:
-            if all(isinstance(r, np.ndarray) for r in self.references):
-                if len({r.shape for r in self.references}) > 1:
-                    raise ClientError("references given as pixels must share one size (references_rgb is "
-                                      "[R, H, W, 3]); send them encoded instead")
-                out["references_rgb"] = np.stack(self.references).astype(np.uint8)
-            else:
-                out["references"] = np.array([_encoded(r) for r in self.references], dtype=object)
-        for name in protocol.NUMBERS:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = np.array([value], dtype=_NUMPY[protocol.INPUT_BY_NAME[name].wire_type])
+        """The request's inputs by wire name (``server.protocol.INPUTS``), unset values left out."""
+        out = {}
+        for field in contract.FIELDS:
+            if field.name in self.values:
+                out.update(_WRITERS[field.kind](field, self.values[field.name]))
         return out
 
 
@@ -72,10 +58,37 @@ def _encoded(value) -> bytes:
     return Path(value).read_bytes() if isinstance(value, (str, Path)) else bytes(value)
 
 
-def _image(name: str, value) -> dict[str, np.ndarray]:
+def _text(field, value) -> dict[str, np.ndarray]:
+    return {field.wire[0].name: _texts([value])}
+
+
+def _numbers(field, value) -> dict[str, np.ndarray]:
+    wire = field.wire[0]
+    return {wire.name: np.array(value, dtype=_NUMPY[wire.wire_type]).reshape(wire.dims)}
+
+
+def _image(field, value) -> dict[str, np.ndarray]:
+    encoded, pixels = field.wire
     if isinstance(value, np.ndarray):
-        return {protocol.IMAGE_PAIRS[name]: value}
-    return {name: np.array([_encoded(value)], dtype=object)}
+        return {pixels.name: value}
+    return {encoded.name: np.array([_encoded(value)], dtype=object)}
+
+
+def _images(field, values) -> dict[str, np.ndarray]:
+    encoded, pixels = field.wire
+    if not values:
+        return {}
+    if all(isinstance(v, np.ndarray) for v in values):
+        if len({v.shape for v in values}) > 1:
+            raise ClientError(f"{field.name} given as pixels must share one size ({pixels.name} is "
+                              f"[R, H, W, 3]); send them encoded instead")
+        return {pixels.name: np.stack(values).astype(np.uint8)}
+    return {encoded.name: np.array([_encoded(v) for v in values], dtype=object)}
+
+
+# how each kind of request field (engine.request.KINDS) becomes tensors
+_WRITERS = {"text": _text, "integer": _numbers, "number": _numbers, "size": _numbers, "image": _image,
+            "images": _images}
 
 
 def infer_inputs(tensors: dict[str, np.ndarray]):

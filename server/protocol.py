@@ -1,9 +1,10 @@
-"""The request contract of the served ``mvgen`` models, declared once.
+"""The request contract of the served ``mvgen`` models: ``engine.request.FIELDS`` on the wire.
 
-The repository generator writes these names into ``config.pbtxt``, the ``mvgen`` model parses requests
-with them, the client builds requests from them and ``server/README.md``'s table lists them. Triton fixes
-one data type per input name, so an image comes either encoded (``first_frame``: BYTES) or as pixels
-(``first_frame_rgb``: UINT8) under two names; give one of the two.
+The inputs are each request field's ``Wire`` forms, so the repository generator (``config.pbtxt``), the
+``mvgen`` model's parsing (``request_arguments``), the client (``server.client``) and the README's table
+(``markdown_table``) follow the one declaration. Triton fixes one data type per input name, so an image
+comes either encoded (``first_frame``: BYTES) or as pixels (``first_frame_rgb``: UINT8) under two names;
+give one of the two.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from engine import request as contract
 from engine.errors import RequestError
 
 
@@ -22,6 +24,7 @@ class Field:
     dims: tuple[int, ...]
     optional: bool
     doc: str
+    required: str = ""  # the README's words: "yes", "no", "one of the two"
 
     @property
     def wire_type(self) -> str:
@@ -29,101 +32,106 @@ class Field:
         return "BYTES" if self.triton_type == "TYPE_STRING" else self.triton_type.removeprefix("TYPE_")
 
 
-INPUTS: tuple[Field, ...] = (
-    Field("prompt", "TYPE_STRING", (1,), False, "text prompt (UTF-8)"),
-    Field("negative_prompt", "TYPE_STRING", (1,), True, "negative prompt for classifier-free guidance (default empty)"),
-    Field("first_frame", "TYPE_STRING", (1,), True, "first frame, encoded PNG/JPEG/WebP; this or `first_frame_rgb`"),
-    Field("first_frame_rgb", "TYPE_UINT8", (-1, -1, 3), True, "first frame as RGB pixels [H, W, 3]"),
-    Field("references", "TYPE_STRING", (-1,), True, "R reference views, encoded images [R]; or `references_rgb`"),
-    Field("references_rgb", "TYPE_UINT8", (-1, -1, -1, 3), True, "R reference views as RGB pixels [R, H, W, 3]"),
-    Field("first_frame_mask", "TYPE_STRING", (1,), True, "inpainting mask, encoded image, white = person region"),
-    Field("first_frame_mask_rgb", "TYPE_UINT8", (-1, -1), True, "inpainting mask as pixels [H, W], > 127 = masked"),
-    Field("num_frames", "TYPE_INT32", (1,), True, "frames, 4k+1 (default: the model's)"),
-    Field("height", "TYPE_INT32", (1,), True, "multiple of 16 (default: the model's)"),
-    Field("width", "TYPE_INT32", (1,), True, "multiple of 16 (default: the model's)"),
-    Field("steps", "TYPE_INT32", (1,), True, "denoising steps > 0 (default: the model's)"),
-    Field("guidance_scale", "TYPE_FP32", (1,), True, "classifier-free guidance >= 0; <= 1 turns it off"),
-    Field("seed", "TYPE_UINT64", (1,), True, "noise seed (default 0)"),
-    Field("shift", "TYPE_FP32", (1,), True, "flow-matching sigma shift > 0 (default: the model's)"),
-)
+def inputs() -> tuple[Field, ...]:
+    """The ``mvgen`` models' inputs: every request field's wire form(s), in the declaration's order."""
+    out = []
+    for field in contract.FIELDS:
+        pair = len(field.wire) > 1
+        required = ("one of the two" if pair else "yes") if field.required else "no"
+        for wire in field.wire:
+            out.append(Field(wire.name, wire.triton_type, wire.dims, optional=required != "yes",
+                             doc=wire.doc or field.describe(), required=required))
+    return tuple(out)
+
+
+INPUTS: tuple[Field, ...] = inputs()
 OUTPUTS: tuple[Field, ...] = (
     Field("video", "TYPE_UINT8", (-1, -1, -1, 3), False, "frames [F, H, W, 3] (final response)"),
     Field("progress", "TYPE_INT32", (2,), False, "(step, total); one response per step, streaming model only"),
 )
-INPUT_BY_NAME = {f.name: f for f in INPUTS}
-NUMBERS = ("num_frames", "height", "width", "steps", "guidance_scale", "seed", "shift")
-# one image input, given encoded (BYTES) or as pixels (UINT8)
-IMAGE_PAIRS = {"first_frame": "first_frame_rgb", "references": "references_rgb", "first_frame_mask": "first_frame_mask_rgb"}
 
 
 def request_arguments(get: Callable[[str], np.ndarray | None]) -> dict:
-    """Keyword arguments of ``MultiViewPipeline.make_request`` from a request's tensors.
+    """Keyword arguments of ``engine.request.make_request`` from a request's tensors (unset fields left out).
 
     ``get(name)`` returns the named input as a numpy array, or None when the request lacks it. Raises
     ``RequestError`` naming the input for a missing one, a wrong element count, or an image given twice.
     """
-    prompt = get("prompt")
-    if prompt is None:
-        raise RequestError("missing input 'prompt' (BYTES [1])")
-    args = {"prompt": _text("prompt", prompt)}
-    negative = get("negative_prompt")
-    if negative is not None:
-        args["negative_prompt"] = _text("negative_prompt", negative)
-    images = {name: _image(name, get(name), get(raw)) for name, raw in IMAGE_PAIRS.items()}
-    if images["first_frame"] is None:
-        raise RequestError("missing input 'first_frame' (encoded image, BYTES [1]) or 'first_frame_rgb' (UINT8 [H, W, 3])")
-    args["first_frame"] = images["first_frame"]
-    args["first_frame_mask"] = images["first_frame_mask"]
-    args["references"] = list(images["references"]) if images["references"] is not None else []
-    for name in NUMBERS:
-        value = get(name)
+    args = {}
+    for field in contract.FIELDS:
+        value = _READERS[field.kind](field, get)
+        if value is None and field.required:
+            raise RequestError(f"missing input {_spelled(field)}")
         if value is not None:
-            args[name] = _scalar(name, value)
+            args[field.name] = value
     return args
 
 
-def _text(name: str, value: np.ndarray) -> str:
+def _spelled(field) -> str:
+    """``'first_frame' (BYTES [1]) or 'first_frame_rgb' (UINT8 [-1, -1, 3])``: how a field may be sent."""
+    return " or ".join(f"'{w.name}' ({w.wire_type} {list(w.dims)})" for w in field.wire)
+
+
+def _text(field, get) -> str | None:
+    value = get(field.wire[0].name)
+    if value is None:
+        return None
     if value.size != 1:
-        raise RequestError(f"input '{name}' must hold one string, got {value.size}")
+        raise RequestError(f"input '{field.wire[0].name}' must hold one string, got {value.size}")
     item = value.reshape(-1)[0]
     if isinstance(item, bytes):
         try:
             return item.decode("utf-8")
         except UnicodeDecodeError:
-            raise RequestError(f"input '{name}' is not valid UTF-8 text") from None
+            raise RequestError(f"input '{field.wire[0].name}' is not valid UTF-8 text") from None
     return str(item)
 
 
-def _image(name: str, encoded: np.ndarray | None, pixels: np.ndarray | None):
-    raw = IMAGE_PAIRS[name]
-    if encoded is not None and pixels is not None:
-        raise RequestError(f"give '{name}' (encoded) or '{raw}' (pixels), not both")
-    if pixels is not None:
-        return pixels  # [H, W, 3] / [R, H, W, 3] / [H, W]: rows are images
-    if encoded is None:
+def _scalar(field, get):
+    value = get(field.wire[0].name)
+    if value is None:
         return None
-    items = [bytes(item) for item in encoded.reshape(-1)]
-    if name != "references":
-        if len(items) != 1:
-            raise RequestError(f"input '{name}' must hold one encoded image, got {len(items)}")
-        return items[0]
-    return items
-
-
-def _scalar(name: str, value: np.ndarray):
     if value.size != 1:
-        raise RequestError(f"input '{name}' must hold one value, got shape {list(value.shape)}")
+        raise RequestError(f"input '{field.wire[0].name}' must hold one value, got shape {list(value.shape)}")
     return value.reshape(-1)[0].item()
 
 
+def _size(field, get) -> tuple[int, int] | None:
+    value = get(field.wire[0].name)
+    if value is None:
+        return None
+    if value.size != 2:
+        raise RequestError(f"input '{field.wire[0].name}' must hold (height, width), got shape {list(value.shape)}")
+    return tuple(item.item() for item in value.reshape(-1))
+
+
+def _image(field, get):
+    """The encoded form (bytes; a list of them for ``images``) or the pixels (rows are images), never both."""
+    (encoded_wire, pixels_wire) = field.wire
+    encoded, pixels = get(encoded_wire.name), get(pixels_wire.name)
+    if encoded is not None and pixels is not None:
+        raise RequestError(f"give '{encoded_wire.name}' (encoded) or '{pixels_wire.name}' (pixels), not both")
+    if pixels is not None:
+        return list(pixels) if field.kind == "images" else pixels
+    if encoded is None:
+        return None
+    items = [bytes(item) for item in encoded.reshape(-1)]
+    if field.kind == "images":
+        return items
+    if len(items) != 1:
+        raise RequestError(f"input '{encoded_wire.name}' must hold one encoded image, got {len(items)}")
+    return items[0]
+
+
+# how each kind of request field (engine.request.KINDS) is read from the request's tensors
+_READERS = {"text": _text, "integer": _scalar, "number": _scalar, "size": _size, "image": _image, "images": _image}
+
+
 def markdown_table() -> str:
-    """The contract as the Markdown table of ``server/README.md``."""
+    """The contract as the Markdown table of ``README.md`` and ``server/README.md``."""
     lines = ["| name | in/out | datatype | shape | required | meaning |", "|---|---|---|---|---|---|"]
     for direction, fields in (("input", INPUTS), ("output", OUTPUTS)):
         for f in fields:
             shape = "[" + ", ".join("-1" if d < 0 else str(d) for d in f.dims) + "]"
-            required = "" if direction == "output" else "yes" if not f.optional else "no"
-            if f.name in ("first_frame", "first_frame_rgb"):
-                required = "one of the two"
-            lines.append(f"| `{f.name}` | {direction} | {f.wire_type} | {shape} | {required} | {f.doc} |")
+            lines.append(f"| `{f.name}` | {direction} | {f.wire_type} | {shape} | {f.required} | {f.doc} |")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 
 from engine.media import fit_image
 from engine.pipeline import MultiViewPipeline
-from engine.validation import GenerationRequest
+from engine.request import GenerationRequest
 
 # which pipeline parts each served model uses; the rest is released after loading
 PARTS = {

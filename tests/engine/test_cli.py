@@ -47,6 +47,19 @@ def test_generate_end_to_end_writes_mp4_and_contact_sheet(demo, tiny_cache, tmp_
         assert sheet.size == (3 * 64 + 2 * 2, 3 * 64 + 2 * 2)
 
 
+def test_references_at_their_own_size_end_to_end(demo, tiny_cache, tmp_path):
+    import imageio.v3 as iio
+
+    out = tmp_path / "video.mp4"
+    small = ["--frames", "5", "--height", "32", "--width", "32", "--steps", "1"]
+    result = _run(_generate_args(demo, out, *small, "--ref-size", "32x48"), tiny_cache)
+    assert result.returncode == 0, result.stderr
+    assert iio.imread(out, plugin="FFMPEG").shape == (5, 32, 32, 3)
+    bad = _run(_generate_args(demo, tmp_path / "bad.mp4", *small, "--ref-size", "48x20"), tiny_cache)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("mvgen: error: ")
+    assert "ref_size width must be a positive multiple of 16, got 20" in bad.stderr and "Traceback" not in bad.stderr
+
+
 @pytest.mark.parametrize("extra, words", [
     (["--height", "100"], "height must be a positive multiple of 16"),
     (["--first-frame", "/nonexistent.png"], "file not found"),
@@ -77,6 +90,8 @@ def test_bad_arguments_exit_2_in_one_line_without_traceback(demo, tiny_cache, tm
     (["--out", "{tmp}/video.gif"], "--out must name an .mp4 file"),
     (["--out", "{unreadable}/video.mp4"], "unreadable.png is not a directory"),
     (["--fps", "0"], "--fps must be a positive integer"),
+    (["--ref-size", "32x40"], "ref_size width must be a positive multiple of 16, got 40 (nearest: 32 or 48)"),
+    (["--ref-size", "32"], "argument --ref-size: expected HEIGHTxWIDTH (e.g. 720x720), got '32'"),
 ])
 def test_bad_arguments_in_process(demo, tiny_env, tmp_path, capsys, extra, words):
     unreadable = tmp_path / "unreadable.png"

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server import protocol
 from server.client import ClientError, GenerationInputs, generate, infer_inputs
 from tests.server.conftest import SMALL, png
 
@@ -122,7 +121,16 @@ def _error(client, tensors: dict, stream: bool) -> str:
         client.stop_stream()
 
 
-def test_contract_table_lists_every_input():
-    table = protocol.markdown_table()
-    for field in protocol.INPUTS + protocol.OUTPUTS:
-        assert f"`{field.name}`" in table
+def test_references_at_their_own_size(served, images):
+    """``ref_size``: the references are encoded at 32x48 beside a 32x32 video; a bad size is refused, no work done."""
+    video = generate(served.url, _request(images, ref_size=(32, 48)), stream=False)
+    assert video.shape == (SMALL["num_frames"], SMALL["height"], SMALL["width"], 3)
+    client = grpcclient.InferenceServerClient(served.url)
+    work_before = {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS}
+    for stream in (False, True):
+        message = _error(client, _tensors(images, ref_size=np.array([32, 40], np.int32)), stream)
+        assert "ref_size width must be a positive multiple of 16, got 40" in message, message
+    wrong_shape = _error(client, _tensors(images, ref_size=np.array([32], np.int32)), False)
+    assert "ref_size" in wrong_shape  # Triton itself refuses a shape other than the declared [2]
+    assert {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS} == work_before
+    assert client.is_server_ready()

@@ -1,0 +1,338 @@
+"""A generation request's fields, declared once.
+
+Each ``RequestField`` says what the field is (name, kind, validated type, default), what it may be (its rule,
+in the words every refusal uses), how the command line spells it, and how it travels to the served ``mvgen``
+models. Everything else is derived from ``FIELDS``: ``GenerationRequest``, ``validate_request`` and
+``make_request`` here; the command-line options (``engine.cli_args.add_request_arguments``); the server's
+inputs, their parsing and the README table (``server.protocol``); the client's tensors (``server.client``).
+A new field of an existing kind is one entry in ``FIELDS``.
+
+Kinds say how a value is read, sent and checked: ``text``; ``integer`` and ``number`` (scalars); ``size``
+((height, width)); ``image`` and ``images`` (a path, encoded bytes, a PIL image or RGB uint8 pixels). Triton
+fixes one data type per input name, so an image travels either encoded (BYTES) or as pixels (UINT8) under
+two names: an image field declares two ``Wire`` inputs, and a request gives one of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, make_dataclass
+from typing import Mapping
+
+import numpy as np
+
+from .errors import RequestError
+from .media import load_image
+from .validation import (MAX_SEED, RequestLimits, check_frame_count, check_integer, check_multiple, check_number,
+                         token_count)
+
+KINDS = ("text", "integer", "number", "size", "image", "images")
+IMAGE_KINDS = ("image", "images")
+
+
+class _Marker:
+    def __init__(self, words: str):
+        self.words = words
+
+    def __repr__(self) -> str:
+        return self.words
+
+
+REQUIRED = _Marker("required")
+# filled by make_request from the checkpoint's generation defaults (mvgen_defaults.json over Wan's)
+MODEL_DEFAULT = _Marker("the model's")
+# the limits that the command-line help and the README quote (Wan: 16-pixel multiples, 4k+1 frames)
+DOC_LIMITS = RequestLimits(max_references=3)
+
+
+# ---- rules: what a value may be, in the words of its refusal ---------------------------------------------
+@dataclass(frozen=True)
+class Text:
+    def describe(self, limits: RequestLimits) -> str:
+        return "UTF-8 text"
+
+    def check(self, name: str, value, limits: RequestLimits) -> str:
+        if not isinstance(value, str):
+            raise RequestError(f"{name} must be text, got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True)
+class IntegerIn:
+    low: int
+    high: int | None
+    words: str  # the allowed values, as the refusal says them
+
+    def describe(self, limits: RequestLimits) -> str:
+        return self.words
+
+    def check(self, name: str, value, limits: RequestLimits) -> int:
+        return check_integer(name, value, self.words, lambda v: v >= self.low and (self.high is None or v <= self.high))
+
+
+@dataclass(frozen=True)
+class NumberAbove:
+    bound: float
+    inclusive: bool
+    note: str = ""
+
+    def _words(self) -> str:
+        words = f"{'>=' if self.inclusive else '>'} {self.bound:g}"
+        return f"{words} ({self.note})" if self.note else words
+
+    def describe(self, limits: RequestLimits) -> str:
+        return f"a number {self._words()}"
+
+    def check(self, name: str, value, limits: RequestLimits) -> float:
+        ok = (lambda v: v >= self.bound) if self.inclusive else (lambda v: v > self.bound)
+        return check_number(name, value, self._words(), ok)
+
+
+@dataclass(frozen=True)
+class PixelMultiple:
+    """Pixels the VAE and the patch both divide (16 for Wan: VAE /8 x patch 2)."""
+
+    def describe(self, limits: RequestLimits) -> str:
+        return f"a positive multiple of {limits.spatial_multiple}"
+
+    def check(self, name: str, value, limits: RequestLimits) -> int:
+        return check_multiple(name, value, limits.spatial_multiple)
+
+
+@dataclass(frozen=True)
+class FrameCount:
+    """Frames the VAE's temporal compression takes: one, then groups of 4."""
+
+    def describe(self, limits: RequestLimits) -> str:
+        t = limits.temporal_multiple
+        return f"{t}k+1 (1, {1 + t}, {1 + 2 * t}, ...)"
+
+    def check(self, name: str, value, limits: RequestLimits) -> int:
+        return check_frame_count(name, value, limits.temporal_multiple)
+
+
+@dataclass(frozen=True)
+class PixelSize:
+    """(height, width), each a ``PixelMultiple``."""
+
+    def describe(self, limits: RequestLimits) -> str:
+        return f"(height, width), each a positive multiple of {limits.spatial_multiple}"
+
+    def check(self, name: str, value, limits: RequestLimits) -> tuple[int, int]:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise RequestError(f"{name} must be (height, width), got {value!r}")
+        m = limits.spatial_multiple
+        return check_multiple(f"{name} height", value[0], m), check_multiple(f"{name} width", value[1], m)
+
+
+@dataclass(frozen=True)
+class Picture:
+    """An image, decoded to RGB uint8 [H, W, 3]; ``label`` names it in refusals."""
+
+    label: str
+
+    def describe(self, limits: RequestLimits) -> str:
+        return "an image (PNG/JPEG/WebP)"
+
+    def check(self, name: str, value, limits: RequestLimits) -> np.ndarray:
+        return load_image(value, self.label)
+
+
+@dataclass(frozen=True)
+class Pictures:
+    """Images, each decoded; refusals name ``label 1``, ``label 2``, ..."""
+
+    label: str
+
+    def describe(self, limits: RequestLimits) -> str:
+        return f"images (PNG/JPEG/WebP), at most the model's max_references ({limits.max_references} for MVI2V)"
+
+    def check(self, name: str, value, limits: RequestLimits) -> tuple[np.ndarray, ...]:
+        return tuple(load_image(image, f"{self.label} {i + 1}") for i, image in enumerate(value))
+
+
+@dataclass(frozen=True)
+class MaskPicture:
+    """An image read as a mask: bool [H, W], True where it is white (the region to take from references)."""
+
+    label: str
+
+    def describe(self, limits: RequestLimits) -> str:
+        return "an image of the first frame's size (PNG/JPEG/WebP)"
+
+    def check(self, name: str, value, limits: RequestLimits) -> np.ndarray:
+        return load_image(value, self.label).mean(axis=-1) > 127.5
+
+
+# ---- the declaration -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Wire:
+    """One input of the served ``mvgen`` models."""
+
+    name: str
+    triton_type: str  # TYPE_* of config.pbtxt
+    dims: tuple[int, ...]
+    doc: str = ""  # the README's words for this form, where the field's own do not say which form it is
+
+    @property
+    def wire_type(self) -> str:
+        """The KServe v2 datatype a client sends (``BYTES``, ``UINT8``, ...)."""
+        return "BYTES" if self.triton_type == "TYPE_STRING" else self.triton_type.removeprefix("TYPE_")
+
+
+@dataclass(frozen=True)
+class RequestField:
+    name: str  # keyword of make_request, attribute of GenerationRequest
+    kind: str  # one of KINDS
+    type: object  # the validated value's type (GenerationRequest's annotation)
+    default: object  # REQUIRED, MODEL_DEFAULT, or the value an unset field takes
+    rule: object  # Text, IntegerIn, ...: describe(limits) and check(name, value, limits)
+    help: str  # what the field is, for the CLI help and the README
+    flag: str  # the command line's spelling
+    wire: tuple[Wire, ...]  # one input, or (encoded, pixels) for an image
+    default_doc: str = ""  # what an unset field means, where its default value does not say it
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"request field {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def describe(self, limits: RequestLimits = DOC_LIMITS) -> str:
+        """One line for the CLI help and the README: what it is, what it may be, what unset means."""
+        return f"{self.help}: {self.rule.describe(limits)}; {self._default_words()}"
+
+    def _default_words(self) -> str:
+        if self.default is REQUIRED:
+            return "required"
+        if self.default is MODEL_DEFAULT:
+            return "default: the model's"
+        if self.default_doc:
+            return f"default: {self.default_doc}"
+        return f"default: {self.default!r}" if self.default not in ("", (), None) else "default: none"
+
+
+FIELDS: tuple[RequestField, ...] = (
+    RequestField("prompt", "text", str, REQUIRED, Text(), "text prompt", "--prompt",
+                 (Wire("prompt", "TYPE_STRING", (1,)),)),
+    RequestField("negative_prompt", "text", str, "", Text(), "negative prompt for classifier-free guidance",
+                 "--negative-prompt", (Wire("negative_prompt", "TYPE_STRING", (1,)),), default_doc="empty"),
+    RequestField("first_frame", "image", np.ndarray, REQUIRED, Picture("first frame"), "first frame",
+                 "--first-frame",
+                 (Wire("first_frame", "TYPE_STRING", (1,), "first frame, encoded PNG/JPEG/WebP; this or `first_frame_rgb`"),
+                  Wire("first_frame_rgb", "TYPE_UINT8", (-1, -1, 3), "first frame as RGB pixels [H, W, 3]"))),
+    RequestField("references", "images", tuple, (), Pictures("reference"),
+                 "reference views (front, back, side, ...)", "--reference",
+                 (Wire("references", "TYPE_STRING", (-1,), "R reference views, encoded images [R]; or `references_rgb`"),
+                  Wire("references_rgb", "TYPE_UINT8", (-1, -1, -1, 3), "R reference views as RGB pixels [R, H, W, 3]"))),
+    RequestField("first_frame_mask", "image", np.ndarray, None, MaskPicture("first-frame mask"),
+                 "inpainting mask, white = person region to take from the references", "--first-frame-mask",
+                 (Wire("first_frame_mask", "TYPE_STRING", (1,), "inpainting mask, encoded image, white = person region"),
+                  Wire("first_frame_mask_rgb", "TYPE_UINT8", (-1, -1), "inpainting mask as pixels [H, W], > 127 = masked")),
+                 default_doc="no mask"),
+    RequestField("num_frames", "integer", int, MODEL_DEFAULT, FrameCount(), "frames", "--frames",
+                 (Wire("num_frames", "TYPE_INT32", (1,)),)),
+    RequestField("height", "integer", int, MODEL_DEFAULT, PixelMultiple(), "video height in pixels", "--height",
+                 (Wire("height", "TYPE_INT32", (1,)),)),
+    RequestField("width", "integer", int, MODEL_DEFAULT, PixelMultiple(), "video width in pixels", "--width",
+                 (Wire("width", "TYPE_INT32", (1,)),)),
+    RequestField("steps", "integer", int, MODEL_DEFAULT, IntegerIn(1, None, "a positive integer (e.g. 4 to 50)"),
+                 "denoising steps", "--steps", (Wire("steps", "TYPE_INT32", (1,)),)),
+    RequestField("guidance_scale", "number", float, MODEL_DEFAULT,
+                 NumberAbove(0, True, "1 or less disables classifier-free guidance"), "classifier-free guidance scale",
+                 "--guidance-scale", (Wire("guidance_scale", "TYPE_FP32", (1,)),)),
+    RequestField("seed", "integer", int, 0, IntegerIn(0, MAX_SEED, f"an integer in [0, {MAX_SEED}]"), "noise seed",
+                 "--seed", (Wire("seed", "TYPE_UINT64", (1,)),)),
+    RequestField("shift", "number", float, MODEL_DEFAULT, NumberAbove(0, False, "Wan uses 3.0 at 480p, 5.0 at 720p"),
+                 "flow-matching sigma shift", "--shift", (Wire("shift", "TYPE_FP32", (1,)),)),
+    RequestField("ref_size", "size", tuple, None, PixelSize(),
+                 "size the references are encoded at (MVI2V: 720x720 references beside a 1280x720 video)",
+                 "--ref-size", (Wire("ref_size", "TYPE_INT32", (2,)),), default_doc="the video's size"),
+)
+
+
+def field_named(name: str) -> RequestField:
+    for field in FIELDS:
+        if field.name == name:
+            return field
+    raise KeyError(f"no request field {name!r}; fields are {[f.name for f in FIELDS]}")
+
+
+def _reference_size(self) -> tuple[int, int]:
+    """(height, width) the references are encoded at: ``ref_size``, else the video's."""
+    return self.ref_size or (self.height, self.width)
+
+
+GenerationRequest = make_dataclass(
+    "GenerationRequest", [(f.name, f.type) for f in FIELDS], frozen=True, kw_only=True,
+    namespace={"reference_size": property(_reference_size), "__module__": __name__,
+               "__doc__": "A validated request (fields: ``engine.request.FIELDS``): images decoded to RGB uint8 "
+                          "[H, W, 3], the mask to bool [H, W], numbers checked."},
+)
+
+
+# ---- validation ----------------------------------------------------------------------------------------------
+def validate_request(limits: RequestLimits, **values) -> GenerationRequest:
+    """Check every field against its rule and the model's ``limits``; raise ``RequestError`` on the first problem.
+
+    Numbers and text first, then what depends on several fields (reference count, sequence length), then the
+    images are decoded: a bad number is refused before any image is read.
+    """
+    _known(values)
+    given = {f.name: _given(f, values.get(f.name)) for f in FIELDS}
+    checked = {f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind not in IMAGE_KINDS}
+    _check_sequence(limits, checked, list(given["references"]))
+    checked.update({f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind in IMAGE_KINDS})
+    _check_mask_size(checked["first_frame_mask"], checked["first_frame"])
+    return GenerationRequest(**checked)
+
+
+def make_request(defaults: Mapping[str, object], limits: RequestLimits, **values) -> GenerationRequest:
+    """Fill the unset model-default fields from ``defaults`` (a checkpoint's generation defaults), then validate."""
+    _known(values)
+    filled = {f.name: defaults[f.name] for f in FIELDS if f.default is MODEL_DEFAULT and values.get(f.name) is None}
+    return validate_request(limits, **{**values, **filled})
+
+
+def _known(values: Mapping[str, object]) -> None:
+    unknown = sorted(set(values) - {f.name for f in FIELDS})
+    if unknown:
+        raise TypeError(f"unknown request field(s) {unknown}; the fields are {[f.name for f in FIELDS]}")
+
+
+def _given(field: RequestField, value):
+    if value is not None:
+        return value
+    if field.default is REQUIRED:
+        raise RequestError(f"{field.name} is required ({field.help})")
+    if field.default is MODEL_DEFAULT:
+        raise RequestError(f"{field.name} is required here (make_request fills it from the model's defaults)")
+    return field.default
+
+
+def _check(field: RequestField, value, limits: RequestLimits):
+    if value is None and field.default is None:  # an optional field left unset
+        return None
+    return field.rule.check(field.name, value, limits)
+
+
+def _check_sequence(limits: RequestLimits, checked: dict, references: list) -> None:
+    if len(references) > limits.max_references:
+        raise RequestError(
+            f"got {len(references)} references, this model takes at most {limits.max_references} (max_references)"
+        )
+    frames, height, width = checked["num_frames"], checked["height"], checked["width"]
+    tokens = token_count(limits, frames, height, width, len(references), checked["ref_size"] or (height, width))
+    if tokens > limits.max_tokens:
+        raise RequestError(
+            f"{frames} frames at {height}x{width} with {len(references)} reference(s) make {tokens} tokens, "
+            f"more than the limit of {limits.max_tokens}; lower frames, size, or references"
+        )
+
+
+def _check_mask_size(mask: np.ndarray | None, frame: np.ndarray) -> None:
+    if mask is not None and mask.shape != frame.shape[:2]:
+        raise RequestError(
+            f"first-frame mask is {mask.shape[1]}x{mask.shape[0]} but the first frame is "
+            f"{frame.shape[1]}x{frame.shape[0]}; they must be the same size"
+        )
