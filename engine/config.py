@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import CheckpointError, read_json
 
 REF_MODES = ("dual_stream", "token_concat")
 REF_ROPES = ("shared", "decoupled", "none")
@@ -102,6 +103,9 @@ class MvgenConfig:
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         merged = {**values, **overrides}
         kwargs = {k: v for k, v in merged.items() if k in known}
+        problems = _type_problems(kwargs)
+        if problems:
+            raise ValueError(problems[0])
         for key in ("patch_size", "view_weights"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
@@ -112,9 +116,17 @@ class MvgenConfig:
 
     @classmethod
     def from_files(cls, transformer_config: Path, mvgen_config: Path | None = None, **overrides) -> "MvgenConfig":
-        values = {k: v for k, v in json.loads(Path(transformer_config).read_text()).items() if k in _WAN_KEYS}
+        """Raises ``CheckpointError`` naming the file when either JSON file is unreadable or not an object."""
+        files = [(transformer_config, _WAN_KEYS)]
         if mvgen_config is not None and Path(mvgen_config).is_file():
-            values.update(json.loads(Path(mvgen_config).read_text()))
+            files.append((mvgen_config, None))
+        values = {}
+        for path, keys in files:
+            found = {k: v for k, v in read_json(path, CheckpointError, "config").items() if keys is None or k in keys}
+            problems = _type_problems(found)
+            if problems:
+                raise CheckpointError(f"{path}: {problems[0]}")
+            values.update(found)
         return cls.from_dict(values, **overrides)
 
     def to_dict(self) -> dict:
@@ -125,6 +137,29 @@ class MvgenConfig:
     def wan_dict(self) -> dict:
         """The diffusers ``WanTransformer3DModel`` constructor arguments of this config."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.to_dict().items() if k in _WAN_KEYS}
+
+
+def _type_problems(values: dict) -> list[str]:
+    """A line for each value (read from JSON) of the wrong type for its field, so ``__post_init__`` and the
+    model never see ``"two"`` layers."""
+    annotations = {f.name: f.type for f in dataclasses.fields(MvgenConfig)}
+    return [f"{name} must be {annotations[name]}, got {value!r}" for name, value in values.items()
+            if name in annotations and name != "extra"
+            and not any(_fits(value, kind) for kind in annotations[name].split(" | "))]
+
+
+def _fits(value, kind: str) -> bool:
+    """Whether a JSON value fits one alternative of a field annotation (``int``, ``tuple[float, ...]``, ...)."""
+    if kind.startswith("tuple["):
+        items = [item.strip() for item in kind[len("tuple["):-1].split(",")]
+        if not isinstance(value, (list, tuple)):
+            return False
+        if items[-1] == "...":
+            return all(_fits(v, items[0]) for v in value)
+        return len(value) == len(items) and all(_fits(v, item) for v, item in zip(value, items))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"None": value is None, "bool": isinstance(value, bool), "str": isinstance(value, str),
+            "int": number and isinstance(value, int), "float": number}[kind]
 
 
 def _choice(name: str, value, allowed) -> None:

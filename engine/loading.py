@@ -1,25 +1,19 @@
 """Load the denoiser from a diffusers Wan2.1-I2V checkpoint plus an optional reference-stream adapter."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from .config import MvgenConfig
 from .denoiser import MultiViewWanTransformer
+from .files import CheckpointError, check_checkpoint_component, load_safetensors, read_json, safetensors_files
 from .lora import AdapterError, ReferenceAdapter, merge_into_reference_stream, read_adapter
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # tensors of diffusers checkpoints that Wan2.1 does not use (diffusers ignores them too)
 _IGNORED_BASE_KEYS = ("norm_added_q",)
 # kept in float32 whatever the compute dtype, as diffusers' Wan does
 _FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_weights")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be loaded (names what is wrong)."""
 
 
 def find_transformer_dir(path: str | Path) -> Path:
@@ -33,26 +27,15 @@ def find_transformer_dir(path: str | Path) -> Path:
 
 
 def transformer_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a transformer dir: the shards of an index, or every *.safetensors."""
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (folder / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{indexes[0].name} names shard(s) that are missing: {missing}")
-        return [folder / s for s in shards]
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-        hint = f"; found {pickles}, but pickled weights are never loaded (convert to safetensors)" if pickles else ""
-        raise CheckpointError(f"no .safetensors weights in {folder}{hint}")
-    return files
+    """The safetensors files of a transformer dir (the shards of an index, or every *.safetensors), each
+    checked to be sound safetensors before anything loads it."""
+    return safetensors_files(folder, CheckpointError)
 
 
 def _base_state(files: list[Path]) -> dict[str, torch.Tensor]:
     state = {}
     for file in files:
-        state.update(load_file(file))
+        state.update(load_safetensors(file, CheckpointError))
     return {k: v for k, v in state.items() if not any(part in k for part in _IGNORED_BASE_KEYS)}
 
 
@@ -110,8 +93,7 @@ def load_denoiser(
     """
     transformer_dir = find_transformer_dir(path)
     parsed = read_adapter(adapter) if adapter is not None else None
-    mvgen_config = parsed.config_path if parsed is not None and parsed.config_path else Path(path) / "mvgen_config.json"
-    config = MvgenConfig.from_files(transformer_dir / "config.json", mvgen_config, **config_overrides)
+    config = denoiser_config(path, adapter, **config_overrides)
     if parsed is not None and parsed.loras and config.ref_mode != "dual_stream":
         raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {config.ref_mode!r}")
 
@@ -133,3 +115,29 @@ def load_denoiser(
         state[key] = value.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def mvgen_config_path(path: str | Path, adapter: str | Path | None) -> Path:
+    """``mvgen_config.json`` beside the adapter when it has one, else in the checkpoint directory."""
+    if adapter is not None:
+        adapter = Path(adapter)
+        beside = (adapter if adapter.is_dir() else adapter.parent) / "mvgen_config.json"
+        if beside.is_file():
+            return beside
+    return Path(path) / "mvgen_config.json"
+
+
+def denoiser_config(path: str | Path, adapter: str | Path | None = None, **config_overrides) -> MvgenConfig:
+    """The denoiser's config from the checkpoint's JSON files alone (no weights read)."""
+    transformer_dir = find_transformer_dir(path)
+    return MvgenConfig.from_files(transformer_dir / "config.json", mvgen_config_path(path, adapter), **config_overrides)
+
+
+def check_component(folder: Path, weights: bool = True) -> None:
+    """Refuse a component folder whose config or safetensors are not what they claim (one line, before a
+    diffusers/transformers loader turns it into a traceback); see ``files.check_checkpoint_component``."""
+    check_checkpoint_component(folder, CheckpointError, weights)
+
+
+def read_checkpoint_json(path: Path, what: str = "JSON file") -> dict:
+    return read_json(path, CheckpointError, what)

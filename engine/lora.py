@@ -8,13 +8,13 @@ Other adapter tensors: ``ref_patch_embedding.{weight,bias}`` and ``view_weights`
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from .files import load_safetensors, read_json
 
 # our (diffusers) module names inside a block, and the original Wan names for them
 BLOCK_LINEARS = {
@@ -136,17 +136,24 @@ def read_adapter(path: str | Path) -> ReferenceAdapter:
         files = [path]
     tensors = {}
     for file in files:
-        tensors.update(load_file(file))
+        tensors.update(load_safetensors(file, AdapterError))
     adapter = parse_adapter_tensors(tensors)
     peft_config = folder / "adapter_config.json"
     mvgen_config = folder / "mvgen_config.json"
-    if peft_config.is_file():
-        adapter.default_alpha = json.loads(peft_config.read_text()).get("lora_alpha")
-    if mvgen_config.is_file():
+    if peft_config.exists():
+        adapter.default_alpha = _lora_alpha(peft_config, "PEFT adapter config")
+    if mvgen_config.exists():
         adapter.config_path = mvgen_config
-        alpha = json.loads(mvgen_config.read_text()).get("lora_alpha")
+        alpha = _lora_alpha(mvgen_config, "mvgen config")
         adapter.default_alpha = alpha if alpha is not None else adapter.default_alpha
     return adapter
+
+
+def _lora_alpha(path: Path, what: str) -> float | None:
+    alpha = read_json(path, AdapterError, what).get("lora_alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+        raise AdapterError(f"{path}: lora_alpha must be a number, got {alpha!r}")
+    return alpha
 
 
 def merge_into_reference_stream(

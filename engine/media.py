@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,15 @@ from PIL import Image, UnidentifiedImageError
 from .errors import RequestError
 
 ImageSource = str | Path | bytes | bytearray | np.ndarray | Image.Image
+# Decoding cost follows the pixel count, not the file size (a 1 kB PNG can claim 100000 x 100000 pixels),
+# so the size in an image's header is checked before a pixel is decoded. PIL's own guard only warns up to
+# twice its limit and lives in module state; this is the engine's. 8192^2 is far above any video size.
+MAX_IMAGE_SIDE = 8192
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE * MAX_IMAGE_SIDE
+# an encoded image above this is refused before it is read or parsed
+MAX_ENCODED_IMAGE_BYTES = 64 << 20
+# 16-bit integer modes: PIL's convert("RGB") clips them at 255 instead of scaling
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def load_image(source: ImageSource, what: str = "image") -> np.ndarray:
@@ -19,26 +30,85 @@ def load_image(source: ImageSource, what: str = "image") -> np.ndarray:
     ``what`` names the image in the error (e.g. ``"reference 2"``).
     """
     if isinstance(source, np.ndarray):
+        _check_pixels(what, "image array", source.shape[1::-1] if source.ndim >= 2 else (1, 1))
         return _array_to_rgb(source, what)
     if isinstance(source, Image.Image):
-        return np.asarray(source.convert("RGB"))
+        _check_pixels(what, "image", source.size)
+        return _to_rgb(source)
     if isinstance(source, (bytes, bytearray)):
         if not source:
             raise RequestError(f"{what}: empty image data")
+        _check_encoded_size(what, "image data", len(source))
         return _decode(io.BytesIO(source), what, "image data")
     path = Path(source)
     if not path.is_file():
-        raise RequestError(f"{what}: file not found: {path}")
-    with path.open("rb") as handle:
+        raise RequestError(f"{what}: file not found: {path}" if not path.exists() else f"{what}: not a file: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise RequestError(f"{what}: cannot read {path} as an image: the file is empty")
+    _check_encoded_size(what, str(path), size)
+    try:
+        handle = path.open("rb")
+    except OSError as error:
+        raise RequestError(f"{what}: cannot read {path}: {error.strerror or error}") from None
+    with handle:
         return _decode(handle, what, str(path))
 
 
 def _decode(handle, what: str, name: str) -> np.ndarray:
+    """Decode the first frame, refusing an oversized image from its header before any pixel is decoded."""
     try:
-        with Image.open(handle) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise RequestError(f"{what}: cannot read {name} as an image (PNG, JPEG, WebP, ...): {error}") from None
+        with warnings.catch_warnings():
+            # a header over PIL's own limit warns (or raises past twice it); both are refused here, and
+            # other decoder warnings (odd TIFF tags, ...) about an image that still decodes are not the user's
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as image:
+                _check_pixels(what, name, image.size)
+                return _to_rgb(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise RequestError(f"{what}: {name} has {pixels.group(1) if pixels else 'too many'} pixels, more than the "
+                           f"limit of {MAX_IMAGE_PIXELS} ({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})") from None
+    except UnidentifiedImageError:
+        handle.seek(0)
+        raise RequestError(f"{what}: cannot read {name} as an image: {_unknown_content(handle.read(64))}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as error:
+        # PIL reports truncated and corrupt data as OSError ('image file is truncated'), and broken chunks
+        # as SyntaxError or EOFError
+        raise RequestError(f"{what}: cannot read {name} as an image (corrupt or truncated?): {error}") from None
+
+
+def _check_pixels(what: str, name: str, size: tuple[int, int]) -> None:
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RequestError(f"{what}: {name} is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS} "
+                           f"({MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})")
+
+
+def _check_encoded_size(what: str, name: str, size: int) -> None:
+    if size > MAX_ENCODED_IMAGE_BYTES:
+        raise RequestError(f"{what}: {name} is {size} bytes, more than the limit of {MAX_ENCODED_IMAGE_BYTES} bytes "
+                           f"for an encoded image")
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    """The current (first) frame as RGB uint8; 16-bit grey keeps its top 8 bits rather than clipping."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
+
+
+def _unknown_content(head: bytes) -> str:
+    """What the data is instead of an image, as far as its first bytes tell."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:  # text cut inside a multi-byte character is still text
+        text = head[:error.start].decode("utf-8") if error.start > len(head) - 4 else ""
+    if text and "".join(text.split()).isprintable():
+        return f"it holds text ({text[:24]!r}{'...' if len(text) > 24 else ''}), not an image"
+    return "not a known image format (PNG, JPEG, WebP, ...)"
 
 
 def _array_to_rgb(array: np.ndarray, what: str) -> np.ndarray:
