@@ -46,6 +46,8 @@ DOC_LIMITS = RequestLimits(max_references=3)
 # ---- rules: what a value may be, in the words of its refusal ---------------------------------------------
 @dataclass(frozen=True)
 class Text:
+    """A string (prompts)."""
+
     def describe(self, limits: RequestLimits) -> str:
         return "UTF-8 text"
 
@@ -57,6 +59,8 @@ class Text:
 
 @dataclass(frozen=True)
 class IntegerIn:
+    """An integer in [low, high] (no upper bound when ``high`` is None)."""
+
     low: int
     high: int | None
     words: str  # the allowed values, as the refusal says them
@@ -70,6 +74,8 @@ class IntegerIn:
 
 @dataclass(frozen=True)
 class NumberAbove:
+    """A finite number above ``bound`` (or equal to it when ``inclusive``)."""
+
     bound: float
     inclusive: bool
     note: str = ""
@@ -163,6 +169,11 @@ class MaskPicture:
 
 
 # ---- the declaration -----------------------------------------------------------------------------------------
+def wire_type(triton_type: str) -> str:
+    """The KServe v2 datatype a client sends for a ``config.pbtxt`` type (``TYPE_STRING`` -> ``BYTES``, ...)."""
+    return "BYTES" if triton_type == "TYPE_STRING" else triton_type.removeprefix("TYPE_")
+
+
 @dataclass(frozen=True)
 class Wire:
     """One input of the served ``mvgen`` models."""
@@ -174,12 +185,13 @@ class Wire:
 
     @property
     def wire_type(self) -> str:
-        """The KServe v2 datatype a client sends (``BYTES``, ``UINT8``, ...)."""
-        return "BYTES" if self.triton_type == "TYPE_STRING" else self.triton_type.removeprefix("TYPE_")
+        return wire_type(self.triton_type)
 
 
 @dataclass(frozen=True)
 class RequestField:
+    """One field of a generation request, everything the CLI, the validation and the server need to know."""
+
     name: str  # keyword of make_request, attribute of GenerationRequest
     kind: str  # one of KINDS
     type: object  # the validated value's type (GenerationRequest's annotation)
@@ -219,16 +231,21 @@ FIELDS: tuple[RequestField, ...] = (
                  "--negative-prompt", (Wire("negative_prompt", "TYPE_STRING", (1,)),), default_doc="empty"),
     RequestField("first_frame", "image", np.ndarray, REQUIRED, Picture("first frame"), "first frame",
                  "--first-frame",
-                 (Wire("first_frame", "TYPE_STRING", (1,), "first frame, encoded PNG/JPEG/WebP; this or `first_frame_rgb`"),
+                 (Wire("first_frame", "TYPE_STRING", (1,),
+                       "first frame, encoded PNG/JPEG/WebP; this or `first_frame_rgb`"),
                   Wire("first_frame_rgb", "TYPE_UINT8", (-1, -1, 3), "first frame as RGB pixels [H, W, 3]"))),
     RequestField("references", "images", tuple, (), Pictures("reference"),
                  "reference views (front, back, side, ...)", "--reference",
-                 (Wire("references", "TYPE_STRING", (-1,), "R reference views, encoded images [R]; or `references_rgb`"),
-                  Wire("references_rgb", "TYPE_UINT8", (-1, -1, -1, 3), "R reference views as RGB pixels [R, H, W, 3]"))),
-    RequestField("first_frame_mask", "image", np.ndarray, None, MaskPicture("first-frame mask"),
+                 (Wire("references", "TYPE_STRING", (-1,),
+                       "R reference views, encoded images [R]; or `references_rgb`"),
+                  Wire("references_rgb", "TYPE_UINT8", (-1, -1, -1, 3),
+                       "R reference views as RGB pixels [R, H, W, 3]"))),
+    RequestField("first_frame_mask", "image", np.ndarray | None, None, MaskPicture("first-frame mask"),
                  "inpainting mask, white = person region to take from the references", "--first-frame-mask",
-                 (Wire("first_frame_mask", "TYPE_STRING", (1,), "inpainting mask, encoded image, white = person region"),
-                  Wire("first_frame_mask_rgb", "TYPE_UINT8", (-1, -1), "inpainting mask as pixels [H, W], > 127 = masked")),
+                 (Wire("first_frame_mask", "TYPE_STRING", (1,),
+                       "inpainting mask, encoded image, white = person region"),
+                  Wire("first_frame_mask_rgb", "TYPE_UINT8", (-1, -1),
+                       "inpainting mask as pixels [H, W], > 127 = masked")),
                  default_doc="no mask"),
     RequestField("num_frames", "integer", int, MODEL_DEFAULT, FrameCount(), "frames", "--frames",
                  (Wire("num_frames", "TYPE_INT32", (1,)),)),
@@ -245,17 +262,10 @@ FIELDS: tuple[RequestField, ...] = (
                  "--seed", (Wire("seed", "TYPE_UINT64", (1,)),)),
     RequestField("shift", "number", float, MODEL_DEFAULT, NumberAbove(0, False, "Wan uses 3.0 at 480p, 5.0 at 720p"),
                  "flow-matching sigma shift", "--shift", (Wire("shift", "TYPE_FP32", (1,)),)),
-    RequestField("ref_size", "size", tuple, None, PixelSize(),
+    RequestField("ref_size", "size", tuple | None, None, PixelSize(),
                  "size the references are encoded at (MVI2V: 720x720 references beside a 1280x720 video)",
                  "--ref-size", (Wire("ref_size", "TYPE_INT32", (2,)),), default_doc="the video's size"),
 )
-
-
-def field_named(name: str) -> RequestField:
-    for field in FIELDS:
-        if field.name == name:
-            return field
-    raise KeyError(f"no request field {name!r}; fields are {[f.name for f in FIELDS]}")
 
 
 def _reference_size(self) -> tuple[int, int]:

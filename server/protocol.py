@@ -29,7 +29,7 @@ class Field:
     @property
     def wire_type(self) -> str:
         """The KServe v2 datatype a client sends (``BYTES``, ``UINT8``, ...)."""
-        return "BYTES" if self.triton_type == "TYPE_STRING" else self.triton_type.removeprefix("TYPE_")
+        return contract.wire_type(self.triton_type)
 
 
 def inputs() -> tuple[Field, ...]:

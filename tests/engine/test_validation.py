@@ -17,9 +17,11 @@ def test_token_count_counts_video_and_reference_tokens():
 
 
 @pytest.mark.parametrize("check, value, words", [
-    (lambda v: check_multiple("height", v, 16), 100, "height must be a positive multiple of 16, got 100 (nearest: 96 or 112)"),
+    (lambda v: check_multiple("height", v, 16), 100,
+     "height must be a positive multiple of 16, got 100 (nearest: 96 or 112)"),
     (lambda v: check_multiple("width", v, 16), 8, "width must be a positive multiple of 16, got 8 (nearest: 16)"),
-    (lambda v: check_frame_count("num_frames", v, 4), 10, "num_frames must be 4k+1 (1, 5, 9, ..., 81), got 10 (nearest: 9 or 13)"),
+    (lambda v: check_frame_count("num_frames", v, 4), 10,
+     "num_frames must be 4k+1 (1, 5, 9, ..., 81), got 10 (nearest: 9 or 13)"),
 ])
 def test_refusals_name_the_value_and_the_nearest_allowed(check, value, words):
     with pytest.raises(RequestError) as error:
