@@ -1,7 +1,6 @@
 """TensorRT engine build and LoRA refit: real where tensorrt (and a GPU) exist, a reported skip elsewhere."""
 from __future__ import annotations
 
-import argparse
 import importlib.util
 
 import pytest
@@ -9,14 +8,14 @@ import torch
 
 from export import cli
 from export.tensorrt_build import SKIP_REASON
+from mvgen.cli import build_parser
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def _run_cli(argv):
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    """The handler of ``mvgen ARGV`` called directly (the root parser supplies ``--cache-dir``)."""
+    args = build_parser({}).parse_args(argv)
     return args.func(args)
 
 
