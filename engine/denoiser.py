@@ -202,6 +202,35 @@ class ReferenceCache:
     ref_hw: tuple[int, int]
     video_fhw: tuple[int, int, int]
 
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def layout(self) -> tuple:
+        """What must agree for caches to share a batch: references, their grid and the video grid."""
+        return self.num_refs, self.ref_hw, self.video_fhw
+
+    @classmethod
+    def cat(cls, caches: list["ReferenceCache"], pad_to: int = 0) -> "ReferenceCache":
+        """The caches of several requests stacked along the batch (rows padded by repeating row 0)."""
+        if len(caches) == 1 and pad_to <= caches[0].rows:
+            return caches[0]
+        if len({c.layout for c in caches}) != 1:
+            raise ValueError(f"reference caches of different layouts cannot share a batch: {[c.layout for c in caches]}")
+
+        def stack(tensors):
+            out = torch.cat(tensors)
+            return torch.cat([out, out[:1].expand(pad_to - out.shape[0], *out.shape[1:])]) if pad_to > out.shape[0] else out
+
+        keys = [stack(list(layer)) for layer in zip(*(c.keys for c in caches))]
+        values = [stack(list(layer)) for layer in zip(*(c.values for c in caches))]
+        return cls(keys, values, *caches[0].layout)
+
 
 class MultiViewWanTransformer(nn.Module):
     """Wan2.1-I2V DiT with a reference stream; with no references it is exactly Wan2.1-I2V."""

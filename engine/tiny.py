@@ -97,7 +97,7 @@ def build_tiny(dest: Path | str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        from .pipeline import quiet_hub_progress
+        from .components import quiet_hub_progress
 
         with torch.random.fork_rng(devices=[]), quiet_hub_progress():
             _write_pipeline(staging)

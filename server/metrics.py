@@ -52,7 +52,7 @@ class LoopMetrics:
 
 
 class BatchMetrics:
-    """``mvgen_denoiser``: how many rows and requests each dynamic batch held."""
+    """``mvgen_denoiser``: how many rows and requests each dynamic batch held, and its reference K/V caches."""
 
     def __init__(self, pb, model: str):
         kind = pb.MetricFamily
@@ -60,10 +60,21 @@ class BatchMetrics:
         self.families = [
             kind("mvgen_denoiser_batch_rows", "Rows (cond + uncond of each request) per denoiser batch", kind.HISTOGRAM),
             kind("mvgen_denoiser_batch_requests", "Requests per denoiser batch", kind.HISTOGRAM),
+            kind("mvgen_reference_cache_builds_total", "Reference K/V caches built (one per request and expert, "
+                 "again only after an eviction)", kind.COUNTER),
+            kind("mvgen_reference_cache_entries", "Requests whose reference K/V the denoiser holds now", kind.GAUGE),
+            kind("mvgen_reference_cache_bytes", "Bytes of reference K/V the denoiser holds now", kind.GAUGE),
         ]
-        self.rows, self.requests = (f.Metric(labels=labels, buckets=COUNT_BUCKETS) for f in self.families)
+        self.rows, self.requests = (f.Metric(labels=labels, buckets=COUNT_BUCKETS) for f in self.families[:2])
+        self.builds, self.entries, self.bytes = (f.Metric(labels=labels) for f in self.families[2:])
 
     def observe_batch(self, rows: int, requests: int) -> None:
         with _LOCK:
             self.rows.observe(rows)
             self.requests.observe(requests)
+
+    def observe_caches(self, built: int, entries: int, nbytes: int) -> None:
+        with _LOCK:
+            self.builds.increment(built)
+            self.entries.set(entries)
+            self.bytes.set(nbytes)

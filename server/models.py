@@ -1,10 +1,14 @@
-"""The served models' bodies: tensors in and out of Triton's python backend, the work in ``server.stages``.
+"""The served models' bodies: tensors in and out of Triton's python backend over ``engine``'s components.
 
-Each ``1/model.py`` in the generated repository is a thin adapter that builds one of these classes with
-the backend's ``triton_python_backend_utils`` module (``pb``), which only exists inside the stub process.
+Each ``1/model.py`` of the generated repository builds one of these classes with the backend's
+``triton_python_backend_utils`` module (``pb``), which only exists inside the stub process. Each model
+loads only its own component of the checkpoint (``engine.components``); the loop model loads none and runs
+``engine.generation.generate`` over ``RemoteStages``, which turn each stage into a BLS call. Nothing here
+computes: it parses, calls, and answers.
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,14 +16,32 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from engine import generation
+from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, TextEncoder, Vae
 from engine.errors import RequestError
+from engine.generation import DENOISER_INPUTS, Cancelled
+from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss
+from engine.request import make_request
 
-from . import protocol, stages
+from . import protocol
 from .metrics import BatchMetrics, LoopMetrics
+
+# BLS request parameters of the denoiser model: the request's reference-cache key, and "drop it now"
+CACHE_KEY, RELEASE = "mvgen_cache_key", "mvgen_release"
 
 
 def _parameters(model_config: dict) -> dict[str, str]:
     return {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+
+
+def load_checkpoint(model_config: dict) -> Checkpoint:
+    """The checkpoint description from the ``config.pbtxt`` parameters the repository generator wrote."""
+    params = _parameters(model_config)
+    return Checkpoint.load(
+        params["model"], params.get("adapter") or None, dtype=getattr(torch, params.get("dtype", "float32")),
+        device=params.get("device", "cpu"), scheduler=params.get("scheduler", "unipc"),
+        max_tokens=int(params.get("max_tokens", "131072")), **json.loads(params.get("overrides", "{}")),
+    )
 
 
 def _input(pb, request, name: str):
@@ -38,6 +60,10 @@ def _out(pb, name: str, value) -> object:
     return pb.Tensor(name, np.ascontiguousarray(value))
 
 
+def _request_parameters(request) -> dict:
+    return json.loads(request.parameters() or "{}")
+
+
 class _PerRequestModel:
     """A model that answers each request on its own; a bad request gets an error, the batch goes on."""
 
@@ -45,7 +71,10 @@ class _PerRequestModel:
 
     def __init__(self, model_config: dict, pb):
         self.pb = pb
-        self.pipe = stages.ServedModel.from_parameters(model_config.get("parameters", {})).load(self.name)
+        self.component = self.load(load_checkpoint(model_config))
+
+    def load(self, checkpoint: Checkpoint):
+        raise NotImplementedError
 
     def execute(self, requests):
         responses = []
@@ -61,128 +90,165 @@ class _PerRequestModel:
         raise NotImplementedError
 
     def finalize(self):
-        self.pipe = None
+        self.component = None
 
 
 class TextEncoderModel(_PerRequestModel):
-    """``prompt`` BYTES [1 or 2] (prompt, negative prompt) -> ``text`` [N, 512, text_dim]."""
+    """``prompt`` BYTES [N] (prompt, then the negative prompt under guidance) -> ``text`` [N, 512, text_dim]."""
 
     name = "mvgen_text_encoder"
+    load = TextEncoder
 
     def run(self, request, wanted):
-        texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in _input(self.pb, request, "prompt").reshape(-1)]
+        try:
+            texts = [bytes(t).decode("utf-8") for t in _input(self.pb, request, "prompt").reshape(-1)]
+        except UnicodeDecodeError:
+            raise ValueError("'prompt' is not valid UTF-8 text") from None
         if len(texts) not in (1, 2):
             raise ValueError(f"'prompt' must hold 1 or 2 strings, got {len(texts)}")
-        text, negative = self.pipe.encode_prompt(texts[0], texts[1] if len(texts) == 2 else None)
-        return {"text": text if negative is None else torch.cat([text, negative])}
+        return {"text": self.component(texts)}
 
 
 class ImageEncoderModel(_PerRequestModel):
-    """``first_frame`` UINT8 [H, W, 3], optional ``first_frame_mask`` BOOL [H, W], ``size`` (height, width)
-    -> ``image_context`` [1, 257, image_dim] of the conditioning frame."""
+    """``frame`` UINT8 [H, W, 3] (the conditioning frame at video size) -> ``image_context`` [1, 257, image_dim]."""
 
     name = "mvgen_image_encoder"
+    load = ImageEncoder
 
     def run(self, request, wanted):
-        height, width = (int(v) for v in _input(self.pb, request, "size").reshape(-1))
-        frame, _ = self.pipe.condition_frame(_input(self.pb, request, "first_frame"),
-                                             _input(self.pb, request, "first_frame_mask"), height, width)
-        return {"image_context": self.pipe.encode_image(frame)}
+        return {"image_context": self.component(_input(self.pb, request, "frame"))}
 
 
 class VaeModel(_PerRequestModel):
-    """Encode the I2V condition (``first_frame`` [+ mask] + ``size`` (frames, height, width) -> ``condition``),
-    encode references (``references`` UINT8 [R, H, W, 3] -> ``ref_latents`` [1, R, 16, H/8, W/8]) or decode
-    (``latents`` -> ``video`` UINT8 [F, H, W, 3]); the requested outputs choose."""
+    """Encode the I2V condition (``frame`` + ``known`` + ``num_frames`` -> ``condition``), encode references
+    (``references`` UINT8 [R, H, W, 3] -> ``ref_latents`` [1, R, 16, H/8, W/8]) or decode (``latents`` ->
+    ``video`` UINT8 [F, H, W, 3]); the requested outputs choose."""
 
     name = "mvgen_vae"
+    load = Vae
 
     def run(self, request, wanted):
-        pb, out = self.pb, {}
+        pb, vae, out = self.pb, self.component, {}
         if "condition" in wanted:
-            frames, height, width = (int(v) for v in _input(pb, request, "size").reshape(-1))
-            out["condition"] = self.pipe.prepare_condition(
-                _input(pb, request, "first_frame"), _input(pb, request, "first_frame_mask"), frames, height, width)
+            num_frames = int(_input(pb, request, "num_frames").reshape(-1)[0])
+            out["condition"] = vae.encode_condition(_input(pb, request, "frame"), _input(pb, request, "known"), num_frames)
         if "ref_latents" in wanted:
-            images = _input(pb, request, "references")
-            out["ref_latents"] = self.pipe.encode_references(list(images), *images.shape[1:3])
+            out["ref_latents"] = vae.encode_references(_input(pb, request, "references"))
         if "video" in wanted:
-            out["video"] = self.pipe.decode(_torch_input(pb, request, "latents"))
+            out["video"] = vae.decode(_torch_input(pb, request, "latents"))
         return out
 
 
 class DenoiserModel:
-    """One denoiser call per dynamic batch: equal-shape requests run as one padded batch (``server.stages``)."""
+    """One denoiser call per dynamic batch (``engine.components.Denoiser.run``), and the reference caches of
+    the requests in flight, keyed by the ``mvgen_cache_key`` request parameter."""
 
     def __init__(self, model_config: dict, pb):
         self.pb = pb
         params = _parameters(model_config)
-        self.pipe = stages.ServedModel.from_parameters(model_config.get("parameters", {})).load("mvgen_denoiser")
+        self.denoiser = Denoiser(load_checkpoint(model_config), cache_bytes=int(params.get("cache_bytes", 8 << 30)))
         self.pad_to = int(params.get("pad_batch_to", "0"))
         self.metrics = BatchMetrics(pb, "mvgen_denoiser")
 
     def execute(self, requests):
-        groups: dict[tuple, list[int]] = {}
-        parts = []
-        for i, request in enumerate(requests):
-            part = {name: _torch_input(self.pb, request, name) for name in stages.DENOISER_INPUTS}
-            part["timestep"] = part["timestep"].reshape(-1)
-            parts.append(part)
-            groups.setdefault(tuple((k, tuple(v.shape[1:])) for k, v in part.items()), []).append(i)
-        responses = [None] * len(requests)
-        for indices in groups.values():
-            rows = sum(parts[i]["latents"].shape[0] for i in indices)
-            self.metrics.observe_batch(rows, len(indices))
-            outputs = stages.denoise_batch(self.pipe.denoiser, [parts[i] for i in indices], self.pad_to)
-            for i, velocity in zip(indices, outputs):
-                responses[i] = self.pb.InferenceResponse(output_tensors=[_out(self.pb, "velocity", velocity)])
+        caches = self.denoiser.caches
+        builds = caches.builds
+        responses = self._execute(requests)
+        self.metrics.observe_caches(caches.builds - builds, len(caches), caches.nbytes)
         return responses
 
+    def _execute(self, requests):
+        calls, steps, responses = [], [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            params = _request_parameters(request)
+            key = params.get(CACHE_KEY)
+            if params.get(RELEASE):
+                self.denoiser.caches.drop(key)
+                responses[i] = self._answer(_torch_input(self.pb, request, "latents").new_zeros(0))
+                continue
+            inputs = {name: _torch_input(self.pb, request, name) for name in DENOISER_INPUTS}
+            inputs["timestep"] = inputs["timestep"].reshape(-1)
+            calls.append(DenoiseCall(inputs, key))
+            steps.append(i)
+        if calls:
+            self.metrics.observe_batch(sum(c.inputs["latents"].shape[0] for c in calls), len(calls))
+        for i, call, result in zip(steps, calls, self.denoiser.run(calls, self.pad_to)):
+            if isinstance(result, Exception) and call.cache_key is not None:
+                self.denoiser.caches.drop(call.cache_key)  # a failed request holds no cache
+            responses[i] = self._answer(result)
+        return responses
+
+    def _answer(self, result):
+        pb = self.pb
+        if isinstance(result, Exception):
+            return pb.InferenceResponse(error=pb.TritonError(f"mvgen_denoiser: {type(result).__name__}: {result}"))
+        return pb.InferenceResponse(output_tensors=[_out(pb, "velocity", result)])
+
     def finalize(self):
-        self.pipe = None
+        self.denoiser = None
 
 
 class RemoteStages:
-    """``server.stages.Stages`` over BLS calls to the encoder, VAE and denoiser models."""
+    """``engine.generation.Stages`` over BLS calls to the encoder, VAE and denoiser models."""
 
-    def __init__(self, pb, dtype: torch.dtype):
+    def __init__(self, pb, checkpoint: Checkpoint, caches_references: bool):
         self.pb = pb
-        self.dtype = dtype
+        self.checkpoint = checkpoint
+        self.caches_references = caches_references
 
-    def _call(self, model: str, inputs: dict, outputs: list[str]) -> list[torch.Tensor | np.ndarray]:
+    def _call(self, model: str, inputs: dict, outputs: list[str], parameters: dict | None = None) -> list:
         pb = self.pb
         tensors = [_out(pb, name, value) for name, value in inputs.items() if value is not None]
-        response = pb.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=outputs).exec()
+        response = pb.InferenceRequest(model_name=model, inputs=tensors, requested_output_names=outputs,
+                                       parameters=parameters or {}).exec()
         if response.has_error():
-            raise RuntimeError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            if MISS_PREFIX in message:
+                raise ReferenceCacheMiss((parameters or {}).get(CACHE_KEY, ""))
+            raise RuntimeError(f"{model}: {message}")
         return [torch.from_dlpack(pb.get_output_tensor_by_name(response, name).to_dlpack()).clone() for name in outputs]
 
-    def text(self, prompt, negative_prompt):
-        texts = [prompt] if negative_prompt is None else [prompt, negative_prompt]
+    def encode_text(self, texts):
         return self._call("mvgen_text_encoder", {"prompt": np.array([t.encode("utf-8") for t in texts], dtype=object)},
                           ["text"])[0]
 
-    def image(self, first_frame, mask, height, width):
-        return self._call("mvgen_image_encoder", {"first_frame": first_frame, "first_frame_mask": mask,
-                                                  "size": np.array([height, width], np.int32)}, ["image_context"])[0]
+    def encode_image(self, frame):
+        return self._call("mvgen_image_encoder", {"frame": frame}, ["image_context"])[0]
 
-    def condition(self, first_frame, mask, num_frames, height, width):
-        return self._call("mvgen_vae", {"first_frame": first_frame, "first_frame_mask": mask,
-                                        "size": np.array([num_frames, height, width], np.int32)}, ["condition"])[0]
+    def encode_condition(self, frame, known, num_frames):
+        inputs = {"frame": frame, "known": known.astype(np.float32), "num_frames": np.array([num_frames], np.int32)}
+        return self._call("mvgen_vae", inputs, ["condition"])[0]
 
-    def references(self, images, height, width):
+    def encode_references(self, images):
         return self._call("mvgen_vae", {"references": images}, ["ref_latents"])[0]
 
-    def denoise(self, inputs):
-        inputs = dict(inputs)
-        if inputs["ref_latents"] is None:  # R = 0: an empty reference axis keeps the batch shape uniform
-            b, _, _, h, w = inputs["latents"].shape
-            inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, 16, h, w)
-        inputs["timestep"] = inputs["timestep"].reshape(-1, 1).float()
-        return self._call("mvgen_denoiser", inputs, ["velocity"])[0]
+    def denoise(self, inputs, cache_key):
+        inputs = self._wire(inputs)
+        return self._call("mvgen_denoiser", inputs, ["velocity"], {CACHE_KEY: cache_key} if cache_key else None)[0]
+
+    def release(self, cache_key):
+        """A one-row, one-cell request that only carries the release flag (the denoiser answers it at once)."""
+        cfg, dtype = self.checkpoint.config, self.checkpoint.dtype
+        zeros = dict(
+            latents=torch.zeros(1, 16, 1, 2, 2, dtype=dtype), condition=torch.zeros(1, 20, 1, 2, 2, dtype=dtype),
+            timestep=torch.zeros(1), text=torch.zeros(1, cfg.text_len, cfg.text_dim, dtype=dtype),
+            image_context=torch.zeros(1, 257, cfg.image_dim, dtype=dtype) if cfg.image_dim else None, ref_latents=None,
+        )
+        self._call("mvgen_denoiser", self._wire(zeros), ["velocity"], {CACHE_KEY: cache_key, RELEASE: True})
 
     def decode(self, latents):
         return self._call("mvgen_vae", {"latents": latents.float()}, ["video"])[0].numpy()
+
+    @staticmethod
+    def _wire(inputs: dict) -> dict:
+        """R = 0 travels as an empty reference axis (Triton inputs keep one shape per batch); the timestep as
+        one value per row."""
+        inputs = dict(inputs)
+        if inputs["ref_latents"] is None:
+            b, _, _, h, w = inputs["latents"].shape
+            inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, 16, h, w)
+        inputs["timestep"] = inputs["timestep"].reshape(-1, 1).float()
+        return inputs
 
 
 class GenerateModel:
@@ -198,8 +264,9 @@ class GenerateModel:
         self.decoupled = model_config.get("model_transaction_policy", {}).get("decoupled", False)
         params = _parameters(model_config)
         torch.set_num_threads(1)  # the loop's own math is tiny; the cores belong to the models it calls
-        self.pipe = stages.ServedModel.from_parameters(model_config.get("parameters", {})).load("mvgen")
-        self.stages = RemoteStages(pb, self.pipe.dtype)
+        self.checkpoint = load_checkpoint(model_config)
+        caches = params.get("reference_cache", "true") == "true" and self.checkpoint.config.caches_reference
+        self.stages = RemoteStages(pb, self.checkpoint, caches)
         self.metrics = LoopMetrics(pb, self.name)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "8")),
                                        thread_name_prefix=self.name)
@@ -222,20 +289,21 @@ class GenerateModel:
         try:
             self.metrics.request_started(time.perf_counter() - arrived)
             arguments = protocol.request_arguments(lambda name: _input(pb, request, name))
-            generation = self.pipe.make_request(**arguments)
+            generation_request = make_request(self.checkpoint.defaults, self.checkpoint.limits, **arguments)
 
             def on_step(step, total, seconds):
                 self.metrics.observe_step(seconds)
                 if self.decoupled:
                     sender.send(pb.InferenceResponse(output_tensors=[_out(pb, "progress", np.array([step, total], np.int32))]))
 
-            video = stages.generate(self.pipe, generation, self.stages, on_step, request.is_cancelled)
+            video = generation.generate(self.checkpoint, generation_request, self.stages, on_step, request.is_cancelled)
             outputs = [_out(pb, "video", video)]
             if self.decoupled:
-                outputs.append(_out(pb, "progress", np.array([generation.steps, generation.steps], np.int32)))
+                steps = generation_request.steps
+                outputs.append(_out(pb, "progress", np.array([steps, steps], np.int32)))
             sender.send(pb.InferenceResponse(output_tensors=outputs), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             outcome = "success"
-        except stages.Cancelled:
+        except Cancelled:
             outcome = "cancelled"
             self._fail(sender, "request cancelled", pb.TritonError.CANCELLED)
         except RequestError as error:

@@ -68,6 +68,9 @@ class RepositoryOptions:
     pad_batch_to: int | None = None  # None: pad every denoiser batch to max_batch_rows (bit-reproducible)
     batch_delay_us: int = 2000  # how long the dynamic batcher waits for companions
     denoiser_plan: str | None = None  # a TensorRT plan replaces the python denoiser
+    reference_cache: bool = True  # the denoiser keeps each request's reference K/V (isolated + zero configs)
+    reference_cache_mb: int = 8192  # bound on the reference K/V the denoiser holds at once
+    cache_root: str | None = None  # where the embedded tiny checkpoint is built
 
 
 def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOptions()) -> Path:
@@ -77,16 +80,20 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     """
     import json
 
-    from engine.config import MvgenConfig
-    from engine.loading import find_transformer_dir, transformer_weight_files
-    from engine.pipeline import resolve_model
+    import torch
 
-    path, adapter = resolve_model(options.model, options.adapter)
-    transformer = find_transformer_dir(path)
-    transformer_weight_files(transformer)
+    from engine.components import Checkpoint
+    from engine.loading import find_transformer_dir, transformer_weight_files
+
+    # the whole checkpoint description is read (and refused, in one line) before a server starts
+    checkpoint = Checkpoint.load(options.model, options.adapter, dtype=getattr(torch, options.dtype),
+                                 scheduler=options.scheduler, max_tokens=options.max_tokens,
+                                 cache_root=options.cache_root, **options.overrides)
+    path, adapter = checkpoint.path, checkpoint.adapter
+    transformer_weight_files(find_transformer_dir(path))
     if adapter is not None and not adapter.exists():
         raise FileNotFoundError(f"adapter not found: {adapter}")
-    config = MvgenConfig.from_files(transformer / "config.json")
+    config = checkpoint.config
     model_type = _model_type(options.dtype)
 
     dest = Path(dest)
@@ -101,15 +108,14 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     _write_python_model(dest, "mvgen_text_encoder", _config(
         "mvgen_text_encoder", [_tensor("prompt", "TYPE_STRING", [-1])], [_tensor("text", model_type, [-1, -1, -1])],
         params))
-    _write_python_model(dest, "mvgen_image_encoder", _config(
-        "mvgen_image_encoder",
-        [_tensor("first_frame", "TYPE_UINT8", [-1, -1, 3]), _tensor("first_frame_mask", "TYPE_BOOL", [-1, -1], True),
-         _tensor("size", "TYPE_INT32", [2])],
-        [_tensor("image_context", model_type, [-1, -1, -1])], params))
+    if checkpoint.has_image_encoder:
+        _write_python_model(dest, "mvgen_image_encoder", _config(
+            "mvgen_image_encoder", [_tensor("frame", "TYPE_UINT8", [-1, -1, 3])],
+            [_tensor("image_context", model_type, [-1, -1, -1])], params))
     _write_python_model(dest, "mvgen_vae", _config(
         "mvgen_vae",
-        [_tensor("first_frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("first_frame_mask", "TYPE_BOOL", [-1, -1], True),
-         _tensor("size", "TYPE_INT32", [3], True), _tensor("references", "TYPE_UINT8", [-1, -1, -1, 3], True),
+        [_tensor("frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("known", "TYPE_FP32", [-1, -1], True),
+         _tensor("num_frames", "TYPE_INT32", [1], True), _tensor("references", "TYPE_UINT8", [-1, -1, -1, 3], True),
          _tensor("latents", "TYPE_FP32", [1, 16, -1, -1, -1], True)],
         [_tensor("condition", "TYPE_FP32", [1, 20, -1, -1, -1]), _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
          _tensor("video", "TYPE_UINT8", [-1, -1, -1, 3])], params))
@@ -134,7 +140,8 @@ def _write_denoiser(dest: Path, config, params: dict, options: RepositoryOptions
         return
     pad = options.max_batch_rows if options.pad_batch_to is None else options.pad_batch_to
     _write_python_model(dest, DENOISER, _config(
-        DENOISER, inputs, outputs, {**params, "pad_batch_to": str(pad)}, max_batch_size=options.max_batch_rows,
+        DENOISER, inputs, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20)},
+        max_batch_size=options.max_batch_rows,
         extra=batching))
 
 
@@ -152,7 +159,9 @@ def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str
     outputs = [_tensor(f.name, f.triton_type, list(f.dims)) for f in protocol.OUTPUTS
                if f.name != "progress" or name == "mvgen_stream"]
     extra = "model_transaction_policy { decoupled: true }" if name == "mvgen_stream" else ""
-    return _config(name, inputs, outputs, {**params, "max_concurrency": str(options.max_concurrency)}, extra=extra)
+    loop = {"max_concurrency": str(options.max_concurrency),
+            "reference_cache": "true" if options.reference_cache and not options.denoiser_plan else "false"}
+    return _config(name, inputs, outputs, {**params, **loop}, extra=extra)
 
 
 def _spec_tensor(spec, io_dtype: str) -> str:

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.pipeline import MultiViewPipeline, classifier_free_guidance
+from engine.generation import classifier_free_guidance
+from engine.pipeline import MultiViewPipeline
 from engine.tiny import TINY_VERSION
 
 SIZE = dict(num_frames=9, height=64, width=64, steps=3)
@@ -87,9 +88,17 @@ def test_reference_cache_equals_recomputing_every_step(tiny, rng):
                                              ref_timestep="zero")
     request = pipe.make_request(first_frame=frame, references=refs, prompt="turn", seed=9, **SIZE)
     cached, recomputed = pipe.prepare(request), pipe.prepare(request)
-    assert cached.ref_cache is not None and len(cached.ref_cache.keys) == pipe.config.num_layers
-    recomputed.ref_cache = None
-    torch.testing.assert_close(pipe.denoise(cached), pipe.denoise(recomputed), rtol=1e-5, atol=1e-5)
+    assert cached.cache_key is not None
+    recomputed.cache_key = None  # the references go to the denoiser at every step
+    store = pipe.stages.denoiser.caches
+    held = []
+    latents = pipe.denoise(cached, callback=lambda step, total: held.append((len(store), store.nbytes)))
+    assert held[0][0] == 1 and held[0][1] > 0 and all(h == held[0] for h in held)  # built once, reused
+    assert len(store) == 0  # released when the request ended
+    cache = pipe.denoiser.precompute_reference(cached.ref_latents, cached.text, cached.image_context,
+                                               tuple(cached.latents.shape[2:]))
+    assert len(cache.keys) == pipe.config.num_layers
+    torch.testing.assert_close(latents, pipe.denoise(recomputed), rtol=1e-5, atol=1e-5)
 
 
 def test_references_change_the_video(pipe, rng):

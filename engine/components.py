@@ -1,0 +1,366 @@
+"""A checkpoint's parts, loaded one by one: each served model (and the in-process pipeline) holds only its own.
+
+``Checkpoint`` is the weightless description every part starts from: the denoiser's config, the VAE's
+latent layout, the scheduler, generation defaults and request limits, read from the JSON files of a
+diffusers Wan directory, plus where and in what dtype the parts run. The generation loop needs nothing
+else, so the server's loop model loads no weights at all. ``TextEncoder``, ``ImageEncoder``, ``Vae`` and
+``Denoiser`` each load one sub-folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import MvgenConfig
+from .denoiser import ReferenceCache
+from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
+from .validation import DEFAULT_MAX_TOKENS, RequestLimits
+
+SCHEDULERS = ("unipc", "euler")
+# diffusers' WanImageToVideoPipeline defaults (480p checkpoint); a checkpoint may ship mvgen_defaults.json
+WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0}
+
+
+@contextlib.contextmanager
+def quiet_hub_progress():
+    """Hide transformers'/diffusers' per-file loading bars (restored afterwards); our own bar stays."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in was:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in was:
+            if enabled:
+                module.enable_progress_bar()
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a checkpoint is and how it runs, without a single weight.
+
+    ``latents_mean``/``latents_std`` are the VAE's per-channel normalisation, ``defaults`` the generation
+    defaults (``mvgen_defaults.json`` over Wan's), ``limits`` what a request may ask for.
+    """
+
+    path: Path
+    adapter: Path | None
+    config: MvgenConfig
+    dtype: torch.dtype
+    device: torch.device
+    scheduler: str
+    scheduler_config: dict
+    defaults: dict
+    limits: RequestLimits
+    vae_scale_temporal: int
+    vae_scale_spatial: int
+    latent_channels: int
+    latents_mean: tuple[float, ...]
+    latents_std: tuple[float, ...]
+    has_image_encoder: bool
+    overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model: str | Path = "tiny", adapter: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", scheduler: str = "unipc", max_tokens: int = DEFAULT_MAX_TOKENS,
+             cache_root: str | Path | None = None, **overrides) -> "Checkpoint":
+        """Read the JSON files of a diffusers Wan2.1-I2V directory (or ``"tiny"``); ``overrides`` go to the
+        denoiser's ``MvgenConfig``. Raises ``CheckpointError``/``AdapterError`` naming what is wrong."""
+        from .loading import denoiser_config
+
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        from .tiny import resolve_checkpoint
+
+        if str(model) == "tiny" and cache_root is None:
+            raise ValueError("the embedded 'tiny' model needs a cache_root to build it in")
+        path, adapter = resolve_checkpoint(model, adapter, cache_root)
+        config = denoiser_config(path, adapter, **overrides)
+        vae = _read_json(path / "vae" / "config.json")
+        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+        shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", WAN_DEFAULTS["shift"]))
+        temporal = vae.get("scale_factor_temporal") or 4
+        spatial = vae.get("scale_factor_spatial") or 8
+        _, patch_h, patch_w = config.patch_size
+        z_dim = vae.get("z_dim", 16)
+        return cls(
+            path=path, adapter=adapter, config=config, dtype=dtype, device=resolve_device(device), scheduler=scheduler,
+            scheduler_config=scheduler_config,
+            defaults={**WAN_DEFAULTS, "shift": float(shift), **_read_json(path / "mvgen_defaults.json")},
+            limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal),
+            vae_scale_temporal=temporal, vae_scale_spatial=spatial, latent_channels=z_dim,
+            latents_mean=tuple(vae.get("latents_mean", (0.0,) * z_dim)),
+            latents_std=tuple(vae.get("latents_std", (1.0,) * z_dim)),
+            has_image_encoder=config.image_dim is not None and (path / "image_encoder").is_dir(),
+            overrides=dict(overrides),
+        )
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+        """[1, C, (F-1)/4+1, H/8, W/8] of a video of this size."""
+        s, t = self.vae_scale_spatial, self.vae_scale_temporal
+        return 1, self.latent_channels, (num_frames - 1) // t + 1, height // s, width // s
+
+    def initial_noise(self, seed: int, num_frames: int, height: int, width: int) -> torch.Tensor:
+        """Noise from a CPU generator (the same numbers on every device), float32 on the checkpoint's device."""
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(self.latent_shape(num_frames, height, width), generator=generator, dtype=torch.float32)
+        return noise.to(self.device)
+
+    def make_scheduler(self, shift: float):
+        """A fresh flow-matching scheduler (schedulers are stateful: one per request)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+        if self.scheduler == "euler":
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        config = self.scheduler_config
+        base = config if config.get("_class_name") == "UniPCMultistepScheduler" else {}
+        return UniPCMultistepScheduler.from_config(
+            {**base, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift}
+        )
+
+    def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel mean and std as [1, C, 1, 1, 1] float32 on the device."""
+        shape = (1, self.latent_channels, 1, 1, 1)
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device).view(shape)  # noqa: E731
+        return as_tensor(self.latents_mean), as_tensor(self.latents_std)
+
+
+def prompt_clean(text: str) -> str:
+    """Wan's prompt normalisation (ftfy, HTML unescape, whitespace collapse), as diffusers applies it."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class TextEncoder:
+    """umT5 and its tokenizer (``text_encoder/``, ``tokenizer/``), in the checkpoint's dtype."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        self.checkpoint = checkpoint
+        with quiet_hub_progress():
+            folder = _component(checkpoint, "text_encoder")
+            self.tokenizer = AutoTokenizer.from_pretrained(_component(checkpoint, "tokenizer", weights=False))
+            self.model = UMT5EncoderModel.from_pretrained(folder, dtype=checkpoint.dtype).to(checkpoint.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """umT5 states [N, text_len, text_dim] of N prompts, zero past each prompt's length (as Wan)."""
+        ckpt = self.checkpoint
+        tokens = self.tokenizer(
+            [prompt_clean(t) for t in texts], padding="max_length", max_length=ckpt.config.text_len, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        mask = tokens.attention_mask.to(ckpt.device)
+        states = self.model(tokens.input_ids.to(ckpt.device), mask).last_hidden_state
+        # the encoder's padded rows are not zero; Wan zeroes them
+        return (states * mask[..., None].to(states.dtype)).to(ckpt.dtype)
+
+
+class ImageEncoder:
+    """CLIP vision (``image_encoder/``, ``image_processor/``) in float32, as in diffusers' Wan example."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        from transformers import AutoImageProcessor, CLIPVisionModel
+
+        self.checkpoint = checkpoint
+        with quiet_hub_progress():
+            self.processor = AutoImageProcessor.from_pretrained(_component(checkpoint, "image_processor", weights=False))
+            folder = _component(checkpoint, "image_encoder")
+            self.model = CLIPVisionModel.from_pretrained(folder, dtype=torch.float32).to(checkpoint.device).eval()
+
+    @torch.no_grad()
+    def __call__(self, frame: np.ndarray) -> torch.Tensor:
+        """Penultimate hidden states [1, 257, image_dim] of the conditioning frame (RGB uint8), model dtype."""
+        from PIL import Image
+
+        pixels = self.processor(images=Image.fromarray(frame), return_tensors="pt").pixel_values
+        out = self.model(pixel_values=pixels.to(self.checkpoint.device, torch.float32), output_hidden_states=True)
+        return out.hidden_states[-2].to(self.checkpoint.dtype)
+
+
+class Vae:
+    """The Wan VAE (``vae/``) in float32: the I2V condition, reference latents, and decoding."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        from diffusers import AutoencoderKLWan
+
+        self.checkpoint = checkpoint
+        with quiet_hub_progress():
+            folder = _component(checkpoint, "vae")
+            self.model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32).to(checkpoint.device).eval()
+        self.mean, self.std = checkpoint.latent_stats()
+
+    @torch.no_grad()
+    def encode_condition(self, frame: np.ndarray, known: np.ndarray, num_frames: int) -> torch.Tensor:
+        """Wan's I2V condition [1, 20, f, h, w]: 4 mask channels (1 = known) + the latent of
+        [first frame, zeros x (num_frames - 1)]; ``known`` [h, w] marks the latent cells of frame 0 that are known."""
+        pixels = self._pixels(frame[None])[:, :, None]  # [1, 3, 1, H, W]
+        video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, *pixels.shape[-2:])], dim=2)
+        latent = self._encode(video)  # [1, 16, f, h, w]
+        # diffusers builds a per-pixel-frame mask (first frame x4, then one per frame) viewed as 4 channels;
+        # only latent frame 0 is known, and in it exactly the known cells
+        mask = latent.new_zeros(1, self.checkpoint.vae_scale_temporal, *latent.shape[2:])
+        mask[:, :, 0] = torch.as_tensor(known, dtype=latent.dtype, device=latent.device)
+        return torch.cat([mask, latent], dim=1)
+
+    @torch.no_grad()
+    def encode_references(self, images: np.ndarray) -> torch.Tensor:
+        """R fitted reference views uint8 [R, H, W, 3], each encoded as a one-frame video: [1, R, 16, H/8, W/8]."""
+        latents = self._encode(self._pixels(images)[:, :, None])  # [R, 16, 1, h, w]
+        return latents[:, :, 0].unsqueeze(0)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Normalised latents [1, 16, f, h, w] -> frames uint8 [F, H, W, 3]."""
+        latents = latents.to(self.checkpoint.device, torch.float32) * self.std + self.mean
+        video = self.model.decode(latents).sample[0]  # [3, F, H, W] in [-1, 1]
+        video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return video.permute(1, 2, 3, 0).cpu().numpy()
+
+    def _pixels(self, images: np.ndarray) -> torch.Tensor:
+        """RGB uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [-1, 1]."""
+        return torch.tensor(images, device=self.checkpoint.device).permute(0, 3, 1, 2).float() \
+            / 127.5 - 1.0
+
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        latent = self.model.encode(video).latent_dist.mode().float()
+        return (latent - self.mean) / self.std
+
+
+class Denoiser:
+    """The multi-view DiT (``transformer/`` + adapter) and the reference K/V caches of the requests it serves.
+
+    ``cache_bytes`` bounds the caches held at once (least recently used dropped first; a request whose cache
+    was dropped sends its references again, see ``engine.generation``).
+    """
+
+    def __init__(self, checkpoint: Checkpoint, cache_bytes: int = 8 << 30):
+        from .loading import load_denoiser
+
+        self.checkpoint = checkpoint
+        self.model = load_denoiser(checkpoint.path, checkpoint.adapter, dtype=checkpoint.dtype,
+                                   device=checkpoint.device, **checkpoint.overrides)
+        self.caches = ReferenceCacheStore(cache_bytes)
+
+    @property
+    def caches_references(self) -> bool:
+        return self.model.config.caches_reference
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+
+    def __call__(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None = None) -> torch.Tensor:
+        """One call's velocity (see ``run``); its error is raised."""
+        result = self.run([DenoiseCall(inputs, cache_key)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.no_grad()
+    def run(self, calls: list["DenoiseCall"], pad_to: int = 0) -> list[torch.Tensor | Exception]:
+        """Each call's velocity, or the exception that failed that call alone.
+
+        Calls of equal shapes (and equal reference-cache layouts) run as one batch; when a batch fails, its
+        calls run one by one, so a bad or failing request never takes its companions down. Rows never
+        interact in the denoiser; ``pad_to`` > 0 still runs every batch at that many rows (padding repeats
+        row 0), so a request's bits cannot depend on its companions whatever the GEMM library does.
+        """
+        results: list[torch.Tensor | Exception | None] = [None] * len(calls)
+        groups: dict[tuple, list[tuple[int, dict, ReferenceCache | None]]] = {}
+        for index, call in enumerate(calls):
+            try:
+                inputs, cache = self._resolve(call)
+            except Exception as error:  # this request's inputs or cache: its own answer, the batch goes on
+                results[index] = error
+                continue
+            signature = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(inputs.items()) if v is not None)
+            groups.setdefault((signature, cache.layout if cache else None), []).append((index, inputs, cache))
+        for items in groups.values():
+            self._run_group(items, results, pad_to)
+        return results
+
+    def _resolve(self, call: "DenoiseCall") -> tuple[dict, ReferenceCache | None]:
+        """The call's inputs and its reference cache: looked up, or built from this call's references."""
+        inputs = dict(call.inputs)
+        refs = inputs.pop("ref_latents", None)
+        refs = refs if refs is not None and refs.shape[1] > 0 else None
+        if call.cache_key is None or not self.caches_references:
+            return {**inputs, "ref_latents": refs}, None
+        cache = self.caches.get(call.cache_key)
+        if cache is None:
+            if refs is None:
+                raise ReferenceCacheMiss(call.cache_key)
+            cache = self.model.precompute_reference(refs, inputs["text"], inputs["image_context"],
+                                                    latent_fhw=tuple(inputs["latents"].shape[2:]))
+            self.caches.put(call.cache_key, cache)
+        return {**inputs, "ref_latents": None}, cache
+
+    def _run_group(self, items, results: list, pad_to: int) -> None:
+        try:
+            outputs = self._forward([inputs for _, inputs, _ in items], [cache for _, _, cache in items], pad_to)
+        except Exception as error:
+            if len(items) == 1:
+                results[items[0][0]] = error
+                return
+            for item in items:  # find which request fails; the others are answered
+                self._run_group([item], results, pad_to)
+            return
+        for (index, _, _), velocity in zip(items, outputs):
+            results[index] = velocity
+
+    def _forward(self, inputs: list[dict], caches: list, pad_to: int) -> list[torch.Tensor]:
+        sizes = [part["latents"].shape[0] for part in inputs]
+        rows = sum(sizes)
+        batch = {name: torch.cat([part[name] for part in inputs]) for name, value in inputs[0].items()
+                 if value is not None}
+        if pad_to > rows:
+            batch = {name: torch.cat([t, t[:1].expand(pad_to - rows, *t.shape[1:])]) for name, t in batch.items()}
+        cache = ReferenceCache.cat(caches, pad_to) if caches[0] is not None else None
+        velocity = self.model(**batch, ref_cache=cache)
+        return list(velocity[:rows].split(sizes))
+
+
+@dataclass
+class DenoiseCall:
+    """One request's denoiser step: inputs by ``DENOISER_INPUTS`` name (``ref_latents`` None or with R = 0 when
+    there are none) and, where the reference stream is cached, the request's cache key."""
+
+    inputs: dict[str, torch.Tensor | None]
+    cache_key: str | None = None
+
+
+def _component(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:
+    """A sub-folder of the checkpoint, its safetensors checked before a loader sees them."""
+    from .loading import CheckpointError, check_component
+
+    folder = checkpoint.path / name
+    if not folder.is_dir():
+        raise CheckpointError(f"{checkpoint.path} has no {name}/ folder (a diffusers Wan2.1-I2V directory has one)")
+    check_component(folder, weights)
+    return folder
+
+
+def _read_json(path: Path) -> dict:
+    from .loading import read_checkpoint_json
+
+    return read_checkpoint_json(path) if path.is_file() else {}

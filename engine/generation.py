@@ -1,0 +1,226 @@
+"""The one generation loop, over a small stages interface.
+
+It follows diffusers' ``WanImageToVideoPipeline`` step for step (prompt padded to 512 tokens, CLIP
+penultimate states, the 20-channel first-frame condition, latents normalised by the VAE's mean/std,
+classifier-free guidance when ``guidance_scale > 1`` with cond and uncond batched, CPU generator seeds)
+and adds the reference views, the first-frame inpainting mask and the reference K/V cache. The in-process
+pipeline supplies local stages (``engine.pipeline.LocalStages``), the server supplies stages that call its
+sub-models; both run ``generate`` below, so the CLI, the Python API, the benchmarks and the server produce
+the same video for the same request and seed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .components import Checkpoint
+from .media import fit_image
+from .reference_cache import ReferenceCacheMiss
+from .request import GenerationRequest
+
+GREY = 128
+# the denoiser's inputs, in the order of ``MultiViewWanTransformer.forward``
+DENOISER_INPUTS = ("latents", "condition", "timestep", "text", "image_context", "ref_latents")
+
+StepCallback = Callable[[int, int, float], None]  # (step, total, seconds)
+
+
+class Stages(Protocol):
+    """Where the once-per-request encoders, the per-step denoiser and the decoder run."""
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor: ...  # [N, 512, text_dim]
+    def encode_image(self, frame: np.ndarray) -> torch.Tensor: ...  # [1, 257, image_dim]
+    def encode_condition(self, frame: np.ndarray, known: np.ndarray, num_frames: int) -> torch.Tensor: ...
+    def encode_references(self, images: np.ndarray) -> torch.Tensor: ...  # [R, H, W, 3] -> [1, R, 16, h, w]
+    def denoise(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None) -> torch.Tensor: ...
+    def release(self, cache_key: str) -> None: ...  # drop the request's reference cache
+    def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # [1, 16, f, h, w] -> uint8 [F, H, W, 3]
+
+    @property
+    def caches_references(self) -> bool: ...  # the denoiser keeps per-request reference K/V
+
+
+class Cancelled(Exception):
+    """The client went away; the loop stopped."""
+
+
+@dataclass
+class Generation:
+    """One request's loop state. Batched tensors hold [cond, uncond] along the batch when classifier-free
+    guidance is on (B = 2), else B = 1."""
+
+    request: GenerationRequest
+    latents: torch.Tensor  # [1, 16, f, h, w] float32, the sample being denoised
+    condition: torch.Tensor  # [B, 20, f, h, w]
+    text: torch.Tensor  # [B, 512, text_dim]
+    image_context: torch.Tensor | None  # [B, 257, image_dim]
+    ref_latents: torch.Tensor | None  # [B, R, 16, hr, wr] (None: no references)
+    cache_key: str | None  # set when the denoiser keeps this request's reference K/V
+    scheduler: object  # a fresh diffusers flow-matching scheduler with its timesteps set
+    step_index: int = 0
+    cache_built: bool = False
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.scheduler.timesteps
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.scheduler.timesteps)
+
+    @property
+    def batch(self) -> int:
+        return self.text.shape[0]
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+
+def classifier_free_guidance(velocity: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """[cond; uncond] batched velocity -> ``uncond + scale * (cond - uncond)``; a batch of 1 passes through."""
+    if velocity.shape[0] == 1:
+        return velocity
+    cond, uncond = velocity.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def condition_frame(checkpoint: Checkpoint, first_frame: np.ndarray, mask: np.ndarray | None, height: int,
+                    width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first frame at video size with the masked region grey, and its known map (float32 [h, w], 1 = known)
+    at latent size."""
+    frame = fit_image(first_frame, height, width)
+    s = checkpoint.vae_scale_spatial
+    if mask is None:
+        return frame, np.ones((height // s, width // s), np.float32)
+    masked = fit_image(mask.astype(np.uint8) * 255, height, width, Image.NEAREST) > 127
+    frame = np.where(masked[..., None], np.uint8(GREY), frame)
+    # a latent cell that sees any masked pixel is unknown: its latent carries the grey fill
+    cells = F.max_pool2d(torch.from_numpy(masked).float()[None, None], s)[0, 0]
+    return frame, (1.0 - cells).numpy()
+
+
+def fit_references(images, size: tuple[int, int]) -> np.ndarray | None:
+    """Reference views centre-cropped and resized to ``size`` (height, width): uint8 [R, H, W, 3]; None if none."""
+    if len(images) == 0:
+        return None
+    return np.stack([fit_image(image, *size) for image in images])
+
+
+def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
+            cancelled: Callable[[], bool] = lambda: False) -> Generation:
+    """Every once-per-request stage: prompts, image context, condition, references, noise, scheduler."""
+    guided = request.guidance_scale > 1
+    calls = [
+        lambda: stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt]),
+        lambda: condition_frame(checkpoint, request.first_frame, request.first_frame_mask, request.height,
+                                request.width),
+    ]
+    text, (frame, known) = (_checked(call, cancelled) for call in calls)
+    image_context = _checked(lambda: stages.encode_image(frame), cancelled) if checkpoint.has_image_encoder else None
+    condition = _checked(lambda: stages.encode_condition(frame, known, request.num_frames), cancelled)
+    views = fit_references(request.references, request.reference_size)
+    refs = _checked(lambda: stages.encode_references(views), cancelled) if views is not None else None
+
+    batch = text.shape[0]
+    cached = refs is not None and checkpoint.config.caches_reference and stages.caches_references
+    scheduler = checkpoint.make_scheduler(request.shift)
+    scheduler.set_timesteps(request.steps, device=checkpoint.device)
+    return Generation(
+        request=request,
+        latents=checkpoint.initial_noise(request.seed, request.num_frames, request.height, request.width),
+        condition=condition.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1),
+        text=text.to(checkpoint.dtype),
+        image_context=image_context.to(checkpoint.dtype).expand(batch, -1, -1) if image_context is not None else None,
+        ref_latents=refs.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None,
+        cache_key=uuid.uuid4().hex if cached else None,
+        scheduler=scheduler,
+    )
+
+
+def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool) -> dict:
+    """One step's denoiser inputs with cond and uncond batched; references left out once the denoiser caches them."""
+    batch = state.batch
+    return dict(
+        latents=state.latents.expand(batch, -1, -1, -1, -1).to(state.text.dtype), condition=state.condition,
+        timestep=timestep.expand(batch), text=state.text, image_context=state.image_context,
+        ref_latents=state.ref_latents if with_references else None,
+    )
+
+
+def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) -> torch.Tensor:
+    """One denoiser call with cond and uncond batched, combined by classifier-free guidance: [1, 16, f, h, w].
+
+    A cached request sends its references at its first step only (the denoiser builds the cache from them),
+    and again if the denoiser has dropped the cache in the meantime."""
+    with_refs = state.ref_latents is not None and not state.cache_built
+    try:
+        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs), state.cache_key)
+    except ReferenceCacheMiss:
+        velocity = stages.denoise(denoiser_inputs(state, timestep, True), state.cache_key)
+    state.cache_built = state.cache_key is not None
+    return classifier_free_guidance(velocity.float(), state.request.guidance_scale)
+
+
+@torch.no_grad()
+def step(state: Generation, stages: Stages) -> Generation:
+    """Advance the state by one scheduler step (in place; returned for chaining)."""
+    if state.done:
+        raise ValueError(f"denoising already finished ({state.total_steps} steps)")
+    t = state.timesteps[state.step_index]
+    velocity = predict_velocity(state, stages, t)
+    state.latents = state.scheduler.step(velocity, t, state.latents, return_dict=False)[0]
+    state.step_index += 1
+    return state
+
+
+@torch.no_grad()
+def denoise(state: Generation, stages: Stages, on_step: StepCallback | None = None,
+            cancelled: Callable[[], bool] = lambda: False, progress: bool = False) -> torch.Tensor:
+    """Run the remaining steps; ``on_step(step, total, seconds)`` after each (step counts from 1). The request's
+    reference cache is released when the loop ends, however it ends."""
+    try:
+        with tqdm(total=state.total_steps, initial=state.step_index, disable=not progress, desc="denoising",
+                  unit="step", file=sys.stderr) as bar:
+            while not state.done:
+                _check(cancelled)
+                start = time.perf_counter()
+                step(state, stages)
+                bar.update()
+                if on_step is not None:
+                    on_step(state.step_index, state.total_steps, time.perf_counter() - start)
+    finally:
+        if state.cache_key is not None:
+            stages.release(state.cache_key)
+    return state.latents
+
+
+@torch.no_grad()
+def generate(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
+             on_step: StepCallback | None = None, cancelled: Callable[[], bool] = lambda: False,
+             progress: bool = False) -> np.ndarray:
+    """A validated request -> frames uint8 [F, H, W, 3]. ``cancelled()`` is checked before every stage and
+    step: a cancelled request raises ``Cancelled`` within one step."""
+    state = prepare(checkpoint, request, stages, cancelled)
+    latents = denoise(state, stages, on_step, cancelled, progress)
+    _check(cancelled)
+    return stages.decode(latents)
+
+
+def _check(cancelled: Callable[[], bool]) -> None:
+    if cancelled():
+        raise Cancelled("request cancelled by the client")
+
+
+def _checked(call, cancelled):
+    _check(cancelled)
+    return call()
