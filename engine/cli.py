@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, map_images, model_paths,
-                       parse_overrides, request_values)
+                       parse_overrides, request_values, add_reference_cache_argument)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -42,6 +42,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable; VALUE is JSON or text)")
+    add_reference_cache_argument(p)
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a .png contact sheet is written beside it)")
     p.set_defaults(func=run_generate)
 
@@ -73,7 +74,7 @@ def run_generate(args) -> int:
     try:
         pipe = MultiViewPipeline.from_pretrained(
             model, adapter=adapter, dtype=getattr(torch, args.dtype), device=_device(args.device),
-            scheduler=args.scheduler, **overrides,
+            scheduler=args.scheduler, reference_cache=args.reference_cache, **overrides,
         )
     except ValueError as error:  # config values (overrides, mvgen_config.json) the model refuses
         if isinstance(error, user_errors()):

@@ -108,3 +108,10 @@ def parse_overrides(items: list[str]) -> dict:
         except json.JSONDecodeError:
             overrides[key] = value
     return overrides
+
+
+def add_reference_cache_argument(p) -> None:
+    """``--no-reference-cache``, shared by ``mvgen generate`` and ``mvgen serve``."""
+    p.add_argument("--no-reference-cache", dest="reference_cache", action="store_false",
+                   help="recompute the reference stream at every step even where its K/V could be kept "
+                        "(ref_attention=isolated with ref_timestep=zero); same video within float rounding")

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from engine.cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, map_images, model_paths,
-                             parse_overrides, request_values)
+                             parse_overrides, request_values, add_reference_cache_argument)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -46,6 +46,9 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--denoiser-plan", type=Path, help="serve this TensorRT plan as mvgen_denoiser")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable)")
+    add_reference_cache_argument(p)
+    p.add_argument("--reference-cache-mb", type=int, default=8192,
+                   help="reference K/V the denoiser holds at once, over all requests (least recently used dropped)")
     p.add_argument("--log-file", type=Path, help="tritonserver log (default: in the temporary work dir)")
     p.set_defaults(func=run_serve)
 
@@ -82,6 +85,8 @@ def run_serve(args) -> int:
         port = getattr(args, flag)
         if not 0 < port < 65536:
             raise UsageError(f"--{flag.replace('_', '-')} must be a port in 1..65535, got {port}")
+    if args.reference_cache_mb <= 0:
+        raise UsageError(f"--reference-cache-mb must be a positive number of MiB, got {args.reference_cache_mb}")
     if args.denoiser_plan is not None and not args.denoiser_plan.is_file():
         raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
     model, adapter = model_paths(args)
@@ -90,6 +95,7 @@ def run_serve(args) -> int:
         scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=parse_overrides(args.overrides),
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
+        reference_cache=args.reference_cache, reference_cache_mb=args.reference_cache_mb,
     )
     config = ServeConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, repository=args.repository, log_file=args.log_file)
