@@ -1,10 +1,13 @@
-"""mvgen engine: the multi-view reference denoiser, its loading and the in-process pipeline."""
+"""mvgen engine: the multi-view reference denoiser, the checkpoint's components, the one generation loop."""
+from .components import Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae
 from .config import MvgenConfig
 from .denoiser import MultiViewWanTransformer, ReferenceCache
 from .errors import RequestError
+from .generation import generate
 from .loading import load_denoiser
-from .pipeline import MultiViewPipeline
+from .pipeline import LocalStages, MultiViewPipeline
 from .tiny import ensure_tiny
 
-__all__ = ["MvgenConfig", "MultiViewWanTransformer", "ReferenceCache", "RequestError", "load_denoiser",
-           "MultiViewPipeline", "ensure_tiny"]
+__all__ = ["Checkpoint", "Denoiser", "ImageEncoder", "TextEncoder", "Vae", "MvgenConfig", "MultiViewWanTransformer",
+           "ReferenceCache", "RequestError", "generate", "load_denoiser", "LocalStages", "MultiViewPipeline",
+           "ensure_tiny"]
