@@ -68,7 +68,7 @@ def run_generate(args) -> int:
     if args.fps <= 0:
         raise UsageError(f"--fps must be a positive integer, got {args.fps}")
     # every image is read before the (possibly slow) model load, so a typo fails at once
-    values = map_images(request_values(args), lambda path, flag: load_image(path, f"{flag} {path}"))
+    values = map_images(request_values(args), lambda path, flag: load_image(path, flag))
     overrides = parse_overrides(args.overrides)
     model, adapter = model_paths(args)
     try:

@@ -93,8 +93,8 @@ class Checkpoint:
             raise ValueError("the embedded 'tiny' model needs a cache_root to build it in")
         path, adapter = resolve_checkpoint(model, adapter, cache_root)
         config = denoiser_config(path, adapter, **overrides)
-        vae = _read_json(path / "vae" / "config.json")
-        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json")
+        vae = _read_json(path / "vae" / "config.json", "VAE config")
+        scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
         shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", WAN_DEFAULTS["shift"]))
         temporal = vae.get("scale_factor_temporal") or 4
         spatial = vae.get("scale_factor_spatial") or 8
@@ -103,7 +103,7 @@ class Checkpoint:
         return cls(
             path=path, adapter=adapter, config=config, dtype=dtype, device=resolve_device(device), scheduler=scheduler,
             scheduler_config=scheduler_config,
-            defaults={**WAN_DEFAULTS, "shift": float(shift), **_read_json(path / "mvgen_defaults.json")},
+            defaults={**WAN_DEFAULTS, "shift": float(shift), **_read_json(path / "mvgen_defaults.json", "generation defaults")},
             limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal),
             vae_scale_temporal=temporal, vae_scale_spatial=spatial, latent_channels=z_dim,
             latents_mean=tuple(vae.get("latents_mean", (0.0,) * z_dim)),
@@ -360,7 +360,8 @@ def _component(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:
     return folder
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, what: str) -> dict:
+    """A JSON file of the checkpoint, refused in one line when unreadable; {} when absent (defaults apply)."""
     from .loading import read_checkpoint_json
 
-    return read_checkpoint_json(path) if path.is_file() else {}
+    return read_checkpoint_json(path, what) if path.exists() else {}
