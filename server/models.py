@@ -265,6 +265,9 @@ class GenerateModel:
         params = _parameters(model_config)
         torch.set_num_threads(1)  # the loop's own math is tiny; the cores belong to the models it calls
         self.checkpoint = load_checkpoint(model_config)
+        # import and build the scheduler once now: its first import (diffusers) costs ~180 MB and seconds that
+        # would otherwise land on the first request
+        self.checkpoint.make_scheduler(self.checkpoint.defaults["shift"]).set_timesteps(2)
         caches = params.get("reference_cache", "true") == "true" and self.checkpoint.config.caches_reference
         self.stages = RemoteStages(pb, self.checkpoint, caches)
         self.metrics = LoopMetrics(pb, self.name)
