@@ -72,16 +72,36 @@ def _tritonserver_available() -> str | None:
 @pytest.fixture(scope="session")
 def served(tiny_cache, tmp_path_factory):
     """``mvgen serve --model tiny`` on free loopback ports; SIGINT at the end must stop it with exit code 0."""
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served"))
+
+
+# `--set` overrides that make the tiny model's reference stream cacheable (MvgenConfig.caches_reference)
+CACHEABLE = ("--set", "ref_attention=isolated", "--set", "ref_timestep=zero")
+
+
+@pytest.fixture(scope="session")
+def served_cached(tiny_cache, tmp_path_factory):
+    """The tiny model with a cacheable reference stream, the denoiser's reference K/V cache on (the default)."""
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-cached"), *CACHEABLE)
+
+
+@pytest.fixture(scope="session")
+def served_uncached(tiny_cache, tmp_path_factory):
+    """The same cacheable model served with ``--no-reference-cache``: references recomputed at every step."""
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE, "--no-reference-cache")
+
+
+def _serve(tiny_cache, work: Path, *extra: str):
+    """Start ``mvgen serve --model tiny [extra]``, yield it ready, then SIGINT it and require exit code 0."""
     reason = _tritonserver_available()
     if reason:
         pytest.skip(reason)
-    work = tmp_path_factory.mktemp("served")
     grpc, http, metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "MVGEN_CACHE": str(tiny_cache)}
     log = work / "tritonserver.log"
     command = [MVGEN, "serve", "--model", "tiny", "--grpc-port", str(grpc), "--http-port", str(http),
                "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu",
-               "--max-tokens", str(MAX_TOKENS)]
+               "--max-tokens", str(MAX_TOKENS), *extra]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Served(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", process, log)
     try:
@@ -95,7 +115,7 @@ def served(tiny_cache, tmp_path_factory):
             process.kill()
             code = process.wait()
         output = process.stdout.read()
-        assert code == 0, f"mvgen serve exited with {code} on SIGINT:\n{output[-2000:]}"
+        assert code == 0, f"mvgen serve {' '.join(extra)} exited with {code} on SIGINT:\n{output[-2000:]}"
 
 
 def _wait_ready(server: Served) -> None:
