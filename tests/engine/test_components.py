@@ -76,8 +76,6 @@ def test_a_failing_call_fails_alone_and_its_companions_are_answered(denoiser, ge
         assert isinstance(result, torch.Tensor), f"call {i}: {result!r}"
         assert torch.equal(result, _run_alone(denoiser, x, pad_to)), f"call {i} changed next to a failing call"
         torch.testing.assert_close(result, _alone(denoiser, x), rtol=1e-5, atol=1e-5)
-    if pad_to == 0:
-        assert all(torch.equal(results[i], denoiser(calls[i])) for i in range(3) if i != bad)
 
 
 @pytest.mark.parametrize("rows", [(2, 2, 2), (1, 2, 1), (2, 2, 2, 2)])  # with and without guidance; a full batch
