@@ -84,7 +84,7 @@ class Attention(nn.Module):
             k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image)))
             v_img = self.split_heads(self.add_v_proj(image))
             out = out + _sdpa(q, k_img, v_img)
-        return self.to_out[0](out.flatten(2))
+        return self.to_out[0](out.flatten(2).contiguous())
 
 
 def _sdpa(q, k, v):
@@ -129,7 +129,7 @@ class StreamBlock(nn.Module):
 
     def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention
-        out = self.attn1.to_out[0](attn.flatten(2))
+        out = self.attn1.to_out[0](attn.flatten(2).contiguous())
         x = (x.float() + out * mod.gate_msa).type_as(x)
         x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image)
         h = (self.norm3(x.float()) * (1 + mod.c_scale) + mod.c_shift).type_as(x)
@@ -188,8 +188,27 @@ class ConditionEmbedder(nn.Module):
     def time(self, timestep: torch.Tensor, dtype: torch.dtype):
         """temb [B, D] (output head) and timestep_proj [B, 6, D] (block modulation)."""
         features = sinusoidal_embedding(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
-        temb = self.time_embedder(features).to(dtype)
-        return temb, self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
+        temb = batch_invariant(self.time_embedder, features).to(dtype)
+        return temb, batch_invariant(lambda t: self.time_proj(F.silu(t)), temb).unflatten(1, (6, -1))
+
+
+ROW_BLOCK = 8
+
+
+def batch_invariant(fn, x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
+    """``fn`` over the rows of ``x`` in zero-padded blocks of ``block`` rows.
+
+    GEMM libraries pick their kernel by the number of rows M, and for small M (here M = batch rows: the
+    timestep MLP) the kernels differ in their last bits, so a request's velocity would depend on how many
+    rows share its batch (1 or 2 alone, 8 in the server's padded dynamic batch). With every call at the same
+    M a row's bits depend on its own values only. The token-wise layers have M = rows x tokens, where the
+    kernel no longer changes with the batch. Skipped in graph export (TensorRT chooses its own kernels).
+    """
+    rows = x.shape[0]
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or rows == block:
+        return fn(x)
+    padded = torch.cat([x, x.new_zeros(-rows % block, *x.shape[1:])])
+    return torch.cat([fn(chunk) for chunk in padded.split(block)])[:rows]
 
 
 @dataclass
@@ -272,7 +291,7 @@ class MultiViewWanTransformer(nn.Module):
         embed = self.ref_patch_embedding if self.ref_patch_embedding is not None else self.patch_embedding
         if embed.in_channels != c:
             z = torch.cat([z, torch.ones_like(z[:, :4]), z], dim=1)
-        tokens = embed(z.to(embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B*R, hr*wr, D]
+        tokens = batch_invariant(embed, z.to(embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B*R, hr*wr, D]
         return tokens.reshape(b, -1, tokens.shape[-1])
 
     def reference_key_scale(self, num_video: int, num_refs: int, tokens_per_ref: int, device) -> torch.Tensor:
@@ -333,7 +352,9 @@ class MultiViewWanTransformer(nn.Module):
         device = latents.device
 
         # 1. video tokens [B, Nv, D] and their (t, h, w) positions [Nv, 3]
-        x = self.patch_embedding(torch.cat([latents, condition], dim=1).to(self.patch_embedding.weight.dtype))
+        # the convolution's algorithm depends on the batch, so it runs on fixed row blocks (see batch_invariant)
+        x = batch_invariant(self.patch_embedding,
+                            torch.cat([latents, condition], dim=1).to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2).contiguous()
         n_video = x.shape[1]
         video_pos = grid_positions(f, h, w, device=device)

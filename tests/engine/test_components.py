@@ -88,6 +88,22 @@ def test_padded_batches_give_each_call_its_bits_alone(denoiser, gen, rows):
         torch.testing.assert_close(result, _alone(denoiser, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("latent", [LATENT, dict(frames=3, height=6, width=10)])
+@pytest.mark.parametrize("refs", [0, 2])
+@pytest.mark.parametrize("batch", [1, 2])  # without and with guidance
+def test_a_call_gets_the_same_bits_at_its_own_rows_and_in_the_servers_padded_batch(denoiser, gen, batch, refs,
+                                                                                   latent):
+    """Batch invariance: the in-process pipeline runs a request at its own 1 or 2 rows, the server pads every
+    batch to 8 and mixes requests; the video must not change by a bit (small-M GEMMs and the patch convolution
+    run on fixed row blocks, see ``engine.denoiser.batch_invariant``)."""
+    cfg = denoiser.model.config
+    x = inputs(gen, batch=batch, text_dim=cfg.text_dim, image_dim=cfg.image_dim, refs=refs, **latent)
+    other = inputs(gen, batch=2, text_dim=cfg.text_dim, image_dim=cfg.image_dim, refs=refs, **latent)
+    alone = _alone(denoiser, x)
+    assert torch.equal(alone, _run_alone(denoiser, x, 8))
+    assert torch.equal(alone, denoiser.run([DenoiseCall(other), DenoiseCall(x)], pad_to=0)[1])
+
+
 def test_a_cache_miss_fails_that_call_only(cached_denoiser, gen):
     den = cached_denoiser
     built = _call_inputs(den, gen, refs=2)  # a request's first step: builds its cache
