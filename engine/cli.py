@@ -58,8 +58,10 @@ def _device(name: str) -> str:
 def run_generate(args) -> int:
     import torch
 
+    from .components import Checkpoint
     from .media import load_image, write_contact_sheet, write_mp4
     from .pipeline import MultiViewPipeline
+    from .request import make_request
 
     if args.out.suffix.lower() != ".mp4":
         raise UsageError(f"--out must name an .mp4 file, got {str(args.out)!r}")
@@ -72,15 +74,15 @@ def run_generate(args) -> int:
     overrides = parse_overrides(args.overrides)
     model, adapter = model_paths(args)
     try:
-        pipe = MultiViewPipeline.from_pretrained(
-            model, adapter=adapter, dtype=getattr(torch, args.dtype), device=_device(args.device),
-            scheduler=args.scheduler, reference_cache=args.reference_cache, **overrides,
-        )
+        checkpoint = Checkpoint.load(model, adapter, dtype=getattr(torch, args.dtype), device=_device(args.device),
+                                     scheduler=args.scheduler, **overrides)
     except ValueError as error:  # config values (overrides, mvgen_config.json) the model refuses
         if isinstance(error, user_errors()):
             raise
         raise UsageError(f"cannot load model {args.model!r}: {error}") from None
-    request = pipe.make_request(**values)
+    # the request is checked against the weightless description, before any weight is read
+    request = make_request(checkpoint.defaults, checkpoint.limits, **values)
+    pipe = MultiViewPipeline.from_checkpoint(checkpoint, args.reference_cache)
     frames = pipe.generate(request, progress=True)
     try:
         video = write_mp4(frames, args.out, fps=args.fps)

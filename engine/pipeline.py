@@ -81,6 +81,12 @@ class MultiViewPipeline:
             cache_root = default_cache_root({})
         checkpoint = Checkpoint.load(model, adapter, dtype=dtype, device=device, scheduler=scheduler,
                                      max_tokens=max_tokens, cache_root=cache_root, **config_overrides)
+        return cls.from_checkpoint(checkpoint, reference_cache)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, reference_cache: bool = True) -> "MultiViewPipeline":
+        """Load every component of an already described checkpoint (the CLI validates a request against the
+        weightless ``Checkpoint`` before it pays for this)."""
         image_encoder = ImageEncoder(checkpoint) if checkpoint.has_image_encoder else None
         stages = LocalStages(TextEncoder(checkpoint), image_encoder, Vae(checkpoint), Denoiser(checkpoint),
                              reference_cache)

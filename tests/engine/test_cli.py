@@ -111,3 +111,23 @@ def test_tiny_and_demo_inputs_commands(tiny_env, tmp_path, capsys):
                                              "side.png"]
     mask = np.asarray(Image.open(paths[1]))
     assert mask.dtype == np.uint8 and 0.05 < (mask > 127).mean() < 0.5
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--height", "30"], "height must be a positive multiple of 16"),
+    (["--frames", "6"], "num_frames must be 4k+1"),
+])
+def test_a_bad_request_is_refused_before_any_weight_is_read(demo, tiny_cache, tmp_path, capsys, extra, words):
+    """The request is checked against the weightless checkpoint description: a copy of tiny whose denoiser
+    shards are garbage still answers a bad number with the number's error, not the shard's."""
+    import shutil
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_cache / "tiny-v1", model)
+    for shard in (model / "transformer").glob("*.safetensors"):
+        shard.write_bytes(b"garbage")
+    args = _generate_args(demo, tmp_path / "v.mp4", *extra)
+    args[args.index("tiny")] = str(model)
+    assert main(["--cache-dir", str(tiny_cache), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mvgen: error: ") and err.count("\n") == 1 and words in err, err
