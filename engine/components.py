@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import html
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -120,16 +120,20 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """Every once-per-request stage: prompts, image context, condition, references, noise, scheduler."""
     guided = request.guidance_scale > 1
-    calls = [
-        lambda: stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt]),
-        lambda: condition_frame(checkpoint, request.first_frame, request.first_frame_mask, request.height,
-                                request.width),
-    ]
-    text, (frame, known) = (_checked(call, cancelled) for call in calls)
-    image_context = _checked(lambda: stages.encode_image(frame), cancelled) if checkpoint.has_image_encoder else None
-    condition = _checked(lambda: stages.encode_condition(frame, known, request.num_frames), cancelled)
+    _check(cancelled)
+    text = stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
+    frame, known = condition_frame(checkpoint, request.first_frame, request.first_frame_mask, request.height,
+                                   request.width)
+    image_context = refs = None
+    if checkpoint.has_image_encoder:
+        _check(cancelled)
+        image_context = stages.encode_image(frame)
+    _check(cancelled)
+    condition = stages.encode_condition(frame, known, request.num_frames)
     views = fit_references(request.references, request.reference_size)
-    refs = _checked(lambda: stages.encode_references(views), cancelled) if views is not None else None
+    if views is not None:
+        _check(cancelled)
+        refs = stages.encode_references(views)
 
     batch = text.shape[0]
     cached = refs is not None and checkpoint.config.caches_reference and stages.caches_references
@@ -219,8 +223,3 @@ def generate(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
 def _check(cancelled: Callable[[], bool]) -> None:
     if cancelled():
         raise Cancelled("request cancelled by the client")
-
-
-def _checked(call, cancelled):
-    _check(cancelled)
-    return call()

@@ -54,7 +54,6 @@ class ReferenceAdapter:
     loras: dict[tuple[int, str], LoraPair] = field(default_factory=dict)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     default_alpha: float | None = None  # PEFT adapter_config.json / mvgen_config.json lora_alpha
-    config_path: Path | None = None
 
     def scale(self, pair: LoraPair, override: float | None) -> float:
         if override is not None:
@@ -143,7 +142,6 @@ def read_adapter(path: str | Path) -> ReferenceAdapter:
     if peft_config.exists():
         adapter.default_alpha = _lora_alpha(peft_config, "PEFT adapter config")
     if mvgen_config.exists():
-        adapter.config_path = mvgen_config
         alpha = _lora_alpha(mvgen_config, "mvgen config")
         adapter.default_alpha = alpha if alpha is not None else adapter.default_alpha
     return adapter

@@ -123,8 +123,7 @@ class MultiViewPipeline:
         return generation.predict_velocity(state, self.stages, timestep)
 
     def denoise(self, state: Generation, callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
-        on_step = (lambda step, total, seconds: callback(step, total)) if callback is not None else None
-        return generation.denoise(state, self.stages, on_step, progress=progress)
+        return generation.denoise(state, self.stages, _on_step(callback), progress=progress)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return self.stages.decode(latents)
@@ -146,8 +145,7 @@ class MultiViewPipeline:
     def generate(self, request: GenerationRequest, callback: Callback | None = None,
                  progress: bool = False) -> np.ndarray:
         """A validated request -> frames uint8 [F, H, W, 3]."""
-        on_step = (lambda step, total, seconds: callback(step, total)) if callback is not None else None
-        return generation.generate(self.checkpoint, request, self.stages, on_step, progress=progress)
+        return generation.generate(self.checkpoint, request, self.stages, _on_step(callback), progress=progress)
 
     def __call__(self, first_frame, references: Sequence = (), prompt: str = "", negative_prompt: str = "", *,
                  callback: Callback | None = None, progress: bool = False, **fields) -> np.ndarray:
@@ -155,3 +153,8 @@ class MultiViewPipeline:
         request = self.make_request(first_frame=first_frame, references=references, prompt=prompt,
                                     negative_prompt=negative_prompt, **fields)
         return self.generate(request, callback, progress)
+
+
+def _on_step(callback: Callback | None) -> generation.StepCallback | None:
+    """The public ``callback(step, total)`` as the loop's ``on_step(step, total, seconds)``."""
+    return (lambda step, total, seconds: callback(step, total)) if callback is not None else None

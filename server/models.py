@@ -9,7 +9,6 @@ computes: it parses, calls, and answers.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -273,7 +272,6 @@ class GenerateModel:
         self.metrics = LoopMetrics(pb, self.name)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "8")),
                                        thread_name_prefix=self.name)
-        self.lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:
