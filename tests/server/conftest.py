@@ -34,16 +34,9 @@ class Served:
 
     def tree_rss(self) -> int:
         """Resident memory of tritonserver and every process below it (the python backend stubs), bytes."""
-        import psutil
+        from benchmarks.server_memory import tree_rss
 
-        root = psutil.Process(self.process.pid)
-        total = 0
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return tree_rss(self.process.pid)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
@@ -152,3 +145,25 @@ def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def refusal(client, tensors: dict, stream: bool) -> str:
+    """The error message the ``mvgen`` (unary) or ``mvgen_stream`` model answers a request it must refuse."""
+    import queue
+
+    from server.client import infer_inputs
+
+    inputs = infer_inputs(tensors)
+    if not stream:
+        with pytest.raises(Exception) as caught:
+            client.infer("mvgen", inputs, client_timeout=30)
+        return caught.value.message() if hasattr(caught.value, "message") else str(caught.value)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer("mvgen_stream", inputs)
+        result, error = results.get(timeout=30)
+        assert error is not None, "a request that must be refused streamed a result"
+        return error.message()
+    finally:
+        client.stop_stream()

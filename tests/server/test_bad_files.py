@@ -2,7 +2,6 @@
 the image and the problem, before any sub-model works, and the server stays ready for the next request."""
 from __future__ import annotations
 
-import queue
 import struct
 import zlib
 
@@ -11,8 +10,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from engine.media import MAX_IMAGE_PIXELS
-from server.client import GenerationInputs, generate, infer_inputs
-from tests.server.conftest import SMALL, png
+from server.client import GenerationInputs, generate
+from tests.server.conftest import SMALL, png, refusal
 
 SUB_MODELS = ("mvgen_text_encoder", "mvgen_image_encoder", "mvgen_vae", "mvgen_denoiser")
 
@@ -55,29 +54,12 @@ CASES = {
 }
 
 
-def _error(client, tensors: dict, stream: bool) -> str:
-    inputs = infer_inputs(tensors)
-    if not stream:
-        with pytest.raises(Exception) as caught:
-            client.infer("mvgen", inputs, client_timeout=30)
-        return caught.value.message() if hasattr(caught.value, "message") else str(caught.value)
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-        client.async_stream_infer("mvgen_stream", inputs)
-        result, error = results.get(timeout=30)
-        assert error is not None, "a bad image streamed a result"
-        return error.message()
-    finally:
-        client.stop_stream()
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_bad_images_are_refused_and_the_server_stays_ready(served, images, stream):
     client = grpcclient.InferenceServerClient(served.url)
     work_before = {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS}
     for case, expected in CASES.items():
-        message = _error(client, _bad_tensors(images, case), stream)
+        message = refusal(client, _bad_tensors(images, case), stream)
         assert expected in message, f"{case}: {message!r}"
         assert "Traceback" not in message, f"{case}: {message!r}"
     assert {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS} == work_before

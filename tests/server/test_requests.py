@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from server.client import ClientError, GenerationInputs, generate, infer_inputs
-from tests.server.conftest import SMALL, png
+from server.client import ClientError, GenerationInputs, generate
+from tests.server.conftest import SMALL, png, refusal
 
 SUB_MODELS = ("mvgen_text_encoder", "mvgen_image_encoder", "mvgen_vae", "mvgen_denoiser")
 
@@ -92,7 +92,7 @@ def test_malformed_requests_are_refused_and_the_server_goes_on(served, images, s
     work_before = {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS}
     for case, (changes, expected) in MALFORMED.items():
         start = time.perf_counter()
-        message = _error(client, _tensors(images, **changes), stream)
+        message = refusal(client, _tensors(images, **changes), stream)
         assert expected in message, f"{case}: {message!r}"
         assert time.perf_counter() - start < 10, f"{case}: the refusal took too long"
     # refused before any work: no encoder, VAE or denoiser call happened
@@ -102,25 +102,6 @@ def test_malformed_requests_are_refused_and_the_server_goes_on(served, images, s
     assert video.shape == (SMALL["num_frames"], SMALL["height"], SMALL["width"], 3)
 
 
-def _error(client, tensors: dict, stream: bool) -> str:
-    inputs = infer_inputs(tensors)
-    if not stream:
-        with pytest.raises(Exception) as caught:
-            client.infer("mvgen", inputs, client_timeout=30)
-        return caught.value.message() if hasattr(caught.value, "message") else str(caught.value)
-    import queue
-
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    try:
-        client.async_stream_infer("mvgen_stream", inputs)
-        result, error = results.get(timeout=30)
-        assert error is not None, "a malformed request streamed a result"
-        return error.message()
-    finally:
-        client.stop_stream()
-
-
 def test_references_at_their_own_size(served, images):
     """``ref_size``: the references are encoded at 32x48 beside a 32x32 video; a bad size is refused, no work done."""
     video = generate(served.url, _request(images, ref_size=(32, 48)), stream=False)
@@ -128,9 +109,9 @@ def test_references_at_their_own_size(served, images):
     client = grpcclient.InferenceServerClient(served.url)
     work_before = {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS}
     for stream in (False, True):
-        message = _error(client, _tensors(images, ref_size=np.array([32, 40], np.int32)), stream)
+        message = refusal(client, _tensors(images, ref_size=np.array([32, 40], np.int32)), stream)
         assert "ref_size width must be a positive multiple of 16, got 40" in message, message
-    wrong_shape = _error(client, _tensors(images, ref_size=np.array([32], np.int32)), False)
+    wrong_shape = refusal(client, _tensors(images, ref_size=np.array([32], np.int32)), False)
     assert "ref_size" in wrong_shape  # Triton itself refuses a shape other than the declared [2]
     assert {m: served.metric("nv_inference_count", model=m) for m in SUB_MODELS} == work_before
     assert client.is_server_ready()
