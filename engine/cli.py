@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, map_images, model_paths,
+from .cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, checkpoint_sources, map_images,
                        parse_overrides, request_values, add_reference_cache_argument)
 
 
@@ -31,8 +31,9 @@ def add_parser(subparsers) -> None:
 
 def _add_generate(subparsers) -> None:
     p = subparsers.add_parser(
-        "generate", help="generate a video from a first frame, reference views and a prompt",
-        description="Generate a video; unset sizes/steps come from the model (tiny: 9 frames of 64x64, 4 steps).",
+        "generate", help="generate a video from a prompt, reference views and (I2V models) a first frame",
+        description="Generate a video; unset sizes/steps come from the model (tiny: 9 frames of 64x64, 4 steps). "
+                    "I2V models need --first-frame; T2V models (tiny-t2v) take none: reference-to-video.",
     )
     add_model_arguments(p)
     add_request_arguments(p)
@@ -72,10 +73,10 @@ def run_generate(args) -> int:
     # every image is read before the (possibly slow) model load, so a typo fails at once
     values = map_images(request_values(args), lambda path, flag: load_image(path, flag))
     overrides = parse_overrides(args.overrides)
-    model, adapter = model_paths(args)
     try:
-        checkpoint = Checkpoint.load(model, adapter, dtype=getattr(torch, args.dtype), device=_device(args.device),
-                                     scheduler=args.scheduler, **overrides)
+        checkpoint = Checkpoint.load(args.model, args.adapter, **checkpoint_sources(args), dtype=getattr(torch, args.dtype),
+                                     device=_device(args.device), scheduler=args.scheduler, cache_root=args.cache_dir,
+                                     **overrides)
     except ValueError as error:  # config values (overrides, mvgen_config.json) the model refuses
         if isinstance(error, user_errors()):
             raise

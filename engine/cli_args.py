@@ -29,18 +29,31 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_model_arguments(p) -> None:
-    """``--model`` and ``--adapter``, shared by every subcommand that loads the model."""
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded, built locally) or a diffusers Wan2.1-I2V dir")
+    """The checkpoint and its weight sources, shared by every subcommand that loads the model."""
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (Wan2.1-I2V), 'tiny-t2v' (Wan2.1-T2V), 'tiny-wan22' (Wan2.2-I2V-A14B layout): embedded, "
+                        "built locally; or a diffusers Wan directory")
     p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
+    p.add_argument("--adapter-2", type=Path, help="Wan2.2: the low-noise expert's reference-stream adapter")
+    p.add_argument("--transformer", dest="transformer_file", type=Path, metavar="FILE",
+                   help="single-file transformer weights (original Wan / ComfyUI .safetensors); the config comes "
+                        "from --model's transformer/config.json")
+    p.add_argument("--transformer-2", dest="transformer_2_file", type=Path, metavar="FILE",
+                   help="Wan2.2: the low-noise expert's single-file weights")
+    p.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="base-model LoRA merged into the video stream (diffusers/PEFT, kohya, original Wan, ComfyUI, "
+                        "LightX2V spellings); repeatable, applied in order")
+    p.add_argument("--lora-2", dest="loras_2", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="Wan2.2: a base-model LoRA of the low-noise expert (repeatable)")
+    p.add_argument("--lora-reference", action="store_true",
+                   help="merge the base-model LoRAs into the reference stream too (MVI2V's reference stream is a "
+                        "copy of the base)")
 
 
-def model_paths(args) -> tuple[Path, Path | None]:
-    """``--model``/``--adapter`` as directories: ``tiny`` is built under the root command's ``--cache-dir``.
-
-    Resolving here, at the edge, is what lets nothing below the command line look at the environment."""
-    from .tiny import resolve_checkpoint
-
-    return resolve_checkpoint(args.model, args.adapter, args.cache_dir)
+def checkpoint_sources(args) -> dict:
+    """``Checkpoint.load``'s keyword arguments for the weight sources given on the command line (others left out)."""
+    names = ("adapter_2", "transformer_file", "transformer_2_file", "loras", "loras_2", "lora_reference")
+    return {name: getattr(args, name) for name in names if getattr(args, name) not in (None, [], False)}
 
 
 def add_request_arguments(p) -> None:

@@ -13,6 +13,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -51,17 +52,35 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+EXPERT_FOLDERS = ("transformer", "transformer_2")  # diffusers' Wan2.2 layout: high noise, then low noise
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One denoiser of a checkpoint, as it will be loaded: Wan2.1 has one, Wan2.2-A14B two (``transformer`` for
+    the high-noise steps, ``transformer_2`` for the low-noise ones), each with its own weights, base-model
+    LoRAs and reference-stream adapter."""
+
+    folder: str  # sub-folder of the checkpoint holding config.json (and the weights unless weights_file)
+    config: MvgenConfig
+    adapter: Path | None = None  # the reference stream's LoRA / full tensors
+    weights_file: Path | None = None  # a single-file transformer (original Wan / ComfyUI names)
+    loras: tuple = ()  # base-model LoRAs (engine.base_lora.LoraSpec), merged in order
+    lora_reference: bool = False  # merge the base LoRAs into the reference stream too
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """What a checkpoint is and how it runs, without a single weight.
 
+    ``experts`` are its denoisers (Wan2.2: two, switched at ``boundary_ratio`` of the training timesteps);
     ``latents_mean``/``latents_std`` are the VAE's per-channel normalisation, ``defaults`` the generation
     defaults (``mvgen_defaults.json`` over Wan's), ``limits`` what a request may ask for.
     """
 
     path: Path
-    adapter: Path | None
-    config: MvgenConfig
+    experts: tuple[Expert, ...]
+    boundary_ratio: float | None
     dtype: torch.dtype
     device: torch.device
     scheduler: str
@@ -77,21 +96,47 @@ class Checkpoint:
     overrides: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls, model: str | Path = "tiny", adapter: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu", scheduler: str = "unipc", max_tokens: int = DEFAULT_MAX_TOKENS,
-             cache_root: str | Path | None = None, **overrides) -> "Checkpoint":
-        """Read the JSON files of a diffusers Wan2.1-I2V directory (or ``"tiny"``); ``overrides`` go to the
-        denoiser's ``MvgenConfig``. Raises ``CheckpointError``/``AdapterError`` naming what is wrong."""
-        from .loading import denoiser_config
+    def load(cls, model: str | Path = "tiny", adapter: str | Path | None = None, *, adapter_2: str | Path | None = None,
+             transformer_file: str | Path | None = None, transformer_2_file: str | Path | None = None,
+             loras: Sequence = (), loras_2: Sequence = (), lora_reference: bool = False,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", scheduler: str = "unipc",
+             max_tokens: int = DEFAULT_MAX_TOKENS, cache_root: str | Path | None = None, **overrides) -> "Checkpoint":
+        """Read the JSON files of a diffusers Wan directory (Wan2.1-T2V/I2V, Wan2.2-I2V-A14B) or an embedded
+        ``tiny*`` model; ``overrides`` go to every expert's ``MvgenConfig``. The ``*_2`` arguments are Wan2.2's
+        low-noise expert's (``loras_2`` default: none; ``adapter_2``: the tiny model's own). Raises
+        ``CheckpointError``/``AdapterError`` naming what is wrong."""
+        from .base_lora import LoraSpec
+        from .loading import CheckpointError, denoiser_config
+        from .tiny import is_tiny, resolve_experts
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        from .tiny import resolve_checkpoint
-
-        if str(model) == "tiny" and cache_root is None:
-            raise ValueError("the embedded 'tiny' model needs a cache_root to build it in")
-        path, adapter = resolve_checkpoint(model, adapter, cache_root)
-        config = denoiser_config(path, adapter, **overrides)
+        if is_tiny(model) and cache_root is None:
+            raise ValueError(f"the embedded {str(model)!r} model needs a cache_root to build it in")
+        path, adapters = resolve_experts(model, (adapter, adapter_2), cache_root)
+        index = _read_json(path / "model_index.json", "model index")
+        boundary = index.get("boundary_ratio")
+        folders = [f for f in EXPERT_FOLDERS if f == "transformer" or (path / f / "config.json").is_file()]
+        if len(folders) == 2 and boundary is None:
+            raise CheckpointError(f"{path} has transformer_2/ but model_index.json sets no boundary_ratio (Wan2.2)")
+        if boundary is not None and (isinstance(boundary, bool) or not isinstance(boundary, (int, float))
+                                     or not 0 < boundary < 1 or len(folders) != 2):
+            raise CheckpointError(f"{path / 'model_index.json'}: boundary_ratio must be a number in (0, 1) with a "
+                                  f"transformer_2/ beside transformer/, got {boundary!r}")
+        singles = (transformer_file, transformer_2_file)
+        specs = ([LoraSpec.parse(str(s)) if not isinstance(s, LoraSpec) else s for s in group]
+                 for group in (loras, loras_2))
+        experts = tuple(
+            Expert(folder, denoiser_config(path, adapters[i], folder, **overrides), adapters[i],
+                   Path(singles[i]) if singles[i] is not None else None, tuple(group), lora_reference)
+            for i, (folder, group) in enumerate(zip(folders, specs)))
+        for name, value in (("adapter_2", adapter_2), ("transformer_2_file", transformer_2_file), ("loras_2", loras_2)):
+            if value and len(experts) == 1:
+                raise CheckpointError(f"{name} is for a two-expert (Wan2.2) checkpoint; {path} has one transformer")
+        config = experts[0].config
+        if len({e.config.max_references for e in experts}) > 1:
+            raise CheckpointError(f"the experts of {path} take different max_references: "
+                                  f"{[e.config.max_references for e in experts]}")
         vae = _read_json(path / "vae" / "config.json", "VAE config")
         scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
         shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", WAN_DEFAULTS["shift"]))
@@ -100,16 +145,34 @@ class Checkpoint:
         _, patch_h, patch_w = config.patch_size
         z_dim = vae.get("z_dim", 16)
         return cls(
-            path=path, adapter=adapter, config=config, dtype=dtype, device=resolve_device(device), scheduler=scheduler,
+            path=path, experts=experts, boundary_ratio=float(boundary) if boundary is not None else None, dtype=dtype, device=resolve_device(device), scheduler=scheduler,
             scheduler_config=scheduler_config,
             defaults={**WAN_DEFAULTS, "shift": float(shift), **_read_json(path / "mvgen_defaults.json", "generation defaults")},
-            limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal),
+            limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal,
+                                 first_frame=config.task == "i2v", experts=len(experts)),
             vae_scale_temporal=temporal, vae_scale_spatial=spatial, latent_channels=z_dim,
             latents_mean=tuple(vae.get("latents_mean", (0.0,) * z_dim)),
             latents_std=tuple(vae.get("latents_std", (1.0,) * z_dim)),
             has_image_encoder=config.image_dim is not None and (path / "image_encoder").is_dir(),
             overrides=dict(overrides),
         )
+
+    @property
+    def config(self) -> MvgenConfig:
+        """The (first) denoiser's config: what every expert shares (task, widths, reference modes)."""
+        return self.experts[0].config
+
+    @property
+    def adapter(self) -> Path | None:
+        return self.experts[0].adapter
+
+    def expert_at(self, timestep) -> int:
+        """Which expert denoises at ``timestep``: Wan2.2's high-noise ``transformer`` while t >= boundary_ratio x
+        the training timesteps, then ``transformer_2`` (as diffusers' Wan pipelines switch); 0 for one expert."""
+        if self.boundary_ratio is None:
+            return 0
+        train_steps = self.scheduler_config.get("num_train_timesteps", 1000)
+        return 0 if float(timestep) >= self.boundary_ratio * train_steps else 1
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
         """[1, C, (F-1)/4+1, H/8, W/8] of a video of this size."""
@@ -247,18 +310,17 @@ class Vae:
 
 
 class Denoiser:
-    """The multi-view DiT (``transformer/`` + adapter) and the reference K/V caches of the requests it serves.
+    """One expert's multi-view DiT (``transformer/`` + LoRAs + adapter) and the reference K/V caches of the
+    requests it serves (on Wan2.2 each expert keeps its own: the two reference streams differ).
 
     ``cache_bytes`` bounds the caches held at once (least recently used dropped first; a request whose cache
     was dropped sends its references again, see ``engine.generation``).
     """
 
-    def __init__(self, checkpoint: Checkpoint, cache_bytes: int = 8 << 30):
-        from .loading import load_denoiser
-
+    def __init__(self, checkpoint: Checkpoint, expert: int = 0, cache_bytes: int = 8 << 30):
         self.checkpoint = checkpoint
-        self.model = load_denoiser(checkpoint.path, checkpoint.adapter, dtype=checkpoint.dtype,
-                                   device=checkpoint.device, **checkpoint.overrides)
+        self.expert = expert
+        self.model = load_expert(checkpoint, expert)
         self.caches = ReferenceCacheStore(cache_bytes)
 
     @property
@@ -330,13 +392,25 @@ class Denoiser:
     def _forward(self, inputs: list[dict], caches: list, pad_to: int) -> list[torch.Tensor]:
         sizes = [part["latents"].shape[0] for part in inputs]
         rows = sum(sizes)
-        batch = {name: torch.cat([part[name] for part in inputs]) for name, value in inputs[0].items()
-                 if value is not None}
+        # absent inputs (a T2V condition, image context without CLIP) stay None
+        batch = {name: torch.cat([part[name] for part in inputs]) if value is not None else None
+                 for name, value in inputs[0].items()}
         if pad_to > rows:
-            batch = {name: torch.cat([t, t[:1].expand(pad_to - rows, *t.shape[1:])]) for name, t in batch.items()}
+            batch = {name: torch.cat([t, t[:1].expand(pad_to - rows, *t.shape[1:])]) if t is not None else None
+                     for name, t in batch.items()}
         cache = ReferenceCache.cat(caches, pad_to) if caches[0] is not None else None
         velocity = self.model(**batch, ref_cache=cache)
         return list(velocity[:rows].split(sizes))
+
+
+def load_expert(checkpoint: Checkpoint, expert: int = 0, lora_scale: float | None = None):
+    """The ``MultiViewWanTransformer`` of one expert of ``checkpoint``, its LoRAs and adapter merged."""
+    from .loading import load_denoiser
+
+    spec = checkpoint.experts[expert]
+    return load_denoiser(checkpoint.path, spec.adapter, dtype=checkpoint.dtype, device=checkpoint.device,
+                         lora_scale=lora_scale, folder=spec.folder, weights_file=spec.weights_file, loras=spec.loras,
+                         lora_reference=spec.lora_reference, **checkpoint.overrides)
 
 
 @dataclass
@@ -354,7 +428,7 @@ def _component(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:
 
     folder = checkpoint.path / name
     if not folder.is_dir():
-        raise CheckpointError(f"{checkpoint.path} has no {name}/ folder (a diffusers Wan2.1-I2V directory has one)")
+        raise CheckpointError(f"{checkpoint.path} has no {name}/ folder (a diffusers Wan directory has one)")
     check_component(folder, weights)
     return folder
 

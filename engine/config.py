@@ -12,6 +12,11 @@ REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
 REF_ATTENTIONS = ("full", "isolated", "prototype")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
+# the Wan transformers this engine serves, by (in_channels, out_channels): T2V takes the noisy latents alone,
+# I2V (Wan2.1-I2V and Wan2.2-I2V-A14B's two experts) 16 latent + 4 mask + 16 first-frame channels
+TASKS = {(16, 16): "t2v", (36, 16): "i2v"}
+SUPPORTED = ("Wan2.1-T2V (in_channels 16), Wan2.1-I2V and Wan2.2-I2V-A14B (in_channels 36), "
+             "each with out_channels 16")
 
 # keys of a diffusers WanTransformer3DModel config.json that this engine reads
 _WAN_KEYS = (
@@ -23,13 +28,13 @@ _WAN_KEYS = (
 
 @dataclass(frozen=True)
 class MvgenConfig:
-    """Wan2.1-I2V transformer hyper-parameters plus the multi-view reference settings.
+    """Wan transformer hyper-parameters (T2V or I2V, see ``TASKS``) plus the multi-view reference settings.
 
     The first block mirrors diffusers' ``WanTransformer3DModel`` config so a diffusers checkpoint maps
     onto it key for key; the second block is ours (from ``mvgen_config.json`` or overrides).
     """
 
-    # Wan2.1-I2V (diffusers names)
+    # Wan2.1/2.2 (diffusers names; defaults: Wan2.1-I2V-14B)
     patch_size: tuple[int, int, int] = (1, 2, 2)
     num_attention_heads: int = 40
     attention_head_dim: int = 128
@@ -70,10 +75,11 @@ class MvgenConfig:
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {self.qk_norm!r}")
-        if self.in_channels != 36 or self.out_channels != 16:
+        if (self.in_channels, self.out_channels) not in TASKS:
+            hint = " (Wan2.2-TI2V-5B's 48-channel VAE latents?)" if 48 in (self.in_channels, self.out_channels) else ""
             raise ValueError(
-                f"expected a Wan2.1-I2V transformer (in_channels 36, out_channels 16), "
-                f"got in_channels={self.in_channels}, out_channels={self.out_channels}"
+                f"unsupported Wan transformer: in_channels={self.in_channels}, out_channels={self.out_channels}"
+                f"{hint}; supported: {SUPPORTED}"
             )
         if self.ref_t_stride < 1:
             raise ValueError(f"ref_t_stride must be >= 1, got {self.ref_t_stride}")
@@ -89,6 +95,16 @@ class MvgenConfig:
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def task(self) -> str:
+        """``"t2v"`` (no first frame: text- or reference-to-video) or ``"i2v"`` (a first frame is required)."""
+        return TASKS[(self.in_channels, self.out_channels)]
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the first-frame condition beside the latents: 20 on I2V (4 mask + 16), 0 on T2V."""
+        return self.in_channels - self.out_channels
 
     @property
     def caches_reference(self) -> bool:

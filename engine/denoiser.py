@@ -1,4 +1,4 @@
-"""The multi-view reference denoiser: Wan2.1-I2V's DiT plus a reference-token stream.
+"""The multi-view reference denoiser: a Wan2.1/2.2 DiT (T2V or I2V) plus a reference-token stream.
 
 Parameter names of the video stream follow diffusers' ``WanTransformer3DModel`` key for key, so a diffusers
 checkpoint loads without renaming; the reference stream lives in ``ref_blocks`` (dual-stream, MVI2V) or
@@ -252,7 +252,7 @@ class ReferenceCache:
 
 
 class MultiViewWanTransformer(nn.Module):
-    """Wan2.1-I2V DiT with a reference stream; with no references it is exactly Wan2.1-I2V."""
+    """A Wan DiT with a reference stream; with no references it is exactly its base model (T2V or I2V)."""
 
     def __init__(self, config: MvgenConfig):
         super().__init__()
@@ -332,17 +332,18 @@ class MultiViewWanTransformer(nn.Module):
     def forward(
         self,
         latents: torch.Tensor,
-        condition: torch.Tensor,
+        condition: torch.Tensor | None,
         timestep: torch.Tensor,
         text: torch.Tensor,
-        image_context: torch.Tensor,
+        image_context: torch.Tensor | None,
         ref_latents: torch.Tensor | None = None,
         ref_cache: ReferenceCache | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity [B, 16, F, H, W].
 
-        latents [B,16,F,H,W], condition [B,20,F,H,W] (4 mask + 16 first-frame channels), timestep [B],
-        text [B,L,text_dim], image_context [B,257,image_dim], ref_latents [B,R,16,Hr,Wr] (R may be 0) or
+        latents [B,16,F,H,W], condition [B,20,F,H,W] (4 mask + 16 first-frame channels; None on T2V),
+        timestep [B], text [B,L,text_dim], image_context [B,257,image_dim] (None without CLIP: T2V, Wan2.2),
+        ref_latents [B,R,16,Hr,Wr] (R may be 0) or
         ``ref_cache`` from ``precompute_reference`` (isolated + zero-timestep reference stream).
         """
         cfg = self.config
@@ -353,8 +354,12 @@ class MultiViewWanTransformer(nn.Module):
 
         # 1. video tokens [B, Nv, D] and their (t, h, w) positions [Nv, 3]
         # the convolution's algorithm depends on the batch, so it runs on fixed row blocks (see batch_invariant)
-        x = batch_invariant(self.patch_embedding,
-                            torch.cat([latents, condition], dim=1).to(self.patch_embedding.weight.dtype))
+        if (condition is None) != (cfg.condition_channels == 0):
+            raise ValueError(f"a {cfg.task} denoiser takes {'no' if cfg.condition_channels == 0 else 'a'} condition")
+        if (image_context is None) != (cfg.image_dim is None):
+            raise ValueError(f"this denoiser takes {'no' if cfg.image_dim is None else 'an'} image_context")
+        video = latents if condition is None else torch.cat([latents, condition], dim=1)
+        x = batch_invariant(self.patch_embedding, video.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2).contiguous()
         n_video = x.shape[1]
         video_pos = grid_positions(f, h, w, device=device)

@@ -71,16 +71,28 @@ class TensorSpec:
         return torch.float32 if self.dtype == "float32" else model_dtype
 
 
-def input_specs(text_dim: int, image_dim: int, text_len: int = 512, image_len: int = 257) -> list[TensorSpec]:
-    """The denoiser's inputs, in the order of ``MultiViewWanTransformer.forward``."""
-    return [
+def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image_len: int = 257,
+                condition_channels: int = 20) -> list[TensorSpec]:
+    """The denoiser's inputs, in the order of ``MultiViewWanTransformer.forward``: T2V checkpoints
+    (``condition_channels`` 0) have no ``condition``, checkpoints without CLIP (``image_dim`` None: T2V,
+    Wan2.2) no ``image_context``."""
+    specs = [
         TensorSpec("latents", ("batch", 16, "frames", "height", "width"), doc="noisy video latents"),
-        TensorSpec("condition", ("batch", 20, "frames", "height", "width"), doc="4 mask + 16 first-frame channels"),
+        TensorSpec("condition", ("batch", condition_channels, "frames", "height", "width"),
+                   doc="4 mask + 16 first-frame channels") if condition_channels else None,
         TensorSpec("timestep", ("batch",), "float32", doc="flow-matching timestep (0..1000)"),
         TensorSpec("text", ("batch", text_len, text_dim), doc="umT5 states padded to 512 tokens"),
-        TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states"),
+        TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states") if image_dim else None,
         TensorSpec("ref_latents", ("batch", "refs", 16, "ref_height", "ref_width"), doc="clean reference latents"),
     ]
+    return [spec for spec in specs if spec is not None]
+
+
+def config_specs(config) -> list[TensorSpec]:
+    """``input_specs`` of a denoiser config (an ``MvgenConfig`` or its ``to_dict()``, as export metadata holds it)."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return input_specs(values["text_dim"], values["image_dim"], values["text_len"],
+                       condition_channels=values["in_channels"] - values["out_channels"])
 
 
 OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")
@@ -139,6 +151,11 @@ class Profile:
                     f"bad profile entry {item!r}: expected AXIS=MIN:OPT:MAX or AXIS=SIZE, axes {list(AXES)}")
             ranges[name] = tuple(numbers * 3 if len(numbers) == 1 else numbers)
         return cls(ranges)
+
+
+def denoiser_model_name(expert: int = 0) -> str:
+    """The served denoiser of an expert: ``mvgen_denoiser``, then (Wan2.2's low-noise expert) ``mvgen_denoiser_2``."""
+    return DENOISER_MODEL_NAME if expert == 0 else f"{DENOISER_MODEL_NAME}_{expert + 1}"
 
 
 def plan_meta_path(plan: str | Path) -> Path:

@@ -1,9 +1,11 @@
 """The one generation loop, over a small stages interface.
 
-It follows diffusers' ``WanImageToVideoPipeline`` step for step (prompt padded to 512 tokens, CLIP
-penultimate states, the 20-channel first-frame condition, latents normalised by the VAE's mean/std,
-classifier-free guidance when ``guidance_scale > 1`` with cond and uncond batched, CPU generator seeds)
-and adds the reference views, the first-frame inpainting mask and the reference K/V cache. The in-process
+It follows diffusers' ``WanImageToVideoPipeline`` / ``WanPipeline`` step for step (prompt padded to 512
+tokens, CLIP penultimate states where the checkpoint has CLIP, the 20-channel first-frame condition on I2V,
+latents normalised by the VAE's mean/std, classifier-free guidance with cond and uncond batched, CPU
+generator seeds, Wan2.2's switch from the high-noise to the low-noise expert at ``boundary_ratio``) and adds
+the reference views (T2V: reference-to-video with no first frame), the first-frame inpainting mask and the
+reference K/V cache (one per expert). The in-process
 pipeline supplies local stages (``engine.pipeline.LocalStages``), the server supplies stages that call its
 sub-models; both run ``generate`` below, so the CLI, the Python API, the benchmarks and the server produce
 the same video for the same request and seed.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -41,8 +43,9 @@ class Stages(Protocol):
     def encode_image(self, frame: np.ndarray) -> torch.Tensor: ...  # [1, 257, image_dim]
     def encode_condition(self, frame: np.ndarray, known: np.ndarray, num_frames: int) -> torch.Tensor: ...
     def encode_references(self, images: np.ndarray) -> torch.Tensor: ...  # [R, H, W, 3] -> [1, R, 16, h, w]
-    def denoise(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None) -> torch.Tensor: ...
-    def release(self, cache_key: str) -> None: ...  # drop the request's reference cache
+    # one step of expert ``expert`` (Checkpoint.experts; 0 unless Wan2.2's low-noise steps)
+    def denoise(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None, expert: int) -> torch.Tensor: ...
+    def release(self, cache_key: str) -> None: ...  # drop the request's reference caches (every expert's)
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # [1, 16, f, h, w] -> uint8 [F, H, W, 3]
 
     @property
@@ -59,15 +62,16 @@ class Generation:
     guidance is on (B = 2), else B = 1."""
 
     request: GenerationRequest
+    checkpoint: Checkpoint
     latents: torch.Tensor  # [1, 16, f, h, w] float32, the sample being denoised
-    condition: torch.Tensor  # [B, 20, f, h, w]
+    condition: torch.Tensor | None  # [B, 20, f, h, w] (None on T2V)
     text: torch.Tensor  # [B, 512, text_dim]
     image_context: torch.Tensor | None  # [B, 257, image_dim]
     ref_latents: torch.Tensor | None  # [B, R, 16, hr, wr] (None: no references)
     cache_key: str | None  # set when the denoiser keeps this request's reference K/V
     scheduler: object  # a fresh diffusers flow-matching scheduler with its timesteps set
     step_index: int = 0
-    cache_built: bool = False
+    cache_built: set = field(default_factory=set)  # the experts that hold this request's reference cache
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -84,6 +88,11 @@ class Generation:
     @property
     def done(self) -> bool:
         return self.step_index >= self.total_steps
+
+    def guidance_scale(self, expert: int) -> float:
+        """The expert's guidance scale: Wan2.2's low-noise expert takes ``guidance_scale_2`` (default: the first)."""
+        second = self.request.guidance_scale_2
+        return self.request.guidance_scale if expert == 0 or second is None else second
 
 
 def classifier_free_guidance(velocity: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -119,60 +128,72 @@ def fit_references(images, size: tuple[int, int]) -> np.ndarray | None:
 def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """Every once-per-request stage: prompts, image context, condition, references, noise, scheduler."""
-    guided = request.guidance_scale > 1
+    scales = [request.guidance_scale] + ([request.guidance_scale_2] if request.guidance_scale_2 is not None else [])
+    guided = max(scales) > 1  # the negative prompt is encoded when any expert guides
     _check(cancelled)
     text = stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
-    frame, known = condition_frame(checkpoint, request.first_frame, request.first_frame_mask, request.height,
-                                   request.width)
-    image_context = refs = None
-    if checkpoint.has_image_encoder:
+    batch = text.shape[0]
+    image_context = condition = refs = None
+    if request.first_frame is not None:  # image-to-video (validation refuses a first frame on T2V)
+        frame, known = condition_frame(checkpoint, request.first_frame, request.first_frame_mask, request.height,
+                                       request.width)
+        if checkpoint.has_image_encoder:
+            _check(cancelled)
+            image_context = stages.encode_image(frame).to(checkpoint.dtype).expand(batch, -1, -1)
         _check(cancelled)
-        image_context = stages.encode_image(frame)
-    _check(cancelled)
-    condition = stages.encode_condition(frame, known, request.num_frames)
+        condition = stages.encode_condition(frame, known, request.num_frames)
+        condition = condition.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1)
     views = fit_references(request.references, request.reference_size)
     if views is not None:
         _check(cancelled)
         refs = stages.encode_references(views)
 
-    batch = text.shape[0]
-    cached = refs is not None and checkpoint.config.caches_reference and stages.caches_references
+    cached = refs is not None and stages.caches_references and any(
+        e.config.caches_reference for e in checkpoint.experts)
     scheduler = checkpoint.make_scheduler(request.shift)
     scheduler.set_timesteps(request.steps, device=checkpoint.device)
     return Generation(
         request=request,
+        checkpoint=checkpoint,
         latents=checkpoint.initial_noise(request.seed, request.num_frames, request.height, request.width),
-        condition=condition.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1),
+        condition=condition,
         text=text.to(checkpoint.dtype),
-        image_context=image_context.to(checkpoint.dtype).expand(batch, -1, -1) if image_context is not None else None,
+        image_context=image_context,
         ref_latents=refs.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None,
         cache_key=uuid.uuid4().hex if cached else None,
         scheduler=scheduler,
     )
 
 
-def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool) -> dict:
-    """One step's denoiser inputs with cond and uncond batched; references left out once the denoiser caches them."""
-    batch = state.batch
+def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool, rows: int | None = None) -> dict:
+    """One step's denoiser inputs with cond and uncond batched (the first ``rows`` rows: 1 = cond only);
+    references left out once the denoiser caches them."""
+    rows = state.batch if rows is None else rows
+    first = (lambda t: t[:rows] if t is not None else None)
     return dict(
-        latents=state.latents.expand(batch, -1, -1, -1, -1).to(state.text.dtype), condition=state.condition,
-        timestep=timestep.expand(batch), text=state.text, image_context=state.image_context,
-        ref_latents=state.ref_latents if with_references else None,
+        latents=state.latents.expand(rows, -1, -1, -1, -1).to(state.text.dtype), condition=first(state.condition),
+        timestep=timestep.expand(rows), text=first(state.text), image_context=first(state.image_context),
+        ref_latents=first(state.ref_latents) if with_references else None,
     )
 
 
 def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) -> torch.Tensor:
-    """One denoiser call with cond and uncond batched, combined by classifier-free guidance: [1, 16, f, h, w].
+    """One denoiser call of the step's expert with cond and uncond batched, combined by classifier-free guidance
+    at that expert's scale: [1, 16, f, h, w]. An expert whose scale is at most 1 runs the cond row alone.
 
-    A cached request sends its references at its first step only (the denoiser builds the cache from them),
-    and again if the denoiser has dropped the cache in the meantime."""
-    with_refs = state.ref_latents is not None and not state.cache_built
+    A cached request sends its references at each expert's first step only (that expert builds its cache from
+    them), and again if the denoiser has dropped the cache in the meantime."""
+    expert = state.checkpoint.expert_at(timestep)
+    scale = state.guidance_scale(expert)
+    rows = state.batch if scale > 1 else 1
+    with_refs = state.ref_latents is not None and expert not in state.cache_built
     try:
-        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs), state.cache_key)
+        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs, rows), state.cache_key, expert)
     except ReferenceCacheMiss:
-        velocity = stages.denoise(denoiser_inputs(state, timestep, True), state.cache_key)
-    state.cache_built = state.cache_key is not None
-    return classifier_free_guidance(velocity.float(), state.request.guidance_scale)
+        velocity = stages.denoise(denoiser_inputs(state, timestep, True, rows), state.cache_key, expert)
+    if state.cache_key is not None and state.checkpoint.experts[expert].config.caches_reference:
+        state.cache_built.add(expert)
+    return classifier_free_guidance(velocity.float(), scale)
 
 
 @torch.no_grad()

@@ -1,14 +1,18 @@
-"""Load the denoiser from a diffusers Wan2.1-I2V checkpoint plus an optional reference-stream adapter."""
+"""Load a denoiser (one expert) from a diffusers Wan checkpoint (or a single-file transformer), with base-model
+LoRAs merged into the video stream and an optional reference-stream adapter merged into the reference stream."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from .config import MvgenConfig
 from .denoiser import MultiViewWanTransformer
 from .files import CheckpointError, check_checkpoint_component, load_safetensors, read_json, safetensors_files
+from .base_lora import LoraSpec, merge_base_loras
 from .lora import AdapterError, ReferenceAdapter, merge_into_reference_stream, read_adapter
+from .single_file import read_single_file_transformer
 
 # tensors of diffusers checkpoints that Wan2.1 does not use (diffusers ignores them too)
 _IGNORED_BASE_KEYS = ("norm_added_q",)
@@ -16,14 +20,16 @@ _IGNORED_BASE_KEYS = ("norm_added_q",)
 _FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_weights")
 
 
-def find_transformer_dir(path: str | Path) -> Path:
+def find_transformer_dir(path: str | Path, folder: str = "transformer") -> Path:
+    """``path/folder`` (a diffusers pipeline: ``transformer``, Wan2.2's ``transformer_2``) or, for the first
+    expert, ``path`` itself when it is a transformer dir."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory not found: {path}")
-    for candidate in (path / "transformer", path):
+    for candidate in (path / folder, path) if folder == "transformer" else (path / folder,):
         if (candidate / "config.json").is_file():
             return candidate
-    raise CheckpointError(f"{path} is neither a diffusers Wan pipeline (transformer/config.json) nor a transformer dir")
+    raise CheckpointError(f"{path} is neither a diffusers Wan pipeline ({folder}/config.json) nor a transformer dir")
 
 
 def transformer_weight_files(folder: Path) -> list[Path]:
@@ -36,6 +42,10 @@ def _base_state(files: list[Path]) -> dict[str, torch.Tensor]:
     state = {}
     for file in files:
         state.update(load_safetensors(file, CheckpointError))
+    return _without_ignored(state)
+
+
+def _without_ignored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not any(part in k for part in _IGNORED_BASE_KEYS)}
 
 
@@ -44,7 +54,7 @@ def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tens
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
-            f"transformer weights do not match a Wan2.1-I2V model of this config: "
+            f"transformer weights do not match a Wan {model.config.task} model of this config: "
             f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
             f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
         )
@@ -81,28 +91,43 @@ def load_denoiser(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     lora_scale: float | None = None,
+    *,
+    folder: str = "transformer",
+    weights_file: str | Path | None = None,
+    loras: Sequence[LoraSpec] = (),
+    lora_reference: bool = False,
     **config_overrides,
 ) -> MultiViewWanTransformer:
-    """Build the denoiser from a diffusers pipeline dir (with ``transformer/``) or a transformer dir.
+    """Build one denoiser from a diffusers pipeline dir (its ``folder``: ``transformer``, or Wan2.2's
+    ``transformer_2``) or a transformer dir.
 
-    ``adapter`` (a LoRA ``.safetensors`` or a PEFT dir; PEFT/diffusers, kohya or original-Wan names) defines
-    the reference stream: ``W_ref = W + scale * B @ A`` merged once here, scale = alpha/rank from the file
-    (or ``lora_scale``). Without an adapter the reference stream is a copy of the base weights (MVI2V).
-    ``mvgen_config.json`` beside the adapter (or in ``path``) sets the multi-view options; keyword
-    overrides win over both.
+    ``weights_file`` replaces the folder's weights by a single-file transformer (original Wan / ComfyUI key
+    names, converted by diffusers); the folder still gives the config. ``loras`` (base-model LoRAs, any
+    spelling diffusers reads) merge into the video stream, in order, and into the reference stream too when
+    ``lora_reference`` (MVI2V's reference stream starts as a copy of the base). ``adapter`` (a LoRA
+    ``.safetensors`` or a PEFT dir) then defines the reference stream: ``W_ref = W + scale * B @ A`` merged
+    once here, scale = alpha/rank from the file (or ``lora_scale``). Without an adapter the reference stream
+    is a copy of the base weights (MVI2V). ``mvgen_config.json`` beside the adapter (or in ``path``) sets the
+    multi-view options; keyword overrides win over both.
     """
-    transformer_dir = find_transformer_dir(path)
+    transformer_dir = find_transformer_dir(path, folder)
     parsed = read_adapter(adapter) if adapter is not None else None
-    config = denoiser_config(path, adapter, **config_overrides)
+    config = denoiser_config(path, adapter, folder, **config_overrides)
     if parsed is not None and parsed.loras and config.ref_mode != "dual_stream":
         raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {config.ref_mode!r}")
 
     with torch.device("meta"):
         model = MultiViewWanTransformer(config)
-    state = _base_state(transformer_weight_files(transformer_dir))
+    if weights_file is not None:
+        state = _without_ignored(read_single_file_transformer(weights_file))
+    else:
+        state = _base_state(transformer_weight_files(transformer_dir))
     _check_base_keys(model, state)
     if model.ref_blocks is not None:
         state.update({f"ref_{k}": v.clone() for k, v in state.items() if k.startswith("blocks.")})
+    merge_base_loras(state, loras)
+    if model.ref_blocks is not None and lora_reference:
+        merge_base_loras(state, loras, prefix="ref_")
     state["view_weights"] = torch.tensor(
         config.view_weights if config.view_weights is not None else (1.0,) * config.max_references
     )
@@ -127,9 +152,10 @@ def mvgen_config_path(path: str | Path, adapter: str | Path | None) -> Path:
     return Path(path) / "mvgen_config.json"
 
 
-def denoiser_config(path: str | Path, adapter: str | Path | None = None, **config_overrides) -> MvgenConfig:
+def denoiser_config(path: str | Path, adapter: str | Path | None = None, folder: str = "transformer",
+                    **config_overrides) -> MvgenConfig:
     """The denoiser's config from the checkpoint's JSON files alone (no weights read)."""
-    transformer_dir = find_transformer_dir(path)
+    transformer_dir = find_transformer_dir(path, folder)
     return MvgenConfig.from_files(transformer_dir / "config.json", mvgen_config_path(path, adapter), **config_overrides)
 
 

@@ -1,7 +1,8 @@
-"""The in-process multi-view image-to-video pipeline: the generation loop over local stages.
+"""The in-process multi-view video pipeline: the generation loop over local stages.
 
-``MultiViewPipeline`` holds a ``Checkpoint`` and the components it loaded (text encoder, image encoder,
-VAE, denoiser); ``engine.generation`` runs the loop, the same loop the server runs over its sub-models.
+``MultiViewPipeline`` holds a ``Checkpoint`` and the components it loaded (text encoder, image encoder where
+the checkpoint has CLIP, VAE, one denoiser per expert); ``engine.generation`` runs the loop, the same loop
+the server runs over its sub-models.
 """
 from __future__ import annotations
 
@@ -24,17 +25,17 @@ Callback = Callable[[int, int], None]
 class LocalStages:
     """``engine.generation.Stages`` over components loaded in this process."""
 
-    def __init__(self, text_encoder: TextEncoder, image_encoder: ImageEncoder | None, vae: Vae, denoiser: Denoiser,
-                 reference_cache: bool = True):
+    def __init__(self, text_encoder: TextEncoder, image_encoder: ImageEncoder | None, vae: Vae,
+                 denoisers: Sequence[Denoiser], reference_cache: bool = True):
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
         self.vae = vae
-        self.denoiser = denoiser
+        self.denoisers = tuple(denoisers)  # one per expert of the checkpoint
         self.reference_cache = reference_cache
 
     @property
     def caches_references(self) -> bool:
-        return self.reference_cache and self.denoiser.caches_references
+        return self.reference_cache and any(d.caches_references for d in self.denoisers)
 
     def encode_text(self, texts):
         return self.text_encoder(texts)
@@ -48,11 +49,12 @@ class LocalStages:
     def encode_references(self, images):
         return self.vae.encode_references(images)
 
-    def denoise(self, inputs, cache_key):
-        return self.denoiser(inputs, cache_key)
+    def denoise(self, inputs, cache_key, expert):
+        return self.denoisers[expert](inputs, cache_key)
 
     def release(self, cache_key):
-        self.denoiser.caches.drop(cache_key)
+        for denoiser in self.denoisers:
+            denoiser.caches.drop(cache_key)
 
     def decode(self, latents):
         return self.vae.decode(latents)
@@ -71,7 +73,9 @@ class MultiViewPipeline:
                         scheduler: str = "unipc", max_tokens: int = DEFAULT_MAX_TOKENS,
                         cache_root: str | Path | None = None, reference_cache: bool = True,
                         **config_overrides) -> "MultiViewPipeline":
-        """Load a diffusers Wan2.1-I2V directory (or ``"tiny"``, with its bundled adapter) plus an adapter.
+        """Load a diffusers Wan directory (Wan2.1-T2V/I2V, Wan2.2-I2V-A14B) or an embedded ``tiny*`` model (with
+        its bundled adapters) plus an adapter; ``config_overrides`` may also hold ``Checkpoint.load``'s
+        keywords (``adapter_2``, ``loras``, ``loras_2``, ``lora_reference``, ``transformer_file``, ...).
 
         The denoiser and text encoder run in ``dtype``; the VAE and CLIP image encoder stay float32 as in
         diffusers' Wan example. ``config_overrides`` go to the denoiser's ``MvgenConfig``. ``reference_cache``
@@ -88,8 +92,8 @@ class MultiViewPipeline:
         """Load every component of an already described checkpoint (the CLI validates a request against the
         weightless ``Checkpoint`` before it pays for this)."""
         image_encoder = ImageEncoder(checkpoint) if checkpoint.has_image_encoder else None
-        stages = LocalStages(TextEncoder(checkpoint), image_encoder, Vae(checkpoint), Denoiser(checkpoint),
-                             reference_cache)
+        denoisers = [Denoiser(checkpoint, expert) for expert in range(len(checkpoint.experts))]
+        stages = LocalStages(TextEncoder(checkpoint), image_encoder, Vae(checkpoint), denoisers, reference_cache)
         return cls(checkpoint, stages)
 
     @property
@@ -106,8 +110,8 @@ class MultiViewPipeline:
 
     @property
     def denoiser(self):
-        """The ``MultiViewWanTransformer`` module."""
-        return self.stages.denoiser.model
+        """The (first expert's) ``MultiViewWanTransformer`` module."""
+        return self.stages.denoisers[0].model
 
     # ---- requests -----------------------------------------------------------------------------------------
     def make_request(self, **fields) -> GenerationRequest:
@@ -147,9 +151,10 @@ class MultiViewPipeline:
         """A validated request -> frames uint8 [F, H, W, 3]."""
         return generation.generate(self.checkpoint, request, self.stages, _on_step(callback), progress=progress)
 
-    def __call__(self, first_frame, references: Sequence = (), prompt: str = "", negative_prompt: str = "", *,
+    def __call__(self, first_frame=None, references: Sequence = (), prompt: str = "", negative_prompt: str = "", *,
                  callback: Callback | None = None, progress: bool = False, **fields) -> np.ndarray:
-        """Validate (``RequestError`` on bad input), generate, and return frames uint8 [F, H, W, 3]."""
+        """Validate (``RequestError`` on bad input), generate, and return frames uint8 [F, H, W, 3]. T2V
+        checkpoints take no ``first_frame`` (reference-to-video from ``references`` and the prompt)."""
         request = self.make_request(first_frame=first_frame, references=references, prompt=prompt,
                                     negative_prompt=negative_prompt, **fields)
         return self.generate(request, callback, progress)

@@ -37,6 +37,8 @@ class _Marker:
 
 
 REQUIRED = _Marker("required")
+# the first frame: required by image-to-video checkpoints, refused by T2V ones (RequestLimits.first_frame)
+I2V_ONLY = _Marker("required on image-to-video models, none on T2V")
 # filled by make_request from the checkpoint's generation defaults (mvgen_defaults.json over Wan's)
 MODEL_DEFAULT = _Marker("the model's")
 # the limits that the command-line help and the README quote (Wan: 16-pixel multiples, 4k+1 frames)
@@ -219,6 +221,8 @@ class RequestField:
             return "required"
         if self.default is MODEL_DEFAULT:
             return "default: the model's"
+        if self.default is I2V_ONLY:
+            return "required by image-to-video models (Wan I2V); none on T2V models (reference-to-video)"
         if self.default_doc:
             return f"default: {self.default_doc}"
         return f"default: {self.default!r}" if self.default not in ("", (), None) else "default: none"
@@ -229,7 +233,7 @@ FIELDS: tuple[RequestField, ...] = (
                  (Wire("prompt", "TYPE_STRING", (1,)),)),
     RequestField("negative_prompt", "text", str, "", Text(), "negative prompt for classifier-free guidance",
                  "--negative-prompt", (Wire("negative_prompt", "TYPE_STRING", (1,)),), default_doc="empty"),
-    RequestField("first_frame", "image", np.ndarray, REQUIRED, Picture("first frame"), "first frame",
+    RequestField("first_frame", "image", np.ndarray | None, I2V_ONLY, Picture("first frame"), "first frame",
                  "--first-frame",
                  (Wire("first_frame", "TYPE_STRING", (1,),
                        "first frame, encoded PNG/JPEG/WebP; this or `first_frame_rgb`"),
@@ -258,6 +262,9 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("guidance_scale", "number", float, MODEL_DEFAULT,
                  NumberAbove(0, True, "1 or less disables classifier-free guidance"), "classifier-free guidance scale",
                  "--guidance-scale", (Wire("guidance_scale", "TYPE_FP32", (1,)),)),
+    RequestField("guidance_scale_2", "number", float | None, None, NumberAbove(0, True),
+                 "guidance scale of the low-noise expert (Wan2.2's transformer_2)", "--guidance-scale-2",
+                 (Wire("guidance_scale_2", "TYPE_FP32", (1,)),), default_doc="guidance_scale; two-expert models only"),
     RequestField("seed", "integer", int, 0, IntegerIn(0, MAX_SEED, f"an integer in [0, {MAX_SEED}]"), "noise seed",
                  "--seed", (Wire("seed", "TYPE_UINT64", (1,)),)),
     RequestField("shift", "number", float, MODEL_DEFAULT, NumberAbove(0, False, "Wan uses 3.0 at 480p, 5.0 at 720p"),
@@ -292,6 +299,7 @@ def validate_request(limits: RequestLimits, **values) -> GenerationRequest:
     given = {f.name: _given(f, values.get(f.name)) for f in FIELDS}
     checked = {f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind not in IMAGE_KINDS}
     _check_sequence(limits, checked, list(given["references"]))
+    _check_task(limits, given)
     checked.update({f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind in IMAGE_KINDS})
     _check_mask_size(checked["first_frame_mask"], checked["first_frame"])
     return GenerationRequest(**checked)
@@ -317,11 +325,11 @@ def _given(field: RequestField, value):
         raise RequestError(f"{field.name} is required ({field.help})")
     if field.default is MODEL_DEFAULT:
         raise RequestError(f"{field.name} is required here (make_request fills it from the model's defaults)")
-    return field.default
+    return None if field.default is I2V_ONLY else field.default
 
 
 def _check(field: RequestField, value, limits: RequestLimits):
-    if value is None and field.default is None:  # an optional field left unset
+    if value is None and field.default in (None, I2V_ONLY):  # an optional field left unset
         return None
     return field.rule.check(field.name, value, limits)
 
@@ -340,8 +348,21 @@ def _check_sequence(limits: RequestLimits, checked: dict, references: list) -> N
         )
 
 
-def _check_mask_size(mask: np.ndarray | None, frame: np.ndarray) -> None:
-    if mask is not None and mask.shape != frame.shape[:2]:
+def _check_task(limits: RequestLimits, given: dict) -> None:
+    """What the checkpoint's kind decides: a first frame on I2V only, a second guidance scale on two experts."""
+    if limits.first_frame and given["first_frame"] is None:
+        raise RequestError("first_frame is required: this is an image-to-video model (give the video's first frame)")
+    if not limits.first_frame and given["first_frame"] is not None:
+        raise RequestError("this model is text/reference-to-video (Wan T2V): it takes no first_frame; give "
+                           "references and a prompt")
+    if given["first_frame_mask"] is not None and given["first_frame"] is None:
+        raise RequestError("first_frame_mask needs a first_frame")
+    if given["guidance_scale_2"] is not None and limits.experts < 2:
+        raise RequestError("guidance_scale_2 applies to two-expert models (Wan2.2) only; this model has one")
+
+
+def _check_mask_size(mask: np.ndarray | None, frame: np.ndarray | None) -> None:
+    if mask is not None and frame is not None and mask.shape != frame.shape[:2]:
         raise RequestError(
             f"first-frame mask is {mask.shape[1]}x{mask.shape[0]} but the first frame is "
             f"{frame.shape[1]}x{frame.shape[0]}; they must be the same size"

@@ -1,6 +1,8 @@
-"""The embedded ``tiny`` checkpoint: a complete diffusers-layout Wan2.1-I2V pipeline plus a reference adapter.
+"""The embedded ``tiny`` checkpoints: complete diffusers-layout Wan pipelines plus reference adapters.
 
-Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
+``tiny`` is Wan2.1-I2V (CLIP image encoder, first frame required), ``tiny-t2v`` Wan2.1-T2V (no first frame:
+Mv2ID's reference-to-video), ``tiny-wan22`` Wan2.2-I2V-A14B's layout (two experts ``transformer`` and
+``transformer_2`` switched at ``boundary_ratio`` 0.9, no CLIP, an adapter per expert). Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
 ``UniPCMultistepScheduler``, transformers umT5 / CLIP vision / ByT5 tokenizer) at small sizes, initialised
 from fixed seeds, so it exercises every code path of loading and generation with no download. Its videos
 are noise. The build is bit-identical across runs and is written atomically (temp dir + rename).
@@ -11,12 +13,13 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v1"  # the directory of ``tiny``; the others are ``<name>-v1``
 CACHE_ENV = "MVGEN_CACHE"  # where the tiny checkpoint is built (read by entry points only)
 SEED = 20261122
 
@@ -59,6 +62,32 @@ MODEL_INDEX = {
     "transformer": ["diffusers", "WanTransformer3DModel"],
     "vae": ["diffusers", "AutoencoderKLWan"],
 }
+_NO_CLIP = dict(image_dim=None, added_kv_proj_dim=None)
+_NO_IMAGE_ENCODER = {"image_encoder": [None, None], "image_processor": [None, None]}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One embedded model: how its transformer(s) and model index differ from ``tiny``'s."""
+
+    directory: str
+    transformer: dict  # changes to TRANSFORMER_CONFIG
+    model_index: dict  # changes to MODEL_INDEX
+    image_encoder: bool = True
+    experts: int = 1
+    defaults: dict = field(default_factory=dict)  # changes to GENERATION_DEFAULTS
+
+
+VARIANTS = {
+    "tiny": Variant(TINY_VERSION, {}, {}),
+    "tiny-t2v": Variant("tiny-t2v-v1", {"in_channels": 16, **_NO_CLIP},
+                        {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER}, image_encoder=False),
+    # Wan2.2-I2V-A14B: I2V without CLIP, two experts; 6 steps put the switch after the second (t 937 -> 857)
+    "tiny-wan22": Variant("tiny-wan22-v1", dict(_NO_CLIP),
+                          {**_NO_IMAGE_ENCODER, "transformer_2": ["diffusers", "WanTransformer3DModel"],
+                           "boundary_ratio": 0.9, "expand_timesteps": False},
+                          image_encoder=False, experts=2, defaults={"steps": 6}),
+}
 _COMPLETE_MARKER = "model_index.json"
 
 
@@ -71,26 +100,39 @@ def default_cache_root(environ: Mapping[str, str]) -> Path:
     return Path(environ.get(CACHE_ENV) or Path.home() / ".cache" / "mvgen")
 
 
-def ensure_tiny(root: Path | str) -> Path:
-    """The tiny pipeline directory ``<root>/tiny-v1``, built once."""
+def is_tiny(model) -> bool:
+    return str(model) in VARIANTS
+
+
+def ensure_tiny(root: Path | str, name: str = "tiny") -> Path:
+    """The embedded model ``name``'s pipeline directory under ``root`` (``<root>/tiny-v1`` for ``tiny``), built once."""
     if root is None:  # a caller that forgot to thread the root down: say so rather than guess one
         raise ValueError("the tiny model needs a cache directory to be built in: pass cache_root "
                          f"(the mvgen command takes it from --cache-dir or ${CACHE_ENV})")
-    return build_tiny(Path(root) / TINY_VERSION)
+    return build_tiny(Path(root) / VARIANTS[name].directory, name)
 
 
 def resolve_checkpoint(model: str | Path, adapter: str | Path | None, cache_root: Path | str
                        ) -> tuple[Path, Path | None]:
-    """``"tiny"`` -> the tiny pipeline under ``cache_root`` (built once) with its bundled adapter unless
-    ``adapter`` is given; any other ``model`` is a checkpoint directory, returned as is."""
-    if str(model) == "tiny":
-        path = ensure_tiny(cache_root)
-        return path, Path(adapter) if adapter is not None else path / "adapter"
-    return Path(model), Path(adapter) if adapter is not None else None
+    """``"tiny"`` (or another embedded model) -> its pipeline under ``cache_root`` (built once) with its bundled
+    adapter unless ``adapter`` is given; any other ``model`` is a checkpoint directory, returned as is."""
+    path, (adapter,) = resolve_experts(model, (adapter,), cache_root)
+    return path, adapter
 
 
-def build_tiny(dest: Path | str) -> Path:
-    """Build the tiny pipeline into ``dest`` unless it is already there; returns ``dest``."""
+def resolve_experts(model: str | Path, adapters: tuple, cache_root: Path | str) -> tuple[Path, tuple]:
+    """``resolve_checkpoint`` for a checkpoint's experts: one adapter per expert (None: an embedded model's own
+    ``adapter``, ``adapter_2``; nothing for a checkpoint directory)."""
+    if is_tiny(model):
+        path = ensure_tiny(cache_root, str(model))
+        bundled = (path / "adapter", path / "adapter_2")
+        return path, tuple(Path(a) if a is not None else bundled[i] if (bundled[i]).is_dir() else None
+                           for i, a in enumerate(adapters))
+    return Path(model), tuple(Path(a) if a is not None else None for a in adapters)
+
+
+def build_tiny(dest: Path | str, name: str = "tiny") -> Path:
+    """Build the embedded model ``name`` into ``dest`` unless it is already there; returns ``dest``."""
     dest = Path(dest)
     if (dest / _COMPLETE_MARKER).is_file():
         return dest
@@ -100,7 +142,7 @@ def build_tiny(dest: Path | str) -> Path:
         from .components import quiet_hub_progress
 
         with torch.random.fork_rng(devices=[]), quiet_hub_progress():
-            _write_pipeline(staging)
+            _write_pipeline(staging, VARIANTS[name])
         try:
             os.rename(staging, dest)
         except OSError:
@@ -115,12 +157,13 @@ def _seeded(offset: int) -> None:
     torch.manual_seed(SEED + offset)
 
 
-def _write_pipeline(out: Path) -> None:
+def _write_pipeline(out: Path, variant: Variant) -> None:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import ByT5Tokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+    config = {**TRANSFORMER_CONFIG, **variant.transformer}
     _seeded(0)
-    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG)
+    transformer = WanTransformer3DModel(**config)
     # small shards so that loading goes through the safetensors index, as real checkpoints do
     transformer.save_pretrained(out / "transformer", safe_serialization=True, max_shard_size="200KB")
     _seeded(1)
@@ -128,13 +171,20 @@ def _write_pipeline(out: Path) -> None:
     _seeded(2)
     UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).save_pretrained(out / "text_encoder")
     ByT5Tokenizer().save_pretrained(out / "tokenizer")
-    _seeded(3)
-    CLIPVisionModel(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).save_pretrained(out / "image_encoder")
-    _clip_image_processor().save_pretrained(out / "image_processor")
+    if variant.image_encoder:
+        _seeded(3)
+        CLIPVisionModel(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).save_pretrained(out / "image_encoder")
+        _clip_image_processor().save_pretrained(out / "image_processor")
     UniPCMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    _write_adapter(out / "adapter")
-    (out / "mvgen_defaults.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
-    (out / _COMPLETE_MARKER).write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    _write_adapter(out / "adapter", config, SEED + 4)
+    if variant.experts == 2:  # the low-noise expert: other weights, its own reference adapter
+        _seeded(5)
+        WanTransformer3DModel(**config).save_pretrained(out / "transformer_2", safe_serialization=True,
+                                                       max_shard_size="200KB")
+        _write_adapter(out / "adapter_2", config, SEED + 6)
+    defaults = {**GENERATION_DEFAULTS, **variant.defaults}
+    (out / "mvgen_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (out / _COMPLETE_MARKER).write_text(json.dumps({**MODEL_INDEX, **variant.model_index}, indent=2) + "\n")
 
 
 def _clip_image_processor():
@@ -146,16 +196,17 @@ def _clip_image_processor():
     return processor()
 
 
-def _write_adapter(folder: Path) -> None:
+def _write_adapter(folder: Path, config: dict, seed: int) -> None:
     """A random rank-4 LoRA on the reference stream, in PEFT names, with its ``mvgen_config.json``."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(SEED + 4)
-    dim, ffn, rank = 48, TRANSFORMER_CONFIG["ffn_dim"], ADAPTER_CONFIG["lora_rank"]
+    generator = torch.Generator().manual_seed(seed)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    ffn, rank = config["ffn_dim"], ADAPTER_CONFIG["lora_rank"]
     shapes = {"ffn.net.0.proj": (ffn, dim), "ffn.net.2": (dim, ffn)}
     tensors = {}
-    for block in range(TRANSFORMER_CONFIG["num_layers"]):
+    for block in range(config["num_layers"]):
         for module in ADAPTER_MODULES:
             out_dim, in_dim = shapes.get(module, (dim, dim))
             prefix = f"transformer.blocks.{block}.{module}"

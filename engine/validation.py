@@ -26,11 +26,8 @@ class RequestLimits:
     max_tokens: int = DEFAULT_MAX_TOKENS
     spatial_multiple: int = VAE_SCALE_SPATIAL * 2  # VAE x patch
     temporal_multiple: int = VAE_SCALE_TEMPORAL
-
-    @classmethod
-    def from_config(cls, config, max_tokens: int = DEFAULT_MAX_TOKENS) -> "RequestLimits":
-        _, patch_h, patch_w = config.patch_size
-        return cls(config.max_references, max_tokens, VAE_SCALE_SPATIAL * max(patch_h, patch_w), VAE_SCALE_TEMPORAL)
+    first_frame: bool = True  # image-to-video: a first frame is required (T2V: refused)
+    experts: int = 1  # denoisers of the checkpoint (Wan2.2-A14B: 2, each with its own guidance scale)
 
 
 def token_count(limits: RequestLimits, num_frames: int, height: int, width: int, num_refs: int,

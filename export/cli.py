@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli_args import UsageError, add_model_arguments, model_paths, parse_overrides
+from engine.cli_args import UsageError, add_model_arguments, checkpoint_sources, parse_overrides
 
 EXIT_SKIPPED = 3
 
@@ -33,6 +33,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--profile", help="TensorRT profile recorded with the graph, e.g. batch=1:2:2,frames=1:21:21")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable)")
+    p.add_argument("--expert", type=int, choices=(1, 2), default=1,
+                   help="which denoiser of a two-expert checkpoint (Wan2.2: 1 high noise, 2 low noise)")
     p.add_argument("--verify", action="store_true", help="then compare with PyTorch through polygraphy (fp32)")
     p.set_defaults(func=run_onnx)
 
@@ -74,10 +76,10 @@ def _skipped(error) -> int:
 def run_onnx(args) -> int:
     from .onnx_export import export_onnx
 
-    model, adapter = model_paths(args)
     try:
-        path = export_onnx(model, args.out, adapter=adapter, dtype=args.dtype, attention=args.attention,
-                           profile=_profile(args.profile), **parse_overrides(args.overrides))
+        path = export_onnx(args.model, args.out, adapter=args.adapter, dtype=args.dtype, attention=args.attention,
+                           profile=_profile(args.profile), cache_root=args.cache_dir, expert=args.expert - 1,
+                           sources=checkpoint_sources(args), **parse_overrides(args.overrides))
     except ValueError as error:
         if type(error) is not ValueError:
             raise
@@ -89,16 +91,14 @@ def run_onnx(args) -> int:
 
 
 def _verify(args, path) -> int:
-    from engine.loading import load_denoiser
-
+    from .onnx_export import load_for_export
     from .verify import verify_onnx
 
     if args.dtype != "fp32":
         print("verify: skipped (onnxruntime verification runs fp32 graphs)", file=sys.stderr)
         return 0
-    model, adapter = model_paths(args)
-    denoiser = load_denoiser(model, adapter=adapter, attention_backend="reference",
-                             **parse_overrides(args.overrides))
+    denoiser, _ = load_for_export(args.model, args.adapter, "fp32", None, args.cache_dir, args.expert - 1,
+                                  checkpoint_sources(args), parse_overrides(args.overrides))
     results = verify_onnx(path, denoiser)
     for r in results:
         print(f"verify {'ok  ' if r.passed else 'FAIL'} rel_err={r.rel_err:.2e} {r.sizes}")

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 from engine import denoiser_io
-from engine.loading import load_denoiser
-from engine.tiny import resolve_checkpoint
+from engine.components import Checkpoint, load_expert
 
 from .plugin import plugin_attention
 
@@ -35,18 +34,19 @@ EXPORT_SIZES = dict(batch=2, frames=3, height=6, width=8, refs=2, ref_height=4, 
 
 
 class DenoiserGraph(nn.Module):
-    """The denoiser with the graph's positional input order; references always go through the joint path."""
+    """The denoiser with the graph's inputs (``denoiser_io.config_specs``: T2V has no ``condition``, checkpoints
+    without CLIP no ``image_context``), passed by name; references always go through the joint path."""
 
     def __init__(self, denoiser):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, latents, condition, timestep, text, image_context, ref_latents):
+    def forward(self, latents, timestep, text, ref_latents, condition=None, image_context=None):
         return self.denoiser(latents, condition, timestep, text, image_context, ref_latents=ref_latents)
 
 
 def graph_specs(config) -> list[denoiser_io.TensorSpec]:
-    return denoiser_io.input_specs(config.text_dim, config.image_dim, config.text_len)
+    return denoiser_io.config_specs(config)
 
 
 def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: torch.Generator) -> dict:
@@ -133,7 +133,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         # torch.onnx notes that derived axes (2*height_div2) keep their symbolic name; _name_axes renames them
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
-            DenoiserGraph(denoiser).eval(), tuple(example.values()), dynamo=True,
+            DenoiserGraph(denoiser).eval(), (), kwargs=example, dynamo=True,
             dynamic_shapes=export_dynamic_shapes(specs), input_names=[s.name for s in specs],
             output_names=[denoiser_io.OUTPUT.name], opset_version=denoiser_io.OPSET,
             custom_translation_table=translation_table(), verbose=False,
@@ -160,17 +160,33 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
 
 def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
                 attention: str = "native", profile: denoiser_io.Profile | None = None, lora_scale: float | None = None,
-                cache_root: str | Path | None = None, **config_overrides) -> Path:
-    """Load ``model`` with ``adapter`` merged into the reference stream, export it; returns the .onnx path.
+                cache_root: str | Path | None = None, expert: int = 0, sources: dict | None = None,
+                **config_overrides) -> Path:
+    """Load one expert of ``model`` with its base LoRAs merged into the video stream and ``adapter`` into the
+    reference stream, export it; returns the .onnx path.
 
-    ``model`` ``"tiny"`` is the embedded checkpoint (built under ``cache_root``) with its bundled adapter."""
+    ``model`` ``"tiny"`` (or another embedded model) is built under ``cache_root`` with its bundled adapters;
+    ``sources`` are ``Checkpoint.load``'s weight sources (``loras``, ``transformer_file``, ``adapter_2``, ...);
+    ``expert`` 1 is Wan2.2's low-noise ``transformer_2``."""
     if dtype not in denoiser_io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(denoiser_io.DTYPES)}, got {dtype!r}")
-    path, adapter = resolve_checkpoint(model, adapter, cache_root)
-    denoiser = load_denoiser(path, adapter=adapter, dtype=denoiser_io.DTYPES[dtype], lora_scale=lora_scale,
-                             attention_backend="reference", **config_overrides)
-    source = {"model": str(model), "adapter": str(adapter) if adapter else None, "lora_scale": lora_scale}
+    denoiser, checkpoint = load_for_export(model, adapter, dtype, lora_scale, cache_root, expert, sources,
+                                           config_overrides)
+    spec = checkpoint.experts[expert]
+    source = {"model": str(model), "adapter": str(spec.adapter) if spec.adapter else None, "lora_scale": lora_scale,
+              "expert": expert, "sources": {k: [str(v) for v in value] if isinstance(value, (list, tuple)) else
+                                            str(value) for k, value in (sources or {}).items()}}
     return export_denoiser(denoiser, out_dir, attention=attention, profile=profile, source=source)
+
+
+def load_for_export(model, adapter, dtype: str, lora_scale, cache_root, expert: int, sources: dict | None,
+                    config_overrides: dict):
+    """(the expert's denoiser on the reference attention path, its ``Checkpoint``)."""
+    checkpoint = Checkpoint.load(model, adapter, **(sources or {}), dtype=denoiser_io.DTYPES[dtype],
+                                 cache_root=cache_root, attention_backend="reference", **config_overrides)
+    if not 0 <= expert < len(checkpoint.experts):
+        raise ValueError(f"expert must be 0..{len(checkpoint.experts) - 1} for {checkpoint.path}, got {expert}")
+    return load_expert(checkpoint, expert, lora_scale), checkpoint
 
 
 def read_meta(onnx_dir: str | Path) -> dict:

@@ -130,7 +130,7 @@ def build_engine(onnx_dir: str | Path, plan: str | Path, profile: denoiser_io.Pr
                          f"instead of asking TensorRT for {precision}")
     profile = profile or denoiser_io.Profile({k: tuple(v) for k, v in meta["profile"].items()})
     cfg = meta["config"]
-    specs = denoiser_io.input_specs(cfg["text_dim"], cfg["image_dim"], cfg["text_len"])
+    specs = denoiser_io.config_specs(meta["config"])
     trt_profile = TrtProfile()
     for name, (lo, opt, hi) in profile.shapes(specs).items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)

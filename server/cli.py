@@ -4,8 +4,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, map_images, model_paths,
-                             parse_overrides, request_values, add_reference_cache_argument)
+from engine.cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, checkpoint_sources,
+                             map_images, parse_overrides, request_values, add_reference_cache_argument)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -89,9 +89,9 @@ def run_serve(args) -> int:
         raise UsageError(f"--reference-cache-mb must be a positive number of MiB, got {args.reference_cache_mb}")
     if args.denoiser_plan is not None and not args.denoiser_plan.is_file():
         raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
-    model, adapter = model_paths(args)
     options = RepositoryOptions(
-        model=str(model), adapter=str(adapter) if adapter else None, dtype=args.dtype, device=args.device,
+        model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
+        sources=checkpoint_sources(args), cache_root=str(args.cache_dir), dtype=args.dtype, device=args.device,
         scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=parse_overrides(args.overrides),
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,

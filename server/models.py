@@ -17,6 +17,7 @@ import torch
 
 from engine import generation
 from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, TextEncoder, Vae
+from engine.denoiser_io import denoiser_model_name
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
 from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss
@@ -37,7 +38,8 @@ def load_checkpoint(model_config: dict) -> Checkpoint:
     """The checkpoint description from the ``config.pbtxt`` parameters the repository generator wrote."""
     params = _parameters(model_config)
     return Checkpoint.load(
-        params["model"], params.get("adapter") or None, dtype=getattr(torch, params.get("dtype", "float32")),
+        params["model"], params.get("adapter") or None, **json.loads(params.get("sources", "{}")),
+        dtype=getattr(torch, params.get("dtype", "float32")),
         device=params.get("device", "cpu"), scheduler=params.get("scheduler", "unipc"),
         max_tokens=int(params.get("max_tokens", "131072")), **json.loads(params.get("overrides", "{}")),
     )
@@ -139,15 +141,18 @@ class VaeModel(_PerRequestModel):
 
 
 class DenoiserModel:
-    """One denoiser call per dynamic batch (``engine.components.Denoiser.run``), and the reference caches of
-    the requests in flight, keyed by the ``mvgen_cache_key`` request parameter."""
+    """One expert's denoiser call per dynamic batch (``engine.components.Denoiser.run``), and the reference
+    caches of the requests in flight, keyed by the ``mvgen_cache_key`` request parameter. A Wan2.2 checkpoint
+    is served as two of these (``mvgen_denoiser``, ``mvgen_denoiser_2``): each expert batches on its own."""
 
     def __init__(self, model_config: dict, pb):
         self.pb = pb
+        self.name = model_config["name"]
         params = _parameters(model_config)
-        self.denoiser = Denoiser(load_checkpoint(model_config), cache_bytes=int(params.get("cache_bytes", 8 << 30)))
+        self.denoiser = Denoiser(load_checkpoint(model_config), int(params.get("expert", "0")),
+                                 cache_bytes=int(params.get("cache_bytes", 8 << 30)))
         self.pad_to = int(params.get("pad_batch_to", "0"))
-        self.metrics = BatchMetrics(pb, "mvgen_denoiser")
+        self.metrics = BatchMetrics(pb, self.name)
 
     def execute(self, requests):
         caches = self.denoiser.caches
@@ -180,7 +185,7 @@ class DenoiserModel:
     def _answer(self, result):
         pb = self.pb
         if isinstance(result, Exception):
-            return pb.InferenceResponse(error=pb.TritonError(f"mvgen_denoiser: {type(result).__name__}: {result}"))
+            return pb.InferenceResponse(error=pb.TritonError(f"{self.name}: {type(result).__name__}: {result}"))
         return pb.InferenceResponse(output_tensors=[_out(pb, "velocity", result)])
 
     def finalize(self):
@@ -221,19 +226,28 @@ class RemoteStages:
     def encode_references(self, images):
         return self._call("mvgen_vae", {"references": images}, ["ref_latents"])[0]
 
-    def denoise(self, inputs, cache_key):
+    def denoise(self, inputs, cache_key, expert):
         inputs = self._wire(inputs)
-        return self._call("mvgen_denoiser", inputs, ["velocity"], {CACHE_KEY: cache_key} if cache_key else None)[0]
+        return self._call(denoiser_model_name(expert), inputs, ["velocity"],
+                          {CACHE_KEY: cache_key} if cache_key else None)[0]
 
     def release(self, cache_key):
-        """A one-row, one-cell request that only carries the release flag (the denoiser answers it at once)."""
-        cfg, dtype = self.checkpoint.config, self.checkpoint.dtype
-        zeros = dict(
-            latents=torch.zeros(1, 16, 1, 2, 2, dtype=dtype), condition=torch.zeros(1, 20, 1, 2, 2, dtype=dtype),
-            timestep=torch.zeros(1), text=torch.zeros(1, cfg.text_len, cfg.text_dim, dtype=dtype),
-            image_context=torch.zeros(1, 257, cfg.image_dim, dtype=dtype) if cfg.image_dim else None, ref_latents=None,
-        )
-        self._call("mvgen_denoiser", self._wire(zeros), ["velocity"], {CACHE_KEY: cache_key, RELEASE: True})
+        """To each expert that caches: a one-row, one-cell request that only carries the release flag (the
+        denoiser answers it at once)."""
+        dtype = self.checkpoint.dtype
+        for expert, spec in enumerate(self.checkpoint.experts):
+            cfg = spec.config
+            if not cfg.caches_reference:
+                continue
+            zeros = dict(
+                latents=torch.zeros(1, 16, 1, 2, 2, dtype=dtype),
+                condition=torch.zeros(1, cfg.condition_channels, 1, 2, 2, dtype=dtype) if cfg.condition_channels else None,
+                timestep=torch.zeros(1), text=torch.zeros(1, cfg.text_len, cfg.text_dim, dtype=dtype),
+                image_context=torch.zeros(1, 257, cfg.image_dim, dtype=dtype) if cfg.image_dim else None,
+                ref_latents=None,
+            )
+            self._call(denoiser_model_name(expert), self._wire(zeros), ["velocity"],
+                       {CACHE_KEY: cache_key, RELEASE: True})
 
     def decode(self, latents):
         return self._call("mvgen_vae", {"latents": latents.float()}, ["video"])[0].numpy()
@@ -267,7 +281,8 @@ class GenerateModel:
         # import and build the scheduler once now: its first import (diffusers) costs ~180 MB and seconds that
         # would otherwise land on the first request
         self.checkpoint.make_scheduler(self.checkpoint.defaults["shift"]).set_timesteps(2)
-        caches = params.get("reference_cache", "true") == "true" and self.checkpoint.config.caches_reference
+        caches = params.get("reference_cache", "true") == "true" and any(
+            e.config.caches_reference for e in self.checkpoint.experts)
         self.stages = RemoteStages(pb, self.checkpoint, caches)
         self.metrics = LoopMetrics(pb, self.name)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "8")),

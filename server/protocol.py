@@ -38,6 +38,8 @@ def inputs() -> tuple[Field, ...]:
     for field in contract.FIELDS:
         pair = len(field.wire) > 1
         required = ("one of the two" if pair else "yes") if field.required else "no"
+        if field.default is contract.I2V_ONLY:
+            required = "I2V models: one of the two"
         for wire in field.wire:
             out.append(Field(wire.name, wire.triton_type, wire.dims, optional=required != "yes",
                              doc=wire.doc or field.describe(), required=required))

@@ -6,6 +6,7 @@
     mvgen_image_encoder  CLIP vision states of the conditioning frame
     mvgen_vae            Wan VAE: I2V condition, reference latents, decode
     mvgen_denoiser       the multi-view DiT, dynamic batching across requests; or a TensorRT plan
+    mvgen_denoiser_2     Wan2.2's low-noise expert (two-expert checkpoints only); the loop routes each step
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 
 from . import protocol
 
+from engine.denoiser_io import denoiser_model_name
+
 GENERATE_MODELS = ("mvgen", "mvgen_stream")
-DENOISER = "mvgen_denoiser"
+DENOISER = denoiser_model_name(0)
 MODEL_CLASSES = {
     "mvgen": "GenerateModel",
     "mvgen_stream": "GenerateModel",
@@ -24,6 +27,7 @@ MODEL_CLASSES = {
     "mvgen_image_encoder": "ImageEncoderModel",
     "mvgen_vae": "VaeModel",
     DENOISER: "DenoiserModel",
+    denoiser_model_name(1): "DenoiserModel",
 }
 # rows per denoiser batch: 4 requests with classifier-free guidance (cond + uncond each)
 MAX_BATCH_ROWS = 8
@@ -58,6 +62,8 @@ class RepositoryOptions:
 
     model: str = "tiny"
     adapter: str | None = None
+    # the rest of ``Checkpoint.load``'s sources: adapter_2, loras, loras_2, lora_reference, transformer_file, ...
+    sources: dict = field(default_factory=dict)
     dtype: str = "float32"
     device: str = "cpu"
     scheduler: str = "unipc"
@@ -76,7 +82,7 @@ class RepositoryOptions:
 def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOptions()) -> Path:
     """Write the repository into ``dest`` (replacing models of the same names); return ``dest``.
 
-    Raises ``engine.loading.CheckpointError`` when the model directory is not a Wan2.1-I2V checkpoint.
+    Raises ``engine.loading.CheckpointError`` when the model directory is not a Wan checkpoint we serve.
     """
     import json
 
@@ -86,14 +92,19 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     from engine.loading import find_transformer_dir, transformer_weight_files
 
     # the whole checkpoint description is read (and refused, in one line) before a server starts
-    checkpoint = Checkpoint.load(options.model, options.adapter, dtype=getattr(torch, options.dtype),
+    checkpoint = Checkpoint.load(options.model, options.adapter, **options.sources, dtype=getattr(torch, options.dtype),
                                  scheduler=options.scheduler, max_tokens=options.max_tokens,
                                  cache_root=options.cache_root, **options.overrides)
     path, adapter = checkpoint.path, checkpoint.adapter
-    transformer_weight_files(find_transformer_dir(path))
-    if adapter is not None and not adapter.exists():
-        raise FileNotFoundError(f"adapter not found: {adapter}")
-    config = checkpoint.config
+    for spec in checkpoint.experts:
+        if spec.weights_file is None:
+            transformer_weight_files(find_transformer_dir(path, spec.folder))
+        for source in (spec.adapter, spec.weights_file, *(lora.path for lora in spec.loras)):
+            if source is not None and not Path(source).exists():
+                raise FileNotFoundError(f"not found: {source}")
+    if options.denoiser_plan and len(checkpoint.experts) > 1:
+        raise ValueError("a TensorRT plan serves one denoiser; this checkpoint has two experts (Wan2.2): serve it "
+                         "without --plan")
     model_type = _model_type(options.dtype)
 
     dest = Path(dest)
@@ -102,6 +113,8 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "model": str(path.resolve()), "adapter": str(adapter.resolve()) if adapter else "", "dtype": options.dtype,
         "device": options.device, "scheduler": options.scheduler, "max_tokens": str(options.max_tokens),
         "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
+        "sources": json.dumps(_absolute_sources({**options.sources, **(
+            {"adapter_2": checkpoint.experts[1].adapter} if len(checkpoint.experts) > 1 else {})})),
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
@@ -119,28 +132,49 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
          _tensor("latents", "TYPE_FP32", [1, 16, -1, -1, -1], True)],
         [_tensor("condition", "TYPE_FP32", [1, 20, -1, -1, -1]), _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
          _tensor("video", "TYPE_UINT8", [-1, -1, -1, 3])], params))
-    _write_denoiser(dest, config, params, options)
+    for expert, spec in enumerate(checkpoint.experts):
+        _write_denoiser(dest, denoiser_model_name(expert), spec.config, {**params, "expert": str(expert)}, options)
+    served = {*GENERATE_MODELS, "mvgen_text_encoder", "mvgen_vae",
+              *(denoiser_model_name(e) for e in range(len(checkpoint.experts)))}
+    served |= {"mvgen_image_encoder"} if checkpoint.has_image_encoder else set()
+    for name in set(MODEL_CLASSES) - served:  # left by a repository of another kind of checkpoint
+        if (dest / name / "config.pbtxt").is_file():
+            shutil.rmtree(dest / name)
     return dest
 
 
-def _write_denoiser(dest: Path, config, params: dict, options: RepositoryOptions) -> None:
-    """The denoiser's I/O comes from ``export.names`` (shared with the ONNX exporter and TensorRT builder)."""
-    from engine.denoiser_io import OUTPUT, input_specs
+def _absolute_sources(sources: dict) -> dict:
+    """``sources`` as JSON values with every path absolute (the server's working directory is not the caller's)."""
+    from engine.base_lora import LoraSpec
+
+    out = dict(sources)
+    for key in ("adapter_2", "transformer_file", "transformer_2_file"):
+        if out.get(key) is not None:
+            out[key] = str(Path(out[key]).resolve())
+    for key in ("loras", "loras_2"):
+        specs = [s if isinstance(s, LoraSpec) else LoraSpec.parse(str(s)) for s in out.get(key, ())]
+        out[key] = [str(LoraSpec(spec.path.resolve(), spec.scale)) for spec in specs]
+    return out
+
+
+def _write_denoiser(dest: Path, name: str, config, params: dict, options: RepositoryOptions) -> None:
+    """The denoiser's I/O comes from ``engine.denoiser_io`` (shared with the ONNX exporter and TensorRT builder)."""
+    from engine.denoiser_io import OUTPUT, config_specs
 
     io_dtype = _model_type(options.dtype)
-    inputs = [_spec_tensor(s, io_dtype) for s in input_specs(config.text_dim, config.image_dim, config.text_len)]
+    inputs = [_spec_tensor(s, io_dtype) for s in config_specs(config)]
     outputs = [_spec_tensor(OUTPUT, io_dtype)]
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
     if options.denoiser_plan:
-        folder = _fresh(dest / DENOISER)
+        folder = _fresh(dest / name)
         shutil.copyfile(options.denoiser_plan, folder / "1" / "model.plan")
-        text = _config(DENOISER, inputs, outputs, {}, backend='platform: "tensorrt_plan"', kind="KIND_GPU",
+        text = _config(name, inputs, outputs, {}, backend='platform: "tensorrt_plan"', kind="KIND_GPU",
                        max_batch_size=options.max_batch_rows, extra=batching)
         (folder / "config.pbtxt").write_text(text)
         return
     pad = options.max_batch_rows if options.pad_batch_to is None else options.pad_batch_to
-    _write_python_model(dest, DENOISER, _config(
-        DENOISER, inputs, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20)},
+    _write_python_model(dest, name, _config(
+        name, inputs, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20)},
         max_batch_size=options.max_batch_rows,
         extra=batching))
 

@@ -90,7 +90,7 @@ def test_reference_cache_equals_recomputing_every_step(tiny, rng):
     cached, recomputed = pipe.prepare(request), pipe.prepare(request)
     assert cached.cache_key is not None
     recomputed.cache_key = None  # the references go to the denoiser at every step
-    store = pipe.stages.denoiser.caches
+    store = pipe.stages.denoisers[0].caches
     held = []
     latents = pipe.denoise(cached, callback=lambda step, total: held.append((len(store), store.nbytes)))
     assert held[0][0] == 1 and held[0][1] > 0 and all(h == held[0] for h in held)  # built once, reused

@@ -38,7 +38,7 @@ def test_graph_is_lora_free_with_named_dynamic_axes(exported, attention):
     path, oracle = exported(attention, "full")
     model = onnx.load(str(path), load_external_data=False)
     assert not [i.name for i in model.graph.initializer if "lora" in i.name.lower()]
-    specs = denoiser_io.input_specs(oracle.config.text_dim, oracle.config.image_dim)
+    specs = denoiser_io.config_specs(oracle.config)
     graph_io = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
                 for v in [*model.graph.input, *model.graph.output]}
     assert graph_io == {s.name: list(s.dims) for s in [*specs, denoiser_io.OUTPUT]}

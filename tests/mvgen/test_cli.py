@@ -12,9 +12,9 @@ from mvgen.cli import SUBCOMMAND_MODULES, _user_errors, build_parser, main
 @pytest.mark.parametrize("argv, words", [
     ([], "the following arguments are required: COMMAND"),
     (["paint"], "invalid choice: 'paint'"),
-    (["generate", "--prompt", "x"], "the following arguments are required: --first-frame, --out"),
+    (["generate", "--prompt", "x"], "the following arguments are required: --out"),
     (["export"], "the following arguments are required: COMMAND"),
-    (["client", "generate", "--prompt", "x"], "the following arguments are required: --first-frame, --out"),
+    (["client", "generate", "--prompt", "x"], "the following arguments are required: --out"),
 ])
 def test_usage_errors_are_one_line(capsys, argv, words):
     assert main(argv) == 2

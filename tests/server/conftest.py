@@ -19,6 +19,12 @@ from server.launcher import LaunchError, find_tritonserver, free_port  # noqa: E
 
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 MODELS = ("mvgen", "mvgen_stream", "mvgen_text_encoder", "mvgen_image_encoder", "mvgen_vae", "mvgen_denoiser")
+# the models each embedded checkpoint is served as (T2V and Wan2.2 have no CLIP; Wan2.2 a denoiser per expert)
+SERVED_MODELS = {
+    "tiny": MODELS,
+    "tiny-t2v": tuple(m for m in MODELS if m != "mvgen_image_encoder"),
+    "tiny-wan22": (*(m for m in MODELS if m != "mvgen_image_encoder"), "mvgen_denoiser_2"),
+}
 START_TIMEOUT_S = 300
 MAX_TOKENS = 4096  # a small budget, so the over-budget request in the tests is cheap to build
 # a small request: 5 frames of 32x32, 2 steps (the tiny model makes noise; shapes are what matter)
@@ -84,21 +90,21 @@ def served_uncached(tiny_cache, tmp_path_factory):
     yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE, "--no-reference-cache")
 
 
-def _serve(tiny_cache, work: Path, *extra: str):
-    """Start ``mvgen serve --model tiny [extra]``, yield it ready, then SIGINT it and require exit code 0."""
+def _serve(tiny_cache, work: Path, *extra: str, model: str = "tiny"):
+    """Start ``mvgen serve --model MODEL [extra]``, yield it ready, then SIGINT it and require exit code 0."""
     reason = _tritonserver_available()
     if reason:
         pytest.skip(reason)
     grpc, http, metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "MVGEN_CACHE": str(tiny_cache)}
     log = work / "tritonserver.log"
-    command = [MVGEN, "serve", "--model", "tiny", "--grpc-port", str(grpc), "--http-port", str(http),
+    command = [MVGEN, "serve", "--model", model, "--grpc-port", str(grpc), "--http-port", str(http),
                "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu",
                "--max-tokens", str(MAX_TOKENS), *extra]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Served(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", process, log)
     try:
-        _wait_ready(server)
+        _wait_ready(server, SERVED_MODELS[model])
         yield server
     finally:
         process.send_signal(signal.SIGINT)
@@ -111,7 +117,7 @@ def _serve(tiny_cache, work: Path, *extra: str):
         assert code == 0, f"mvgen serve {' '.join(extra)} exited with {code} on SIGINT:\n{output[-2000:]}"
 
 
-def _wait_ready(server: Served) -> None:
+def _wait_ready(server: Served, models: tuple[str, ...]) -> None:
     import tritonclient.grpc as grpcclient
 
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -120,7 +126,7 @@ def _wait_ready(server: Served) -> None:
             raise RuntimeError(f"mvgen serve exited ({server.process.returncode}): {server.process.stdout.read()}")
         try:
             client = grpcclient.InferenceServerClient(server.url)
-            if client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS):
+            if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
                 return
         except Exception:
             pass

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from engine.components import Checkpoint
-from engine.denoiser_io import DENOISER_MODEL_NAME, OUTPUT, input_specs
+from engine.denoiser_io import DENOISER_MODEL_NAME, OUTPUT, config_specs
 from engine.reference_cache import MISS_PREFIX
 from server.client import infer_inputs
 from server.models import CACHE_KEY, RELEASE
@@ -28,7 +28,7 @@ ATTEMPTS = 5  # concurrent sends tried until one dynamic batch holds several req
 def specs(tiny_cache):
     cfg = Checkpoint.load("tiny", cache_root=tiny_cache, ref_attention="isolated", ref_timestep="zero").config
     assert cfg.caches_reference
-    return input_specs(cfg.text_dim, cfg.image_dim, cfg.text_len)
+    return config_specs(cfg)
 
 
 def _tensors(specs, rng: np.random.Generator, **sizes) -> dict[str, np.ndarray]:

@@ -35,7 +35,7 @@ def test_denoiser_is_the_plan_with_shared_names(tiny_cache, tmp_path):
     config = _config(repo / denoiser_io.DENOISER_MODEL_NAME / "config.pbtxt")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 4
     assert (repo / denoiser_io.DENOISER_MODEL_NAME / "1" / "model.plan").read_bytes() == plan.read_bytes()
-    specs = denoiser_io.input_specs(cfg.text_dim, cfg.image_dim, cfg.text_len)
+    specs = denoiser_io.config_specs(cfg)
     got = {t.name: (list(t.dims), model_config_pb2.DataType.Name(t.data_type)) for t in config.input}
     for spec in specs:
         dims, dtype = got.pop(spec.name)
