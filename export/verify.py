@@ -22,7 +22,7 @@ from polygraphy.comparator import Comparator
 
 from engine import denoiser_io
 
-from .onnx_export import graph_specs, sample_inputs
+from .onnx_export import DenoiserGraph, graph_specs, sample_inputs
 from .plugin import onnxruntime_session
 
 DEFAULT_SHAPES = (  # none of these is the export-time size (onnx_export.EXPORT_SIZES)
@@ -37,7 +37,7 @@ class TorchRunner(BaseRunner):
 
     def __init__(self, module, specs, output_name: str = denoiser_io.OUTPUT.name, name: str | None = None):
         super().__init__(name=name, prefix="torch-runner")
-        self.module = module
+        self.module = DenoiserGraph(module)  # the graph's inputs by name (T2V has no condition, ...)
         self.output_name = output_name
         dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.float32}
         model_dtype = module.proj_out.weight.dtype

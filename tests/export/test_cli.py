@@ -38,3 +38,20 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
 def test_bad_export_arguments_are_usage_errors(checkpoint, tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):
         _run(["export", "onnx", "--model", str(checkpoint[0]), "--out", str(tmp_path / "o"), *extra])
+
+
+@pytest.mark.parametrize("model, expert", [("tiny-t2v", "1"), ("tiny-wan22", "2")])
+def test_other_wan_families_export_and_verify(tiny_cache, tmp_path, capsys, model, expert):
+    """T2V's graph has no condition input, Wan2.2's none for CLIP; the low-noise expert exports on its own."""
+    out = tmp_path / "onnx"
+    code = _run(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", model, "--expert", expert,
+                 "--out", str(out), "--verify"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0, printed
+    assert len([line for line in printed if line.startswith("verify ok")]) == 3
+    from export.onnx_export import read_meta
+
+    meta = read_meta(out)
+    names = [spec["name"] for spec in meta["inputs"]]
+    assert "image_context" not in names and ("condition" in names) == (model == "tiny-wan22")
+    assert meta["source"]["expert"] == int(expert) - 1
