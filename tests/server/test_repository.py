@@ -17,6 +17,9 @@ def _tiny(cache_root) -> dict:
 def test_every_model_has_a_config_and_a_thin_adapter(tmp_path, tiny_cache):
     repo = build_repository(tmp_path / "repo", RepositoryOptions(**_tiny(tiny_cache)))
     for name, cls in MODEL_CLASSES.items():
+        if name == "mvgen_denoiser_2":  # two-expert checkpoints only
+            assert not (repo / name).exists()
+            continue
         config = (repo / name / "config.pbtxt").read_text()
         assert f'name: "{name}"' in config and 'backend: "python"' in config
         source = (repo / name / "1" / "model.py").read_text()
@@ -44,3 +47,19 @@ def test_a_tensorrt_plan_replaces_the_python_denoiser(tmp_path, tiny_cache):
     assert 'name: "timestep" data_type: TYPE_FP32 dims: [ 1 ] reshape: { shape: [  ] }' in config
     # the scheduler loop is untouched: the same mvgen config
     assert (repo / "mvgen" / "1" / "model.py").exists()
+
+
+def test_each_family_gets_its_models_and_a_rebuild_drops_the_others(tmp_path, tiny_cache):
+    """Wan2.2: a denoiser per expert and no CLIP; T2V: no CLIP; a repository rebuilt for another checkpoint keeps no
+    stale model (tritonserver would load it)."""
+    repo = tmp_path / "repo"
+    build_repository(repo, RepositoryOptions(model="tiny-wan22", cache_root=str(tiny_cache)))
+    second = (repo / "mvgen_denoiser_2" / "config.pbtxt").read_text()
+    assert 'key: "expert" value: { string_value: "1" }' in second and 'name: "image_context"' not in second
+    assert 'name: "condition"' in second and not (repo / "mvgen_image_encoder").exists()
+    assert 'tiny-wan22-v1/adapter_2' in (repo / "mvgen" / "config.pbtxt").read_text()  # the bundled one, absolute
+    build_repository(repo, RepositoryOptions(model="tiny-t2v", cache_root=str(tiny_cache)))
+    denoiser = (repo / "mvgen_denoiser" / "config.pbtxt").read_text()
+    assert 'name: "condition"' not in denoiser and not (repo / "mvgen_denoiser_2").exists()
+    build_repository(repo, RepositoryOptions(**_tiny(tiny_cache)))
+    assert (repo / "mvgen_image_encoder" / "config.pbtxt").is_file()
