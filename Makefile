@@ -21,6 +21,12 @@ demo: venv
 	$(BIN)/mvgen generate --model tiny --first-frame $(OUT)/inputs/first_frame.png \
 		--first-frame-mask $(OUT)/inputs/first_frame_mask.png --reference $(OUT)/inputs/front.png --reference $(OUT)/inputs/back.png --reference $(OUT)/inputs/side.png \
 		--prompt "a person turns around, showing the back of the jacket" --out $(OUT)/demo.mp4
+	# Wan2.1-T2V: reference-to-video, no first frame (Mv2ID)
+	$(BIN)/mvgen generate --model tiny-t2v --reference $(OUT)/inputs/front.png --reference $(OUT)/inputs/back.png \
+		--reference $(OUT)/inputs/side.png --prompt "the person of the references walks" --out $(OUT)/demo_t2v.mp4
+	# Wan2.2-I2V-A14B's layout: high-noise then low-noise expert, each with its own guidance scale
+	$(BIN)/mvgen generate --model tiny-wan22 --first-frame $(OUT)/inputs/first_frame.png --reference $(OUT)/inputs/back.png \
+		--guidance-scale 4 --guidance-scale-2 3 --prompt "a person turns around" --out $(OUT)/demo_wan22.mp4
 
 test: venv
 	$(BIN)/python -m pytest -q tests
