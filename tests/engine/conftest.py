@@ -1,4 +1,5 @@
-"""Shared fixtures: small random diffusers Wan2.1-I2V transformers saved as sharded safetensors."""
+"""Shared fixtures: small random diffusers Wan transformers (Wan2.1-I2V; T2V and Wan2.2's CLIP-less I2V where a
+test is parametrised over the family) saved as sharded safetensors."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,23 @@ def make_wan(seed: int = 0, **changes) -> WanTransformer3DModel:
     return model
 
 
+# the transformer families we serve, as changes to SMALL_WAN
+FAMILIES = {
+    "wan21_i2v": {},
+    "wan21_t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
+    "wan22_i2v": dict(image_dim=None, added_kv_proj_dim=None),  # each A14B expert: I2V without CLIP
+}
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family_dir(request, tmp_path_factory):
+    """(path, diffusers model) of each family in turn."""
+    root = tmp_path_factory.mktemp(request.param)
+    model = make_wan(**FAMILIES[request.param])
+    model.save_pretrained(root / "transformer", safe_serialization=True, max_shard_size="40KB")
+    return root, model
+
+
 @pytest.fixture(scope="session")
 def wan_dir(tmp_path_factory):
     """(path, diffusers model): a sharded diffusers pipeline-style folder with ``transformer/``."""
@@ -32,16 +50,19 @@ def wan_dir(tmp_path_factory):
 
 
 def inputs(gen: torch.Generator, batch=2, frames=3, height=6, width=8, text_dim=32, image_dim=20, refs=0,
-           ref_hw=None, dtype=torch.float32):
-    """Fresh random denoiser inputs; text padded to Wan's 512 tokens."""
+           ref_hw=None, dtype=torch.float32, config=None):
+    """Fresh random denoiser inputs; text padded to Wan's 512 tokens. With a denoiser ``config``, what that
+    family takes: no condition on T2V, no image context without CLIP."""
     hr, wr = ref_hw or (height, width)
     r = lambda *s: torch.randn(*s, generator=gen).to(dtype)  # noqa: E731
+    condition = config is None or config.condition_channels > 0
+    image = config is None or config.image_dim is not None
     return dict(
         latents=r(batch, 16, frames, height, width),
-        condition=r(batch, 20, frames, height, width),
+        condition=r(batch, 20, frames, height, width) if condition else None,
         timestep=torch.rand(batch, generator=gen) * 1000,
         text=r(batch, 512, text_dim),
-        image_context=r(batch, 257, image_dim),
+        image_context=r(batch, 257, image_dim) if image else None,
         ref_latents=r(batch, refs, 16, hr, wr),
     )
 

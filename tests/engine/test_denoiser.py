@@ -13,15 +13,15 @@ SHAPES = [(1, 4, 6), (3, 6, 8), (2, 10, 4)]  # latent (frames, height, width); a
 
 
 def diffusers_velocity(wan, x, ref_latents=None):
-    """diffusers on the video, optionally with references appended as fully known frames (36-ch convention)."""
+    """diffusers on the video, optionally with references appended as fully known frames (I2V: 36-ch convention;
+    T2V: the clean latents as further frames)."""
     latents, condition = x["latents"], x["condition"]
     if ref_latents is not None:
-        b, r = ref_latents.shape[:2]
         refs = ref_latents.transpose(1, 2)  # [B, 16, R, H, W]
-        ref_condition = torch.cat([torch.ones_like(refs[:, :4]), refs], dim=1)
         latents = torch.cat([latents, refs], dim=2)
-        condition = torch.cat([condition, ref_condition], dim=2)
-    hidden = torch.cat([latents, condition], dim=1)
+        if condition is not None:
+            condition = torch.cat([condition, torch.cat([torch.ones_like(refs[:, :4]), refs], dim=1)], dim=2)
+    hidden = latents if condition is None else torch.cat([latents, condition], dim=1)
     out = wan(hidden, x["timestep"], x["text"], x["image_context"], return_dict=False)[0]
     return out[:, :, : x["latents"].shape[2]]
 
@@ -29,11 +29,11 @@ def diffusers_velocity(wan, x, ref_latents=None):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("ref_mode", ["dual_stream", "token_concat"])
 @pytest.mark.parametrize("no_refs", ["none", "empty"])
-def test_without_references_equals_wan21(wan_dir, shape, ref_mode, no_refs):
-    path, wan = wan_dir
+def test_without_references_equals_wan(family_dir, shape, ref_mode, no_refs):
+    path, wan = family_dir
     den = load_denoiser(path, ref_mode=ref_mode)
     x = inputs(torch.Generator().manual_seed(hash((shape, ref_mode)) % 2**31), frames=shape[0], height=shape[1],
-               width=shape[2])
+               width=shape[2], config=den.config)
     with torch.no_grad():
         want = diffusers_velocity(wan, x)
         refs = x.pop("ref_latents")
@@ -46,11 +46,11 @@ def test_without_references_equals_wan21(wan_dir, shape, ref_mode, no_refs):
 @pytest.mark.parametrize("ref_mode", ["dual_stream", "token_concat"])
 @pytest.mark.parametrize("num_refs", [1, 3])
 @pytest.mark.parametrize("shape", SHAPES[1:])
-def test_zero_lora_reference_stream_equals_wan_with_appended_frames(wan_dir, ref_mode, num_refs, shape):
-    path, wan = wan_dir
+def test_zero_lora_reference_stream_equals_wan_with_appended_frames(family_dir, ref_mode, num_refs, shape):
+    path, wan = family_dir
     den = load_denoiser(path, ref_mode=ref_mode, ref_rope="shared", ref_timestep="shared", ref_attention="full")
     x = inputs(torch.Generator().manual_seed(7 + num_refs), frames=shape[0], height=shape[1], width=shape[2],
-               refs=num_refs)
+               refs=num_refs, config=den.config)
     with torch.no_grad():
         want = diffusers_velocity(wan, x, x["ref_latents"])
         got = den(**x)
@@ -60,11 +60,11 @@ def test_zero_lora_reference_stream_equals_wan_with_appended_frames(wan_dir, ref
 @pytest.mark.parametrize("ref_rope", ["shared", "decoupled", "none"])
 @pytest.mark.parametrize("num_refs", [1, 2])
 @pytest.mark.parametrize("ref_hw", [None, (4, 10)])
-def test_reference_kv_cache_equals_recompute(wan_dir, ref_rope, num_refs, ref_hw):
-    path, _ = wan_dir
+def test_reference_kv_cache_equals_recompute(family_dir, ref_rope, num_refs, ref_hw):
+    path, _ = family_dir
     den = load_denoiser(path, ref_rope=ref_rope, ref_attention="isolated", ref_timestep="zero")
     gen = torch.Generator().manual_seed(11)
-    x = inputs(gen, refs=num_refs, ref_hw=ref_hw)
+    x = inputs(gen, refs=num_refs, ref_hw=ref_hw, config=den.config)
     latent_fhw = tuple(x["latents"].shape[2:])
     with torch.no_grad():
         cache = den.precompute_reference(x["ref_latents"], x["text"], x["image_context"], latent_fhw)
