@@ -78,6 +78,10 @@ class LoraSpec:
             raise LoraError(f"LoRA {text!r}: scale must be a finite number, got {tail!r}")
         return cls(Path(head), scale)
 
+    def resolved(self) -> "LoraSpec":
+        """The same LoRA with an absolute path (for a process whose working directory differs)."""
+        return LoraSpec(self.path.resolve(), self.scale)
+
     def __str__(self) -> str:
         # the scale is always written, so a path ending in ':<number>' still parses back to itself
         return f"{self.path}:{self.scale!r}"

@@ -166,6 +166,22 @@ class Checkpoint:
     def adapter(self) -> Path | None:
         return self.experts[0].adapter
 
+    def sources(self) -> dict:
+        """``load``'s weight-source keywords beyond the model and first adapter, resolved to absolute paths and
+        JSON values: what loads the same experts again elsewhere (the server's models, a TensorRT refit)."""
+        first = self.experts[0]
+        out = {"loras": [str(spec.resolved()) for spec in first.loras], "lora_reference": first.lora_reference}
+        if first.weights_file is not None:
+            out["transformer_file"] = str(first.weights_file.resolve())
+        if len(self.experts) > 1:
+            second = self.experts[1]
+            out["loras_2"] = [str(spec.resolved()) for spec in second.loras]
+            if second.adapter is not None:
+                out["adapter_2"] = str(second.adapter.resolve())
+            if second.weights_file is not None:
+                out["transformer_2_file"] = str(second.weights_file.resolve())
+        return out
+
     def expert_at(self, timestep) -> int:
         """Which expert denoises at ``timestep``: Wan2.2's high-noise ``transformer`` while t >= boundary_ratio x
         the training timesteps, then ``transformer_2`` (as diffusers' Wan pipelines switch); 0 for one expert."""

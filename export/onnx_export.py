@@ -174,8 +174,7 @@ def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | No
                                            config_overrides)
     spec = checkpoint.experts[expert]
     source = {"model": str(model), "adapter": str(spec.adapter) if spec.adapter else None, "lora_scale": lora_scale,
-              "expert": expert, "sources": {k: [str(v) for v in value] if isinstance(value, (list, tuple)) else
-                                            str(value) for k, value in (sources or {}).items()}}
+              "expert": expert, "sources": checkpoint.sources()}
     return export_denoiser(denoiser, out_dir, attention=attention, profile=profile, source=source)
 
 

@@ -177,9 +177,14 @@ def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None =
         raise RuntimeError(f"TensorRT could not deserialize {plan}")
     overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride")}
     with tempfile.TemporaryDirectory(prefix="mvgen_refit_") as tmp:
-        onnx_path = export_onnx(model or meta["source"]["model"], tmp, adapter=adapter, dtype=meta["dtype"],
+        # the same expert with the same base LoRAs / single file as the plan, only its reference adapter new
+        expert, sources = meta["source"].get("expert", 0), dict(meta["source"].get("sources") or {})
+        adapter_1 = adapter
+        if expert == 1:  # Wan2.2's low-noise expert takes the second adapter; the first one is not exported
+            sources["adapter_2"], adapter_1 = str(adapter), None
+        onnx_path = export_onnx(model or meta["source"]["model"], tmp, adapter=adapter_1, dtype=meta["dtype"],
                                 attention=meta["attention"], lora_scale=lora_scale, cache_root=cache_root,
-                                **overrides)
+                                expert=expert, sources=sources, **overrides)
         refitter = trt.Refitter(engine, logger)
         parser_refitter = trt.OnnxParserRefitter(refitter, logger)
         if not parser_refitter.refit_from_file(str(onnx_path)):

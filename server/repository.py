@@ -113,8 +113,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "model": str(path.resolve()), "adapter": str(adapter.resolve()) if adapter else "", "dtype": options.dtype,
         "device": options.device, "scheduler": options.scheduler, "max_tokens": str(options.max_tokens),
         "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
-        "sources": json.dumps(_absolute_sources({**options.sources, **(
-            {"adapter_2": checkpoint.experts[1].adapter} if len(checkpoint.experts) > 1 else {})})),
+        "sources": json.dumps(checkpoint.sources()),
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
@@ -141,20 +140,6 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         if (dest / name / "config.pbtxt").is_file():
             shutil.rmtree(dest / name)
     return dest
-
-
-def _absolute_sources(sources: dict) -> dict:
-    """``sources`` as JSON values with every path absolute (the server's working directory is not the caller's)."""
-    from engine.base_lora import LoraSpec
-
-    out = dict(sources)
-    for key in ("adapter_2", "transformer_file", "transformer_2_file"):
-        if out.get(key) is not None:
-            out[key] = str(Path(out[key]).resolve())
-    for key in ("loras", "loras_2"):
-        specs = [s if isinstance(s, LoraSpec) else LoraSpec.parse(str(s)) for s in out.get(key, ())]
-        out[key] = [str(LoraSpec(spec.path.resolve(), spec.scale)) for spec in specs]
-    return out
 
 
 def _write_denoiser(dest: Path, name: str, config, params: dict, options: RepositoryOptions) -> None:

@@ -32,7 +32,8 @@ def test_the_inputs_are_the_fields_wire_forms():
     assert [f.name for f in protocol.INPUTS] == [w.name for f in FIELDS for w in f.wire]
     by_name = {f.name: f for f in protocol.INPUTS}
     assert not by_name["prompt"].optional and by_name["prompt"].required == "yes"
-    assert by_name["first_frame"].required == by_name["first_frame_rgb"].required == "one of the two"
+    assert by_name["first_frame"].required == by_name["first_frame_rgb"].required == "I2V models: one of the two"
+    assert by_name["first_frame"].optional and by_name["references"].required == "no"
     assert by_name["ref_size"].wire_type == "INT32" and by_name["ref_size"].dims == (2,)
 
 
