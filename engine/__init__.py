@@ -1,5 +1,6 @@
 """mvgen engine: the multi-view reference denoiser, the checkpoint's components, the one generation loop."""
-from .components import Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae
+from .base_lora import LoraSpec
+from .components import Checkpoint, Denoiser, Expert, ImageEncoder, TextEncoder, Vae
 from .config import MvgenConfig
 from .denoiser import MultiViewWanTransformer, ReferenceCache
 from .errors import RequestError
@@ -8,6 +9,6 @@ from .loading import load_denoiser
 from .pipeline import LocalStages, MultiViewPipeline
 from .tiny import ensure_tiny
 
-__all__ = ["Checkpoint", "Denoiser", "ImageEncoder", "TextEncoder", "Vae", "MvgenConfig", "MultiViewWanTransformer",
+__all__ = ["LoraSpec", "Checkpoint", "Denoiser", "Expert", "ImageEncoder", "TextEncoder", "Vae", "MvgenConfig", "MultiViewWanTransformer",
            "ReferenceCache", "RequestError", "generate", "load_denoiser", "LocalStages", "MultiViewPipeline",
            "ensure_tiny"]

@@ -68,7 +68,7 @@ def _one(value, dtype):
 
 MALFORMED = {
     "missing prompt": (dict(prompt=None), "missing input 'prompt'"),
-    "missing first frame": (dict(first_frame=None), "missing input 'first_frame'"),
+    "missing first frame": (dict(first_frame=None), "first_frame is required: this is an image-to-video model"),
     "wrong dtype": (dict(steps=_one(2.0, np.float32)), "steps"),
     "wrong rank": (dict(first_frame=None, first_frame_rgb=np.zeros((32, 32), np.uint8)), "first_frame_rgb"),
     "undecodable image": (dict(first_frame=np.array([b"not an image"], dtype=object)), "first frame: cannot read"),
