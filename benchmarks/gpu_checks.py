@@ -83,7 +83,7 @@ def check_denoiser():
     """A 2-layer denoiser at 1.3B width: kernel attention vs the reference path, bf16, with 3 references."""
     torch.manual_seed(0)
     cfg = MvgenConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=2, text_dim=4096,
-                      image_dim=1280, added_kv_proj_dim=1536, view_weights=(0.7, 1.0, 1.3))
+                      image_dim=1280, added_kv_proj_dim=1536, view_logit_scales=(0.7, 1.0, 1.3))
     den = MultiViewWanTransformer(cfg).to("cuda", torch.bfloat16).eval().requires_grad_(False)
     den.init_reference_stream_from_base()
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731

@@ -11,6 +11,7 @@ REF_MODES = ("dual_stream", "token_concat")
 REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
 REF_ATTENTIONS = ("full", "isolated", "prototype")
+VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 # the Wan transformers this engine serves, by (in_channels, out_channels): T2V takes the noisy latents alone,
 # I2V (Wan2.1-I2V and Wan2.2-I2V-A14B's two experts) 16 latent + 4 mask + 16 first-frame channels
@@ -61,7 +62,12 @@ class MvgenConfig:
     ref_timestep: str = "shared"
     ref_attention: str = "full"
     max_references: int = 3
-    view_weights: tuple[float, ...] | None = None
+    # per-view logit scales inside the one joint softmax (1 = plain attention); not MVAnimate's Eq. 2
+    view_logit_scales: tuple[float, ...] | None = None
+    view_attention: str = "none"  # "multiview": MVAnimate's Eq. 2 attention across the views (engine.modes)
+    view_lambda: float = 1.0  # weight of the multi-view attention: (A_joint + lambda * A_mv) / (1 + lambda)
+    pose_channels: int = 3  # ProFashion PPA (ref_attention="prototype"): channels of a rendered pose image
+    identity: bool = False  # M2HVideo's distribution-aware identity adapter (engine.modes)
     lora_rank: int = 64
     lora_alpha: float | None = None
     attention_backend: str = "auto"
@@ -73,6 +79,7 @@ class MvgenConfig:
         _choice("ref_timestep", self.ref_timestep, REF_TIMESTEPS)
         _choice("ref_attention", self.ref_attention, REF_ATTENTIONS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("view_attention", self.view_attention, VIEW_ATTENTIONS)
         if self.qk_norm != "rms_norm_across_heads":
             raise ValueError(f"qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {self.qk_norm!r}")
         if (self.in_channels, self.out_channels) not in TASKS:
@@ -85,12 +92,15 @@ class MvgenConfig:
             raise ValueError(f"ref_t_stride must be >= 1, got {self.ref_t_stride}")
         if self.max_references < 0:
             raise ValueError(f"max_references must be >= 0, got {self.max_references}")
-        if self.view_weights is not None and len(self.view_weights) != self.max_references:
+        if self.view_logit_scales is not None and len(self.view_logit_scales) != self.max_references:
             raise ValueError(
-                f"view_weights has {len(self.view_weights)} entries, expected max_references={self.max_references}"
+                f"view_logit_scales has {len(self.view_logit_scales)} entries, expected max_references={self.max_references}"
             )
-        if self.ref_attention == "prototype":
-            raise ValueError("ref_attention='prototype' needs the PPA pose encoder, which this build does not ship")
+        if self.view_lambda < 0:
+            raise ValueError(f"view_lambda must be >= 0, got {self.view_lambda}")
+        if self.identity and self.image_dim is None:
+            raise ValueError("identity (M2HVideo) encodes the identity image with the checkpoint's CLIP image "
+                             "encoder; this checkpoint has none (image_dim is None)")
 
     @property
     def inner_dim(self) -> int:
@@ -122,7 +132,7 @@ class MvgenConfig:
         problems = _type_problems(kwargs)
         if problems:
             raise ValueError(problems[0])
-        for key in ("patch_size", "view_weights"):
+        for key in ("patch_size", "view_logit_scales"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
         unknown_overrides = set(overrides) - known

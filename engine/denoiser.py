@@ -268,8 +268,8 @@ class MultiViewWanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, cfg.out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-        weights = cfg.view_weights if cfg.view_weights is not None else (1.0,) * cfg.max_references
-        self.register_buffer("view_weights", torch.tensor(weights, dtype=torch.float32))
+        weights = cfg.view_logit_scales if cfg.view_logit_scales is not None else (1.0,) * cfg.max_references
+        self.register_buffer("view_logit_scales", torch.tensor(weights, dtype=torch.float32))
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def reference_block(self, i: int) -> StreamBlock:
@@ -296,7 +296,7 @@ class MultiViewWanTransformer(nn.Module):
 
     def reference_key_scale(self, num_video: int, num_refs: int, tokens_per_ref: int, device) -> torch.Tensor:
         """Per-key logit multiplier: 1 for video keys, omega_m for the keys of view m (MVAnimate)."""
-        ref_scale = self.view_weights[:num_refs].repeat_interleave(tokens_per_ref)
+        ref_scale = self.view_logit_scales[:num_refs].repeat_interleave(tokens_per_ref)
         return torch.cat([torch.ones(num_video, device=device), ref_scale.to(device)])
 
     def _reference_grid(self, ref_latents: torch.Tensor) -> tuple[int, tuple[int, int]]:
@@ -338,6 +338,11 @@ class MultiViewWanTransformer(nn.Module):
         image_context: torch.Tensor | None,
         ref_latents: torch.Tensor | None = None,
         ref_cache: ReferenceCache | None = None,
+        *,
+        frame_pose: torch.Tensor | None = None,
+        ref_pose: torch.Tensor | None = None,
+        identity_context: torch.Tensor | None = None,
+        view_omega: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity [B, 16, F, H, W].
 
@@ -345,6 +350,11 @@ class MultiViewWanTransformer(nn.Module):
         timestep [B], text [B,L,text_dim], image_context [B,257,image_dim] (None without CLIP: T2V, Wan2.2),
         ref_latents [B,R,16,Hr,Wr] (R may be 0) or
         ``ref_cache`` from ``precompute_reference`` (isolated + zero-timestep reference stream).
+        The seed methods' inputs (None unless the config's mode takes them): ``frame_pose`` [B, F, Cp, H, W]
+        and ``ref_pose`` [B, R, Cp, Hr, Wr] rendered pose images on the latent grid in [-1, 1] (ProFashion PPA,
+        ``ref_attention="prototype"``), ``identity_context`` [B, 257, image_dim] CLIP states of an identity
+        image (M2HVideo, ``identity``), ``view_omega`` [B, R] per-view weights of MVAnimate's Eq. 2
+        (``view_attention="multiview"``; None: the adapter's).
         """
         cfg = self.config
         b, _, frames, height, width = latents.shape

@@ -17,7 +17,7 @@ from .single_file import read_single_file_transformer
 # tensors of diffusers checkpoints that Wan2.1 does not use (diffusers ignores them too)
 _IGNORED_BASE_KEYS = ("norm_added_q",)
 # kept in float32 whatever the compute dtype, as diffusers' Wan does
-_FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_weights")
+_FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_logit_scales")
 
 
 def find_transformer_dir(path: str | Path, folder: str = "transformer") -> Path:
@@ -50,7 +50,7 @@ def _without_ignored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tensor]) -> None:
-    expected = {k for k in model.state_dict() if not k.startswith(("ref_blocks.", "ref_patch_embedding.", "view_weights"))}
+    expected = {k for k in model.state_dict() if not k.startswith(("ref_blocks.", "ref_patch_embedding.", "view_logit_scales"))}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
@@ -66,11 +66,11 @@ def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tens
 
 def _apply_adapter_extras(model, state, adapter: ReferenceAdapter, config: MvgenConfig) -> None:
     extras = adapter.extras
-    if "view_weights" in extras:
-        weights = extras["view_weights"].float().reshape(-1)
+    if "view_logit_scales" in extras:
+        weights = extras["view_logit_scales"].float().reshape(-1)
         if weights.numel() != config.max_references:
-            raise AdapterError(f"adapter view_weights has {weights.numel()} entries, expected {config.max_references}")
-        state["view_weights"] = weights
+            raise AdapterError(f"adapter view_logit_scales has {weights.numel()} entries, expected {config.max_references}")
+        state["view_logit_scales"] = weights
     if "ref_patch_embedding.weight" in extras:
         weight = extras["ref_patch_embedding.weight"]
         if weight.ndim != 5 or weight.shape[0] != config.inner_dim or weight.shape[1] not in (16, 36):
@@ -128,8 +128,8 @@ def load_denoiser(
     merge_base_loras(state, loras)
     if model.ref_blocks is not None and lora_reference:
         merge_base_loras(state, loras, prefix="ref_")
-    state["view_weights"] = torch.tensor(
-        config.view_weights if config.view_weights is not None else (1.0,) * config.max_references
+    state["view_logit_scales"] = torch.tensor(
+        config.view_logit_scales if config.view_logit_scales is not None else (1.0,) * config.max_references
     )
     if parsed is not None:
         _apply_adapter_extras(model, state, parsed, config)

@@ -4,7 +4,7 @@ Spellings understood (all name a module of a Wan block; the LoRA defines the *re
 - PEFT / diffusers: ``[transformer.|base_model.model.|diffusion_model.]blocks.3.attn1.to_q.lora_A[.default].weight``
 - kohya: ``lora_unet_blocks_3_attn1_to_q.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``
 - original Wan: ``diffusion_model.blocks.3.self_attn.q.lora_A.weight`` (also with lora_down/lora_up)
-Other adapter tensors: ``ref_patch_embedding.{weight,bias}`` and ``view_weights`` [R].
+Other adapter tensors: ``ref_patch_embedding.{weight,bias}`` and ``view_logit_scales`` [R].
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ _KOHYA_TO_OURS = {
     **{wan.replace(".", "_"): ours for wan, ours in _WAN_TO_OURS.items()},
 }
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.")
-_EXTRA_TENSORS = ("ref_patch_embedding.weight", "ref_patch_embedding.bias", "view_weights")
+_EXTRA_TENSORS = ("ref_patch_embedding.weight", "ref_patch_embedding.bias", "view_logit_scales")
 _DOTTED = re.compile(r"^(?:ref_)?blocks\.(\d+)\.(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
 _DOTTED_ALPHA = re.compile(r"^(?:ref_)?blocks\.(\d+)\.(.+)\.alpha$")
 _KOHYA = re.compile(r"^lora_unet_blocks_(\d+)_(.+?)\.(lora_down|lora_up|alpha)(?:\.weight)?$")

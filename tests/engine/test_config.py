@@ -23,8 +23,8 @@ def _files(tmp_path, wan: dict, mvgen: dict | None = None):
 
 
 def test_sound_files_give_the_config(tmp_path):
-    config = MvgenConfig.from_files(*_files(tmp_path, WAN, {"view_weights": [1, 0.5, 0.25], "lora_alpha": 64}))
-    assert config.patch_size == (1, 2, 2) and config.view_weights == (1, 0.5, 0.25) and config.num_layers == 2
+    config = MvgenConfig.from_files(*_files(tmp_path, WAN, {"view_logit_scales": [1, 0.5, 0.25], "lora_alpha": 64}))
+    assert config.patch_size == (1, 2, 2) and config.view_logit_scales == (1, 0.5, 0.25) and config.num_layers == 2
 
 
 @pytest.mark.parametrize("in_wan, changes, words", [
@@ -34,7 +34,7 @@ def test_sound_files_give_the_config(tmp_path):
     (True, {"cross_attn_norm": "yes"}, "cross_attn_norm must be bool, got 'yes'"),
     (True, {"eps": None}, "eps must be float, got None"),
     (False, {"max_references": "3"}, "max_references must be int, got '3'"),
-    (False, {"view_weights": 5}, "view_weights must be tuple[float, ...] | None, got 5"),
+    (False, {"view_logit_scales": 5}, "view_logit_scales must be tuple[float, ...] | None, got 5"),
     (False, {"lora_alpha": True}, "lora_alpha must be float | None, got True"),
 ])
 def test_wrong_types_name_the_file_and_the_key(tmp_path, in_wan, changes, words):

@@ -97,14 +97,14 @@ def test_reference_settings_change_the_output(wan_dir, ref_rope):
     assert rel_err(zero_t, other) > 1e-4
 
 
-def test_view_weights_scale_reference_logits(wan_dir):
+def test_view_logit_scales_scale_reference_logits(wan_dir):
     """omega = 1 is the identity; other per-view weights change the output, and only through the refs."""
     path, _ = wan_dir
     x = inputs(torch.Generator().manual_seed(9), refs=3)
     with torch.no_grad():
         plain = load_denoiser(path)(**x)
-        ones = load_denoiser(path, view_weights=(1.0, 1.0, 1.0))(**x)
-        skewed_den = load_denoiser(path, view_weights=(0.5, 1.0, 2.0))
+        ones = load_denoiser(path, view_logit_scales=(1.0, 1.0, 1.0))(**x)
+        skewed_den = load_denoiser(path, view_logit_scales=(0.5, 1.0, 2.0))
         skewed = skewed_den(**x)
         skewed_no_refs = skewed_den(**{**x, "ref_latents": None})
         plain_no_refs = load_denoiser(path)(**{**x, "ref_latents": None})

@@ -119,7 +119,7 @@ def _save(tmp_path, tensors, name="a.safetensors"):
     ({"pose_encoder.weight": torch.zeros(3)}, "not understood"),
     ({"transformer.blocks.9.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
       "transformer.blocks.9.attn1.to_q.lora_B.weight": torch.zeros(48, 4)}, "model has 2 blocks"),
-    ({"view_weights": torch.ones(5)}, "view_weights has 5 entries"),
+    ({"view_logit_scales": torch.ones(5)}, "view_logit_scales has 5 entries"),
 ])
 def test_bad_adapters_name_the_problem(wan_dir, tmp_path, tensors, message):
     with pytest.raises(AdapterError, match=message):
@@ -131,14 +131,14 @@ def test_lora_with_token_concat_is_refused(wan_dir, peft_reference, tmp_path):
         load_denoiser(wan_dir[0], adapter=write_kohya(peft_reference[1], tmp_path / "k"), ref_mode="token_concat")
 
 
-def test_adapter_view_weights_and_patch_embedding_are_used(wan_dir, tmp_path):
+def test_adapter_view_logit_scales_and_patch_embedding_are_used(wan_dir, tmp_path):
     path, _ = wan_dir
     gen = torch.Generator().manual_seed(47)
-    extras = {"view_weights": torch.tensor([0.5, 1.0, 3.0]),
+    extras = {"view_logit_scales": torch.tensor([0.5, 1.0, 3.0]),
               "ref_patch_embedding.weight": torch.randn(48, 16, 1, 2, 2, generator=gen) * 0.1,
               "ref_patch_embedding.bias": torch.randn(48, generator=gen) * 0.1}
     den = load_denoiser(path, adapter=_save(tmp_path, extras))
-    assert torch.equal(den.view_weights, extras["view_weights"])
+    assert torch.equal(den.view_logit_scales, extras["view_logit_scales"])
     assert den.ref_patch_embedding.in_channels == 16
     x = inputs(gen, refs=3)
     with torch.no_grad():

@@ -44,7 +44,7 @@ def checkpoint(tmp_path_factory):
     adapter = root / "adapter"
     adapter.mkdir()
     tensors = {f"transformer.{k[len('ref_'):]}": v for k, v in lora.items()}
-    tensors["view_weights"] = torch.tensor(VIEW_WEIGHTS)
+    tensors["view_logit_scales"] = torch.tensor(VIEW_WEIGHTS)
     save_file(tensors, adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": ALPHA}))
     return root, adapter, lora
@@ -55,7 +55,7 @@ def unmerged_model(checkpoint, **overrides):
     root, _, lora = checkpoint
     den = _inject(load_denoiser(root, attention_backend="reference", **overrides))
     set_peft_model_state_dict(den, lora)
-    den.view_weights.copy_(torch.tensor(VIEW_WEIGHTS))
+    den.view_logit_scales.copy_(torch.tensor(VIEW_WEIGHTS))
     return den.eval()
 
 

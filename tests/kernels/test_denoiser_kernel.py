@@ -14,7 +14,7 @@ pytestmark = needs_interpreter
 
 # head_dim 64 is the smallest the kernel supports; widths stay tiny so the interpreter finishes quickly
 SMALL = dict(num_attention_heads=1, attention_head_dim=64, ffn_dim=96, num_layers=2, text_dim=16, freq_dim=32,
-             image_dim=16, added_kv_proj_dim=64, max_references=3, view_weights=(0.5, 1.0, 2.0))
+             image_dim=16, added_kv_proj_dim=64, max_references=3, view_logit_scales=(0.5, 1.0, 2.0))
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
