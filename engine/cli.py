@@ -22,7 +22,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 def add_parser(subparsers) -> None:
     _add_generate(subparsers)
     tiny = subparsers.add_parser("tiny", help="build the embedded tiny checkpoint and print its directory")
-    tiny.add_argument("--out", type=Path, help="directory to write it to (default: <--cache-dir>/tiny-v1)")
+    tiny.add_argument("--out", type=Path, help="directory to write it to (default: <--cache-dir>/tiny-v2)")
     tiny.set_defaults(func=run_tiny)
     demo = subparsers.add_parser("demo-inputs", help="write a synthetic first frame, mask and 3 reference views")
     demo.add_argument("--out", type=Path, required=True, help="directory for the PNGs")

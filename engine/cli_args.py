@@ -75,8 +75,10 @@ def request_values(args) -> dict:
 
 
 def map_images(values: dict, read) -> dict:
-    """``values`` (from ``request_values``) with each image path replaced by ``read(path, flag)``."""
+    """``values`` (from ``request_values``) with each image path replaced by ``read(path, flag)``; a ``frames``
+    field's video or directory is expanded into its frames first (decoded video frames pass through)."""
     from . import request
+    from .media import frame_sources
 
     out = dict(values)
     for field in request.FIELDS:
@@ -86,6 +88,9 @@ def map_images(values: dict, read) -> dict:
             out[field.name] = read(values[field.name], field.flag)
         elif field.kind == "images":
             out[field.name] = [read(path, field.flag) for path in values[field.name]]
+        elif field.kind == "frames":
+            out[field.name] = [read(item, field.flag) if isinstance(item, Path) else item
+                               for item in frame_sources(values[field.name], field.flag)]
     return out
 
 
@@ -103,9 +108,11 @@ _KIND_OPTIONS = {
     "text": dict(type=str, metavar="TEXT"),
     "integer": dict(type=int, metavar="N"),
     "number": dict(type=float, metavar="X"),
+    "numbers": dict(type=float, action="append", metavar="X"),
     "size": dict(type=parse_size, metavar="HxW"),
     "image": dict(type=Path, metavar="IMAGE"),
     "images": dict(type=Path, action="append", metavar="IMAGE"),
+    "frames": dict(type=Path, metavar="VIDEO|DIR"),
 }
 
 

@@ -49,6 +49,7 @@ AXES: dict[str, Axis] = {a.name: a for a in (
     Axis("refs", 0, 3, 3),
     Axis("ref_height", 16, 60, 104, multiple=2),
     Axis("ref_width", 16, 104, 104, multiple=2),
+    Axis("identity_len", 1, 257, 257),  # CLIP tokens of an identity image (M2HVideo models only)
 )}
 
 
@@ -88,11 +89,30 @@ def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image
     return [spec for spec in specs if spec is not None]
 
 
+def mode_specs(values: dict) -> list[TensorSpec]:
+    """The seed methods' inputs of a config's modes (``engine.modes``). A request without one sends it empty
+    (0 references / identity tokens), so every call of a model has the same inputs and batches together."""
+    pose = values.get("pose_channels", 3)
+    specs = []
+    if values.get("ref_attention") == "prototype":
+        specs += [TensorSpec("frame_pose", ("batch", "frames", pose, "height", "width"),
+                             doc="ProFashion: a pose image per latent frame, on the latent grid"),
+                  TensorSpec("ref_pose", ("batch", "refs", pose, "ref_height", "ref_width"),
+                             doc="ProFashion: each reference's pose image, on its latent grid")]
+    if values.get("identity"):
+        specs.append(TensorSpec("identity_context", ("batch", "identity_len", values["image_dim"]),
+                                doc="M2HVideo: CLIP states of the identity image"))
+    if values.get("view_attention") == "multiview":
+        specs.append(TensorSpec("view_omega", ("batch", "refs"), "float32", doc="MVAnimate Eq. 2: per-view omega"))
+    return specs
+
+
 def config_specs(config) -> list[TensorSpec]:
-    """``input_specs`` of a denoiser config (an ``MvgenConfig`` or its ``to_dict()``, as export metadata holds it)."""
+    """``input_specs`` of a denoiser config (an ``MvgenConfig`` or its ``to_dict()``, as export metadata holds it),
+    then its modes' inputs."""
     values = config if isinstance(config, dict) else config.to_dict()
     return input_specs(values["text_dim"], values["image_dim"], values["text_len"],
-                       condition_channels=values["in_channels"] - values["out_channels"])
+                       condition_channels=values["in_channels"] - values["out_channels"]) + mode_specs(values)
 
 
 OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")

@@ -30,8 +30,11 @@ from .reference_cache import ReferenceCacheMiss
 from .request import GenerationRequest
 
 GREY = 128
-# the denoiser's inputs, in the order of ``MultiViewWanTransformer.forward``
-DENOISER_INPUTS = ("latents", "condition", "timestep", "text", "image_context", "ref_latents")
+# the denoiser's inputs, in the order of ``MultiViewWanTransformer.forward`` (then its keyword-only mode inputs)
+DENOISER_INPUTS = ("latents", "condition", "timestep", "text", "image_context", "ref_latents",
+                   "frame_pose", "ref_pose", "identity_context", "view_omega")
+# the mode inputs the loop sends with every call when the request has them (engine.modes); absent: None
+MODE_INPUTS = DENOISER_INPUTS[6:]
 
 StepCallback = Callable[[int, int, float], None]  # (step, total, seconds)
 
@@ -70,6 +73,8 @@ class Generation:
     ref_latents: torch.Tensor | None  # [B, R, 16, hr, wr] (None: no references)
     cache_key: str | None  # set when the denoiser keeps this request's reference K/V
     scheduler: object  # a fresh diffusers flow-matching scheduler with its timesteps set
+    # the seed methods' per-request inputs by MODE_INPUTS name ([B, ...] or None), see ``mode_inputs``
+    modes: dict = field(default_factory=dict)
     step_index: int = 0
     cache_built: set = field(default_factory=set)  # the experts that hold this request's reference cache
 
@@ -125,6 +130,39 @@ def fit_references(images, size: tuple[int, int]) -> np.ndarray | None:
     return np.stack([fit_image(image, *size) for image in images])
 
 
+def pose_latents(images, height: int, width: int, spatial: int) -> torch.Tensor:
+    """Rendered pose images fitted to (height, width), then area-resized to the latent grid: float32
+    [1, N, 3, height / spatial, width / spatial] in [-1, 1] (ProFashion PPA's pose inputs)."""
+    fitted = [Image.fromarray(fit_image(image, height, width)).resize((width // spatial, height // spatial),
+                                                                      Image.BOX) for image in images]
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in fitted])).permute(0, 3, 1, 2)
+    return (pixels.float() / 127.5 - 1.0).unsqueeze(0)
+
+
+def frame_pose_per_latent_frame(poses, temporal: int) -> list:
+    """One pose image per latent frame: Wan's VAE encodes pixel frame 0 alone, then each group of ``temporal``
+    (4) frames causally into one latent frame, so latent frame i takes the group's last pixel frame, 4i, the
+    pose the latent ends on (ProFashion instantiates one prototype per output frame, Eq. 10)."""
+    return [poses[i * temporal] for i in range((len(poses) - 1) // temporal + 1)]
+
+
+def mode_inputs(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages) -> dict:
+    """The seed methods' inputs of a request, batch 1 ([1, ...] tensors in the checkpoint's dtype)."""
+    dtype, spatial = checkpoint.dtype, checkpoint.vae_scale_spatial
+    out = {}
+    if request.frame_pose:
+        frames = frame_pose_per_latent_frame(request.frame_pose, checkpoint.vae_scale_temporal)
+        out["frame_pose"] = pose_latents(frames, request.height, request.width, spatial).to(checkpoint.device, dtype)
+        out["ref_pose"] = pose_latents(request.reference_poses, *request.reference_size, spatial).to(
+            checkpoint.device, dtype)
+    if request.identity is not None:  # the checkpoint's CLIP on the identity image at the video's size
+        out["identity_context"] = stages.encode_image(fit_image(request.identity, request.height, request.width)).to(
+            dtype)
+    if request.view_omega:
+        out["view_omega"] = torch.tensor([request.view_omega], dtype=torch.float32, device=checkpoint.device)
+    return out
+
+
 def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """Every once-per-request stage: prompts, image context, condition, references, noise, scheduler."""
@@ -162,6 +200,8 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
         ref_latents=refs.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None,
         cache_key=uuid.uuid4().hex if cached else None,
         scheduler=scheduler,
+        modes={name: value.expand(batch, *value.shape[1:]) for name, value in
+               mode_inputs(checkpoint, request, stages).items()},
     )
 
 
@@ -174,6 +214,7 @@ def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: 
         latents=state.latents.expand(rows, -1, -1, -1, -1).to(state.text.dtype), condition=first(state.condition),
         timestep=timestep.expand(rows), text=first(state.text), image_context=first(state.image_context),
         ref_latents=first(state.ref_latents) if with_references else None,
+        **{name: first(state.modes.get(name)) for name in MODE_INPUTS},
     )
 
 

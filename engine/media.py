@@ -55,6 +55,36 @@ def load_image(source: ImageSource, what: str = "image") -> np.ndarray:
         return _decode(handle, what, str(path))
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_VIDEO_FRAMES = 2048
+
+
+def frame_sources(path: str | Path, what: str = "frames") -> list:
+    """The frames of a directory of images (sorted by name: image paths) or of a video file (decoded: RGB uint8
+    arrays), for a request field of kind ``frames``; ``RequestError`` naming the path otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise RequestError(f"{what}: no images ({', '.join(IMAGE_SUFFIXES)}) in directory {path}")
+        return images
+    if not path.is_file():
+        raise RequestError(f"{what}: file or directory not found: {path}")
+    import imageio.v3 as iio
+
+    try:
+        frames = []
+        for frame in iio.imiter(path):
+            frames.append(_array_to_rgb(np.asarray(frame), what))
+            if len(frames) > MAX_VIDEO_FRAMES:
+                raise RequestError(f"{what}: {path} has more than {MAX_VIDEO_FRAMES} frames")
+    except RequestError:
+        raise
+    except Exception as error:
+        raise RequestError(f"{what}: cannot read {path} as a video or image: {error}") from None
+    return frames
+
+
 def _decode(handle, what: str, name: str) -> np.ndarray:
     """Decode the first frame, refusing an oversized image from its header before any pixel is decoded."""
     try:

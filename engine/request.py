@@ -7,8 +7,9 @@ models. Everything else is derived from ``FIELDS``: ``GenerationRequest``, ``val
 inputs, their parsing and the README table (``server.protocol``); the client's tensors (``server.client``).
 A new field of an existing kind is one entry in ``FIELDS``.
 
-Kinds say how a value is read, sent and checked: ``text``; ``integer`` and ``number`` (scalars); ``size``
-((height, width)); ``image`` and ``images`` (a path, encoded bytes, a PIL image or RGB uint8 pixels). Triton
+Kinds say how a value is read, sent and checked: ``text``; ``integer`` and ``number`` (scalars); ``numbers``
+(a list of them); ``size`` ((height, width)); ``image`` and ``images`` (a path, encoded bytes, a PIL image or
+RGB uint8 pixels); ``frames`` (images on the wire; one video file or directory of images on the command line). Triton
 fixes one data type per input name, so an image travels either encoded (BYTES) or as pixels (UINT8) under
 two names: an image field declares two ``Wire`` inputs, and a request gives one of them.
 """
@@ -24,8 +25,8 @@ from .media import load_image
 from .validation import (MAX_SEED, RequestLimits, check_frame_count, check_integer, check_multiple, check_number,
                          token_count)
 
-KINDS = ("text", "integer", "number", "size", "image", "images")
-IMAGE_KINDS = ("image", "images")
+KINDS = ("text", "integer", "number", "numbers", "size", "image", "images", "frames")
+IMAGE_KINDS = ("image", "images", "frames")
 
 
 class _Marker:
@@ -92,6 +93,21 @@ class NumberAbove:
     def check(self, name: str, value, limits: RequestLimits) -> float:
         ok = (lambda v: v >= self.bound) if self.inclusive else (lambda v: v > self.bound)
         return check_number(name, value, self._words(), ok)
+
+
+@dataclass(frozen=True)
+class Numbers:
+    """A list of finite numbers >= 0 (one per reference view)."""
+
+    words: str
+
+    def describe(self, limits: RequestLimits) -> str:
+        return self.words
+
+    def check(self, name: str, value, limits: RequestLimits) -> tuple[float, ...]:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+            raise RequestError(f"{name} must be a list of numbers, got {value!r}")
+        return tuple(check_number(f"{name} {i + 1}", v, ">= 0", lambda x: x >= 0) for i, v in enumerate(value))
 
 
 @dataclass(frozen=True)
@@ -251,6 +267,24 @@ FIELDS: tuple[RequestField, ...] = (
                   Wire("first_frame_mask_rgb", "TYPE_UINT8", (-1, -1),
                        "inpainting mask as pixels [H, W], > 127 = masked")),
                  default_doc="no mask"),
+    RequestField("frame_pose", "frames", tuple, (), Pictures("frame pose"),
+                 "ProFashion PPA (ref_attention=prototype): a rendered pose image per output frame", "--frame-pose",
+                 (Wire("frame_pose", "TYPE_STRING", (-1,), "F pose images, encoded [F]; or `frame_pose_rgb`"),
+                  Wire("frame_pose_rgb", "TYPE_UINT8", (-1, -1, -1, 3), "F pose images as RGB pixels [F, H, W, 3]")),
+                 default_doc="none; required with references on prototype models"),
+    RequestField("reference_poses", "images", tuple, (), Pictures("reference pose"),
+                 "ProFashion PPA: the rendered pose of each reference view, in their order", "--reference-pose",
+                 (Wire("reference_poses", "TYPE_STRING", (-1,), "R pose images, encoded [R]; or `reference_poses_rgb`"),
+                  Wire("reference_poses_rgb", "TYPE_UINT8", (-1, -1, -1, 3), "R pose images as RGB pixels [R, H, W, 3]")),
+                 default_doc="none; one per reference on prototype models"),
+    RequestField("identity", "image", np.ndarray | None, None, Picture("identity image"),
+                 "M2HVideo: an identity (face/person) image for the distribution-aware adapter", "--identity",
+                 (Wire("identity", "TYPE_STRING", (1,), "identity image, encoded; or `identity_rgb`"),
+                  Wire("identity_rgb", "TYPE_UINT8", (-1, -1, 3), "identity image as RGB pixels [H, W, 3]")),
+                 default_doc="none (models with the identity adapter only)"),
+    RequestField("view_omega", "numbers", tuple, (), Numbers("numbers >= 0, one per reference"),
+                 "MVAnimate Eq. 2: per-view weights omega of the attention across views", "--view-omega",
+                 (Wire("view_omega", "TYPE_FP32", (-1,)),), default_doc="the adapter's (multiview models only)"),
     RequestField("num_frames", "integer", int, MODEL_DEFAULT, FrameCount(), "frames", "--frames",
                  (Wire("num_frames", "TYPE_INT32", (1,)),)),
     RequestField("height", "integer", int, MODEL_DEFAULT, PixelMultiple(), "video height in pixels", "--height",
@@ -300,6 +334,7 @@ def validate_request(limits: RequestLimits, **values) -> GenerationRequest:
     checked = {f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind not in IMAGE_KINDS}
     _check_sequence(limits, checked, list(given["references"]))
     _check_task(limits, given)
+    _check_modes(limits, given, checked)
     checked.update({f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind in IMAGE_KINDS})
     _check_mask_size(checked["first_frame_mask"], checked["first_frame"])
     return GenerationRequest(**checked)
@@ -359,6 +394,30 @@ def _check_task(limits: RequestLimits, given: dict) -> None:
         raise RequestError("first_frame_mask needs a first_frame")
     if given["guidance_scale_2"] is not None and limits.experts < 2:
         raise RequestError("guidance_scale_2 applies to two-expert models (Wan2.2) only; this model has one")
+
+
+def _check_modes(limits: RequestLimits, given: dict, checked: dict) -> None:
+    """The seed methods' inputs: only on a model of that mode, and as many as the frames / references."""
+    refs, poses, frame_poses = len(given["references"]), len(given["reference_poses"]), len(given["frame_pose"])
+    if (poses or frame_poses) and not limits.prototype:
+        raise RequestError("frame_pose / reference_poses are for ProFashion prototype models "
+                           "(ref_attention=prototype); this model is not one")
+    if limits.prototype and refs and not (poses and frame_poses):
+        raise RequestError("a prototype (ProFashion PPA) model aggregates the references by pose: give frame_pose "
+                           "(one pose image per frame) and reference_poses (one per reference)")
+    if poses != refs and limits.prototype and refs:
+        raise RequestError(f"got {poses} reference pose(s) for {refs} reference(s); give one per reference")
+    if frame_poses and frame_poses != checked["num_frames"]:
+        raise RequestError(f"got {frame_poses} frame pose image(s) for {checked['num_frames']} frames; give one per "
+                           f"frame")
+    if given["identity"] is not None and not limits.identity:
+        raise RequestError("identity is for models with M2HVideo's identity adapter; this model has none")
+    omegas = len(given["view_omega"])
+    if omegas and not limits.multiview:
+        raise RequestError("view_omega is for models with MVAnimate's multi-view attention (view_attention="
+                           "multiview); this model has none")
+    if omegas and omegas != refs:
+        raise RequestError(f"got {omegas} view_omega value(s) for {refs} reference(s); give one per reference")
 
 
 def _check_mask_size(mask: np.ndarray | None, frame: np.ndarray | None) -> None:

@@ -19,7 +19,7 @@ from typing import Mapping
 
 import torch
 
-TINY_VERSION = "tiny-v1"  # the directory of ``tiny``; the others are ``<name>-v1``
+TINY_VERSION = "tiny-v2"  # the directory of ``tiny``; the others are ``<name>-v2``
 CACHE_ENV = "MVGEN_CACHE"  # where the tiny checkpoint is built (read by entry points only)
 SEED = 20261122
 
@@ -80,15 +80,21 @@ class Variant:
 
 VARIANTS = {
     "tiny": Variant(TINY_VERSION, {}, {}),
-    "tiny-t2v": Variant("tiny-t2v-v1", {"in_channels": 16, **_NO_CLIP},
+    "tiny-t2v": Variant("tiny-t2v-v2", {"in_channels": 16, **_NO_CLIP},
                         {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER}, image_encoder=False),
     # Wan2.2-I2V-A14B: I2V without CLIP, two experts; 6 steps put the switch after the second (t 937 -> 857)
-    "tiny-wan22": Variant("tiny-wan22-v1", dict(_NO_CLIP),
+    "tiny-wan22": Variant("tiny-wan22-v2", dict(_NO_CLIP),
                           {**_NO_IMAGE_ENCODER, "transformer_2": ["diffusers", "WanTransformer3DModel"],
                            "boundary_ratio": 0.9, "expand_timesteps": False},
                           image_encoder=False, experts=2, defaults={"steps": 6}),
 }
 _COMPLETE_MARKER = "model_index.json"
+# an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``
+MODE_ADAPTERS = {
+    "prototype": {"ref_attention": "prototype"},  # ProFashion PPA
+    "multiview": {"view_attention": "multiview", "view_lambda": 0.5},  # MVAnimate Eq. 2
+    "identity": {"identity": True},  # M2HVideo (needs CLIP: I2V with an image encoder)
+}
 
 
 def default_cache_root(environ: Mapping[str, str]) -> Path:
@@ -105,7 +111,7 @@ def is_tiny(model) -> bool:
 
 
 def ensure_tiny(root: Path | str, name: str = "tiny") -> Path:
-    """The embedded model ``name``'s pipeline directory under ``root`` (``<root>/tiny-v1`` for ``tiny``), built once."""
+    """The embedded model ``name``'s pipeline directory under ``root`` (``<root>/tiny-v2`` for ``tiny``), built once."""
     if root is None:  # a caller that forgot to thread the root down: say so rather than guess one
         raise ValueError("the tiny model needs a cache directory to be built in: pass cache_root "
                          f"(the mvgen command takes it from --cache-dir or ${CACHE_ENV})")
@@ -177,6 +183,9 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
         _clip_image_processor().save_pretrained(out / "image_processor")
     UniPCMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     _write_adapter(out / "adapter", config, SEED + 4)
+    for offset, (name, mode) in enumerate(MODE_ADAPTERS.items()):
+        if variant.image_encoder or not mode.get("identity"):
+            _write_adapter(out / f"adapter_{name}", config, SEED + 4, mode, mode_seed=SEED + 10 + offset)
     if variant.experts == 2:  # the low-noise expert: other weights, its own reference adapter
         _seeded(5)
         WanTransformer3DModel(**config).save_pretrained(out / "transformer_2", safe_serialization=True,
@@ -196,8 +205,10 @@ def _clip_image_processor():
     return processor()
 
 
-def _write_adapter(folder: Path, config: dict, seed: int) -> None:
-    """A random rank-4 LoRA on the reference stream, in PEFT names, with its ``mvgen_config.json``."""
+def _write_adapter(folder: Path, config: dict, seed: int, mode: dict | None = None, mode_seed: int = 0) -> None:
+    """A random rank-4 LoRA on the reference stream, in PEFT names, with its ``mvgen_config.json``; with a
+    seed method's ``mode``, that mode's tensors too (``mode.safetensors``: every parameter the mode adds to the
+    denoiser, random) and the mode's keys in the config."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -213,4 +224,21 @@ def _write_adapter(folder: Path, config: dict, seed: int) -> None:
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_dim, generator=generator) / in_dim**0.5
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=generator) * 0.1
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-    (folder / "mvgen_config.json").write_text(json.dumps(ADAPTER_CONFIG, indent=2) + "\n")
+    if mode:
+        save_file(_mode_tensors(config, mode, mode_seed), folder / "mode.safetensors", metadata={"format": "pt"})
+    (folder / "mvgen_config.json").write_text(json.dumps({**ADAPTER_CONFIG, **(mode or {})}, indent=2) + "\n")
+
+
+def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random values for the parameters a seed method's mode adds to the denoiser (those a plain dual-stream
+    model of the same transformer lacks), found by building both on the meta device."""
+    from .config import MvgenConfig
+    from .denoiser import MultiViewWanTransformer
+
+    with torch.device("meta"):
+        plain = MultiViewWanTransformer(MvgenConfig.from_dict({**config, **ADAPTER_CONFIG}))
+        moded = MultiViewWanTransformer(MvgenConfig.from_dict({**config, **ADAPTER_CONFIG, **mode}))
+    base = plain.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    return {name: (torch.randn(t.shape, generator=generator) * 0.2).contiguous()
+            for name, t in sorted(moded.state_dict().items()) if name not in base and t.is_floating_point()}

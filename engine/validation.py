@@ -28,6 +28,9 @@ class RequestLimits:
     temporal_multiple: int = VAE_SCALE_TEMPORAL
     first_frame: bool = True  # image-to-video: a first frame is required (T2V: refused)
     experts: int = 1  # denoisers of the checkpoint (Wan2.2-A14B: 2, each with its own guidance scale)
+    prototype: bool = False  # ProFashion PPA: pose images per frame and per reference
+    identity: bool = False  # M2HVideo: an identity image
+    multiview: bool = False  # MVAnimate Eq. 2: per-request view weights
 
 
 def token_count(limits: RequestLimits, num_frames: int, height: int, width: int, num_refs: int,

@@ -26,9 +26,9 @@ from .onnx_export import DenoiserGraph, graph_specs, sample_inputs
 from .plugin import onnxruntime_session
 
 DEFAULT_SHAPES = (  # none of these is the export-time size (onnx_export.EXPORT_SIZES)
-    dict(batch=1, frames=2, height=4, width=10, refs=0, ref_height=4, ref_width=4),
-    dict(batch=3, frames=5, height=8, width=6, refs=3, ref_height=6, ref_width=8),
-    dict(batch=1, frames=1, height=2, width=2, refs=1, ref_height=2, ref_width=4),
+    dict(batch=1, frames=2, height=4, width=10, refs=0, ref_height=4, ref_width=4, identity_len=257),
+    dict(batch=3, frames=5, height=8, width=6, refs=3, ref_height=6, ref_width=8, identity_len=3),
+    dict(batch=1, frames=1, height=2, width=2, refs=1, ref_height=2, ref_width=4, identity_len=1),
 )
 
 

@@ -87,8 +87,8 @@ def _images(field, values) -> dict[str, np.ndarray]:
 
 
 # how each kind of request field (engine.request.KINDS) becomes tensors
-_WRITERS = {"text": _text, "integer": _numbers, "number": _numbers, "size": _numbers, "image": _image,
-            "images": _images}
+_WRITERS = {"text": _text, "integer": _numbers, "number": _numbers, "numbers": _numbers, "size": _numbers,
+            "image": _image, "images": _images, "frames": _images}
 
 
 def infer_inputs(tensors: dict[str, np.ndarray]):

@@ -17,7 +17,7 @@ import torch
 
 from engine import generation
 from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, TextEncoder, Vae
-from engine.denoiser_io import denoiser_model_name
+from engine.denoiser_io import denoiser_model_name, mode_specs
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
 from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss
@@ -252,14 +252,19 @@ class RemoteStages:
     def decode(self, latents):
         return self._call("mvgen_vae", {"latents": latents.float()}, ["video"])[0].numpy()
 
-    @staticmethod
-    def _wire(inputs: dict) -> dict:
-        """R = 0 travels as an empty reference axis (Triton inputs keep one shape per batch); the timestep as
-        one value per row."""
+    def _wire(self, inputs: dict) -> dict:
+        """R = 0 travels as an empty reference axis (Triton inputs keep one shape per batch), and so does a mode
+        input the request lacks (the model declares it: ``denoiser_io.mode_specs``); the timestep as one value
+        per row."""
         inputs = dict(inputs)
+        b, _, f, h, w = inputs["latents"].shape
         if inputs["ref_latents"] is None:
-            b, _, _, h, w = inputs["latents"].shape
             inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, 16, h, w)
+        for spec in mode_specs(self.checkpoint.config.to_dict()):
+            if inputs.get(spec.name) is None:
+                sizes = dict(batch=b, frames=0, refs=0, identity_len=0, height=h, width=w, ref_height=h, ref_width=w)
+                dtype = torch.float32 if spec.dtype == "float32" else self.checkpoint.dtype
+                inputs[spec.name] = torch.zeros(spec.shape(sizes), dtype=dtype)
         inputs["timestep"] = inputs["timestep"].reshape(-1, 1).float()
         return inputs
 

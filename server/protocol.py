@@ -98,6 +98,11 @@ def _scalar(field, get):
     return value.reshape(-1)[0].item()
 
 
+def _numbers(field, get) -> list | None:
+    value = get(field.wire[0].name)
+    return None if value is None else [item.item() for item in value.reshape(-1)]
+
+
 def _size(field, get) -> tuple[int, int] | None:
     value = get(field.wire[0].name)
     if value is None:
@@ -113,12 +118,13 @@ def _image(field, get):
     encoded, pixels = get(encoded_wire.name), get(pixels_wire.name)
     if encoded is not None and pixels is not None:
         raise RequestError(f"give '{encoded_wire.name}' (encoded) or '{pixels_wire.name}' (pixels), not both")
+    many = field.kind in ("images", "frames")
     if pixels is not None:
-        return list(pixels) if field.kind == "images" else pixels
+        return list(pixels) if many else pixels
     if encoded is None:
         return None
     items = [bytes(item) for item in encoded.reshape(-1)]
-    if field.kind == "images":
+    if many:
         return items
     if len(items) != 1:
         raise RequestError(f"input '{encoded_wire.name}' must hold one encoded image, got {len(items)}")
@@ -126,7 +132,8 @@ def _image(field, get):
 
 
 # how each kind of request field (engine.request.KINDS) is read from the request's tensors
-_READERS = {"text": _text, "integer": _scalar, "number": _scalar, "size": _size, "image": _image, "images": _image}
+_READERS = {"text": _text, "integer": _scalar, "number": _scalar, "numbers": _numbers, "size": _size,
+            "image": _image, "images": _image, "frames": _image}
 
 
 def markdown_table() -> str:

@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
-    """A cache root (``$MVGEN_CACHE``) holding the built tiny pipeline at ``<root>/tiny-v1``."""
+    """A cache root (``$MVGEN_CACHE``) holding the built tiny pipeline at ``<root>/tiny-v2``."""
     from engine.tiny import ensure_tiny
 
     root = tmp_path_factory.mktemp("mvgen-cache")

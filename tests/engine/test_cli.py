@@ -104,7 +104,7 @@ def test_bad_arguments_in_process(demo, tiny_env, tmp_path, capsys, extra, words
 
 def test_tiny_and_demo_inputs_commands(tiny_env, tmp_path, capsys):
     assert main(["tiny"]) == 0
-    assert capsys.readouterr().out.strip() == str(tiny_env / "tiny-v1")
+    assert capsys.readouterr().out.strip() == str(tiny_env / "tiny-v2")
     assert main(["demo-inputs", "--out", str(tmp_path / "in")]) == 0
     paths = capsys.readouterr().out.split()
     assert [Path(p).name for p in paths] == ["first_frame.png", "first_frame_mask.png", "front.png", "back.png",
@@ -123,7 +123,7 @@ def test_a_bad_request_is_refused_before_any_weight_is_read(demo, tiny_cache, tm
     import shutil
 
     model = tmp_path / "tiny"
-    shutil.copytree(tiny_cache / "tiny-v1", model)
+    shutil.copytree(tiny_cache / "tiny-v2", model)
     for shard in (model / "transformer").glob("*.safetensors"):
         shard.write_bytes(b"garbage")
     args = _generate_args(demo, tmp_path / "v.mp4", *extra)

@@ -49,7 +49,7 @@ def test_the_cache_root_comes_from_the_flag_or_the_environment(tmp_path):
 
 def test_tiny_builds_under_the_cache_dir_flag(tiny_cache, capsys):
     assert main(["--cache-dir", str(tiny_cache), "tiny"]) == 0
-    assert capsys.readouterr().out.strip() == str(tiny_cache / "tiny-v1")
+    assert capsys.readouterr().out.strip() == str(tiny_cache / "tiny-v2")
 
 
 def test_python_dash_m_mvgen_is_the_command():

@@ -57,7 +57,7 @@ def test_each_family_gets_its_models_and_a_rebuild_drops_the_others(tmp_path, ti
     second = (repo / "mvgen_denoiser_2" / "config.pbtxt").read_text()
     assert 'key: "expert" value: { string_value: "1" }' in second and 'name: "image_context"' not in second
     assert 'name: "condition"' in second and not (repo / "mvgen_image_encoder").exists()
-    assert 'tiny-wan22-v1/adapter_2' in (repo / "mvgen" / "config.pbtxt").read_text()  # the bundled one, absolute
+    assert 'tiny-wan22-v2/adapter_2' in (repo / "mvgen" / "config.pbtxt").read_text()  # the bundled one, absolute
     build_repository(repo, RepositoryOptions(model="tiny-t2v", cache_root=str(tiny_cache)))
     denoiser = (repo / "mvgen_denoiser" / "config.pbtxt").read_text()
     assert 'name: "condition"' not in denoiser and not (repo / "mvgen_denoiser_2").exists()
