@@ -89,12 +89,13 @@ VARIANTS = {
                           image_encoder=False, experts=2, defaults={"steps": 6}),
 }
 _COMPLETE_MARKER = "model_index.json"
-# an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``
-MODE_ADAPTERS = {
-    "prototype": {"ref_attention": "prototype"},  # ProFashion PPA
-    "multiview": {"view_attention": "multiview", "view_lambda": 0.5},  # MVAnimate Eq. 2
-    "identity": {"identity": True},  # M2HVideo (needs CLIP: I2V with an image encoder)
-}
+# an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``; "all"
+# holds the three at once, so one served model and one exported graph exercise every mode's inputs
+_PROTOTYPE = {"ref_attention": "prototype"}  # ProFashion PPA
+_MULTIVIEW = {"view_attention": "multiview", "view_lambda": 0.5}  # MVAnimate Eq. 2
+_IDENTITY = {"identity": True}  # M2HVideo (needs CLIP: I2V with an image encoder)
+MODE_ADAPTERS = {"prototype": _PROTOTYPE, "multiview": _MULTIVIEW, "identity": _IDENTITY,
+                 "all": {**_PROTOTYPE, **_MULTIVIEW, **_IDENTITY}}
 
 
 def default_cache_root(environ: Mapping[str, str]) -> Path:
