@@ -1,0 +1,124 @@
+"""The seed methods end to end on the tiny model: each mode's adapter loads, its request inputs reach the
+denoiser and change the video, from the Python API and the command line, and its graph exports (ONNX vs
+PyTorch). The equations themselves are checked against float64 formulations in tests/engine/modes/."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.lora import AdapterError
+from engine.pipeline import MultiViewPipeline
+from engine.tiny import TINY_VERSION
+
+MVGEN = str(Path(sys.executable).parent / "mvgen")
+SMALL = dict(num_frames=5, height=32, width=32, steps=2, seed=3)
+MODES = ("prototype", "multiview", "identity")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_cache):
+    return tiny_cache / TINY_VERSION
+
+
+def _images(count, seed, size=(32, 32)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (*size, 3), dtype=np.uint8) for _ in range(count)]
+
+
+def mode_values(mode: str, variant: int = 0) -> dict:
+    """A request's mode inputs; ``variant`` 1 changes them (other poses, omegas, identity)."""
+    if mode == "prototype":
+        return dict(frame_pose=_images(SMALL["num_frames"], 10 + variant), reference_poses=_images(2, 20 + variant))
+    if mode == "multiview":
+        return dict(view_omega=[0.25, 0.25] if variant == 0 else [2.0, 0.1])
+    return dict(identity=_images(1, 30 + variant)[0])
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny):
+    loaded = {}
+
+    def get(mode):
+        if mode not in loaded:
+            loaded[mode] = MultiViewPipeline.from_pretrained(tiny, adapter=tiny / f"adapter_{mode}")
+        return loaded[mode]
+
+    return get
+
+
+def _latents(pipe, values: dict) -> torch.Tensor:
+    first, *refs = _images(3, 1)
+    request = pipe.make_request(first_frame=first, references=refs, prompt="a person turns", **SMALL, **values)
+    return pipe.denoise(pipe.prepare(request))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_runs_and_its_inputs_reach_the_video(pipes, mode):
+    pipe = pipes(mode)
+    first = _latents(pipe, mode_values(mode))
+    again = _latents(pipe, mode_values(mode))
+    other = _latents(pipe, mode_values(mode, variant=1))
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert ((first - other).norm() / first.norm()).item() > 1e-4, f"{mode}: its inputs change nothing"
+
+
+def test_all_modes_at_once(pipes):
+    values = {k: v for mode in MODES for k, v in mode_values(mode).items()}
+    assert _latents(pipes("all"), values).isfinite().all()
+
+
+def test_an_adapter_missing_a_modes_tensors_is_refused(tiny, tmp_path):
+    import shutil
+
+    adapter = shutil.copytree(tiny / "adapter_prototype", tmp_path / "adapter")
+    (adapter / "mode.safetensors").unlink()  # the PPA pose encoder and selectors are gone
+    with pytest.raises(AdapterError, match="missing"):
+        MultiViewPipeline.from_pretrained(tiny, adapter=adapter)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_mode_from_the_command_line(tiny_cache, tmp_path, mode):
+    first, *refs = _images(3, 1)
+    paths = {}
+    for name, image in (("first", first), ("ref0", refs[0]), ("ref1", refs[1])):
+        Image.fromarray(image).save(tmp_path / f"{name}.png")
+    command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", "tiny", "--device", "cpu",
+               "--adapter", str(tiny_cache / TINY_VERSION / f"adapter_{mode}"), "--first-frame", str(tmp_path / "first.png"),
+               "--reference", str(tmp_path / "ref0.png"), "--reference", str(tmp_path / "ref1.png"),
+               "--prompt", "a person turns", "--frames", "5", "--height", "32", "--width", "32", "--steps", "2"]
+    values = mode_values(mode)
+    if mode == "prototype":
+        (tmp_path / "poses").mkdir()
+        for i, pose in enumerate(values["frame_pose"]):
+            Image.fromarray(pose).save(tmp_path / "poses" / f"{i:02d}.png")
+        command += ["--frame-pose", str(tmp_path / "poses")]
+        for i, pose in enumerate(values["reference_poses"]):
+            Image.fromarray(pose).save(tmp_path / f"rp{i}.png")
+            command += ["--reference-pose", str(tmp_path / f"rp{i}.png")]
+    elif mode == "multiview":
+        for omega in values["view_omega"]:
+            command += ["--view-omega", str(omega)]
+    else:
+        Image.fromarray(values["identity"]).save(tmp_path / "id.png")
+        command += ["--identity", str(tmp_path / "id.png")]
+    paths["video"] = tmp_path / "v.mp4"
+    done = subprocess.run([*command, "--out", str(paths["video"])], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert paths["video"].is_file()
+
+
+def test_all_modes_export_to_onnx_and_match_pytorch(tiny_cache, tmp_path):
+    from export.onnx_export import export_onnx, load_for_export
+    from export.verify import verify_onnx
+
+    adapter = tiny_cache / TINY_VERSION / "adapter_all"
+    path = export_onnx("tiny", tmp_path / "onnx", adapter=adapter, cache_root=tiny_cache)
+    denoiser, _ = load_for_export("tiny", adapter, "fp32", None, tiny_cache, 0, None, {})
+    results = verify_onnx(path, denoiser)
+    assert all(r.passed for r in results), [(r.sizes, r.rel_err) for r in results]
