@@ -16,6 +16,7 @@ from torch import nn
 from kernels import joint_attention
 
 from .config import MvgenConfig
+from .modes.identity import IdentityCrossAttention
 from .positions import grid_positions, rd_rope_positions
 
 
@@ -51,11 +52,14 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
-    """Q/K/V/out projections with RMSNorm across heads on Q and K (and the I2V image K/V when asked)."""
+    """Q/K/V/out projections with RMSNorm across heads on Q and K (and the I2V image K/V when asked; M2HVideo's
+    identity branch, ``engine.modes.identity``, when given)."""
 
-    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None):
+    def __init__(self, dim: int, heads: int, eps: float, added_kv_proj_dim: int | None = None,
+                 identity: IdentityCrossAttention | None = None):
         super().__init__()
         self.heads = heads
+        self.identity = identity
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
@@ -76,14 +80,19 @@ class Attention(nn.Module):
         v = self.split_heads(self.to_v(context))
         return q, k, v
 
-    def cross(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
-        """Cross-attention to the text states, plus (I2V) to the CLIP image states, summed."""
+    def cross(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None,
+              identity: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-attention to the text states, plus (I2V) to the CLIP image states, summed; with ``identity``
+        [B, L, D] embedded identity tokens, the image branch has the identity branch fused in (M2HVideo Eq. 3)."""
         q, k, v = self.project_qkv(x, text)
         out = _sdpa(q, k, v)
         if image is not None:
             k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image)))
             v_img = self.split_heads(self.add_v_proj(image))
-            out = out + _sdpa(q, k_img, v_img)
+            z_image = _sdpa(q, k_img, v_img)
+            if identity is not None:
+                z_image = self.identity.fuse(_sdpa(q, *self.identity.key_value(identity)), z_image)
+            out = out + z_image
         return self.to_out[0](out.flatten(2).contiguous())
 
 
@@ -108,12 +117,14 @@ class StreamBlock(nn.Module):
     streams; ``finish`` applies this stream's output projection, cross-attention and FFN.
     """
 
-    def __init__(self, cfg: MvgenConfig):
+    def __init__(self, cfg: MvgenConfig, identity: bool = False):
         super().__init__()
         dim = cfg.inner_dim
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
-        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps, cfg.added_kv_proj_dim)
+        # identity: M2HVideo's adapter in the cross-attention, on video-stream blocks only (engine.modes.identity)
+        self.attn2 = Attention(dim, cfg.num_attention_heads, cfg.eps, cfg.added_kv_proj_dim,
+                               IdentityCrossAttention(cfg) if identity else None)
         self.norm2 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else nn.Identity()
         self.ffn = FeedForward(dim, cfg.ffn_dim)
         self.norm3 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
@@ -127,11 +138,11 @@ class StreamBlock(nn.Module):
         h = (self.norm1(x.float()) * (1 + mod.scale_msa) + mod.shift_msa).type_as(x)
         return self.attn1.project_qkv(h, h)
 
-    def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image) -> torch.Tensor:
-        # attn [B, N, H, Dh]: this stream's rows of the joint attention
+    def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image, identity=None) -> torch.Tensor:
+        # attn [B, N, H, Dh]: this stream's rows of the joint attention; identity [B, L, D] or None (video only)
         out = self.attn1.to_out[0](attn.flatten(2).contiguous())
         x = (x.float() + out * mod.gate_msa).type_as(x)
-        x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image)
+        x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image, identity)
         h = (self.norm3(x.float()) * (1 + mod.c_scale) + mod.c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * mod.c_gate).type_as(x)
 
@@ -261,7 +272,8 @@ class MultiViewWanTransformer(nn.Module):
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.ref_patch_embedding: nn.Conv3d | None = None
         self.condition_embedder = ConditionEmbedder(cfg)
-        self.blocks = nn.ModuleList(StreamBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(StreamBlock(cfg, identity=cfg.identity) for _ in range(cfg.num_layers))
+        # the reference stream has no identity adapter: identity conditions the generated video only
         self.ref_blocks = (
             nn.ModuleList(StreamBlock(cfg) for _ in range(cfg.num_layers)) if cfg.ref_mode == "dual_stream" else None
         )
@@ -278,7 +290,8 @@ class MultiViewWanTransformer(nn.Module):
     def init_reference_stream_from_base(self) -> None:
         """MVI2V initialisation: the reference stream starts as a copy of the video stream's weights."""
         if self.ref_blocks is not None:
-            self.ref_blocks.load_state_dict(self.blocks.state_dict())
+            base = self.blocks.state_dict()
+            self.ref_blocks.load_state_dict({k: v for k, v in base.items() if ".attn2.identity." not in k})
 
     def embed_references(self, ref_latents: torch.Tensor) -> torch.Tensor:
         """[B, R, 16, Hr, Wr] clean latents -> [B, R*hr*wr, D] tokens.
@@ -327,6 +340,16 @@ class MultiViewWanTransformer(nn.Module):
         dtype = self.proj_out.weight.dtype
         image = emb.image_embedder(image_context.to(dtype)) if emb.image_embedder is not None else None
         return emb.text_embedder(text.to(dtype)), image
+
+    def _identity_context(self, identity_context: torch.Tensor | None) -> torch.Tensor | None:
+        """M2HVideo: CLIP states [B, L, image_dim] of the identity image -> [B, L, D] through the checkpoint's own
+        image embedder (``engine.modes.identity``); None (no identity in this request) skips the adapter."""
+        if identity_context is None:
+            return None
+        if not self.config.identity:
+            raise ValueError("identity_context is for denoisers with M2HVideo's identity adapter (identity=True); "
+                             "this one has none")
+        return self.condition_embedder.image_embedder(identity_context.to(self.proj_out.weight.dtype))
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(
@@ -377,18 +400,21 @@ class MultiViewWanTransformer(nn.Module):
         # 2. timestep and context embeddings
         temb, tproj = self.condition_embedder.time(timestep, x.dtype)
         text_ctx, image_ctx = self._contexts(text, image_context)
+        identity_ctx = self._identity_context(identity_context)  # [B, L, D] or None
 
         # 3. blocks: reference stream joint with the video, cached, or absent
         if ref_cache is not None:
-            x = self._video_blocks_with_cache(x, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w))
+            x = self._video_blocks_with_cache(x, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w),
+                                              identity_ctx=identity_ctx)
         elif ref_latents is not None:
-            x = self._joint_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, (f, h, w))
+            x = self._joint_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, (f, h, w),
+                                   identity_ctx=identity_ctx)
         else:
             for block in self.blocks:
                 mod = block.modulation(tproj)
                 q, k, v = block.self_attention_inputs(x, mod)
                 attn = self._attend(q, k, v, video_pos, video_pos, n_video, n_video, None)
-                x = block.finish(x, attn, mod, text_ctx, image_ctx)
+                x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
 
         # 4. output head on video tokens, unpatchify
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
@@ -397,7 +423,7 @@ class MultiViewWanTransformer(nn.Module):
         x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
-    def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw):
+    def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw, *, identity_ctx=None):
         r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
         n_video = x.shape[1]
         pos, key_scale = self._keys_layout(video_pos, *self._reference_grid(ref_latents), fhw)
@@ -412,8 +438,8 @@ class MultiViewWanTransformer(nn.Module):
                 torch.cat([qv, qr], 1), torch.cat([kv, kr], 1), torch.cat([vv, vr], 1),
                 pos, pos, n_video, n_video, key_scale,
             )
-            x = block.finish(x, attn[:, :n_video], mod_v, text_ctx, image_ctx)
-            if i < last:  # the reference stream's last output is never read
+            x = block.finish(x, attn[:, :n_video], mod_v, text_ctx, image_ctx, identity_ctx)
+            if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
                 r = ref_block.finish(r, attn[:, n_video:], mod_r, text_ctx, image_ctx)
         return x
 
@@ -452,7 +478,8 @@ class MultiViewWanTransformer(nn.Module):
                 r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
-    def _video_blocks_with_cache(self, x, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw):
+    def _video_blocks_with_cache(self, x, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw, *,
+                                 identity_ctx=None):
         if cache.video_fhw != fhw:
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
         n_video = x.shape[1]
@@ -463,5 +490,5 @@ class MultiViewWanTransformer(nn.Module):
             attn = self._attend(
                 q, torch.cat([k, k_ref], 1), torch.cat([v, v_ref], 1), video_pos, k_pos, n_video, n_video, key_scale
             )
-            x = block.finish(x, attn, mod, text_ctx, image_ctx)
+            x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
         return x
