@@ -17,6 +17,8 @@ from kernels import joint_attention
 
 from .config import MvgenConfig
 from .modes.identity import IdentityCrossAttention
+from .modes.prototype import PrototypeAggregator, prototype_positions
+from .modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
 from .positions import grid_positions, rd_rope_positions
 
 
@@ -134,8 +136,12 @@ class StreamBlock(nn.Module):
         # timestep_proj [B, 6, D] -> six [B, 1, D] float32 tensors
         return Modulation(*(self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1))
 
+    def attention_input(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
+        """The self-attention's input: norm1 modulated by this stream's shift and scale."""
+        return (self.norm1(x.float()) * (1 + mod.scale_msa) + mod.shift_msa).type_as(x)
+
     def self_attention_inputs(self, x: torch.Tensor, mod: Modulation):
-        h = (self.norm1(x.float()) * (1 + mod.scale_msa) + mod.shift_msa).type_as(x)
+        h = self.attention_input(x, mod)
         return self.attn1.project_qkv(h, h)
 
     def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image, identity=None) -> torch.Tensor:
@@ -224,7 +230,8 @@ def batch_invariant(fn, x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor
 
 @dataclass
 class ReferenceCache:
-    """Per-layer reference K/V (before RoPE) of an ``isolated`` + ``zero``-timestep reference stream."""
+    """Per-layer reference K/V (before RoPE) of an ``isolated`` + ``zero``-timestep reference stream (``prototype``
+    mode: the references' attention input projected by the video blocks' K/V weights, ``engine.modes.prototype``)."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
@@ -282,6 +289,15 @@ class MultiViewWanTransformer(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
         weights = cfg.view_logit_scales if cfg.view_logit_scales is not None else (1.0,) * cfg.max_references
         self.register_buffer("view_logit_scales", torch.tensor(weights, dtype=torch.float32))
+        if cfg.view_attention == "multiview":
+            # MVAnimate Eq. 2's learned per-view omega [max_references] (engine.modes.view_attention): an adapter
+            # tensor of this name replaces it; a state without it loads the paper's [0.25, 0.25, 0.1, ...]
+            self.register_buffer("view_omega", paper_view_omega(cfg.max_references))
+            self.register_load_state_dict_pre_hook(fill_paper_omega)
+        else:
+            self.view_omega = None
+        # ProFashion PPA's pose encoder and per-layer pose selectors (engine.modes.prototype)
+        self.prototype = PrototypeAggregator(cfg) if cfg.ref_attention == "prototype" else None
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def reference_block(self, i: int) -> StreamBlock:
@@ -328,11 +344,14 @@ class MultiViewWanTransformer(nn.Module):
     def _ref_timestep(self, timestep):
         return torch.zeros_like(timestep) if self.config.ref_timestep == "zero" else timestep
 
-    def _attend(self, q, k, v, q_pos, k_pos, n_video_q, n_video_k, key_scale):
+    def _attend(self, q, k, v, q_pos, k_pos, n_video_q, n_video_k, key_scale, *, mask=None, tokens_per_frame=1,
+                proto_tokens=1):
+        """The self-attentions' one dispatch point; ``mask`` defaults to the config's ``ref_attention``."""
         cfg = self.config
         return joint_attention(
             q, k, v, q_pos, k_pos, n_video_q=n_video_q, n_video_k=n_video_k, key_scale=key_scale,
-            mask=cfg.ref_attention, theta=cfg.rope_theta, backend=cfg.attention_backend,
+            mask=mask or cfg.ref_attention, tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
+            theta=cfg.rope_theta, backend=cfg.attention_backend,
         )
 
     def _contexts(self, text, image_context):
@@ -384,6 +403,12 @@ class MultiViewWanTransformer(nn.Module):
         pt, ph, pw = cfg.patch_size
         f, h, w = frames // pt, height // ph, width // pw
         device = latents.device
+        # a served model receives an absent mode input as an empty tensor (denoiser_io.mode_specs); a traced graph
+        # keeps them (its shapes are symbolic)
+        if not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()):
+            frame_pose, ref_pose, identity_context, view_omega = (
+                t if t is not None and t.numel() > 0 else None
+                for t in (frame_pose, ref_pose, identity_context, view_omega))
 
         # 1. video tokens [B, Nv, D] and their (t, h, w) positions [Nv, 3]
         # the convolution's algorithm depends on the batch, so it runs on fixed row blocks (see batch_invariant)
@@ -401,14 +426,22 @@ class MultiViewWanTransformer(nn.Module):
         temb, tproj = self.condition_embedder.time(timestep, x.dtype)
         text_ctx, image_ctx = self._contexts(text, image_context)
         identity_ctx = self._identity_context(identity_context)  # [B, L, D] or None
+        if view_omega is not None and self.view_omega is None:
+            raise ValueError("view_omega is for denoisers with MVAnimate's multi-view attention "
+                             "(view_attention='multiview'); this one has none")
 
         # 3. blocks: reference stream joint with the video, cached, or absent
-        if ref_cache is not None:
+        if self.prototype is not None and ref_latents is not None and ref_latents.shape[1] == 0:
+            ref_latents = None  # no reference, no prototype: the base model
+        if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
+            x = self._prototype_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, ref_cache,
+                                       frame_pose, ref_pose, (f, h, w), identity_ctx=identity_ctx)
+        elif ref_cache is not None:
             x = self._video_blocks_with_cache(x, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w),
-                                              identity_ctx=identity_ctx)
+                                              identity_ctx=identity_ctx, view_omega=view_omega)
         elif ref_latents is not None:
             x = self._joint_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, (f, h, w),
-                                   identity_ctx=identity_ctx)
+                                   identity_ctx=identity_ctx, view_omega=view_omega)
         else:
             for block in self.blocks:
                 mod = block.modulation(tproj)
@@ -423,10 +456,15 @@ class MultiViewWanTransformer(nn.Module):
         x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
-    def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw, *, identity_ctx=None):
+    def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw, *, identity_ctx=None,
+                      view_omega=None):
         r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
         n_video = x.shape[1]
-        pos, key_scale = self._keys_layout(video_pos, *self._reference_grid(ref_latents), fhw)
+        num_refs, ref_hw = self._reference_grid(ref_latents)
+        pos, key_scale = self._keys_layout(video_pos, num_refs, ref_hw, fhw)
+        # MVAnimate Eq. 2 on the video rows (engine.modes.view_attention); None: the joint attention alone
+        views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
+                                       fhw, ref_hw, x.device)
         _, ref_tproj = self.condition_embedder.time(self._ref_timestep(timestep), x.dtype)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
@@ -438,10 +476,58 @@ class MultiViewWanTransformer(nn.Module):
                 torch.cat([qv, qr], 1), torch.cat([kv, kr], 1), torch.cat([vv, vr], 1),
                 pos, pos, n_video, n_video, key_scale,
             )
-            x = block.finish(x, attn[:, :n_video], mod_v, text_ctx, image_ctx, identity_ctx)
+            video_attn = attn[:, :n_video] if views is None else views(attn[:, :n_video], qv, kr, vr)
+            x = block.finish(x, video_attn, mod_v, text_ctx, image_ctx, identity_ctx)
             if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
                 r = ref_block.finish(r, attn[:, n_video:], mod_r, text_ctx, image_ctx)
         return x
+
+    def _prototype_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, ref_cache,
+                          frame_pose, ref_pose, fhw, *, identity_ctx=None):
+        """ProFashion PPA (``engine.modes.prototype``): video queries of frame i attend to every video key plus
+        the T tokens of frame i's prototype, aggregated per layer from the isolated reference stream (run here
+        layer by layer, or read from ``ref_cache``)."""
+        cfg = self.config
+        if ref_cache is not None:
+            if ref_cache.video_fhw != fhw:
+                raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has {fhw}")
+            num_refs, ref_hw = ref_cache.num_refs, ref_cache.ref_hw
+            ref_features = zip(ref_cache.keys, ref_cache.values)
+        else:
+            num_refs, ref_hw = self._reference_grid(ref_latents)
+            ref_features = self._prototype_reference_features(
+                ref_latents, self._ref_timestep(timestep), text_ctx, image_ctx, fhw)
+        poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
+        n_video, proto_tokens = x.shape[1], ref_hw[0] * ref_hw[1]
+        k_pos = torch.cat([video_pos, prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)])
+        for i, (block, (k_ref, v_ref)) in enumerate(zip(self.blocks, ref_features)):
+            mod = block.modulation(tproj)
+            q, k, v = block.self_attention_inputs(x, mod)
+            k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
+            attn = self._attend(q, torch.cat([k, k_proto], 1), torch.cat([v, v_proto], 1), video_pos, k_pos,
+                                n_video, n_video, None, mask="prototype", tokens_per_frame=fhw[1] * fhw[2],
+                                proto_tokens=proto_tokens)
+            x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
+        return x
+
+    def _prototype_reference_features(self, ref_latents, ref_timestep, text_ctx, image_ctx, fhw):
+        """Per layer, the isolated reference stream's attention input projected by the video block's K/V weights
+        (``PrototypeAggregator.reference_features``), yielded as the stream advances layer by layer."""
+        num_refs, ref_hw = self._reference_grid(ref_latents)
+        r = self.embed_references(ref_latents)  # [B, R*T, D]
+        no_video = torch.zeros(0, 3, dtype=torch.long, device=r.device)
+        pos, key_scale = self._keys_layout(no_video, num_refs, ref_hw, fhw)
+        _, ref_tproj = self.condition_embedder.time(ref_timestep, r.dtype)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            ref_block = self.reference_block(i)
+            mod = ref_block.modulation(ref_tproj)
+            z = ref_block.attention_input(r, mod)
+            yield self.prototype.reference_features(z, block.attn1)
+            if i < last:  # the reference stream's last output is never read
+                q, k, v = ref_block.attn1.project_qkv(z, z)
+                attn = self._attend(q, k, v, pos, pos, 0, 0, key_scale, mask="full")
+                r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
 
     @torch.no_grad()
     def precompute_reference(self, ref_latents, text, image_context, latent_fhw) -> ReferenceCache:
@@ -449,10 +535,18 @@ class MultiViewWanTransformer(nn.Module):
 
         ``latent_fhw`` is the video latent's (frames, height, width), which fixes the reference positions
         (``shared`` places references after the last frame; ``decoupled`` centres them on the video grid).
-        Valid only when the reference stream depends neither on the video (``ref_attention='isolated'``)
-        nor on the step (``ref_timestep='zero'``); then every step reuses the cache.
+        Valid only when the reference stream depends neither on the video (``ref_attention='isolated'``, or
+        ``'prototype'``, whose reference stream runs isolated) nor on the step (``ref_timestep='zero'``); then
+        every step reuses the cache.
         """
         cfg = self.config
+        if self.prototype is not None and cfg.ref_timestep == "zero":  # PPA's isolated reference stream
+            num_refs, ref_hw = self._reference_grid(ref_latents)
+            fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
+            text_ctx, image_ctx = self._contexts(text, image_context)
+            zero = torch.zeros(ref_latents.shape[0], device=ref_latents.device)
+            keys, values = zip(*self._prototype_reference_features(ref_latents, zero, text_ctx, image_ctx, fhw))
+            return ReferenceCache(list(keys), list(values), num_refs, ref_hw, fhw)
         if not cfg.caches_reference:
             raise ValueError(
                 "reference K/V caching needs ref_attention='isolated' and ref_timestep='zero', "
@@ -479,16 +573,21 @@ class MultiViewWanTransformer(nn.Module):
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
     def _video_blocks_with_cache(self, x, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw, *,
-                                 identity_ctx=None):
+                                 identity_ctx=None, view_omega=None):
         if cache.video_fhw != fhw:
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
         n_video = x.shape[1]
         k_pos, key_scale = self._keys_layout(video_pos, cache.num_refs, cache.ref_hw, fhw)
+        # the cache holds each layer's reference K/V before RoPE: exactly what Eq. 2 reads
+        views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
+                                       cache.num_refs, fhw, cache.ref_hw, x.device)
         for block, k_ref, v_ref in zip(self.blocks, cache.keys, cache.values):
             mod = block.modulation(tproj)
             q, k, v = block.self_attention_inputs(x, mod)
             attn = self._attend(
                 q, torch.cat([k, k_ref], 1), torch.cat([v, v_ref], 1), video_pos, k_pos, n_video, n_video, key_scale
             )
+            if views is not None:
+                attn = views(attn, q, k_ref, v_ref)
             x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
         return x
