@@ -68,8 +68,12 @@ class MvgenConfig:
     view_lambda: float = 1.0  # weight of the multi-view attention: (A_joint + lambda * A_mv) / (1 + lambda)
     pose_channels: int = 3  # ProFashion PPA (ref_attention="prototype"): channels of a rendered pose image
     identity: bool = False  # M2HVideo's distribution-aware identity adapter (engine.modes)
-    lora_rank: int = 64
+    # the scale of the adapter's LoRA pairs (engine.lora.ScaleRule): "alpha_over_rank" (PEFT, kohya: alpha / r) or
+    # "mvi2v" (MVI2V's W + alpha * B @ A); lora_alpha, when set, is every pair's alpha (else the files' own);
+    # lora_rank, when set, must be every pair's rank
+    lora_convention: str = "alpha_over_rank"
     lora_alpha: float | None = None
+    lora_rank: int | None = None
     attention_backend: str = "auto"
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 

@@ -1,7 +1,10 @@
-"""Load a denoiser (one expert) from a diffusers Wan checkpoint (or a single-file transformer), with base-model
-LoRAs merged into the video stream and an optional reference-stream adapter merged into the reference stream."""
+"""Load a denoiser (one expert) from a diffusers Wan checkpoint (or a single-file transformer), with an adapter's
+tensors and LoRAs (``engine.lora``: the reference stream, the video stream where MVI2V's training changed it, a
+mode's modules) and base-model LoRAs merged once."""
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -11,13 +14,17 @@ from .config import MvgenConfig
 from .denoiser import MultiViewWanTransformer
 from .files import CheckpointError, check_checkpoint_component, load_safetensors, read_json, safetensors_files
 from .base_lora import LoraSpec, merge_base_loras
-from .lora import AdapterError, ReferenceAdapter, merge_into_reference_stream, read_adapter
+from .lora import (AdapterError, ReferenceAdapter, ScaleRule, describe_scales, few_names, merge_adapter_loras,
+                   read_adapter)
 from .single_file import read_single_file_transformer
+
+log = logging.getLogger("mvgen.loading")
 
 # tensors of diffusers checkpoints that Wan2.1 does not use (diffusers ignores them too)
 _IGNORED_BASE_KEYS = ("norm_added_q",)
 # kept in float32 whatever the compute dtype, as diffusers' Wan does
 _FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_logit_scales")
+_SHOWN = 6  # names listed in one error
 
 
 def find_transformer_dir(path: str | Path, folder: str = "transformer") -> Path:
@@ -49,40 +56,108 @@ def _without_ignored(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not any(part in k for part in _IGNORED_BASE_KEYS)}
 
 
-def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tensor]) -> None:
-    expected = {k for k in model.state_dict() if not k.startswith(("ref_blocks.", "ref_patch_embedding.", "view_logit_scales"))}
+def _wan_keys(config: MvgenConfig) -> set[str]:
+    """The names a base checkpoint holds: diffusers' ``WanTransformer3DModel`` of this config, which our video
+    stream mirrors key for key. Whatever else the model has is the reference stream's or a mode's."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        return set(WanTransformer3DModel(**config.wan_dict()).state_dict())
+
+
+def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tensor]) -> set[str]:
+    """The model's names that the base checkpoint holds, after checking that ``state`` holds exactly those."""
+    shapes = model.state_dict()
+    expected = set(shapes) & _wan_keys(model.config)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise CheckpointError(
             f"transformer weights do not match a Wan {model.config.task} model of this config: "
-            f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}, "
-            f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+            f"missing {missing[:_SHOWN]}{' ...' if len(missing) > _SHOWN else ''}, "
+            f"unexpected {unexpected[:_SHOWN]}{' ...' if len(unexpected) > _SHOWN else ''}"
         )
-    shapes = model.state_dict()
-    wrong = [f"{k} {list(state[k].shape)} vs {list(shapes[k].shape)}" for k in expected if state[k].shape != shapes[k].shape]
+    wrong = [f"{k} {list(state[k].shape)} vs {list(shapes[k].shape)}" for k in expected
+             if state[k].shape != shapes[k].shape]
     if wrong:
-        raise CheckpointError(f"transformer weights with the wrong shape (file vs config): {sorted(wrong)[:6]}")
+        raise CheckpointError(f"transformer weights with the wrong shape (file vs config): {sorted(wrong)[:_SHOWN]}")
+    return expected
 
 
-def _apply_adapter_extras(model, state, adapter: ReferenceAdapter, config: MvgenConfig) -> None:
-    extras = adapter.extras
-    if "view_logit_scales" in extras:
-        weights = extras["view_logit_scales"].float().reshape(-1)
-        if weights.numel() != config.max_references:
-            raise AdapterError(f"adapter view_logit_scales has {weights.numel()} entries, expected {config.max_references}")
-        state["view_logit_scales"] = weights
-    if "ref_patch_embedding.weight" in extras:
-        weight = extras["ref_patch_embedding.weight"]
-        if weight.ndim != 5 or weight.shape[0] != config.inner_dim or weight.shape[1] not in (16, 36):
-            raise AdapterError(
-                f"ref_patch_embedding.weight must be [{config.inner_dim}, 16 or 36, *patch], got {list(weight.shape)}"
-            )
+def _config_tensors(config: MvgenConfig) -> dict[str, torch.Tensor]:
+    """Model tensors whose value the config gives when no adapter does."""
+    scales = config.view_logit_scales if config.view_logit_scales is not None else (1.0,) * config.max_references
+    return {"view_logit_scales": torch.tensor(scales, dtype=torch.float32)}
+
+
+def _build_ref_patch_embedding(model: MultiViewWanTransformer, tensors: dict[str, torch.Tensor]) -> None:
+    """The adapter's own reference patch embedding: its weight's shape sets the input channels (16: the clean
+    latent; 36: Wan's I2V layout), and it has a bias when the adapter gives one."""
+    config, weight = model.config, tensors["ref_patch_embedding.weight"]
+    if weight.ndim != 5 or weight.shape[0] != config.inner_dim or weight.shape[1] not in (16, 36) \
+            or tuple(weight.shape[2:]) != tuple(config.patch_size):
+        raise AdapterError(f"ref_patch_embedding.weight must be [{config.inner_dim}, 16 or 36, "
+                           f"{', '.join(map(str, config.patch_size))}], got {list(weight.shape)}")
+    with torch.device("meta"):
+        model.ref_patch_embedding = torch.nn.Conv3d(weight.shape[1], config.inner_dim, kernel_size=config.patch_size,
+                                                    stride=config.patch_size,
+                                                    bias="ref_patch_embedding.bias" in tensors)
+
+
+def _apply_full_tensors(model: MultiViewWanTransformer, state: dict[str, torch.Tensor],
+                        adapter: ReferenceAdapter) -> None:
+    """Every full tensor of the adapter replaces (or adds) the model tensor of its name, after checking that the
+    built model has that name, with that shape."""
+    tensors = adapter.tensors
+    if "ref_patch_embedding.weight" in tensors:
+        _build_ref_patch_embedding(model, tensors)
+    shapes = model.state_dict()
+    unknown = sorted(set(tensors) - set(shapes))
+    if unknown:
+        hint = (" (ref_blocks exist only with ref_mode='dual_stream')"
+                if model.ref_blocks is None and any(k.startswith("ref_blocks.") for k in unknown) else "")
+        raise AdapterError(f"adapter tensor(s) not understood: {few_names(unknown)} are no parameter or buffer of "
+                           f"this model{hint}; full tensors are named as the model's (ref_blocks.N.*, blocks.N.*, "
+                           f"patch_embedding.weight, a mode's modules)")
+    wrong = [f"{k} {list(t.shape)} vs {list(shapes[k].shape)}" for k, t in tensors.items()
+             if t.shape != shapes[k].shape]
+    if wrong:
+        raise AdapterError(f"adapter tensor(s) with the wrong shape (adapter vs model): {few_names(wrong)}")
+    state.update(tensors)
+
+
+def _require_complete(model: MultiViewWanTransformer, state: dict[str, torch.Tensor], adapter: Path | None) -> None:
+    """Every tensor the model has and the base checkpoint does not (the reference stream's copy aside) comes
+    from the adapter: refuse, naming the tensors and the mode that adds them, before anything merges."""
+    missing = set(model.state_dict()) - set(state)
+    if not missing:
+        return
+    who = f"the adapter {adapter} lacks" if adapter is not None else "no adapter was given, so the model lacks"
+    needs = "; ".join(f"{few_names(names)}, which {mode} needs"
+                      for mode, names in _modes_needing(model.config, missing))
+    raise AdapterError(f"{who} tensors not in the base checkpoint: {needs}; an adapter for such a mode carries "
+                       f"them as full tensors under these names")
+
+
+def _modes_needing(config: MvgenConfig, missing: set[str]) -> list[tuple[str, list[str]]]:
+    """``[(mode, names)]``: each of the config's non-default multi-view settings with the missing names it adds to
+    the model (those a model built with that setting at its default lacks); the rest are the model's own."""
+    found, left = [], set(missing)
+    wan = set(config.wan_dict())
+    for option in dataclasses.fields(config):
+        value = getattr(config, option.name)
+        if option.name in wan or option.default is dataclasses.MISSING or value == option.default or not left:
+            continue
+        try:
+            plain = config.replace(**{option.name: option.default})
+        except ValueError:  # a setting that cannot return to its default alone
+            continue
         with torch.device("meta"):
-            model.ref_patch_embedding = torch.nn.Conv3d(
-                weight.shape[1], config.inner_dim, kernel_size=config.patch_size, stride=config.patch_size
-            )
-        state["ref_patch_embedding.weight"] = weight
-        state["ref_patch_embedding.bias"] = extras.get("ref_patch_embedding.bias", torch.zeros(config.inner_dim))
+            keys = set(MultiViewWanTransformer(plain).state_dict())
+        names = sorted(left - keys)
+        if names:
+            found.append((f"{option.name}={value!r}", names))
+            left -= set(names)
+    return found + ([("this model", sorted(left))] if left else [])
 
 
 def load_denoiser(
@@ -102,18 +177,21 @@ def load_denoiser(
     ``transformer_2``) or a transformer dir.
 
     ``weights_file`` replaces the folder's weights by a single-file transformer (original Wan / ComfyUI key
-    names, converted by diffusers); the folder still gives the config. ``loras`` (base-model LoRAs, any
-    spelling diffusers reads) merge into the video stream, in order, and into the reference stream too when
-    ``lora_reference`` (MVI2V's reference stream starts as a copy of the base). ``adapter`` (a LoRA
-    ``.safetensors`` or a PEFT dir) then defines the reference stream: ``W_ref = W + scale * B @ A`` merged
-    once here, scale = alpha/rank from the file (or ``lora_scale``). Without an adapter the reference stream
-    is a copy of the base weights (MVI2V). ``mvgen_config.json`` beside the adapter (or in ``path``) sets the
-    multi-view options; keyword overrides win over both.
+    names, converted by diffusers); the folder still gives the config. Without an adapter the reference stream
+    is a copy of the base blocks (MVI2V's initialisation). ``adapter`` (a ``.safetensors`` file or a folder;
+    format in ``engine.lora``) then replaces tensors by its full ones (the reference stream, the video stream,
+    a mode's modules) and merges its LoRA pairs on top, ``W + scale * B @ A`` with the scale its convention gives
+    (``lora_scale``: that scale outright), and its ``video_lora`` into the video stream; one INFO line on logger
+    ``mvgen.loading`` says what it merged at which scale. ``loras`` (base-model LoRAs, any spelling diffusers
+    reads) merge last into the video stream, in order, and into the reference stream too when
+    ``lora_reference``. ``mvgen_config.json`` beside the adapter (or in ``path``) sets the multi-view options;
+    keyword overrides win over both.
     """
     transformer_dir = find_transformer_dir(path, folder)
     parsed = read_adapter(adapter) if adapter is not None else None
     config = denoiser_config(path, adapter, folder, **config_overrides)
-    if parsed is not None and parsed.loras and config.ref_mode != "dual_stream":
+    rule = ScaleRule.from_config(config, lora_scale)
+    if parsed is not None and parsed.reference_loras and config.ref_mode != "dual_stream":
         raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {config.ref_mode!r}")
 
     with torch.device("meta"):
@@ -122,24 +200,44 @@ def load_denoiser(
         state = _without_ignored(read_single_file_transformer(weights_file))
     else:
         state = _base_state(transformer_weight_files(transformer_dir))
-    _check_base_keys(model, state)
+    base_keys = _check_base_keys(model, state)
+    # full tensors first (the base, its copy as the reference stream, the config's, the adapter's), then every
+    # delta on top: LoRA deltas commute, replacements do not
     if model.ref_blocks is not None:
         state.update({f"ref_{k}": v.clone() for k, v in state.items() if k.startswith("blocks.")})
-    merge_base_loras(state, loras)
+    state.update(_config_tensors(config))
+    if parsed is not None:
+        _apply_full_tensors(model, state, parsed)
+    _require_complete(model, state, Path(adapter) if adapter is not None else None)
+    video_lora = [LoraSpec(parsed.video_lora)] if parsed is not None and parsed.video_lora is not None else []
+    if parsed is not None:
+        used = merge_adapter_loras(state, parsed, rule, config.num_layers)
+        _log_adapter(adapter, parsed, rule, used, base_keys)
+    merge_base_loras(state, [*video_lora, *loras])
     if model.ref_blocks is not None and lora_reference:
         merge_base_loras(state, loras, prefix="ref_")
-    state["view_logit_scales"] = torch.tensor(
-        config.view_logit_scales if config.view_logit_scales is not None else (1.0,) * config.max_references
-    )
-    if parsed is not None:
-        _apply_adapter_extras(model, state, parsed, config)
-        merge_into_reference_stream(state, parsed, config.num_layers, lora_scale)
     for key, value in state.items():
         if value.is_floating_point():
             value = value.to(torch.float32 if any(part in key for part in _FP32_PARAMS) else dtype)
         state[key] = value.to(device)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _log_adapter(adapter: str | Path, parsed: ReferenceAdapter, rule: ScaleRule, used: dict,
+                 base_keys: set[str]) -> None:
+    """One line per adapter: its full tensors by where they go, each LoRA scale with where its alpha came from."""
+    names = list(parsed.tensors)
+    ref = sum(k.startswith("ref_blocks.") for k in names)
+    video = sum(k in base_keys for k in names)
+    parts = [f"{len(names)} full tensor(s): {ref} reference-stream, {video} video-stream, {len(names) - ref - video} "
+             f"the base lacks (a mode's, ref_patch_embedding, view_logit_scales)"] if names else []
+    parts += describe_scales(used)
+    if used:
+        parts.append(f"lora_convention {rule.convention!r}")
+    if parsed.video_lora is not None:
+        parts.append(f"video_lora {parsed.video_lora.name} at diffusers' scale for it")
+    log.info("adapter %s: %s", adapter, "; ".join(parts) or "nothing to merge")
 
 
 def mvgen_config_path(path: str | Path, adapter: str | Path | None) -> Path:
