@@ -119,7 +119,10 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     cfg = denoiser.config
     if cfg.ref_attention == "prototype":
-        raise ValueError("ref_attention='prototype' (PPA) is not exportable in this build")
+        # traced, the prototype path verifies for R >= 1 only: at R = 0 it cannot run (the eager model is its base
+        # model there), and the profile's refs axis starts at 0
+        raise ValueError("ref_attention='prototype' (PPA) is not exportable in this build: its graph holds only "
+                         "with references (R >= 1) and the plugin node has no prototype mask")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / denoiser_io.ONNX_FILE
