@@ -100,6 +100,10 @@ class MvgenConfig:
             raise ValueError(
                 f"view_logit_scales has {len(self.view_logit_scales)} entries, expected max_references={self.max_references}"
             )
+        if self.view_attention == "multiview" and self.ref_attention == "prototype":
+            raise ValueError("view_attention='multiview' (MVAnimate) reads each view's keys at the aligned position; "
+                             "ref_attention='prototype' (ProFashion) replaces the views by per-frame prototypes: "
+                             "choose one")
         if self.view_lambda < 0:
             raise ValueError(f"view_lambda must be >= 0, got {self.view_lambda}")
         if self.identity and self.image_dim is None:
@@ -123,7 +127,7 @@ class MvgenConfig:
     @property
     def caches_reference(self) -> bool:
         """The reference stream is independent of the video and of the step: compute its K/V once."""
-        return self.ref_attention == "isolated" and self.ref_timestep == "zero"
+        return self.ref_attention in ("isolated", "prototype") and self.ref_timestep == "zero"
 
     def replace(self, **changes) -> "MvgenConfig":
         return dataclasses.replace(self, **changes)

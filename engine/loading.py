@@ -16,6 +16,7 @@ from .files import CheckpointError, check_checkpoint_component, load_safetensors
 from .base_lora import LoraSpec, merge_base_loras
 from .lora import (AdapterError, ReferenceAdapter, ScaleRule, describe_scales, few_names, merge_adapter_loras,
                    read_adapter)
+from .modes.view_attention import paper_view_omega
 from .single_file import read_single_file_transformer
 
 log = logging.getLogger("mvgen.loading")
@@ -23,7 +24,8 @@ log = logging.getLogger("mvgen.loading")
 # tensors of diffusers checkpoints that Wan2.1 does not use (diffusers ignores them too)
 _IGNORED_BASE_KEYS = ("norm_added_q",)
 # kept in float32 whatever the compute dtype, as diffusers' Wan does
-_FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_logit_scales")
+_FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_logit_scales",
+                "view_omega")
 _SHOWN = 6  # names listed in one error
 
 
@@ -86,7 +88,10 @@ def _check_base_keys(model: MultiViewWanTransformer, state: dict[str, torch.Tens
 def _config_tensors(config: MvgenConfig) -> dict[str, torch.Tensor]:
     """Model tensors whose value the config gives when no adapter does."""
     scales = config.view_logit_scales if config.view_logit_scales is not None else (1.0,) * config.max_references
-    return {"view_logit_scales": torch.tensor(scales, dtype=torch.float32)}
+    tensors = {"view_logit_scales": torch.tensor(scales, dtype=torch.float32)}
+    if config.view_attention == "multiview":  # MVAnimate's learned omega: the paper's initial values unless trained
+        tensors["view_omega"] = paper_view_omega(config.max_references)
+    return tensors
 
 
 def _build_ref_patch_embedding(model: MultiViewWanTransformer, tensors: dict[str, torch.Tensor]) -> None:

@@ -90,12 +90,12 @@ VARIANTS = {
 }
 _COMPLETE_MARKER = "model_index.json"
 # an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``; "all"
-# holds the three at once, so one served model and one exported graph exercise every mode's inputs
+# holds the two that combine (MVAnimate's view attention reads the views that PPA replaces by prototypes)
 _PROTOTYPE = {"ref_attention": "prototype"}  # ProFashion PPA
 _MULTIVIEW = {"view_attention": "multiview", "view_lambda": 0.5}  # MVAnimate Eq. 2
 _IDENTITY = {"identity": True}  # M2HVideo (needs CLIP: I2V with an image encoder)
 MODE_ADAPTERS = {"prototype": _PROTOTYPE, "multiview": _MULTIVIEW, "identity": _IDENTITY,
-                 "all": {**_PROTOTYPE, **_MULTIVIEW, **_IDENTITY}}
+                 "all": {**_PROTOTYPE, **_IDENTITY}}
 
 
 def default_cache_root(environ: Mapping[str, str]) -> Path:
@@ -241,5 +241,8 @@ def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor
         moded = MultiViewWanTransformer(MvgenConfig.from_dict({**config, **ADAPTER_CONFIG, **mode}))
     base = plain.state_dict()
     generator = torch.Generator().manual_seed(seed)
-    return {name: (torch.randn(t.shape, generator=generator) * 0.2).contiguous()
-            for name, t in sorted(moded.state_dict().items()) if name not in base and t.is_floating_point()}
+    tensors = {name: (torch.randn(t.shape, generator=generator) * 0.2).contiguous()
+               for name, t in sorted(moded.state_dict().items()) if name not in base and t.is_floating_point()}
+    if "view_omega" in tensors:  # MVAnimate's weights are positive (a trained one stays near the paper's 0.1-0.25)
+        tensors["view_omega"] = tensors["view_omega"].abs() + 0.1
+    return tensors

@@ -30,7 +30,7 @@ from .plugin import plugin_attention
 
 ATTENTION_MODES = ("native", "plugin")
 # sizes of the example inputs traced at export time (tests check other sizes)
-EXPORT_SIZES = dict(batch=2, frames=3, height=6, width=8, refs=2, ref_height=4, ref_width=6)
+EXPORT_SIZES = dict(batch=2, frames=3, height=6, width=8, refs=2, ref_height=4, ref_width=6, identity_len=5)
 
 
 class DenoiserGraph(nn.Module):
@@ -41,8 +41,16 @@ class DenoiserGraph(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, latents, timestep, text, ref_latents, condition=None, image_context=None):
-        return self.denoiser(latents, condition, timestep, text, image_context, ref_latents=ref_latents)
+    def forward(self, latents, timestep, text, ref_latents, condition=None, image_context=None, frame_pose=None,
+                ref_pose=None, identity_context=None, view_omega=None):
+        return self.denoiser(latents, condition, timestep, text, image_context, ref_latents=ref_latents,
+                             frame_pose=frame_pose, ref_pose=ref_pose, identity_context=identity_context,
+                             view_omega=view_omega)
+
+
+def needs_references(config) -> bool:
+    """Whether the traced graph of this config is valid with references only (its modes branch on R = 0)."""
+    return config.ref_attention == "prototype" or config.view_attention == "multiview"
 
 
 def graph_specs(config) -> list[denoiser_io.TensorSpec]:
@@ -61,8 +69,9 @@ def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: t
     return out
 
 
-def export_dynamic_shapes(specs) -> dict[str, dict[int, object]]:
-    """torch.export ``Dim``s per input; an axis with a multiple m is ``m * Dim(axis_div_m)``."""
+def export_dynamic_shapes(specs, minimums: dict[str, int] | None = None) -> dict[str, dict[int, object]]:
+    """torch.export ``Dim``s per input; an axis with a multiple m is ``m * Dim(axis_div_m)``; ``minimums``
+    raise an axis' lower bound (a prototype graph's references)."""
     from torch.export import Dim
 
     dims = {}
@@ -70,7 +79,7 @@ def export_dynamic_shapes(specs) -> dict[str, dict[int, object]]:
         if axis.multiple > 1:
             dims[name] = axis.multiple * Dim(f"{name}_div{axis.multiple}", min=1)
         else:
-            dims[name] = Dim(name, min=axis.min)
+            dims[name] = Dim(name, min=(minimums or {}).get(name, axis.min))
     return {s.name: {i: dims[d] for i, d in enumerate(s.dims) if isinstance(d, str)} for s in specs}
 
 
@@ -118,11 +127,18 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     cfg = denoiser.config
-    if cfg.ref_attention == "prototype":
-        # traced, the prototype path verifies for R >= 1 only: at R = 0 it cannot run (the eager model is its base
-        # model there), and the profile's refs axis starts at 0
-        raise ValueError("ref_attention='prototype' (PPA) is not exportable in this build: its graph holds only "
-                         "with references (R >= 1) and the plugin node has no prototype mask")
+    minimums = {}
+    if cfg.ref_attention == "prototype" and attention == "plugin":
+        raise ValueError("ref_attention='prototype' exports with --attention native (the plugin node has no "
+                         "prototype mask; TensorRT fuses the native graph's masked attention itself)")
+    if needs_references(cfg):
+        # the traced graph is the mode's reference path (the eager model at R = 0 is its base model: serve R = 0
+        # requests of such a model with the python denoiser), so its refs axis starts at 1
+        minimums["refs"] = 1
+        profile = profile or denoiser_io.Profile({"refs": (1, 3, 3)})
+        if profile.range("refs")[0] < 1:
+            raise ValueError("a prototype (PPA) or multiview (MVAnimate) graph needs references: its profile's "
+                             "refs axis must start at 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / denoiser_io.ONNX_FILE
@@ -137,7 +153,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
             DenoiserGraph(denoiser).eval(), (), kwargs=example, dynamo=True,
-            dynamic_shapes=export_dynamic_shapes(specs), input_names=[s.name for s in specs],
+            dynamic_shapes=export_dynamic_shapes(specs, minimums), input_names=[s.name for s in specs],
             output_names=[denoiser_io.OUTPUT.name], opset_version=denoiser_io.OPSET,
             custom_translation_table=translation_table(), verbose=False,
         )

@@ -43,7 +43,8 @@ def attention_mask(
     if mode == "isolated":
         return q_video | ~k_video
     same_frame = (kj - n_video_k) // proto_tokens == qi // tokens_per_frame
-    return torch.where(q_video, k_video | same_frame, ~k_video)
+    # boolean algebra rather than a bool-valued torch.where, which onnxruntime cannot run in an exported graph
+    return (q_video & (k_video | same_frame)) | (~q_video & ~k_video)
 
 
 def joint_attention_reference(

@@ -19,6 +19,7 @@ from engine.tiny import TINY_VERSION
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 SMALL = dict(num_frames=5, height=32, width=32, steps=2, seed=3)
 MODES = ("prototype", "multiview", "identity")
+ALL = ("prototype", "identity")  # the modes of the tiny "all" adapter (multiview and prototype do not combine)
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +66,13 @@ def test_each_mode_runs_and_its_inputs_reach_the_video(pipes, mode):
     again = _latents(pipe, mode_values(mode))
     other = _latents(pipe, mode_values(mode, variant=1))
     torch.testing.assert_close(first, again, rtol=0, atol=0)
-    assert ((first - other).norm() / first.norm()).item() > 1e-4, f"{mode}: its inputs change nothing"
+    # PPA's literal Eq. 7 averages over all R*T reference tokens, so on the random tiny adapter a prototype is
+    # ~1/T of a feature and the poses move the latents by ~1e-4 (tests/engine/modes checks the equations)
+    assert ((first - other).norm() / first.norm()).item() > 1e-5, f"{mode}: its inputs change nothing"
 
 
-def test_all_modes_at_once(pipes):
-    values = {k: v for mode in MODES for k, v in mode_values(mode).items()}
+def test_modes_at_once(pipes):
+    values = {k: v for mode in ALL for k, v in mode_values(mode).items()}
     assert _latents(pipes("all"), values).isfinite().all()
 
 
@@ -113,12 +116,13 @@ def test_each_mode_from_the_command_line(tiny_cache, tmp_path, mode):
     assert paths["video"].is_file()
 
 
-def test_all_modes_export_to_onnx_and_match_pytorch(tiny_cache, tmp_path):
+@pytest.mark.parametrize("adapter", ["all", "multiview"])
+def test_the_modes_export_to_onnx_and_match_pytorch(tiny_cache, tmp_path, adapter):
     from export.onnx_export import export_onnx, load_for_export
     from export.verify import verify_onnx
 
-    adapter = tiny_cache / TINY_VERSION / "adapter_all"
+    adapter = tiny_cache / TINY_VERSION / f"adapter_{adapter}"
     path = export_onnx("tiny", tmp_path / "onnx", adapter=adapter, cache_root=tiny_cache)
     denoiser, _ = load_for_export("tiny", adapter, "fp32", None, tiny_cache, 0, None, {})
     results = verify_onnx(path, denoiser)
-    assert all(r.passed for r in results), [(r.sizes, r.rel_err) for r in results]
+    assert results and all(r.passed for r in results), [(r.sizes, r.rel_err) for r in results]

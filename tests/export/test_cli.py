@@ -33,7 +33,7 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--profile", "batch=3:2:1"], "min <= opt <= max"),
     (["--set", "ref_attention"], "KEY=VALUE"),
-    (["--set", "ref_attention=prototype"], "prototype"),
+    (["--set", "view_attention=sideways"], "view_attention"),
 ])
 def test_bad_export_arguments_are_usage_errors(checkpoint, tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):

@@ -1,5 +1,6 @@
-"""The seed methods served: a model with every mode on (the tiny ``adapter_all``) answers each mode's request with
-the video the Python API makes, bit for bit, and a request without the mode's inputs too."""
+"""The seed methods served: models with the modes on (the tiny ``adapter_all``: PPA + identity;
+``adapter_multiview``) answer each mode's request with the video the Python API makes, bit for bit, and a request
+without the mode's inputs too."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,34 +8,57 @@ import pytest
 
 from engine.tiny import TINY_VERSION
 from server.client import GenerationInputs, generate
-from tests.engine.test_seed_modes import MODES, SMALL, _images, mode_values
+from tests.engine.test_seed_modes import SMALL, _images, mode_values
 from tests.server.conftest import _serve, png
 
 
 @pytest.fixture(scope="module")
-def served_modes(tiny_cache, tmp_path_factory):
-    adapter = tiny_cache / TINY_VERSION / "adapter_all"
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-modes"), "--adapter", str(adapter))
+def served(tiny_cache, tmp_path_factory):
+    """One server per adapter, started when first asked for."""
+    started, stops = {}, []
+
+    def get(adapter: str):
+        if adapter not in started:
+            path = tiny_cache / TINY_VERSION / f"adapter_{adapter}"
+            serving = _serve(tiny_cache, tmp_path_factory.mktemp(f"served-{adapter}"), "--adapter", str(path))
+            started[adapter] = next(serving)
+            stops.append(serving)
+        return started[adapter]
+
+    yield get
+    for serving in stops:
+        next(serving, None)  # SIGINT, and the exit-code check
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_cache):
+def pipes(tiny_cache):
     from engine.pipeline import MultiViewPipeline
 
-    return MultiViewPipeline.from_pretrained("tiny", cache_root=tiny_cache,
-                                             adapter=tiny_cache / TINY_VERSION / "adapter_all")
+    loaded = {}
+
+    def get(adapter: str):
+        if adapter not in loaded:
+            loaded[adapter] = MultiViewPipeline.from_pretrained(
+                "tiny", cache_root=tiny_cache, adapter=tiny_cache / TINY_VERSION / f"adapter_{adapter}")
+        return loaded[adapter]
+
+    return get
 
 
-@pytest.mark.parametrize("mode", [*MODES, "none"])
-def test_each_mode_served_equals_the_api(served_modes, pipe, mode):
+# (the adapter served, the modes whose inputs the request carries)
+CASES = {"prototype+identity": ("all", ("prototype", "identity")), "prototype": ("all", ("prototype",)),
+         "multiview": ("multiview", ("multiview",)), "none": ("multiview", ())}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_mode_served_equals_the_api(served, pipes, case):
+    adapter, modes = CASES[case]
     first, *refs = _images(3, 1)
-    values = mode_values(mode) if mode != "none" else {}
-    if mode != "prototype":  # a prototype model needs poses with references: the other modes send them too
-        values = {**mode_values("prototype"), **values}
-    api = pipe(first, refs, "a person turns", **SMALL, **values)
+    values = {k: v for mode in modes for k, v in mode_values(mode).items()}
+    api = pipes(adapter)(first, refs, "a person turns", **SMALL, **values)
     wire = {k: [png(v) for v in vs] if k in ("frame_pose", "reference_poses") else png(vs) if k == "identity" else vs
             for k, vs in values.items()}
-    served = generate(served_modes.url, GenerationInputs(prompt="a person turns", first_frame=png(first),
-                                                         references=[png(r) for r in refs], **SMALL, **wire),
+    frames = generate(served(adapter).url, GenerationInputs(prompt="a person turns", first_frame=png(first),
+                                                            references=[png(r) for r in refs], **SMALL, **wire),
                       stream=False)
-    assert np.array_equal(served, api)
+    assert np.array_equal(frames, api)
