@@ -107,7 +107,6 @@ class ReferenceAdapter:
 
     loras: dict[str, LoraPair] = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    default_alpha: float | None = None  # the adapter's mvgen_config.json lora_alpha, else PEFT's lora_alpha
     video_lora: Path | None = None
     blocks_lora: str = "reference"
 
@@ -281,15 +280,10 @@ def read_adapter(path: str | Path) -> ReferenceAdapter:
 def _settings(folder: Path) -> ReferenceAdapter:
     """An empty adapter with the settings of the folder's ``mvgen_config.json`` (and PEFT's lora_alpha)."""
     adapter = ReferenceAdapter()
-    peft_config, mvgen_config = folder / "adapter_config.json", folder / "mvgen_config.json"
-    if peft_config.is_file():
-        adapter.default_alpha = _number(read_json(peft_config, AdapterError, "PEFT adapter config"), "lora_alpha",
-                                        peft_config)
+    mvgen_config = folder / "mvgen_config.json"
     if not mvgen_config.is_file():
         return adapter
     values = read_json(mvgen_config, AdapterError, "mvgen config")
-    alpha = _number(values, "lora_alpha", mvgen_config)
-    adapter.default_alpha = alpha if alpha is not None else adapter.default_alpha
     adapter.blocks_lora = values.get("blocks_lora", "reference")
     if adapter.blocks_lora not in BLOCKS_LORA:
         raise AdapterError(f"{mvgen_config}: blocks_lora must be one of {BLOCKS_LORA}, got {adapter.blocks_lora!r}")
@@ -320,13 +314,6 @@ def _check_peft_config_applies(file: Path, new_pairs: set[str]) -> None:
         raise AdapterError(f"{beside} describes adapter_model.safetensors (PEFT's name), and {file.name} holds LoRA "
                            f"pairs: rename it adapter_model.safetensors, or state lora_alpha in mvgen_config.json "
                            f"and remove adapter_config.json")
-
-
-def _number(values: dict, key: str, path: Path) -> float | None:
-    value = values.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise AdapterError(f"{path}: {key} must be a number, got {value!r}")
-    return value
 
 
 def merge_adapter_loras(state: dict[str, torch.Tensor], adapter: ReferenceAdapter, rule: ScaleRule,

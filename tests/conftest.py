@@ -9,6 +9,9 @@ import pytest
 # switch is set here, before any test module loads: the kernel tests then run interpreted in this process.
 # Tests that compile for sm_90/sm_80 run in subprocesses with the variable removed.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests' models are tiny: one thread per process beats two fighting over the 2 cores with the servers and CLI
+# processes the tests start (which inherit this); every process of a bit-identity comparison runs the same.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

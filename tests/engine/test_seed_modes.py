@@ -1,6 +1,6 @@
 """The seed methods end to end on the tiny model: each mode's adapter loads, its request inputs reach the
-denoiser and change the video, from the Python API and the command line, and its graph exports (ONNX vs
-PyTorch). The equations themselves are checked against float64 formulations in tests/engine/modes/."""
+denoiser and change the video, from the Python API and the command line (their ONNX graphs: tests/export/
+test_cli.py). The equations themselves are checked against float64 formulations in tests/engine/modes/."""
 from __future__ import annotations
 
 import subprocess
@@ -116,13 +116,14 @@ def test_each_mode_from_the_command_line(tiny_cache, tmp_path, mode):
     assert paths["video"].is_file()
 
 
-@pytest.mark.parametrize("adapter", ["all", "multiview"])
-def test_the_modes_export_to_onnx_and_match_pytorch(tiny_cache, tmp_path, adapter):
-    from export.onnx_export import export_onnx, load_for_export
-    from export.verify import verify_onnx
-
-    adapter = tiny_cache / TINY_VERSION / f"adapter_{adapter}"
-    path = export_onnx("tiny", tmp_path / "onnx", adapter=adapter, cache_root=tiny_cache)
-    denoiser, _ = load_for_export("tiny", adapter, "fp32", None, tiny_cache, 0, None, {})
-    results = verify_onnx(path, denoiser)
-    assert results and all(r.passed for r in results), [(r.sizes, r.rel_err) for r in results]
+def test_prototype_reference_features_cached_per_request_equal_recomputation(tiny):
+    pipe = MultiViewPipeline.from_pretrained(tiny, adapter=tiny / "adapter_prototype", ref_timestep="zero")
+    first, *refs = _images(3, 1)
+    request = pipe.make_request(first_frame=first, references=refs, prompt="turn", **SMALL, **mode_values("prototype"))
+    cached, recomputed = pipe.prepare(request), pipe.prepare(request)
+    assert cached.cache_key is not None
+    recomputed.cache_key = None
+    builds = pipe.stages.denoisers[0].caches.builds
+    latents = pipe.denoise(cached)
+    assert pipe.stages.denoisers[0].caches.builds == builds + 1
+    torch.testing.assert_close(latents, pipe.denoise(recomputed), rtol=1e-5, atol=1e-5)

@@ -40,7 +40,8 @@ def test_bundled_adapter_is_a_peft_lora_on_every_block_linear(tiny_cache):
     adapter = read_adapter(tiny_cache / TINY_VERSION / "adapter")
     assert len(adapter.loras) == 2 * 10
     assert all(pair.down.shape[0] == 4 and pair.up.shape[1] == 4 for pair in adapter.loras.values())
-    assert adapter.default_alpha == 4
+    config = json.loads((tiny_cache / TINY_VERSION / "adapter" / "mvgen_config.json").read_text())
+    assert config["lora_alpha"] == 4 and config["lora_rank"] == 4  # scale alpha / rank = 1
 
 
 def test_ensure_tiny_builds_once(tiny_cache):

@@ -40,18 +40,35 @@ def test_bad_export_arguments_are_usage_errors(checkpoint, tmp_path, extra, mess
         _run(["export", "onnx", "--model", str(checkpoint[0]), "--out", str(tmp_path / "o"), *extra])
 
 
-@pytest.mark.parametrize("model, expert", [("tiny-t2v", "1"), ("tiny-wan22", "2")])
-def test_other_wan_families_export_and_verify(tiny_cache, tmp_path, capsys, model, expert):
-    """T2V's graph has no condition input, Wan2.2's none for CLIP; the low-noise expert exports on its own."""
+# (model, expert, adapter flag, the embedded adapter): each family's graph carries one seed method, so three
+# exports cover T2V (no condition), Wan2.2's low-noise expert (no CLIP) and every mode's inputs
+FAMILY_MODES = {
+    "t2v+multiview": ("tiny-t2v", "1", "--adapter", "adapter_multiview"),
+    "wan22-expert2+prototype": ("tiny-wan22", "2", "--adapter-2", "adapter_prototype"),
+    "i2v+identity": ("tiny", "1", "--adapter", "adapter_identity"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_MODES))
+def test_families_and_seed_modes_export_and_verify(tiny_cache, tmp_path, capsys, case):
+    """The graph's inputs follow the family and the mode; polygraphy compares onnxruntime with PyTorch (< 1e-4)
+    at every verification shape the graph takes (the modes' reference paths: R >= 1)."""
+    from engine.tiny import VARIANTS
+
+    model, expert, flag, adapter = FAMILY_MODES[case]
     out = tmp_path / "onnx"
-    code = _run(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", model, "--expert", expert,
-                 "--out", str(out), "--verify"])
+    code = _run(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", model, "--expert", expert, flag,
+                 str(tiny_cache / VARIANTS[model].directory / adapter), "--out", str(out), "--verify"])
     printed = capsys.readouterr().out.splitlines()
     assert code == 0, printed
-    assert len([line for line in printed if line.startswith("verify ok")]) == 3
+    verified = [line for line in printed if line.startswith("verify ")]
+    assert verified and all(line.startswith("verify ok") for line in verified), printed
     from export.onnx_export import read_meta
 
     meta = read_meta(out)
-    names = [spec["name"] for spec in meta["inputs"]]
-    assert "image_context" not in names and ("condition" in names) == (model == "tiny-wan22")
+    names = {spec["name"] for spec in meta["inputs"]}
+    assert ("condition" in names) == (model != "tiny-t2v") and ("image_context" in names) == (model == "tiny")
     assert meta["source"]["expert"] == int(expert) - 1
+    mode_inputs = {"t2v+multiview": {"view_omega"}, "wan22-expert2+prototype": {"frame_pose", "ref_pose"},
+                   "i2v+identity": {"identity_context"}}[case]
+    assert names & {"view_omega", "frame_pose", "ref_pose", "identity_context"} == mode_inputs

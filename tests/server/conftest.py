@@ -90,6 +90,17 @@ def served_uncached(tiny_cache, tmp_path_factory):
     yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE, "--no-reference-cache")
 
 
+@pytest.fixture(scope="session")
+def served_t2v(tiny_cache, tmp_path_factory):
+    """``tiny-t2v`` (reference-to-video) with MVAnimate's multi-view attention (its ``adapter_multiview``) and a
+    cacheable reference stream: one server for the T2V family and the multiview mode."""
+    from engine.tiny import VARIANTS
+
+    adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, "--adapter", str(adapter),
+                      model="tiny-t2v")
+
+
 def _serve(tiny_cache, work: Path, *extra: str, model: str = "tiny"):
     """Start ``mvgen serve --model MODEL [extra]``, yield it ready, then SIGINT it and require exit code 0."""
     reason = _tritonserver_available()

@@ -1,6 +1,6 @@
-"""The seed methods served: models with the modes on (the tiny ``adapter_all``: PPA + identity;
-``adapter_multiview``) answer each mode's request with the video the Python API makes, bit for bit, and a request
-without the mode's inputs too."""
+"""The seed methods served: models with the modes on (the tiny ``adapter_all``: PPA + identity; ``tiny-t2v`` with
+``adapter_multiview``) answer each mode's request with the video the Python API makes, bit for bit, with and
+without the optional inputs (identity, omega)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,52 +13,41 @@ from tests.server.conftest import _serve, png
 
 
 @pytest.fixture(scope="module")
-def served(tiny_cache, tmp_path_factory):
-    """One server per adapter, started when first asked for."""
-    started, stops = {}, []
-
-    def get(adapter: str):
-        if adapter not in started:
-            path = tiny_cache / TINY_VERSION / f"adapter_{adapter}"
-            serving = _serve(tiny_cache, tmp_path_factory.mktemp(f"served-{adapter}"), "--adapter", str(path))
-            started[adapter] = next(serving)
-            stops.append(serving)
-        return started[adapter]
-
-    yield get
-    for serving in stops:
-        next(serving, None)  # SIGINT, and the exit-code check
+def served_all(tiny_cache, tmp_path_factory):
+    adapter = tiny_cache / TINY_VERSION / "adapter_all"
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-all"), "--adapter", str(adapter))
 
 
-@pytest.fixture(scope="module")
-def pipes(tiny_cache):
+def _pipe(model: str, tiny_cache, adapter, **overrides):
     from engine.pipeline import MultiViewPipeline
 
-    loaded = {}
-
-    def get(adapter: str):
-        if adapter not in loaded:
-            loaded[adapter] = MultiViewPipeline.from_pretrained(
-                "tiny", cache_root=tiny_cache, adapter=tiny_cache / TINY_VERSION / f"adapter_{adapter}")
-        return loaded[adapter]
-
-    return get
+    return MultiViewPipeline.from_pretrained(model, cache_root=tiny_cache, adapter=adapter, **overrides)
 
 
-# (the adapter served, the modes whose inputs the request carries)
-CASES = {"prototype+identity": ("all", ("prototype", "identity")), "prototype": ("all", ("prototype",)),
-         "multiview": ("multiview", ("multiview",)), "none": ("multiview", ())}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_each_mode_served_equals_the_api(served, pipes, case):
-    adapter, modes = CASES[case]
+@pytest.mark.parametrize("modes", [("prototype", "identity"), ("prototype",)], ids="+".join)
+def test_ppa_and_identity_served_equal_the_api(served_all, tiny_cache, modes):
     first, *refs = _images(3, 1)
     values = {k: v for mode in modes for k, v in mode_values(mode).items()}
-    api = pipes(adapter)(first, refs, "a person turns", **SMALL, **values)
+    api = _pipe("tiny", tiny_cache, tiny_cache / TINY_VERSION / "adapter_all")(first, refs, "a person turns", **SMALL, **values)
     wire = {k: [png(v) for v in vs] if k in ("frame_pose", "reference_poses") else png(vs) if k == "identity" else vs
             for k, vs in values.items()}
-    frames = generate(served(adapter).url, GenerationInputs(prompt="a person turns", first_frame=png(first),
-                                                            references=[png(r) for r in refs], **SMALL, **wire),
+    frames = generate(served_all.url, GenerationInputs(prompt="a person turns", first_frame=png(first),
+                                                       references=[png(r) for r in refs], **SMALL, **wire),
                       stream=False)
+    assert np.array_equal(frames, api)
+
+
+@pytest.mark.parametrize("omega", [None, [2.0, 0.1]])
+def test_multiview_served_equals_the_api(served_t2v, tiny_cache, omega):
+    """MVAnimate's mode on the T2V server (tests/server/conftest.py ``served_t2v``), with the adapter's omega or the
+    request's."""
+    from engine.tiny import VARIANTS
+
+    refs = _images(3, 1)[1:]
+    values = {"view_omega": omega} if omega else {}
+    adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
+    api = _pipe("tiny-t2v", tiny_cache, adapter, ref_attention="isolated", ref_timestep="zero")(
+        None, refs, "a person turns", **SMALL, **values)
+    frames = generate(served_t2v.url, GenerationInputs(prompt="a person turns", references=[png(r) for r in refs],
+                                                       **SMALL, **values), stream=False)
     assert np.array_equal(frames, api)

@@ -1,5 +1,6 @@
 """Wan2.1-T2V reference-to-video and Wan2.2's two experts from `mvgen generate`, the Python API and the server:
-the same video, bit for bit; the served reference cache built once per expert and released."""
+the same video, bit for bit; the served reference cache built once per expert and released. The T2V model
+carries MVAnimate's multi-view attention (its tiny ``adapter_multiview``), so one server serves both."""
 from __future__ import annotations
 
 import subprocess
@@ -19,23 +20,21 @@ OVERRIDES = dict(ref_attention="isolated", ref_timestep="zero")  # CACHEABLE as 
 
 
 @pytest.fixture(scope="module")
-def served_t2v(tiny_cache, tmp_path_factory):
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, model="tiny-t2v")
-
-
-@pytest.fixture(scope="module")
 def served_wan22(tiny_cache, tmp_path_factory):
     yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-wan22"), *CACHEABLE, model="tiny-wan22")
 
 
-def _cli(model: str, tiny_cache, tmp_path, values: dict) -> np.ndarray:
+def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str) -> np.ndarray:
     """`mvgen generate --model MODEL` in its own process; its (lossless) contact sheet."""
-    command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", model, "--device", "cpu", *CACHEABLE]
+    command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", model, "--device", "cpu", *CACHEABLE,
+               *flags]
     for name, value in values.items():
         if name in ("first_frame", "references"):
             for i, image in enumerate([value] if name == "first_frame" else value):
                 (tmp_path / f"{name}{i}.png").write_bytes(png(image))
                 command += [FLAGS[name], str(tmp_path / f"{name}{i}.png")]
+        elif isinstance(value, list):  # a repeatable option (view_omega)
+            command += [item for v in value for item in (FLAGS[name], str(v))]
         else:
             command += [FLAGS[name], str(value)]
     done = subprocess.run([*command, "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=600)
@@ -54,12 +53,12 @@ def _builds(server, model: str) -> tuple[float, float]:
             server.metric("mvgen_reference_cache_entries", model=model))
 
 
-def _same_everywhere(model: str, server, values: dict, tiny_cache, tmp_path) -> np.ndarray:
+def _same_everywhere(model: str, server, values: dict, tiny_cache, tmp_path, adapter=None) -> np.ndarray:
     from engine.pipeline import MultiViewPipeline
 
-    api = MultiViewPipeline.from_pretrained(model, cache_root=tiny_cache, **OVERRIDES)(**values)
+    api = MultiViewPipeline.from_pretrained(model, cache_root=tiny_cache, adapter=adapter, **OVERRIDES)(**values)
     served = _served(server, values)
-    cli = _cli(model, tiny_cache, tmp_path, values)
+    cli = _cli(model, tiny_cache, tmp_path, values, *(("--adapter", str(adapter)) if adapter else ()))
     assert api.shape == (SMALL["num_frames"], SMALL["height"], SMALL["width"], 3)
     assert np.array_equal(served, api), "server vs API"
     assert np.array_equal(cli, contact_sheet(api)), "CLI vs API"
@@ -67,9 +66,13 @@ def _same_everywhere(model: str, server, values: dict, tiny_cache, tmp_path) -> 
 
 
 def test_reference_to_video_on_t2v_is_the_same_everywhere(served_t2v, images, tiny_cache, tmp_path):
+    from engine.tiny import VARIANTS
+
     _, refs = images
     before = _builds(served_t2v, "mvgen_denoiser")
-    _same_everywhere("tiny-t2v", served_t2v, dict(prompt=PROMPT, references=refs[:2], **SMALL), tiny_cache, tmp_path)
+    adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
+    _same_everywhere("tiny-t2v", served_t2v, dict(prompt=PROMPT, references=refs[:2], view_omega=[0.3, 2.0], **SMALL),
+                     tiny_cache, tmp_path, adapter)
     assert _builds(served_t2v, "mvgen_denoiser") == (before[0] + 1, 0)  # built once, released
 
 
