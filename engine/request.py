@@ -402,6 +402,9 @@ def _check_modes(limits: RequestLimits, given: dict, checked: dict) -> None:
     if (poses or frame_poses) and not limits.prototype:
         raise RequestError("frame_pose / reference_poses are for ProFashion prototype models "
                            "(ref_attention=prototype); this model is not one")
+    if (poses or frame_poses) and not refs:
+        raise RequestError("frame_pose / reference_poses steer how PPA aggregates the references: give references "
+                           "too, or no poses")
     if limits.prototype and refs and not (poses and frame_poses):
         raise RequestError("a prototype (ProFashion PPA) model aggregates the references by pose: give frame_pose "
                            "(one pose image per frame) and reference_poses (one per reference)")

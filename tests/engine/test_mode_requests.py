@@ -30,6 +30,7 @@ def _request(mode: str, **values):
 @pytest.mark.parametrize("mode, values, words", [
     ("plain", dict(frame_pose=_images(9), reference_poses=_images(2), references=_images(2)), "prototype models"),
     ("prototype", dict(references=_images(2)), "give frame_pose"),
+    ("prototype", dict(frame_pose=_images(9)), "give references too"),
     ("prototype", dict(references=_images(2), frame_pose=_images(9), reference_poses=_images(1)),
      "1 reference pose(s) for 2 reference(s)"),
     ("prototype", dict(references=_images(2), frame_pose=_images(5), reference_poses=_images(2)),
