@@ -199,6 +199,8 @@ class RemoteStages:
         self.pb = pb
         self.checkpoint = checkpoint
         self.caches_references = caches_references
+        # the denoiser's mode inputs, fixed by the checkpoint: derived once, not at every step's call
+        self.mode_specs = mode_specs(checkpoint.config.to_dict())
 
     def _call(self, model: str, inputs: dict, outputs: list[str], parameters: dict | None = None) -> list:
         pb = self.pb
@@ -260,7 +262,7 @@ class RemoteStages:
         b, _, f, h, w = inputs["latents"].shape
         if inputs["ref_latents"] is None:
             inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, 16, h, w)
-        for spec in mode_specs(self.checkpoint.config.to_dict()):
+        for spec in self.mode_specs:
             if inputs.get(spec.name) is None:
                 sizes = dict(batch=b, frames=0, refs=0, identity_len=0, height=h, width=w, ref_height=h, ref_width=w)
                 dtype = torch.float32 if spec.dtype == "float32" else self.checkpoint.dtype
