@@ -166,8 +166,8 @@ def mode_inputs(checkpoint: Checkpoint, request: GenerationRequest, stages: Stag
 def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """Every once-per-request stage: prompts, image context, condition, references, noise, scheduler."""
-    scales = [request.guidance_scale] + ([request.guidance_scale_2] if request.guidance_scale_2 is not None else [])
-    guided = max(scales) > 1  # the negative prompt is encoded when any expert guides
+    # the negative prompt is encoded when any expert guides (guidance_scale_2: Wan2.2's second expert, or None)
+    guided = max(request.guidance_scale, request.guidance_scale_2 or 0.0) > 1
     _check(cancelled)
     text = stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
     batch = text.shape[0]
