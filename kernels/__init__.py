@@ -4,30 +4,40 @@ Every op here is a dispatch point with a ``backend`` switch:
   ``"auto"``      the Triton kernel for CUDA tensors of a supported dtype/shape, the reference otherwise;
   ``"reference"`` always the PyTorch reference (debugging, ONNX export);
   ``"triton"``    always the kernel (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
-Kernel modules (and so Triton itself) are imported only when a kernel is launched, so importing ``kernels``
-never needs Triton and ``TRITON_INTERPRET`` can still be set by a test harness beforehand.
+The attention has a fourth, ``"sdpa"``: PyTorch's SDPA without a mask (flash/cuDNN kernels on GPU) for the
+masks it can express. Kernel modules (and so Triton itself) are imported only when a kernel is launched, so
+importing ``kernels`` never needs Triton and ``TRITON_INTERPRET`` can still be set by a test harness beforehand.
+
+The joint self-attention is two steps, ``qk_prologue`` (RMSNorm, RoPE, scales: once per layer over Q and K)
+and ``attention`` (on the rotated Q/K); ``joint_attention`` is the pair for callers holding one Q and one K.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .fusions.reference import (
-    adaln_layernorm_reference,
-    distribution_fusion_reference,
-    gated_residual_reference,
-    qk_rmsnorm_reference,
+from .fusions.reference import adaln_layernorm_reference, distribution_fusion_reference, gated_residual_reference
+from .joint_attention import (
+    MASK_MODES,
+    joint_attention_reference,
+    rotated_attention_reference,
+    rotated_attention_sdpa,
 )
-from .joint_attention import joint_attention_reference
 from .prototype.reference import prototype_aggregate_reference
+from .qk_prologue import qk_prologue_reference
 
 BACKENDS = ("auto", "reference", "triton")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTENTION_HEAD_DIMS = (64, 128)
+LOG2E = 1.4426950408889634
 
 __all__ = [
-    "BACKENDS", "joint_attention", "prototype_aggregate", "adaln_layernorm", "qk_rmsnorm", "gated_residual",
-    "distribution_fusion", "joint_attention_reference", "prototype_aggregate_reference",
-    "adaln_layernorm_reference", "qk_rmsnorm_reference", "gated_residual_reference",
+    "BACKENDS", "ATTENTION_BACKENDS", "MASK_MODES", "qk_prologue", "attention", "attention_path",
+    "joint_attention", "prototype_aggregate", "adaln_layernorm", "gated_residual", "distribution_fusion",
+    "joint_attention_reference", "rotated_attention_reference", "qk_prologue_reference",
+    "prototype_aggregate_reference", "adaln_layernorm_reference", "gated_residual_reference",
     "distribution_fusion_reference",
 ]
 
@@ -40,23 +50,64 @@ def _use_kernel(backend: str, tensors, supported: bool = True) -> bool:
     return backend == "triton"
 
 
+def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0, key_scale=None,
+                theta=10000.0, out_q=None, out_k=None, backend="auto"):
+    """(Q, K) rotated by RoPE from positions, optionally RMSNorm'd across heads first (``weight_q``/``weight_k``
+    [H*D]), Q times ``q_scale``, key j times ``key_scale[j]``; written to ``out_q``/``out_k`` when given.
+    q [B, Nq, H, D], k [B, Nk, H, D]; see ``qk_prologue_reference``."""
+    kw = dict(weight_q=weight_q, weight_k=weight_k, eps=eps, q_scale=q_scale, key_scale=key_scale, theta=theta,
+              out_q=out_q, out_k=out_k)
+    if _use_kernel(backend, (q, k), q.shape[-1] in ATTENTION_HEAD_DIMS):
+        from .qk_prologue.kernel import qk_prologue_triton
+        return qk_prologue_triton(q, k, q_pos, k_pos, **kw)
+    return qk_prologue_reference(q, k, q_pos, k_pos, **kw)
+
+
+def attention_path(backend: str, q: torch.Tensor, mask: str) -> str:
+    """Which implementation ``attention`` runs: ``auto`` takes SDPA (flash/cuDNN) for the masks it expresses
+    without a mask tensor and the Triton kernel for ``prototype`` on CUDA fp16/bf16 with D in (64, 128);
+    the reference on CPU and for fp32 (the kernel's fp32 path, IEEE products on CUDA cores, is an exactness
+    path, not a fast one)."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if not q.is_cuda or q.dtype == torch.float32 or q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        return "reference"
+    return "triton" if mask == "prototype" else "sdpa"
+
+
+def attention(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1, backend="auto",
+              out=None):
+    """Joint attention on prologue outputs (Q scaled by ``sm_scale * log2(e)``, K by its key scales, both
+    rotated): q [B, Nq, H, D], k/v [B, Nk, H, D]; see ``rotated_attention_reference``."""
+    kw = dict(n_video_q=n_video_q, n_video_k=n_video_k, mask=mask, tokens_per_frame=tokens_per_frame,
+              proto_tokens=proto_tokens)
+    path = attention_path(backend, q, mask)
+    if path == "triton":
+        from .joint_attention.kernel import attention_triton
+        return attention_triton(q, k, v, out=out, **kw)
+    if path == "sdpa":
+        return rotated_attention_sdpa(q, k, v, out=out, **kw)
+    result = rotated_attention_reference(q, k, v, **kw)
+    return result if out is None else out.copy_(result)
+
+
+def prologue_backend(attention_backend: str) -> str:
+    """The prologue's backend for an attention backend: the kernel wherever the attention runs on GPU."""
+    return {"reference": "reference", "triton": "triton"}.get(attention_backend, "auto")
+
+
 def joint_attention(q, k, v, q_pos, k_pos, *, n_video_q, n_video_k, key_scale=None, mask="full",
                     tokens_per_frame=1, proto_tokens=1, theta=10000.0, sm_scale=None, backend="auto", out=None):
-    """Joint attention over [video | other stream] tokens with RoPE from integer positions.
-
-    q [B, Nq, H, D], k/v [B, Nk, H, D], q_pos [Nq, 3], k_pos [Nk, 3] int, key_scale [Nk] or None; see
-    ``joint_attention_reference`` for the semantics. ``auto`` takes the kernel for CUDA fp16/bf16 with
-    D in (64, 128); fp32 stays on the reference under ``auto`` because the kernel's fp32 path (IEEE products
-    on CUDA cores, small tiles) is an exactness path, not a fast one; ``backend="triton"`` runs it.
-    ``out``, if given, receives the result and is returned.
-    """
-    kw = dict(n_video_q=n_video_q, n_video_k=n_video_k, key_scale=key_scale, mask=mask,
-              tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, theta=theta, sm_scale=sm_scale)
-    if _use_kernel(backend, (q, k, v), q.shape[-1] in ATTENTION_HEAD_DIMS and q.dtype != torch.float32):
-        from .joint_attention.kernel import joint_attention_triton
-        return joint_attention_triton(q, k, v, q_pos, k_pos, out=out, **kw)
-    result = joint_attention_reference(q, k, v, q_pos, k_pos, **kw)
-    return result if out is None else out.copy_(result)
+    """Joint attention over [video | other stream] tokens from unrotated Q/K and integer positions: the
+    prologue (no norm) then ``attention``. q [B, Nq, H, D], k/v [B, Nk, H, D], q_pos [Nq, 3], k_pos [Nk, 3],
+    key_scale [Nk] or None; semantics of ``joint_attention_reference``."""
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k = qk_prologue(q, k, q_pos, k_pos, q_scale=scale * LOG2E, key_scale=key_scale, theta=theta,
+                       backend=prologue_backend(backend))
+    return attention(q, k, v, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask, tokens_per_frame=tokens_per_frame,
+                     proto_tokens=proto_tokens, backend=backend, out=out)
 
 
 def prototype_aggregate(pose_q, pose_k, ref_feats, *, sm_scale=None, backend="auto"):
@@ -76,14 +127,6 @@ def adaln_layernorm(x, shift, scale, *, eps=1e-6, backend="auto"):
         from .fusions.kernel import adaln_layernorm_triton
         return adaln_layernorm_triton(x, shift, scale, eps=eps)
     return adaln_layernorm_reference(x, shift, scale, eps=eps)
-
-
-def qk_rmsnorm(q, k, weight_q, weight_k, *, eps=1e-6, backend="auto"):
-    """RMSNorm of q and k across all heads (Wan's ``rms_norm_across_heads``); see ``qk_rmsnorm_reference``."""
-    if _use_kernel(backend, (q, k, weight_q, weight_k)):
-        from .fusions.kernel import qk_rmsnorm_triton
-        return qk_rmsnorm_triton(q, k, weight_q, weight_k, eps=eps)
-    return qk_rmsnorm_reference(q, k, weight_q, weight_k, eps=eps)
 
 
 def gated_residual(x, y, gate, *, backend="auto"):

@@ -1,10 +1,8 @@
-"""Small fused element-wise/row-wise ops of the DiT block (AdaLN, QK RMSNorm, gated residual, M2HVideo fusion)."""
+"""Small fused element-wise/row-wise ops of the DiT block (AdaLN, gated residual, M2HVideo fusion)."""
 from .reference import (
     adaln_layernorm_reference,
     distribution_fusion_reference,
     gated_residual_reference,
-    qk_rmsnorm_reference,
 )
 
-__all__ = ["adaln_layernorm_reference", "distribution_fusion_reference", "gated_residual_reference",
-           "qk_rmsnorm_reference"]
+__all__ = ["adaln_layernorm_reference", "distribution_fusion_reference", "gated_residual_reference"]

@@ -48,27 +48,6 @@ def _adaln_layernorm_fwd(X, Shift, Scale, Out, n_tokens, channels, stride_sb, st
 
 
 @triton.jit
-def _rms_row(X, W, Out, row, channels, eps, BLOCK_C: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    offs = tl.arange(0, BLOCK_C)
-    mask = offs < channels
-    x = _load_row(X + row.to(tl.int64) * channels, offs, mask)
-    y = x / tl.sqrt_rn(tl.sum(x * x, 0) / channels + eps) * _load_row(W, offs, mask)
-    _store_row(Out + row.to(tl.int64) * channels, offs, mask, y, EMULATE_BF16)
-
-
-@triton.jit
-def _qk_rmsnorm_fwd(Q, K, WQ, WK, OutQ, OutK, rows_q, rows_k, channels_q, channels_k, eps,
-                    BLOCK_C: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    row = tl.program_id(0)
-    if tl.program_id(1) == 0:
-        if row < rows_q:
-            _rms_row(Q, WQ, OutQ, row, channels_q, eps, BLOCK_C, EMULATE_BF16)
-    else:
-        if row < rows_k:
-            _rms_row(K, WK, OutK, row, channels_k, eps, BLOCK_C, EMULATE_BF16)
-
-
-@triton.jit
 def _gated_residual_fwd(X, Y, Gate, Out, n_tokens, channels, stride_gb, stride_gn,
                         BLOCK_C: tl.constexpr, EMULATE_BF16: tl.constexpr):
     row = tl.program_id(0)
@@ -142,24 +121,6 @@ def adaln_layernorm_triton(x, shift, scale, *, eps=1e-6):
     _adaln_layernorm_fwd[(batch * tokens,)](x, shift, scale, out, tokens, channels, sb, sn, cb, cn, eps,
                                             BLOCK_C=block, EMULATE_BF16=emulate_bf16(x.dtype), num_warps=warps)
     return out
-
-
-def qk_rmsnorm_triton(q, k, weight_q, weight_k, *, eps=1e-6):
-    _check_main("q", q)
-    _check_main("k", k)
-    for name, w, x in (("weight_q", weight_q, q), ("weight_k", weight_k, k)):
-        if tuple(w.shape) != (x.shape[-1],) or not w.is_contiguous() or w.device != x.device:
-            raise ValueError(f"{name} must be a contiguous [{x.shape[-1]}] tensor on {x.device}, got "
-                             f"{tuple(w.shape)} on {w.device}")
-    if q.dtype != k.dtype:
-        raise ValueError(f"q and k must share a dtype, got {q.dtype} and {k.dtype}")
-    out_q, out_k = torch.empty_like(q), torch.empty_like(k)
-    rows_q, rows_k = q.numel() // q.shape[-1], k.numel() // k.shape[-1]
-    block, warps = block_and_warps(max(q.shape[-1], k.shape[-1]))
-    _qk_rmsnorm_fwd[(max(rows_q, rows_k), 2)](q, k, weight_q, weight_k, out_q, out_k, rows_q, rows_k,
-                                              q.shape[-1], k.shape[-1], eps, BLOCK_C=block,
-                                              EMULATE_BF16=emulate_bf16(q.dtype), num_warps=warps)
-    return out_q, out_k
 
 
 def gated_residual_triton(x, y, gate):

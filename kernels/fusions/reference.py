@@ -22,18 +22,6 @@ def adaln_layernorm_reference(x, shift, scale, *, eps: float = 1e-6):
     return (y * (1 + scale.to(cdt)) + shift.to(cdt)).to(x.dtype)
 
 
-def _rms_norm(x, weight, eps):
-    cdt = _compute_dtype(x)
-    xf = x.to(cdt)
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.to(cdt)).to(x.dtype)
-
-
-def qk_rmsnorm_reference(q, k, weight_q, weight_k, *, eps: float = 1e-6):
-    """RMSNorm of q and k over their last dim C = heads * head_dim (normalised across heads, Wan's
-    ``qk_norm="rms_norm_across_heads"``): ``x / sqrt(mean(x^2) + eps) * weight``; weights [C]."""
-    return _rms_norm(q, weight_q, eps), _rms_norm(k, weight_k, eps)
-
-
 def gated_residual_reference(x, y, gate):
     """``x + y * gate`` (the gated residual of AdaLN-Zero blocks); y like x, gate broadcastable to x."""
     cdt = _compute_dtype(x)

@@ -1,4 +1,11 @@
-"""Joint attention over concatenated streams with in-kernel RoPE, per-view logit scales and masks."""
-from .reference import MASK_MODES, attention_mask, joint_attention_reference
+"""Joint attention over concatenated streams on pre-rotated Q/K: masks, the float64 oracle, the SDPA path."""
+from .reference import (
+    MASK_MODES,
+    attention_mask,
+    joint_attention_reference,
+    rotated_attention_reference,
+    rotated_attention_sdpa,
+)
 
-__all__ = ["MASK_MODES", "attention_mask", "joint_attention_reference"]
+__all__ = ["MASK_MODES", "attention_mask", "joint_attention_reference", "rotated_attention_reference",
+           "rotated_attention_sdpa"]

@@ -1,4 +1,9 @@
-"""PyTorch reference of the fused multi-stream joint attention: the test oracle and the CPU path.
+"""PyTorch references of the multi-stream joint attention: the test oracles and the CPU path.
+
+``joint_attention_reference`` is the whole operation from unrotated Q/K and positions (the float64 oracle of
+the prologue + attention pair); ``rotated_attention_reference`` is what runs after the QK prologue
+(``kernels.qk_prologue``): pre-rotated Q/K with the scales folded in and base-2 logits, the semantics of the
+Triton kernel and of the SDPA path.
 
 Token order along the sequence: video tokens first, then the other stream (reference tokens, or
 prototype tokens in ``prototype`` mode). Queries and keys may have different lengths (e.g. video-only
@@ -84,3 +89,45 @@ def joint_attention_reference(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale
     )
     return out.transpose(1, 2)
+
+
+LN2 = math.log(2.0)
+
+
+def rotated_attention_reference(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1,
+                                proto_tokens=1):
+    """softmax_2(q_i . k_j + mask) @ v on prologue outputs: q [B, Nq, H, D] already scaled by
+    ``sm_scale * log2(e)`` and rotated, k [B, Nk, H, D] rotated and multiplied by each key's scale, so
+    ``q . k`` is the logit in base 2 (``2**x = e**(x ln 2)``: SDPA's scale is ln 2). Masks as
+    ``attention_mask``."""
+    allowed = attention_mask(q.shape[1], k.shape[1], n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens,
+                             q.device)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=allowed, scale=LN2)
+    return out.transpose(1, 2)
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          scale=LN2).transpose(1, 2)
+
+
+def rotated_attention_sdpa(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1,
+                           out=None):
+    """``rotated_attention_reference`` through mask-free SDPA calls, which PyTorch sends to its flash/cuDNN
+    kernels on GPU: ``full`` is one call; ``isolated`` two (video queries over every key, reference queries
+    over the reference keys); ``prototype`` has no mask-free form and takes SDPA with its boolean mask."""
+    if mask == "prototype":
+        result = rotated_attention_reference(q, k, v, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask,
+                                             tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens)
+        return result if out is None else out.copy_(result)
+    if mask not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mask!r}")
+    if mask == "full" or n_video_q == q.shape[1]:
+        result = _sdpa(q, k, v)
+        return result if out is None else out.copy_(result)
+    out = torch.empty_like(q) if out is None else out
+    if n_video_q:
+        out[:, :n_video_q] = _sdpa(q[:, :n_video_q], k, v)
+    out[:, n_video_q:] = _sdpa(q[:, n_video_q:], k[:, n_video_k:], v[:, n_video_k:])
+    return out

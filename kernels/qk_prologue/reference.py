@@ -1,0 +1,41 @@
+"""PyTorch reference of the QK prologue: the test oracle and the CPU path.
+
+What the attention's Q and K go through once per layer before any tile of the flash loop sees them:
+
+    y = RMSNorm(x) * weight          over all heads of a token (Wan's ``rms_norm_across_heads``; optional)
+    y = R(pos) y                      Wan's 3-axis RoPE from integer positions (``kernels.rope``)
+    y = y * scale * token_scale[n]    Q: the softmax scale (times log2(e) for base-2 logits); K: each key's
+                                      logit multiplier (MVAnimate's per-view omega), so ``q . k`` is the logit
+
+One rounding to the output dtype at the end: the fused kernel keeps the normalised value in fp32 registers,
+so the reference does not round between the steps either (float64 inputs give the float64 oracle).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..rope import apply_rope, rope_angles
+
+
+def qk_prologue_one(x, pos, *, weight=None, eps=1e-6, scale=1.0, token_scale=None, theta=10000.0, out=None):
+    """One tensor through the prologue: x [B, N, H, D], pos [N, 3] int, weight [H*D] or None (no norm),
+    ``scale`` a number, ``token_scale`` [N] or None. Returns [B, N, H, D] in x's dtype (or writes ``out``)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.to(cdt)
+    if weight is not None:
+        flat = y.flatten(2)
+        flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps) * weight.to(cdt)
+        y = flat.unflatten(2, x.shape[2:])
+    y = apply_rope(y, rope_angles(pos, x.shape[-1], theta, cdt))
+    factor = torch.full((x.shape[1],), float(scale), dtype=cdt, device=x.device)
+    if token_scale is not None:
+        factor = factor * token_scale.to(device=x.device, dtype=cdt)
+    y = (y * factor[None, :, None, None]).to(x.dtype)
+    return y if out is None else out.copy_(y)
+
+
+def qk_prologue_reference(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
+                          key_scale=None, theta=10000.0, out_q=None, out_k=None):
+    """(Q, K) through the prologue: q [B, Nq, H, D], k [B, Nk, H, D]; see ``qk_prologue_one``."""
+    return (qk_prologue_one(q, q_pos, weight=weight_q, eps=eps, scale=q_scale, theta=theta, out=out_q),
+            qk_prologue_one(k, k_pos, weight=weight_k, eps=eps, token_scale=key_scale, theta=theta, out=out_k))
