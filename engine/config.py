@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernels import ATTENTION_BACKENDS
+
 from .files import CheckpointError, read_json
 
 REF_MODES = ("dual_stream", "token_concat")
@@ -12,7 +14,6 @@ REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
 REF_ATTENTIONS = ("full", "isolated", "prototype")
 VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
-ATTENTION_BACKENDS = ("auto", "reference", "triton")
 # the Wan transformers this engine serves, by (in_channels, out_channels): T2V takes the noisy latents alone,
 # I2V (Wan2.1-I2V and Wan2.2-I2V-A14B's two experts) 16 latent + 4 mask + 16 first-frame channels
 TASKS = {(16, 16): "t2v", (36, 16): "i2v"}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import joint_attention
+from kernels import LOG2E, adaln_layernorm, attention, gated_residual, kernel_backend, qk_prologue
 
 from .config import MvgenConfig
 from .modes.identity import IdentityCrossAttention
@@ -82,6 +82,10 @@ class Attention(nn.Module):
         v = self.split_heads(self.to_v(context))
         return q, k, v
 
+    def normed(self, q: torch.Tensor, k: torch.Tensor):
+        """RMSNorm across heads of projections [B, N, H, Dh] (the self-attention leaves it to the QK prologue)."""
+        return self.split_heads(self.norm_q(q.flatten(2))), self.split_heads(self.norm_k(k.flatten(2)))
+
     def cross(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None,
               identity: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-attention to the text states, plus (I2V) to the CLIP image states, summed; with ``identity``
@@ -100,6 +104,21 @@ class Attention(nn.Module):
 
 def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@dataclass
+class StreamQKV:
+    """One stream's share of a joint self-attention (``MultiViewWanTransformer._attend``): its Q/K/V
+    [B, N, H, Dh] (``q`` None: the stream gives keys only), positions [N, 3], per-key logit scales [N] or None,
+    and ``norm``, the attention whose RMSNorm across heads the QK prologue still applies (None: q/k are
+    normalised already)."""
+
+    q: torch.Tensor | None
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+    norm: Attention | None = None
+    key_scale: torch.Tensor | None = None
 
 
 @dataclass
@@ -122,6 +141,8 @@ class StreamBlock(nn.Module):
     def __init__(self, cfg: MvgenConfig, identity: bool = False):
         super().__init__()
         dim = cfg.inner_dim
+        # the fused AdaLN/gated-residual kernels on GPU (one read, one write each), their references on CPU
+        self.fusion_backend = kernel_backend(cfg.attention_backend)
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
         # identity: M2HVideo's adapter in the cross-attention, on video-stream blocks only (engine.modes.identity)
@@ -138,19 +159,28 @@ class StreamBlock(nn.Module):
 
     def attention_input(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
         """The self-attention's input: norm1 modulated by this stream's shift and scale."""
-        return (self.norm1(x.float()) * (1 + mod.scale_msa) + mod.shift_msa).type_as(x)
+        return adaln_layernorm(x, mod.shift_msa, mod.scale_msa, eps=self.norm1.eps, backend=self.fusion_backend)
 
     def self_attention_inputs(self, x: torch.Tensor, mod: Modulation):
+        """Normalised Q/K (not rotated) and V of this stream: what a reference cache keeps."""
         h = self.attention_input(x, mod)
         return self.attn1.project_qkv(h, h)
+
+    def self_attention_stream(self, x: torch.Tensor, mod: Modulation, pos: torch.Tensor,
+                              key_scale: torch.Tensor | None = None) -> StreamQKV:
+        """This stream's raw Q/K projections and V: RMSNorm and RoPE happen in the QK prologue."""
+        h = self.attention_input(x, mod)
+        attn = self.attn1
+        return StreamQKV(attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h)),
+                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale)
 
     def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image, identity=None) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention; identity [B, L, D] or None (video only)
         out = self.attn1.to_out[0](attn.flatten(2).contiguous())
-        x = (x.float() + out * mod.gate_msa).type_as(x)
+        x = gated_residual(x, out, mod.gate_msa, backend=self.fusion_backend)
         x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image, identity)
-        h = (self.norm3(x.float()) * (1 + mod.c_scale) + mod.c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * mod.c_gate).type_as(x)
+        h = adaln_layernorm(x, mod.c_shift, mod.c_scale, eps=self.norm3.eps, backend=self.fusion_backend)
+        return gated_residual(x, self.ffn(h), mod.c_gate, backend=self.fusion_backend)
 
 
 class TimestepEmbedding(nn.Module):
@@ -344,15 +374,37 @@ class MultiViewWanTransformer(nn.Module):
     def _ref_timestep(self, timestep):
         return torch.zeros_like(timestep) if self.config.ref_timestep == "zero" else timestep
 
-    def _attend(self, q, k, v, q_pos, k_pos, n_video_q, n_video_k, key_scale, *, mask=None, tokens_per_frame=1,
-                proto_tokens=1):
-        """The self-attentions' one dispatch point; ``mask`` defaults to the config's ``ref_attention``."""
+    def _attend(self, streams: list[StreamQKV], n_video_q: int, n_video_k: int, *, mask=None, tokens_per_frame=1,
+                proto_tokens=1) -> torch.Tensor:
+        """The self-attentions' one dispatch point over the streams' tokens in order (queries of the streams
+        that have them); ``mask`` defaults to the config's ``ref_attention``. Each stream goes through the QK
+        prologue (its RMSNorm, RoPE at its positions, the softmax scale into Q, its key scales into K) straight
+        into its slice of the joint Q/K, then the attention runs on the rotated tensors."""
         cfg = self.config
-        return joint_attention(
-            q, k, v, q_pos, k_pos, n_video_q=n_video_q, n_video_k=n_video_k, key_scale=key_scale,
-            mask=mask or cfg.ref_attention, tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
-            theta=cfg.rope_theta, backend=cfg.attention_backend,
-        )
+        first = streams[0].k
+        b, _, heads, head_dim = first.shape
+        n_q = sum(s.q.shape[1] for s in streams if s.q is not None)
+        q_all = first.new_empty(b, n_q, heads, head_dim)
+        k_all = first.new_empty(b, sum(s.k.shape[1] for s in streams), heads, head_dim)
+        q_scale = LOG2E / math.sqrt(head_dim)
+        q_at = k_at = 0
+        for s in streams:
+            n_q_s, n_k_s = (0 if s.q is None else s.q.shape[1]), s.k.shape[1]
+            norm = s.norm
+            qk_prologue(s.q, s.k, s.pos, s.pos, weight_q=None if norm is None else norm.norm_q.weight,
+                        weight_k=None if norm is None else norm.norm_k.weight, eps=cfg.eps, q_scale=q_scale,
+                        key_scale=s.key_scale, theta=cfg.rope_theta, out_q=q_all[:, q_at:q_at + n_q_s],
+                        out_k=k_all[:, k_at:k_at + n_k_s], backend=kernel_backend(cfg.attention_backend))
+            q_at, k_at = q_at + n_q_s, k_at + n_k_s
+        v_all = torch.cat([s.v for s in streams], 1) if len(streams) > 1 else streams[0].v
+        return self._rotated_attention(q_all, k_all, v_all, n_video_q, n_video_k, mask or cfg.ref_attention,
+                                       tokens_per_frame, proto_tokens)
+
+    def _rotated_attention(self, q, k, v, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
+        """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this."""
+        return attention(q, k, v, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask,
+                         tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
+                         backend=self.config.attention_backend)
 
     def _contexts(self, text, image_context):
         emb = self.condition_embedder
@@ -445,8 +497,7 @@ class MultiViewWanTransformer(nn.Module):
         else:
             for block in self.blocks:
                 mod = block.modulation(tproj)
-                q, k, v = block.self_attention_inputs(x, mod)
-                attn = self._attend(q, k, v, video_pos, video_pos, n_video, n_video, None)
+                attn = self._attend([block.self_attention_stream(x, mod, video_pos)], n_video, n_video)
                 x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
 
         # 4. output head on video tokens, unpatchify
@@ -462,6 +513,7 @@ class MultiViewWanTransformer(nn.Module):
         n_video = x.shape[1]
         num_refs, ref_hw = self._reference_grid(ref_latents)
         pos, key_scale = self._keys_layout(video_pos, num_refs, ref_hw, fhw)
+        ref_pos, ref_scale = pos[n_video:], key_scale[n_video:]
         # MVAnimate Eq. 2 on the video rows (engine.modes.view_attention); None: the joint attention alone
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
                                        fhw, ref_hw, x.device)
@@ -470,13 +522,15 @@ class MultiViewWanTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             ref_block = self.reference_block(i)
             mod_v, mod_r = block.modulation(tproj), ref_block.modulation(ref_tproj)
-            qv, kv, vv = block.self_attention_inputs(x, mod_v)
-            qr, kr, vr = ref_block.self_attention_inputs(r, mod_r)
-            attn = self._attend(
-                torch.cat([qv, qr], 1), torch.cat([kv, kr], 1), torch.cat([vv, vr], 1),
-                pos, pos, n_video, n_video, key_scale,
-            )
-            video_attn = attn[:, :n_video] if views is None else views(attn[:, :n_video], qv, kr, vr)
+            video = block.self_attention_stream(x, mod_v, video_pos)
+            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale)
+            attn = self._attend([video, ref], n_video, n_video)
+            if views is None:
+                video_attn = attn[:, :n_video]
+            else:  # Eq. 2 reads the normalised, unrotated video queries and reference keys
+                qv, _ = block.attn1.normed(video.q, video.k)
+                _, kr = ref_block.attn1.normed(ref.q, ref.k)
+                video_attn = views(attn[:, :n_video], qv, kr, ref.v)
             x = block.finish(x, video_attn, mod_v, text_ctx, image_ctx, identity_ctx)
             if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
                 r = ref_block.finish(r, attn[:, n_video:], mod_r, text_ctx, image_ctx)
@@ -499,14 +553,13 @@ class MultiViewWanTransformer(nn.Module):
                 ref_latents, self._ref_timestep(timestep), text_ctx, image_ctx, fhw)
         poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
         n_video, proto_tokens = x.shape[1], ref_hw[0] * ref_hw[1]
-        k_pos = torch.cat([video_pos, prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)])
+        proto_pos = prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)
         for i, (block, (k_ref, v_ref)) in enumerate(zip(self.blocks, ref_features)):
             mod = block.modulation(tproj)
-            q, k, v = block.self_attention_inputs(x, mod)
+            video = block.self_attention_stream(x, mod, video_pos)
             k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
-            attn = self._attend(q, torch.cat([k, k_proto], 1), torch.cat([v, v_proto], 1), video_pos, k_pos,
-                                n_video, n_video, None, mask="prototype", tokens_per_frame=fhw[1] * fhw[2],
-                                proto_tokens=proto_tokens)
+            attn = self._attend([video, StreamQKV(None, k_proto, v_proto, proto_pos)], n_video, n_video,
+                                mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=proto_tokens)
             x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
         return x
 
@@ -526,7 +579,7 @@ class MultiViewWanTransformer(nn.Module):
             yield self.prototype.reference_features(z, block.attn1)
             if i < last:  # the reference stream's last output is never read
                 q, k, v = ref_block.attn1.project_qkv(z, z)
-                attn = self._attend(q, k, v, pos, pos, 0, 0, key_scale, mask="full")
+                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale)], 0, 0, mask="full")
                 r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
 
     @torch.no_grad()
@@ -568,7 +621,7 @@ class MultiViewWanTransformer(nn.Module):
             keys.append(k)
             values.append(v)
             if i < last:
-                attn = self._attend(q, k, v, pos, pos, 0, 0, key_scale)
+                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale)], 0, 0)
                 r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
@@ -581,13 +634,12 @@ class MultiViewWanTransformer(nn.Module):
         # the cache holds each layer's reference K/V before RoPE: exactly what Eq. 2 reads
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
                                        cache.num_refs, fhw, cache.ref_hw, x.device)
+        ref_pos, ref_scale = k_pos[n_video:], key_scale[n_video:]
         for block, k_ref, v_ref in zip(self.blocks, cache.keys, cache.values):
             mod = block.modulation(tproj)
-            q, k, v = block.self_attention_inputs(x, mod)
-            attn = self._attend(
-                q, torch.cat([k, k_ref], 1), torch.cat([v, v_ref], 1), video_pos, k_pos, n_video, n_video, key_scale
-            )
-            if views is not None:
-                attn = views(attn, q, k_ref, v_ref)
+            video = block.self_attention_stream(x, mod, video_pos)
+            attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale)], n_video, n_video)
+            if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
+                attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref)
             x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
         return x

@@ -34,7 +34,7 @@ ATTENTION_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 
 __all__ = [
-    "BACKENDS", "ATTENTION_BACKENDS", "MASK_MODES", "qk_prologue", "attention", "attention_path",
+    "BACKENDS", "ATTENTION_BACKENDS", "MASK_MODES", "qk_prologue", "attention", "attention_path", "kernel_backend",
     "joint_attention", "prototype_aggregate", "adaln_layernorm", "gated_residual", "distribution_fusion",
     "joint_attention_reference", "rotated_attention_reference", "qk_prologue_reference",
     "prototype_aggregate_reference", "adaln_layernorm_reference", "gated_residual_reference",
@@ -54,7 +54,10 @@ def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q
                 theta=10000.0, out_q=None, out_k=None, backend="auto"):
     """(Q, K) rotated by RoPE from positions, optionally RMSNorm'd across heads first (``weight_q``/``weight_k``
     [H*D]), Q times ``q_scale``, key j times ``key_scale[j]``; written to ``out_q``/``out_k`` when given.
-    q [B, Nq, H, D], k [B, Nk, H, D]; see ``qk_prologue_reference``."""
+    q [B, Nq, H, D] or None (keys only), k [B, Nk, H, D]; see ``qk_prologue_reference``."""
+    if q is None:  # a stream that gives keys only: an empty query block
+        q, q_pos = k[:, :0], k_pos[:0]
+        out_q = None if out_q is None else out_q[:, :0]
     kw = dict(weight_q=weight_q, weight_k=weight_k, eps=eps, q_scale=q_scale, key_scale=key_scale, theta=theta,
               out_q=out_q, out_k=out_k)
     if _use_kernel(backend, (q, k), q.shape[-1] in ATTENTION_HEAD_DIMS):
@@ -93,8 +96,9 @@ def attention(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1,
     return result if out is None else out.copy_(result)
 
 
-def prologue_backend(attention_backend: str) -> str:
-    """The prologue's backend for an attention backend: the kernel wherever the attention runs on GPU."""
+def kernel_backend(attention_backend: str) -> str:
+    """The backend of the other kernels (prologue, fusions, PPA, M2HVideo) for an attention backend: the
+    kernel wherever the attention runs on GPU."""
     return {"reference": "reference", "triton": "triton"}.get(attention_backend, "auto")
 
 
@@ -105,7 +109,7 @@ def joint_attention(q, k, v, q_pos, k_pos, *, n_video_q, n_video_k, key_scale=No
     key_scale [Nk] or None; semantics of ``joint_attention_reference``."""
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k = qk_prologue(q, k, q_pos, k_pos, q_scale=scale * LOG2E, key_scale=key_scale, theta=theta,
-                       backend=prologue_backend(backend))
+                       backend=kernel_backend(backend))
     return attention(q, k, v, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask, tokens_per_frame=tokens_per_frame,
                      proto_tokens=proto_tokens, backend=backend, out=out)
 

@@ -61,7 +61,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import distribution_fusion
+from kernels import distribution_fusion, kernel_backend
 
 from ..config import MvgenConfig
 
@@ -75,7 +75,7 @@ class IdentityCrossAttention(nn.Module):
         dim = cfg.inner_dim  # the embedded identity tokens have the image embedder's output width
         self.heads = cfg.num_attention_heads
         self.eps = cfg.eps
-        self.backend = cfg.attention_backend
+        self.backend = kernel_backend(cfg.attention_backend)
         self.add_k_proj = nn.Linear(dim, dim)
         self.add_v_proj = nn.Linear(dim, dim)
         self.norm_added_k = nn.RMSNorm(dim, eps=cfg.eps)

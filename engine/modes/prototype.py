@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import prototype_aggregate
+from kernels import kernel_backend, prototype_aggregate
 
 from ..positions import grid_positions
 
@@ -175,7 +175,7 @@ class PrototypeAggregator(nn.Module):
                              f"got patch_size {cfg.patch_size}")
         self.pose_channels = cfg.pose_channels
         self.patch = (ph, pw)
-        self.backend = cfg.attention_backend
+        self.backend = kernel_backend(cfg.attention_backend)
         self.pose_encoder = PosePatchEmbedding(cfg.pose_channels, pose_dim, (ph, pw))
         self.selectors = nn.ModuleList(PoseSelector(pose_dim, groups, cfg.eps) for _ in range(cfg.num_layers))
 
