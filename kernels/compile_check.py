@@ -1,11 +1,26 @@
-"""Compile every Triton kernel (each autotune config) for sm_90 and sm_80 without a GPU, and report resources.
+"""Compile every Triton kernel as it is launched, for sm_90 and sm_80 without a GPU, and read what ptxas and the
+disassembly say.
 
-    python -m kernels.compile_check [--arch 90 80] [--jobs 2] [--json out.json]
+    python -m kernels.compile_check [--arch 90 80] [--jobs 2] [--json out.json] [--markdown out.md]
+                                    [--tutorial PATH/TO/06-fused-attention.py]
 
-Each variant goes through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` in a fresh
-cache, so PTX generation and ptxas really run. Registers, spills and stack come from ptxas' ``-v`` log,
-shared memory from the kernel metadata. Exit status: 0 all compiled, 1 a variant failed, 3 the CUDA backend
-cannot compile on this machine at all (reason printed after ``skipped:``).
+Each variant is compiled through the kernel's own ``JITFunction.warmup`` on CPU tensors of a real geometry
+(Wan2.1 1.3B at 480p, 81 frames, three references: 32760 video + 4680 reference tokens, 12 heads of 128), with
+a compile-only CUDA driver for the requested target: the JIT specialises the arguments exactly as a launch on
+a GPU does (16-byte aligned pointers and strides get ``tt.divisibility=16``, ints equal to 1 become
+constants), so registers, spills and shared memory are those of the kernel that runs. The launch arguments
+come from the kernels' own ``launch_args`` (the launchers build theirs with the same function). The small
+kernels whose launchers have no such builder (PPA, fusions) go through ``triton.compile`` with the same
+alignment attributes on their pointers.
+
+Per variant: registers, spills, stack (ptxas ``-v``), shared memory (kernel metadata), the MMA instruction
+family (PTX), and from the cubin's disassembly (Triton's bundled ``nvdisasm``) the hot loop: the backward
+branch whose body holds the most tensor-core instructions; its SASS instruction count per warp, normalised
+to a 64-key tile, its MUFU operations (exp2, and sin/cos, which must be absent from the attention loop).
+``--tutorial`` also compiles Triton's fused-attention tutorial kernel (``_attn_fwd_tma`` of
+``python/tutorials/06-fused-attention.py``, non-causal, fp16 (its only dtype), head_dim 128, 128x64 tiles) the same way, for the
+loop-size comparison. Exit status: 0 all compiled, 1 a variant failed, 3 the CUDA backend cannot compile on
+this machine at all (reason printed after ``skipped:``).
 """
 from __future__ import annotations
 
@@ -15,6 +30,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,18 +38,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 BACKEND_UNAVAILABLE = 3
+# the geometry every variant is specialised for (see the module docstring)
+VIDEO_TOKENS, REF_TOKENS, HEADS, TOKENS_PER_FRAME = 32760, 4680, 12, 1560
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One compilation: kernel ``module:function``, its constexprs and launch options."""
+    """One compilation: ``builder`` ("module:function") returns (jit function, args, kwargs) for a warmup;
+    ``params`` are its keyword arguments (picklable, so variants travel to worker processes)."""
     kernel: str
     label: str
-    pointers: dict
-    constexprs: dict
+    builder: str
+    params: dict
     num_warps: int
     num_stages: int
-    floats: tuple = ()
 
 
 @dataclass
@@ -51,85 +69,222 @@ class Result:
     stack: int | None = None
     shared: int | None = None
     mma: str = ""
+    loop_sass: int | None = None  # SASS instructions per warp in one iteration of the hot loop
+    loop_keys: int | None = None  # keys (or rows) one iteration consumes
+    sass_per_64: float | None = None  # loop_sass normalised to a 64-key tile
+    loop_mufu: int | None = None
+    loop_trig: int | None = None  # MUFU.SIN / MUFU.COS in the loop
+    loops: int | None = None  # backward branches holding tensor-core instructions (warp specialisation: > 1)
     error: str = field(default="", repr=False)
 
 
-def _attention_variants() -> list[Variant]:
+# ---- launch-argument builders (run in the worker, on CPU tensors) -----------------------------------------
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _qkv(dtype: str, tokens: int, heads: int = HEADS, head_dim: int = 128):
+    import torch
+
+    return torch.empty(1, tokens, heads, head_dim, dtype=_torch_dtype(dtype))
+
+
+def attention_tma(dtype, head_dim, mask, BLOCK_M, BLOCK_N, WARP_SPECIALIZE):
+    """``_attention_fwd_tma`` as ``kernels.attention`` launches it for the joint video+reference attention."""
     from .joint_attention import kernel as attn
-    from .rope import rope_bands
 
-    def variant(dtype, head_dim, mask, block_m, block_n, warps, stages):
-        t_band, h_band, _ = rope_bands(head_dim)
-        fp32 = dtype == "fp32"
-        consts = dict(HEAD_DIM=head_dim, T_PAIRS=t_band // 2, H_PAIRS=h_band // 2, MASK_MODE=attn.MASK_IDS[mask],
-                      HAS_KEY_SCALE=True, FAST_TRIG=not fp32, DOT_PRECISION="ieee" if fp32 else "tf32",
-                      EMULATE_BF16=False, BLOCK_M=block_m, BLOCK_N=block_n)
-        pointers = dict(Q=f"*{dtype}", K=f"*{dtype}", V=f"*{dtype}", Out=f"*{dtype}", QPos="*i32", KPos="*i32",
-                        KeyScale="*fp32", InvFreq="*fp32")
-        return Variant("kernels.joint_attention.kernel:_joint_attention_fwd",
-                       f"{dtype} d{head_dim} {mask} {block_m}x{block_n}", pointers, consts, warps, stages,
-                       floats=("qk_scale",))
-
-    class _Cfg:  # the autotuner's view of a config, for the prune function
-        def __init__(self, m, n, w, s):
-            self.kwargs, self.num_warps, self.num_stages = dict(BLOCK_M=m, BLOCK_N=n), w, s
-
-    def pruned(head_dim, precision):
-        configs = [_Cfg(*c) for c in attn.AUTOTUNE_CONFIGS]
-        kept = attn._prune_configs(configs, dict(n_q=1 << 20), HEAD_DIM=head_dim, DOT_PRECISION=precision)
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
-
-    # every config the pruner keeps, in "prototype" mode (the superset of the masking code), bf16;
-    # fp16 and fp32 (IEEE) once each. The other masks are compiled by ``_mask_variants`` (sm_90 only).
-    out = [variant("bf16", d, "prototype", *cfg) for d in attn.HEAD_DIMS for cfg in pruned(d, "tf32")]
-    out.append(variant("fp16", 128, "prototype", *pruned(128, "tf32")[0]))
-    out.append(variant("fp32", 64, "prototype", *pruned(64, "ieee")[0]))
-    masks = [variant("bf16", 128, mask, *pruned(128, "tf32")[0]) for mask in ("full", "isolated")]
-    return out, masks
+    t = _qkv(dtype, VIDEO_TOKENS + REF_TOKENS, head_dim=head_dim)
+    args, meta = attn.launch_args(t, t, t, t, n_video_q=VIDEO_TOKENS, n_video_k=VIDEO_TOKENS, mask=mask,
+                                  tokens_per_frame=TOKENS_PER_FRAME, proto_tokens=REF_TOKENS // 3,
+                                  block_m=BLOCK_M, block_n=BLOCK_N)
+    return attn._attention_fwd_tma, args, meta | dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WARP_SPECIALIZE=WARP_SPECIALIZE)
 
 
-def _prototype_variants() -> list[Variant]:
-    from .prototype.kernel import GPU_CONFIG, GPU_CONFIG_FP32
+def attention_pointers(dtype, head_dim, mask, BLOCK_M, BLOCK_N):
+    """``_attention_fwd`` (raw pointers and strides: the TensorRT plugin's and the AOT library's entry)."""
+    from ._common import dot_precision
+    from .joint_attention import kernel as attn
+
+    t = _qkv(dtype, VIDEO_TOKENS + REF_TOKENS, head_dim=head_dim)
+    n = t.shape[1]
+    args = (t, t, t, t, *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], HEADS, n, n,
+            VIDEO_TOKENS, VIDEO_TOKENS, 1, 1)
+    meta = dict(HEAD_DIM=head_dim, MASK_MODE=attn.MASK_IDS[mask], DOT_PRECISION=dot_precision(t.dtype),
+                EMULATE_BF16=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return attn._attention_fwd, args, meta
+
+
+def prologue(dtype, heads):
+    """``_qk_prologue_fwd`` with RMSNorm and key scales, for a video stream of ``heads`` heads of 128."""
+    import torch
+
+    from .qk_prologue import kernel as pro
+
+    q = _qkv(dtype, VIDEO_TOKENS, heads)
+    pos = torch.zeros(VIDEO_TOKENS, 3, dtype=torch.int32)
+    w = torch.ones(heads * 128)
+    _, args, meta = pro.launch_args(q, q, pos, pos, q, q, weight_q=w, weight_k=w, q_scale=0.1,
+                                    key_scale=torch.ones(VIDEO_TOKENS))
+    return pro._qk_prologue_fwd, args, meta
+
+
+def tutorial(path, BLOCK_M, BLOCK_N):
+    """Triton's tutorial ``_attn_fwd_tma`` (non-causal: STAGE 1), fp16, head_dim 128, Z=1, H=12, N_CTX 37440,
+    from a copy of the tutorial file the user supplies (its kernels only are loaded, undecorated of autotune)."""
+    import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fn = _load_tutorial(path)
+    n = VIDEO_TOKENS + REF_TOKENS
+    t = torch.empty(HEADS * n, 128, dtype=torch.float16)  # the tutorial's P is fp16: it compiles for fp16 only
+    desc_m = TensorDescriptor.from_tensor(t, [BLOCK_M, 128])
+    desc_n = TensorDescriptor.from_tensor(t, [BLOCK_N, 128])
+    m = torch.empty(HEADS * n, dtype=torch.float32)
+    args = (0.088, m, 1, HEADS, desc_m, desc_n, desc_n, desc_m)
+    # the tutorial's inner loop takes N_CTX as a constexpr: it is compiled for the sequence length
+    return fn, args, dict(N_CTX=n, HEAD_DIM=128, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, FP8_OUTPUT=False, STAGE=1)
+
+
+def _load_tutorial(path):
+    """The tutorial's ``@triton.jit`` functions, re-emitted with ``@triton.jit`` alone into a module of their own
+    (the tutorial module itself queries the active GPU at import)."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(open(path).read())
+    keep = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+            node.decorator_list = [ast.parse("triton.jit").body[0].value]
+            keep.append(ast.unparse(node))
+    source = "import triton\nimport triton.language as tl\n\n\n" + "\n\n\n".join(keep) + "\n"
+    module_path = os.path.join(tempfile.mkdtemp(prefix="mvgen-tutorial-"), "tutorial_attention.py")
+    with open(module_path, "w") as f:
+        f.write(source)
+    spec = importlib.util.spec_from_file_location("tutorial_attention", module_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._attn_fwd_tma
+
+
+def by_signature(kernel, pointers, constexprs, floats=()):
+    """A kernel without a ``launch_args`` builder: (function, signature, constexprs, alignment attrs)."""
+    return kernel, pointers, constexprs, tuple(floats)
+
+
+# ---- the variants ----------------------------------------------------------------------------------------
+def _attention_variants(archs) -> list[tuple[Variant, int]]:
+    from .joint_attention import kernel as attn
+
+    def tma(dtype, head_dim, mask, m, n, warps, stages, ws):
+        label = f"{dtype} d{head_dim} {mask} {m}x{n}{' ws' if ws else ''}"
+        return Variant("_attention_fwd_tma", label, "kernels.compile_check:attention_tma",
+                       dict(dtype=dtype, head_dim=head_dim, mask=mask, BLOCK_M=m, BLOCK_N=n, WARP_SPECIALIZE=ws),
+                       warps, stages)
+
+    def kept(head_dim, ieee, major, mask="full"):
+        return [c for c in attn.AUTOTUNE_CONFIGS if attn.config_fits(c[0], c[1], c[4], head_dim=head_dim, ieee=ieee,
+                                                                     n_q=1 << 20, major=major, mask=mask, warps=c[2])]
 
     out = []
+    for arch in archs:
+        major = arch // 10
+        for m, n, w, s, ws in kept(128, False, major):  # every config the autotuner may pick, bf16 d128
+            out.append((tma("bf16", 128, "full", m, n, w, s, ws), arch))
+        m, n, w, s, ws = kept(128, False, major)[0]
+        out.append((tma("bf16", 128, "isolated", m, n, w, s, ws), arch))
+        out += [(tma("bf16", 128, "prototype", *c), arch) for c in kept(128, False, major, "prototype")[:2]]
+        out.append((tma("fp16", 128, "full", m, n, w, s, ws), arch))
+        out.append((tma("bf16", 64, "full", *kept(64, False, major)[0]), arch))
+        out.append((tma("fp32", 64, "prototype", *kept(64, True, major, "prototype")[0]), arch))
+        if (128, 64, 8, 3, False) not in kept(128, False, major):
+            out.append((tma("bf16", 128, "full", 128, 64, 8, 3, False), arch))
+        out.append((tma("fp16", 128, "full", 128, 64, 8, 3, False), arch))  # the tutorial comparison's tile
+        for dtype in ("bf16", "fp16"):  # the plugin / AOT entry (raw pointers)
+            for mask in ("full", "isolated"):
+                bm, bn, w, s = attn.POINTER_CONFIGS[128]
+                out.append((Variant("_attention_fwd", f"{dtype} d128 {mask} {bm}x{bn} ptr",
+                                    "kernels.compile_check:attention_pointers",
+                                    dict(dtype=dtype, head_dim=128, mask=mask, BLOCK_M=bm, BLOCK_N=bn), w, s), arch))
+        for heads in (12, 40):  # Wan 1.3B and 14B
+            out.append((Variant("_qk_prologue_fwd", f"bf16 H={heads} d128 norm+scales", "kernels.compile_check:prologue",
+                                dict(dtype="bf16", heads=heads), 0, 1), arch))
+    return out
+
+
+def _signature_variants(archs) -> list[tuple[Variant, int]]:
+    from .fusions.kernel import block_and_warps
+    from .prototype.kernel import GPU_CONFIG, GPU_CONFIG_FP32
+
+    specs = []
     for dtype, config in (("bf16", GPU_CONFIG), ("fp32", GPU_CONFIG_FP32)):
         common = dict(BLOCK_D=64, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", EMULATE_BF16=False)
         ptr = dict(Q=f"*{dtype}", K=f"*{dtype}")
-        out.append(Variant("kernels.prototype.kernel:_ppa_row_stats", f"{dtype} d64", ptr | dict(Lse="*fp32"),
-                           common | dict(BLOCK_Q=config["BLOCK_Q"], BLOCK_K=config["BLOCK_T"]),
-                           config["num_warps"], config["num_stages"], floats=("qk_scale",)))
-        out.append(Variant("kernels.prototype.kernel:_ppa_columns", f"{dtype} d64",
-                           ptr | dict(Z=f"*{dtype}", Lse="*fp32", Scores="*fp32", Proto=f"*{dtype}"),
-                           common | {k: config[k] for k in ("BLOCK_Q", "BLOCK_T", "BLOCK_C")},
-                           config["num_warps"], config["num_stages"], floats=("qk_scale", "inv_n_q")))
-    return out
-
-
-def _fusion_variants() -> list[Variant]:
-    from .fusions.kernel import block_and_warps
-
-    kernels = {
+        specs.append(("kernels.prototype.kernel:_ppa_row_stats", f"{dtype} d64", ptr | dict(Lse="*fp32"),
+                      common | dict(BLOCK_Q=config["BLOCK_Q"], BLOCK_K=config["BLOCK_T"]), ("qk_scale",),
+                      config["num_warps"], config["num_stages"]))
+        specs.append(("kernels.prototype.kernel:_ppa_columns", f"{dtype} d64",
+                      ptr | dict(Z=f"*{dtype}", Lse="*fp32", Scores="*fp32", Proto=f"*{dtype}"),
+                      common | {k: config[k] for k in ("BLOCK_Q", "BLOCK_T", "BLOCK_C")}, ("qk_scale", "inv_n_q"),
+                      config["num_warps"], config["num_stages"]))
+    fusions = {
         "_adaln_layernorm_fwd": ("X", "Shift", "Scale", "Out"),
-        "_qk_rmsnorm_fwd": ("Q", "K", "WQ", "WK", "OutQ", "OutK"),
         "_gated_residual_fwd": ("X", "Y", "Gate", "Out"),
         "_distribution_fusion_fwd": ("A", "B", "Out"),
     }
-    out = []
     for channels in (1536, 5120):  # Wan 1.3B and 14B hidden sizes
         block, warps = block_and_warps(channels)
-        for name, pointers in kernels.items():
-            out.append(Variant(f"kernels.fusions.kernel:{name}", f"bf16 C={channels}",
-                               {p: "*fp32" if p in ("Shift", "Scale", "Gate", "WQ", "WK") else "*bf16"
-                                for p in pointers},
-                               dict(BLOCK_C=block, EMULATE_BF16=False), warps, 1, floats=("eps",)))
+        for name, pointers in fusions.items():
+            specs.append((f"kernels.fusions.kernel:{name}", f"bf16 C={channels}",
+                          {p: "*fp32" if p in ("Shift", "Scale", "Gate") else "*bf16" for p in pointers},
+                          dict(BLOCK_C=block, EMULATE_BF16=False), ("eps",), warps, 1))
+    return [(Variant(spec.split(":")[1], label, "kernels.compile_check:by_signature",
+                     dict(kernel=spec, pointers=pointers, constexprs=consts, floats=floats), warps, stages), arch)
+            for arch in archs for spec, label, pointers, consts, floats, warps, stages in specs]
+
+
+def jobs(archs, tutorial_path: str | None = None) -> list[tuple[Variant, int]]:
+    out = _attention_variants(archs) + _signature_variants(archs)
+    if tutorial_path:
+        out.append((Variant("tutorial _attn_fwd_tma", "fp16 d128 non-causal 128x64", "kernels.compile_check:tutorial",
+                            dict(path=tutorial_path, BLOCK_M=128, BLOCK_N=64), 8, 3), archs[0]))
     return out
 
 
-def jobs(archs) -> list[tuple[Variant, int]]:
-    """(variant, arch) pairs: every variant for every arch, the extra mask modes for the first arch."""
-    attention, masks = _attention_variants()
-    per_arch = attention + _prototype_variants() + _fusion_variants()
-    return [(v, a) for a in archs for v in per_arch] + [(v, archs[0]) for v in masks]
+# ---- compiling -------------------------------------------------------------------------------------------
+class _CompileOnlyDriver:
+    """What ``JITFunction.warmup`` asks of the active driver, for a target and no GPU: the target, a device
+    index, the CUDA type mapping. Launching is impossible, and warmup never launches."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+        from triton.backends.nvidia.driver import ty_to_cpp
+
+        self.target = GPUTarget("cuda", arch, 32)
+        self.map_python_to_cpp_type = ty_to_cpp
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    import triton
+
+    previous = triton.runtime.driver._active
+    triton.runtime.driver.set_active(_CompileOnlyDriver(arch))
+    try:
+        yield
+    finally:
+        triton.runtime.driver._active = previous
 
 
 def _load(spec: str):
@@ -139,16 +294,34 @@ def _load(spec: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _signature(fn, v: Variant) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in v.constexprs:
+def _compile_by_signature(v: Variant, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    p = v.params
+    fn = _load(p["kernel"])
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in p["constexprs"]:
             sig[name] = "constexpr"
-        elif name in v.pointers:
-            sig[name] = v.pointers[name]
+        elif name in p["pointers"]:
+            sig[name] = p["pointers"][name]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # every tensor a launcher passes is 16-byte aligned
         else:
-            sig[name] = "fp32" if name in v.floats else "i32"
-    return sig
+            sig[name] = "fp32" if name in p["floats"] else "i32"
+    src = ASTSource(fn=fn, signature=sig, constexprs=p["constexprs"], attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+
+
+def _compile(v: Variant, arch: int):
+    if v.builder.endswith(":by_signature"):
+        return _compile_by_signature(v, arch)
+    with compile_only(arch):
+        fn, args, meta = _load(v.builder)(**v.params)
+        options = {} if v.num_warps == 0 else dict(num_warps=v.num_warps)  # 0: the builder's meta has them
+        return fn.warmup(*args, grid=(1,), **meta, **options, num_stages=v.num_stages)
 
 
 _PTXAS = {
@@ -157,36 +330,85 @@ _PTXAS = {
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
     "stack": re.compile(r"(\d+) bytes stack frame"),
 }
+_INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([.A-Z0-9_]*)")
+_LABEL = re.compile(r"^\s*(\.L_[\w]+):")
+_BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_[\w]+)")
+_MMA = ("HGMMA", "HMMA", "WGMMA")
+
+
+def sass(cubin: bytes) -> str:
+    from triton.backends import nvidia
+
+    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-c", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def hot_loop(disassembly: str) -> dict | None:
+    """The hot loop: of the loops holding the most tensor-core instructions, the shortest (the unmasked key
+    range, where the attention spends its time). A loop is a *predicated* backward branch to a label:
+    unconditional backward branches are the returns of out-of-line stubs (barrier waits), not loops. Returns
+    its instruction count, MUFU operations and sin/cos among them, and how many loops hold MMAs at all."""
+    labels, body = {}, []  # body: (opcode, modifiers, branch target or None)
+    for line in disassembly.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        ins = _INSTRUCTION.search(line)
+        if ins:
+            predicated, op, mod = ins.groups()
+            target = _BRANCH_TARGET.search(line) if op == "BRA" and predicated else None
+            body.append((op, mod, target.group(1) if target else None))
+    loops = []
+    for end, (_, _, target) in enumerate(body):
+        start = labels.get(target) if target else None
+        if start is not None and start <= end:
+            ops = body[start:end + 1]
+            mma = sum(op in _MMA for op, _, _ in ops)
+            if mma:
+                loops.append(dict(sass=len(ops), mma=mma, mufu=sum(op == "MUFU" for op, _, _ in ops),
+                                  trig=sum(op == "MUFU" and (mod.startswith(".SIN") or mod.startswith(".COS"))
+                                           for op, mod, _ in ops)))
+    if not loops:
+        return None
+    best = max(loops, key=lambda lp: (lp["mma"], -lp["sass"]))
+    return best | dict(loops=len(loops))
 
 
 def compile_variant(v: Variant, arch: int) -> Result:
     """Compile one variant for ``sm_<arch>``; never raises (failures are reported in the result)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    result = Result(v.kernel.split(":")[1], v.label, arch, v.num_warps, v.num_stages, ok=False)
+    result = Result(v.kernel, v.label, arch, v.num_warps, v.num_stages, ok=False)
     start = time.perf_counter()
     log = io.StringIO()
     try:
-        fn = _load(v.kernel)
-        src = ASTSource(fn=fn, signature=_signature(fn, v), constexprs=v.constexprs)
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                      options=dict(num_warps=v.num_warps, num_stages=v.num_stages))
+            compiled = _compile(v, arch)
     except Exception as exc:  # a compile error of one variant is a result, not a crash of the check
-        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        text = str(exc).strip()
+        result.error = f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
         result.seconds = time.perf_counter() - start
         return result
     result.ok = True
     result.seconds = time.perf_counter() - start
     result.shared = compiled.metadata.shared
+    result.num_warps = compiled.metadata.num_warps
     text = log.getvalue()
     for key, pattern in _PTXAS.items():
         found = pattern.findall(text)
         setattr(result, key, int(found[-1]) if found else None)
     ptx = compiled.asm.get("ptx", "")
     result.mma = "wgmma" if "wgmma.mma_async" in ptx else ("mma.sync" if "mma.sync" in ptx else "")
+    loop = hot_loop(sass(compiled.asm["cubin"]))
+    if loop is not None:
+        keys = v.params.get("BLOCK_N")
+        result.loop_sass, result.loop_mufu, result.loop_trig, result.loops = (loop["sass"], loop["mufu"],
+                                                                              loop["trig"], loop["loops"])
+        if keys:
+            result.loop_keys = keys
+            result.sass_per_64 = round(loop["sass"] * 64 / keys, 1)
     return result
 
 
@@ -206,8 +428,10 @@ def probe() -> str | None:
         return f"triton does not import: {exc}"
     if "nvidia" not in backends:
         return f"triton has no CUDA backend (backends: {sorted(backends)})"
-    v = Variant("kernels.fusions.kernel:_distribution_fusion_fwd", "probe", {"A": "*fp32", "B": "*fp32",
-                "Out": "*fp32"}, dict(BLOCK_C=64, EMULATE_BF16=False), 1, 1, floats=("eps",))
+    v = Variant("_distribution_fusion_fwd", "probe", "kernels.compile_check:by_signature",
+                dict(kernel="kernels.fusions.kernel:_distribution_fusion_fwd",
+                     pointers={"A": "*fp32", "B": "*fp32", "Out": "*fp32"},
+                     constexprs=dict(BLOCK_C=64, EMULATE_BF16=False), floats=("eps",)), 1, 1)
     result = compile_variant(v, 80)
     return None if result.ok else f"a trivial kernel does not compile: {result.error}"
 
@@ -218,14 +442,26 @@ def _cell(value) -> str:
 
 def table(results: list[Result]) -> str:
     header = ["kernel", "variant", "arch", "warps", "stages", "regs", "spill st/ld (B)", "stack (B)", "smem (B)",
-              "mma", "s", "status"]
+              "mma", "loop SASS", "per 64 keys", "loop MUFU", "sin/cos", "s", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         spills = "" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
-        lines.append("| " + " | ".join([r.kernel, r.label, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages),
-                                        _cell(r.registers), spills, _cell(r.stack), _cell(r.shared), r.mma,
-                                        f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED {r.error}"]) + " |")
+        lines.append("| " + " | ".join([
+            r.kernel, r.label, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), _cell(r.registers), spills,
+            _cell(r.stack), _cell(r.shared), r.mma, _cell(r.loop_sass), _cell(r.sass_per_64), _cell(r.loop_mufu),
+            _cell(r.loop_trig), f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED {r.error}"]) + " |")
     return "\n".join(lines)
+
+
+def comparison(results: list[Result]) -> str:
+    """The tutorial line: our 128x64 full-mask loop against the tutorial's, both sm_90 as launched."""
+    ours = next((r for r in results if r.kernel == "_attention_fwd_tma" and r.label == "fp16 d128 full 128x64"
+                 and r.arch == 90 and r.sass_per_64), None)
+    theirs = next((r for r in results if r.kernel.startswith("tutorial") and r.sass_per_64), None)
+    if ours is None or theirs is None:
+        return ""
+    return (f"attention loop, sm_90 fp16 d128, 128x64 tile, SASS per warp per K tile: mvgen {ours.sass_per_64:g}, "
+            f"tutorial {theirs.sass_per_64:g}, ratio {ours.sass_per_64 / theirs.sass_per_64:.2f}")
 
 
 def main(argv=None) -> int:
@@ -233,6 +469,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    parser.add_argument("--tutorial", help="a copy of Triton's python/tutorials/06-fused-attention.py to compare")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mvgen-triton-cache-") as cache:
         _init_worker(cache)
@@ -240,18 +478,43 @@ def main(argv=None) -> int:
         if reason is not None:
             print(f"skipped: {reason}")
             return BACKEND_UNAVAILABLE
-        todo = jobs(args.arch)
+        todo = jobs(args.arch, args.tutorial)
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker, initargs=(cache,)) as pool:
             results = list(pool.map(compile_variant, *zip(*todo)))
-    print(table(results))
+    text = table(results)
+    summary = comparison(results)
+    print(text + ("\n\n" + summary if summary else ""))
     failed = [r for r in results if not r.ok]
     print(f"\n{len(results) - len(failed)}/{len(results)} variants compiled for "
           f"{', '.join(f'sm_{a}' for a in args.arch)} in {time.perf_counter() - start:.0f} s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
+            json.dump(_payload(results, args.arch), f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text + ("\n\n" + summary if summary else "") + "\n")
     return 1 if failed else 0
+
+
+def _payload(results: list[Result], archs) -> dict:
+    """The benchmarks' JSON schema (machine, versions, revision, config, rows); the machine compiled only."""
+    import platform
+
+    import triton
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "unknown"
+    return {"benchmark": "compile_check",
+            "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                        "triton": triton.__version__, "device": "none (compiled for the target, not run)"},
+            "revision": rev,
+            "config": {"archs": list(archs), "video_tokens": VIDEO_TOKENS, "reference_tokens": REF_TOKENS,
+                       "heads": HEADS, "tokens_per_frame": TOKENS_PER_FRAME},
+            "rows": [asdict(r) for r in results]}
 
 
 if __name__ == "__main__":

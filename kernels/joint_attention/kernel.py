@@ -180,25 +180,32 @@ AUTOTUNE_CONFIGS = [
     (64, 32, 4, 4, False),
     (32, 32, 4, 2, False),
 ]
+# the pointer entry (TensorRT plugin, AOT library): one (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim
+POINTER_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+POINTER_CONFIG_FP32 = (32, 32, 4, 2)
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, WARP_SPECIALIZE=False)
 
 
 def config_fits(block_m: int, block_n: int, warp_specialize: bool, *, head_dim: int, ieee: bool, n_q: int,
-                major: int) -> bool:
+                major: int, mask: str = "full", warps: int = 8) -> bool:
     """Whether a config suits the problem: fp32 (IEEE products on CUDA cores) needs tiles of at most 32x32;
-    16-bit tiles wider than the head dim or far taller than the query count waste work; warp
-    specialisation needs Hopper or newer."""
+    16-bit tiles wider than the head dim or far taller than the query count waste work; the prototype
+    mask's index arithmetic spills at 128x128, and at 128x64 on 4 warps (compile_check: 255 registers); warp specialisation
+    needs Hopper or newer."""
     if ieee:
         return block_m * block_n <= 32 * 32 and not warp_specialize
+    if mask == "prototype" and (block_m * block_n > 128 * 64 or (block_m * block_n > 64 * 64 and warps < 8)):
+        return False
     return (block_m * block_n > 32 * 32 and block_n <= head_dim and block_m <= max(64, triton.next_power_of_2(n_q))
             and (major >= 9 or not warp_specialize))
 
 
 def _prune_configs(configs, named_args, **kwargs):
     major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
+    mask = {v: k for k, v in MASK_IDS.items()}[kwargs["MASK_MODE"]]
     kept = [c for c in configs if config_fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["WARP_SPECIALIZE"],
                                               head_dim=kwargs["HEAD_DIM"], ieee=kwargs["DOT_PRECISION"] == "ieee",
-                                              n_q=named_args["q_bucket"], major=major)]
+                                              n_q=named_args["q_bucket"], major=major, mask=mask, warps=c.num_warps)]
     return kept or configs[-1:]
 
 
@@ -246,12 +253,31 @@ def _check_inputs(q, k, v, out, n_video_q, n_video_k, mask, tokens_per_frame, pr
 
 
 def _descriptor(t: torch.Tensor, rows: int):
-    """A [B, N, H*D] tensor descriptor of a [B, N, H, D] tensor (copied first if its heads are not packed)."""
+    """A [B, N, H*D] tensor descriptor of a [B, N, H, D] tensor (copied first if its heads are not packed:
+    TMA needs unit stride in the channels and 16-byte aligned strides)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     if not (t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(1) == t.shape[2] * t.shape[3]):
         t = t.contiguous()
     return TensorDescriptor.from_tensor(t.flatten(2), [1, rows, t.shape[-1]]), t
+
+
+def launch_args(q, k, v, out, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1,
+                block_m=128, block_n=128):
+    """The positional arguments and compile-time metadata of ``_attention_fwd_tma`` for one call (shared by the
+    launcher and by ``kernels.compile_check``, which compiles exactly what a launch specialises); descriptors
+    start at (block_m, block_n) tiles, the autotuner's pre-hook resizes them per config."""
+    batch, n_q, heads, head_dim = q.shape
+    n_k = k.shape[1]
+    desc_q, _ = _descriptor(q, block_m)
+    desc_k, _ = _descriptor(k, block_n)
+    desc_v, _ = _descriptor(v, block_n)
+    desc_o, _ = _descriptor(out, block_m)
+    args = (desc_q, desc_k, desc_v, desc_o, heads, n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
+            triton.next_power_of_2(max(n_q, 1)), triton.next_power_of_2(max(n_k, 1)))
+    meta = dict(HEAD_DIM=head_dim, MASK_MODE=MASK_IDS[mask], DOT_PRECISION=dot_precision(q.dtype),
+                EMULATE_BF16=emulate_bf16(q.dtype))
+    return args, meta
 
 
 def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1, out=None,
@@ -260,26 +286,20 @@ def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_f
     ``out`` if given; ``config`` (dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, WARP_SPECIALIZE=))
     bypasses autotuning (the interpreter takes small tiles)."""
     _check_inputs(q, k, v, out, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens)
-    batch, n_q, heads, head_dim = q.shape
+    batch, n_q, heads, _ = q.shape
     n_k = k.shape[1]
     result = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None or not out.is_contiguous() else out
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    block_m = 128 if config is None else config["BLOCK_M"]
-    block_n = 128 if config is None else config["BLOCK_N"]
-    desc_q, _ = _descriptor(q, block_m)
-    desc_k, k = _descriptor(k, block_n)
-    desc_v, v = _descriptor(v, block_n)
-    desc_o, _ = _descriptor(result, block_m)
-    args = (desc_q, desc_k, desc_v, desc_o, heads, n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
-            triton.next_power_of_2(max(n_q, 1)), triton.next_power_of_2(max(n_k, 1)))
-    meta = dict(HEAD_DIM=head_dim, MASK_MODE=MASK_IDS[mask], DOT_PRECISION=dot_precision(q.dtype),
-                EMULATE_BF16=emulate_bf16(q.dtype))
+    tiles = dict(block_m=128, block_n=128) if config is None else dict(block_m=config["BLOCK_M"],
+                                                                          block_n=config["BLOCK_N"])
+    args, meta = launch_args(q, k.contiguous(), v.contiguous(), result, n_video_q=n_video_q, n_video_k=n_video_k,
+                             mask=mask, tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, **tiles)
     if n_q and n_k:
         if config is None:
             _attention_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), batch * heads)](*args, **meta)
         else:
-            _attention_fwd_tma[(triton.cdiv(n_q, block_m), batch * heads)](*args, **meta, **config)
+            _attention_fwd_tma[(triton.cdiv(n_q, tiles["block_m"]), batch * heads)](*args, **meta, **config)
     else:
         result.zero_()
     if out is not None and result is not out:

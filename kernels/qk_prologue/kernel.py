@@ -108,12 +108,10 @@ def _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_
     check_device(q, "QK prologue")
 
 
-def qk_prologue_triton(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
-                       key_scale=None, theta=10000.0, out_q=None, out_k=None):
-    """Launch the prologue on Q and K in one grid; arguments as ``qk_prologue_reference``."""
-    out_q = torch.empty_like(q, memory_format=torch.contiguous_format) if out_q is None else out_q
-    out_k = torch.empty_like(k, memory_format=torch.contiguous_format) if out_k is None else out_k
-    _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_k)
+def launch_args(q, k, q_pos, k_pos, out_q, out_k, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
+                key_scale=None, theta=10000.0):
+    """(grid, positional arguments, compile-time metadata) of ``_qk_prologue_fwd`` for one call: shared by the
+    launcher and by ``kernels.compile_check``, which compiles exactly what a launch specialises."""
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
     t_band, h_band, _ = rope_bands(head_dim)
@@ -125,13 +123,23 @@ def qk_prologue_triton(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=
     key_scale = key_scale.to(device=device, dtype=torch.float32).contiguous() if has_key_scale else inv_freq
     block_h, warps = launch_shape(heads, head_dim)
     rows_q, rows_k = batch * n_q, batch * n_k
-    if max(rows_q, rows_k) == 0:
-        return out_q, out_k
-    _qk_prologue_fwd[(max(rows_q, rows_k), 2)](
-        q, k, weight_q, weight_k, q_pos.to(device=device, dtype=torch.int32).contiguous(),
-        k_pos.to(device=device, dtype=torch.int32).contiguous(), key_scale, inv_freq, out_q, out_k,
-        n_q, n_k, rows_q, rows_k, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        out_q.stride(0), out_q.stride(1), out_k.stride(0), out_k.stride(1), eps, float(q_scale),
-        HEAD_DIM=head_dim, BLOCK_H=block_h, T_PAIRS=t_band // 2, H_PAIRS=h_band // 2, HAS_NORM=has_norm,
-        HAS_KEY_SCALE=has_key_scale, EMULATE_BF16=emulate_bf16(q.dtype), num_warps=warps)
+    args = (q, k, weight_q, weight_k, q_pos.to(device=device, dtype=torch.int32).contiguous(),
+            k_pos.to(device=device, dtype=torch.int32).contiguous(), key_scale, inv_freq, out_q, out_k,
+            n_q, n_k, rows_q, rows_k, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            out_q.stride(0), out_q.stride(1), out_k.stride(0), out_k.stride(1), eps, float(q_scale))
+    meta = dict(HEAD_DIM=head_dim, BLOCK_H=block_h, T_PAIRS=t_band // 2, H_PAIRS=h_band // 2, HAS_NORM=has_norm,
+                HAS_KEY_SCALE=has_key_scale, EMULATE_BF16=emulate_bf16(q.dtype), num_warps=warps)
+    return (max(rows_q, rows_k), 2), args, meta
+
+
+def qk_prologue_triton(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
+                       key_scale=None, theta=10000.0, out_q=None, out_k=None):
+    """Launch the prologue on Q and K in one grid; arguments as ``qk_prologue_reference``."""
+    out_q = torch.empty_like(q, memory_format=torch.contiguous_format) if out_q is None else out_q
+    out_k = torch.empty_like(k, memory_format=torch.contiguous_format) if out_k is None else out_k
+    _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_k)
+    grid, args, meta = launch_args(q, k, q_pos, k_pos, out_q, out_k, weight_q=weight_q, weight_k=weight_k, eps=eps,
+                                   q_scale=q_scale, key_scale=key_scale, theta=theta)
+    if grid[0]:
+        _qk_prologue_fwd[grid](*args, **meta)
     return out_q, out_k
