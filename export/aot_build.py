@@ -3,7 +3,7 @@
 For every (arch, dtype, head_dim, mask) it runs ``triton.tools.compile`` on
 ``export/trt_kernel.py:joint_attention_plugin_kernel`` (C launcher + embedded cubin), then
 ``triton.tools.link`` gives each specialisation a stable C entry point (the grid is computed inside)
-``mvgen_ja_<dtype>_d<head_dim>_<mask>_sm<arch>(stream, Q, K, V, Pos, KeyScale, NVideo, InvFreq, n_tokens,
+``mvgen_ja_<dtype>_d<head_dim>_<mask>_sm<arch>(stream, Q, K, V, NVideo, n_tokens,
 n_heads, batch, Out)`` with ``load_``/``unload_`` companions, declared in ``<out>/mvgen_joint_attention.h``;
 the sources are ``<out>/gen/*.c`` and ``<out>/mvgen_joint_attention.c``.
 

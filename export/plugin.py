@@ -1,29 +1,25 @@
 """The ``plugin`` attention: one custom ONNX node per joint self-attention of the denoiser.
 
-Node (opset domain ``mvgen``, version 1)::
+Node (opset domain ``mvgen``, version 2)::
 
-    out = mvgen.JointAttention(q, k, v, pos, key_scale, n_video, inv_freq, mask=..., theta=..., sm_scale=...)
+    out = mvgen.JointAttention(q, k, v, n_video, mask=...)
 
 Inputs (B batch, N tokens of the [video | reference] streams, H heads, D head_dim):
-  - ``q``, ``k``, ``v``  [B, N, H, D] model dtype  projected and QK-normalised, *not* rotated (RoPE is in the op)
-  - ``pos``        [N, 3] int64    integer (t, h, w) position of every token (Wan's 3-axis RoPE, RD-RoPE refs)
-  - ``key_scale``  [N] float32     logit multiplier of each key: 1 for video keys, MVAnimate's omega_m for
-                                   the keys of view m
+  - ``q``, ``k``, ``v``  [B, N, H, D] model dtype  the QK prologue's outputs (``kernels.qk_prologue``, ordinary
+                                   ONNX ops before the node): q and k RMSNorm'd and rotated by RoPE, q scaled
+                                   by ``sm_scale * log2(e)``, key j by its logit multiplier (1 for video keys,
+                                   MVAnimate's omega_m for the keys of view m), so ``q . k`` is a base-2 logit
   - ``n_video``    [1] int64       number of video tokens (the first ``n_video`` of the sequence); computed
                                    in-graph from shapes, read by the kernel from device memory
-  - ``inv_freq``   [D/2] float32   per-pair RoPE inverse frequency, ``kernels.rope.rope_inv_freq(D, theta)``
-                                   (a graph constant: the kernel reads it instead of owning a table)
 Output: ``out`` [B, N, H, D], the dtype of ``q``.
 Attributes:
   - ``mask`` (string): ``"full"`` (every token sees every token, MVI2V) or ``"isolated"`` (reference queries
     see only reference keys); ``"prototype"`` (PPA) is not exported by this build
-  - ``theta`` (float): the RoPE base ``inv_freq`` was made from (10000 for Wan); bands t: D - 4*(D//6),
-    h: 2*(D//6), w: 2*(D//6), pairs interleaved (x[2j], x[2j+1]) as in ``kernels/rope.py``
-  - ``sm_scale`` (float): softmax scale; 0 means 1/sqrt(D)
   - ``plugin_namespace`` (string): ``"mvgen"``; TensorRT's ONNX parser looks plugins up by op type plus
     this attribute, i.e. ``mvgen::JointAttention``
-Semantics: ``kernels.joint_attention_reference(q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video,
-key_scale=key_scale, mask=mask, theta=theta, sm_scale=sm_scale or None)``.
+Semantics: ``kernels.rotated_attention_reference(q, k, v, n_video_q=n_video, n_video_k=n_video, mask=mask)``.
+(Version 1 took unrotated q/k plus positions and rotated inside the kernel's loop, once per key tile per query
+block; the rotation now happens once per layer, before the node.)
 
 Runtimes:
   - TensorRT: ``export/tensorrt_build.py`` registers ``mvgen::JointAttention`` as a quickly-deployable plugin
@@ -41,59 +37,50 @@ import types
 import onnx
 import torch
 
-from kernels import joint_attention_reference
-from kernels.rope import rope_inv_freq
+from kernels import rotated_attention_reference
 
 DOMAIN = "mvgen"
 OP_TYPE = "JointAttention"
-OP_VERSION = 1
+OP_VERSION = 2
 EXPORTED_MASKS = ("full", "isolated")
 _ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 
 
-def _reference(q, k, v, pos, key_scale, n_video, inv_freq, mask: str, theta: float, sm_scale: float):
+def _reference(q, k, v, n_video, mask: str):
     n = int(n_video.reshape(-1)[0])
-    if not torch.allclose(inv_freq.double(), rope_inv_freq(q.shape[-1], theta), rtol=1e-6):
-        raise ValueError(f"JointAttention inv_freq input does not match theta={theta} for head_dim {q.shape[-1]}")
-    return joint_attention_reference(q, k, v, pos, pos, n_video_q=n, n_video_k=n, key_scale=key_scale, mask=mask,
-                                     theta=theta, sm_scale=sm_scale or None)
+    return rotated_attention_reference(q, k, v, n_video_q=n, n_video_k=n, mask=mask)
 
 
-def joint_attention_node(q, k, v, pos, key_scale, n_video, inv_freq, mask: str, theta: float,
-                         sm_scale: float = 0.0):
+def joint_attention_node(q, k, v, n_video, mask: str):
     """The plugin node: emitted as ``mvgen.JointAttention`` while exporting, the reference when run eagerly."""
-    inputs = (q, k, v, pos, key_scale, n_video, inv_freq)
+    inputs = (q, k, v, n_video)
     if torch.onnx.is_in_onnx_export():
         return torch.onnx.ops.symbolic(
-            f"{DOMAIN}::{OP_TYPE}", inputs,
-            dict(mask=mask, theta=float(theta), sm_scale=float(sm_scale), plugin_namespace=DOMAIN),
+            f"{DOMAIN}::{OP_TYPE}", inputs, dict(mask=mask, plugin_namespace=DOMAIN),
             dtype=q.dtype, shape=q.shape, version=OP_VERSION,
         )
-    return _reference(*inputs, mask, theta, sm_scale)
+    return _reference(*inputs, mask)
 
 
 @contextlib.contextmanager
 def plugin_attention(denoiser):
-    """Route ``denoiser``'s joint attentions through ``joint_attention_node`` for the duration."""
+    """Route ``denoiser``'s attention on the prologue's outputs through ``joint_attention_node`` for the duration
+    (the prologue stays in the graph as ordinary ops)."""
     cfg = denoiser.config
     if cfg.ref_attention not in EXPORTED_MASKS:
         raise ValueError(f"plugin attention exports ref_attention in {EXPORTED_MASKS}, got {cfg.ref_attention!r}")
 
-    def attend(self, q, k, v, q_pos, k_pos, n_video_q, n_video_k, key_scale):
-        if q_pos is not k_pos or n_video_q != n_video_k:
+    def attend(self, q, k, v, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
+        if q.shape[1] != k.shape[1] or n_video_q != n_video_k:
             raise ValueError("the plugin node is the joint *self*-attention (same tokens for queries and keys)")
-        if key_scale is None:
-            key_scale = torch.ones(k.shape[1], device=k.device)
         n_video = torch.full((1,), n_video_k, dtype=torch.int64, device=q.device)
-        inv_freq = rope_inv_freq(q.shape[-1], cfg.rope_theta).to(device=q.device, dtype=torch.float32)
-        return joint_attention_node(q, k, v, q_pos, key_scale.float(), n_video, inv_freq, cfg.ref_attention,
-                                    cfg.rope_theta)
+        return joint_attention_node(q, k, v, n_video, mask)
 
-    denoiser._attend = types.MethodType(attend, denoiser)
+    denoiser._rotated_attention = types.MethodType(attend, denoiser)
     try:
         yield denoiser
     finally:
-        del denoiser._attend
+        del denoiser._rotated_attention
 
 
 # ---- onnxruntime -----------------------------------------------------------------------------------------
@@ -108,15 +95,11 @@ def register_onnxruntime_op() -> None:
     from onnxruntime_extensions import PyCustomOpDef, onnx_op
 
     @onnx_op(op_type=OP_TYPE,
-             inputs=[PyCustomOpDef.dt_float] * 3 + [PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float,
-                                                     PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float],
+             inputs=[PyCustomOpDef.dt_float] * 3 + [PyCustomOpDef.dt_int64],
              outputs=[PyCustomOpDef.dt_float],
-             attrs={"mask": PyCustomOpDef.dt_string, "theta": PyCustomOpDef.dt_float,
-                    "sm_scale": PyCustomOpDef.dt_float, "plugin_namespace": PyCustomOpDef.dt_string})
-    def joint_attention(q, k, v, pos, key_scale, n_video, inv_freq, mask="full", theta=10000.0, sm_scale=0.0,
-                        plugin_namespace=DOMAIN):
-        args = [torch.from_numpy(a) for a in (q, k, v, pos, key_scale, n_video, inv_freq)]
-        return _reference(*args, mask, theta, sm_scale).numpy()
+             attrs={"mask": PyCustomOpDef.dt_string, "plugin_namespace": PyCustomOpDef.dt_string})
+    def joint_attention(q, k, v, n_video, mask="full", plugin_namespace=DOMAIN):
+        return _reference(*(torch.from_numpy(a) for a in (q, k, v, n_video)), mask).numpy()
 
     _ORT_OP = joint_attention
 

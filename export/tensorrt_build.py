@@ -69,34 +69,30 @@ def register_joint_attention_plugin() -> None:
     dtypes = {trt.float16: "fp16", trt.bfloat16: "bf16", trt.float32: "fp32"}
 
     @trtp.register(PLUGIN_ID)
-    def joint_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, pos: trtp.TensorDesc,
-                             key_scale: trtp.TensorDesc, n_video: trtp.TensorDesc, inv_freq: trtp.TensorDesc,
-                             mask: str, theta: float, sm_scale: float) -> trtp.TensorDesc:
+    def joint_attention_desc(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, n_video: trtp.TensorDesc,
+                             mask: str) -> trtp.TensorDesc:
         return q.like()
 
     @trtp.autotune(PLUGIN_ID)
-    def joint_attention_autotune(q, k, v, pos, key_scale, n_video, inv_freq, mask: str, theta: float,
-                                 sm_scale: float, outputs) -> list:
+    def joint_attention_autotune(q, k, v, n_video, mask: str, outputs) -> list:
         combination = trtp.AutoTuneCombination()
-        combination.pos([0, 1, 2, 7], "FP16|BF16|FP32")
-        combination.pos([3, 5], "INT64")
-        combination.pos([4, 6], "FP32")
+        combination.pos([0, 1, 2, 4], "FP16|BF16|FP32")
+        combination.pos([3], "INT64")
         return [combination]
 
     @trtp.aot_impl(PLUGIN_ID)
-    def joint_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, pos: trtp.TensorDesc,
-                            key_scale: trtp.TensorDesc, n_video: trtp.TensorDesc, inv_freq: trtp.TensorDesc,
-                            mask: str, theta: float, sm_scale: float, outputs, tactic: int):
+    def joint_attention_aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, n_video: trtp.TensorDesc,
+                            mask: str, outputs, tactic: int):
         dtype = dtypes[q.dtype]
         head_dim = int(q.shape_expr[3].constant_value())
         major, minor = torch.cuda.get_device_capability()
-        compiled = compile_plugin_kernel(dtype, head_dim, mask, 10 * major + minor, sm_scale)
+        compiled = compile_plugin_kernel(dtype, head_dim, mask, 10 * major + minor)
         block_m = launch_config(dtype, head_dim)[0]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(q.shape_expr[1], block_m)
         launch.grid_y = q.shape_expr[0] * q.shape_expr[2]
         launch.block_x = compiled.metadata.num_warps * 32
-        launch.shared_mem = compiled.metadata.shared
+        launch.shared_mem = compiled.metadata.shared  # > 48 KiB: dynamic shared memory
         extra = trtp.SymIntExprs(3)  # n_tokens, n_heads, batch
         extra[0] = trtp.SymInt32(q.shape_expr[1])
         extra[1] = trtp.SymInt32(q.shape_expr[2])

@@ -18,10 +18,10 @@ namespace mvgen
 namespace ja
 {
 
-// Plugin identity: `mvgen::JointAttention` version 1 (export/plugin.py: DOMAIN, OP_TYPE, OP_VERSION and the
+// Plugin identity: `mvgen::JointAttention` version 2 (export/plugin.py: DOMAIN, OP_TYPE, OP_VERSION and the
 // node attribute plugin_namespace="mvgen", through which TensorRT's ONNX parser finds the creator).
 constexpr char kPluginName[] = "JointAttention";
-constexpr char kPluginVersion[] = "1";
+constexpr char kPluginVersion[] = "2";
 constexpr char kPluginNamespace[] = "mvgen";
 
 // Inputs of the node, in order; the single output follows them (index kNbInputs).
@@ -30,12 +30,9 @@ enum Io : int32_t
     kQ = 0,
     kK = 1,
     kV = 2,
-    kPos = 3,
-    kKeyScale = 4,
-    kNVideo = 5,
-    kInvFreq = 6,
-    kNbInputs = 7,
-    kOut = 7,
+    kNVideo = 3,
+    kNbInputs = 4,
+    kOut = 4,
     kNbOutputs = 1,
 };
 
@@ -108,12 +105,11 @@ constexpr int32_t kBF16 = 9;
 constexpr int32_t kINT64 = 10;
 } // namespace field_type
 
-// Node attributes (export/plugin.py joint_attention_node): mask, theta, sm_scale, plugin_namespace.
+// Node attributes (export/plugin.py joint_attention_node): mask, plugin_namespace. RoPE and the softmax scale
+// are applied to q and k in the graph before the node (the QK prologue), so the kernel has neither.
 struct Params
 {
     Mask mask{Mask::kFull};
-    float theta{10000.0F};  // RoPE base of the inv_freq input; the kernel reads inv_freq, theta is checked only
-    float sm_scale{0.0F};   // 0 means 1/sqrt(head_dim)
 };
 
 namespace detail
@@ -171,7 +167,7 @@ bool readFloat(Field const& field, float& out, std::string& error)
 // Parse the fields TensorRT hands to IPluginCreatorV3One::createPlugin: in the build phase the ONNX node's
 // attributes (the parser passes them all, plugin_namespace included), in the runtime phase what
 // getFieldsToSerialize wrote. `Field` is nvinfer1::PluginField or any struct with name/data/type/length.
-// `mask` is required (it changes the semantics); theta and sm_scale default to the exporter's defaults.
+// `mask` is required (it changes the semantics).
 // Unknown fields are an error so that a node from a newer exporter is not silently misread.
 template <class Field>
 bool parseFields(Field const* fields, int32_t nbFields, Params& params, std::string& error)
@@ -201,30 +197,6 @@ bool parseFields(Field const* fields, int32_t nbFields, Params& params, std::str
             }
             haveMask = true;
         }
-        else if (name == "theta")
-        {
-            if (!detail::readFloat(field, parsed.theta, error))
-            {
-                return false;
-            }
-            if (!(parsed.theta > 0.0F))
-            {
-                error = "theta must be positive";
-                return false;
-            }
-        }
-        else if (name == "sm_scale")
-        {
-            if (!detail::readFloat(field, parsed.sm_scale, error))
-            {
-                return false;
-            }
-            if (parsed.sm_scale < 0.0F)
-            {
-                error = "sm_scale must be >= 0 (0 means 1/sqrt(head_dim))";
-                return false;
-            }
-        }
         else if (name == "plugin_namespace" || name == "plugin_version")
         {
             std::string text;
@@ -241,7 +213,7 @@ bool parseFields(Field const* fields, int32_t nbFields, Params& params, std::str
         }
         else
         {
-            error = "unknown plugin field '" + name + "' (expected mask, theta, sm_scale, plugin_namespace)";
+            error = "unknown plugin field '" + name + "' (expected mask, plugin_namespace)";
             return false;
         }
     }
@@ -254,36 +226,19 @@ bool parseFields(Field const* fields, int32_t nbFields, Params& params, std::str
     return true;
 }
 
-// The AOT kernels bake the softmax scale in (export/aot_build.py compiles with sm_scale=0, i.e. 1/sqrt(D)).
-inline bool smScaleSupported(float smScale, int64_t headDim) noexcept
-{
-    if (smScale == 0.0F)
-    {
-        return true;
-    }
-    if (headDim <= 0)
-    {
-        return false;
-    }
-    double const ratio = static_cast<double>(smScale) * std::sqrt(static_cast<double>(headDim));
-    return std::fabs(ratio - 1.0) <= 1e-6;
-}
-
 // Shape checks of the inputs; `Dims` is nvinfer1::Dims or any struct with nbDims and d[]. -1 (unknown at build
-// time) is accepted wherever a size is compared. q, k, v [B, N, H, D]; pos [N, 3]; key_scale [N];
-// n_video [1]; inv_freq [D/2].
+// time) is accepted wherever a size is compared. q, k, v [B, N, H, D]; n_video [1].
 template <class Dims>
 bool checkInputShapes(Dims const* in, int32_t nbInputs, std::string& error)
 {
     if (nbInputs != kNbInputs)
     {
-        error = "JointAttention has 7 inputs (q, k, v, pos, key_scale, n_video, inv_freq), got "
-            + std::to_string(nbInputs);
+        error = "JointAttention has 4 inputs (q, k, v, n_video), got " + std::to_string(nbInputs);
         return false;
     }
     auto same = [](int64_t a, int64_t b) { return a < 0 || b < 0 || a == b; };
-    static char const* const names[kNbInputs] = {"q", "k", "v", "pos", "key_scale", "n_video", "inv_freq"};
-    static int32_t const ranks[kNbInputs] = {4, 4, 4, 2, 1, 1, 1};
+    static char const* const names[kNbInputs] = {"q", "k", "v", "n_video"};
+    static int32_t const ranks[kNbInputs] = {4, 4, 4, 1};
     for (int32_t i = 0; i < kNbInputs; ++i)
     {
         if (in[i].nbDims != ranks[i])
@@ -305,26 +260,9 @@ bool checkInputShapes(Dims const* in, int32_t nbInputs, std::string& error)
             }
         }
     }
-    int64_t const n = q.d[1];
-    int64_t const d = q.d[3];
-    if (!same(in[kPos].d[0], n) || !same(in[kPos].d[1], 3))
-    {
-        error = "pos must be [N, 3]";
-        return false;
-    }
-    if (!same(in[kKeyScale].d[0], n))
-    {
-        error = "key_scale must be [N]";
-        return false;
-    }
     if (!same(in[kNVideo].d[0], 1))
     {
         error = "n_video must be [1]";
-        return false;
-    }
-    if (d >= 0 && (d % 2 != 0 || !same(in[kInvFreq].d[0], d / 2)))
-    {
-        error = "inv_freq must be [D/2]";
         return false;
     }
     return true;

@@ -27,9 +27,8 @@ namespace ja
 
 // The linked entry point of one variant (triton.tools.link): the grid is computed inside from n_tokens,
 // n_heads and batch; algo_id selects among linked configurations (one per variant: 0).
-using LaunchFn = CUresult (*)(CUstream stream, CUdeviceptr q, CUdeviceptr k, CUdeviceptr v, CUdeviceptr pos,
-    CUdeviceptr keyScale, CUdeviceptr nVideo, CUdeviceptr invFreq, int32_t nTokens, int32_t nHeads, int32_t batch,
-    CUdeviceptr out, int algoId);
+using LaunchFn = CUresult (*)(CUstream stream, CUdeviceptr q, CUdeviceptr k, CUdeviceptr v, CUdeviceptr nVideo,
+    int32_t nTokens, int32_t nHeads, int32_t batch, CUdeviceptr out, int algoId);
 // Loads the variant's cubin into the *current* CUDA context (cuModuleLoadData). Triton's generated loader
 // calls exit() on any CUDA error, so the plugin calls it only with a current context on a device the cubin
 // was built for.

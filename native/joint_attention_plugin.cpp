@@ -27,8 +27,8 @@
 // Kernel selection: the variants compiled in (CMake MVGEN_AOT_ARCHS x DTYPES x
 // HEAD_DIMS x MASKS) are listed by native/joint_attention_launchers.h; the plugin picks the one matching q's
 // dtype, the head dim, the mask attribute and the device's compute capability (queried once per plugin object in
-// configurePlugin / onShapeChange). The softmax scale is compiled into the kernels (1/sqrt(D)), so sm_scale must
-// be 0 or 1/sqrt(D). Triton's generated loaders keep one CUmodule per variant in process-wide globals: all
+// configurePlugin / onShapeChange). RoPE and the softmax scale are applied to q and k in the graph before the
+// node (export/plugin.py), so the kernels take rotated, scaled q/k. Triton's generated loaders keep one CUmodule per variant in process-wide globals: all
 // engines of a process that use this plugin must run in one CUDA context (one GPU per process).
 #include <NvInferRuntime.h>
 #include <NvInferVersion.h>
@@ -214,7 +214,7 @@ public:
         , mMaskName(maskName(params.mask))
     {
         std::ostringstream metadata;
-        metadata << "mask=" << mMaskName << " theta=" << mParams.theta << " sm_scale=" << mParams.sm_scale;
+        metadata << "mask=" << mMaskName;
         mMetadata = metadata.str();
     }
 
@@ -296,12 +296,6 @@ public:
                 logError("configurePlugin: the head dim (last axis of q) must be a build-time constant");
                 return 1;
             }
-            if (!smScaleSupported(mParams.sm_scale, headDim))
-            {
-                logError("configurePlugin: sm_scale=" + std::to_string(mParams.sm_scale)
-                    + " is not 1/sqrt(head_dim); the AOT kernels are compiled with sm_scale 0 (1/sqrt(D))");
-                return 1;
-            }
             return selectLauncher(in[kQ].desc.type, headDim) ? 0 : 1;
         }
         catch (std::exception const& e)
@@ -370,10 +364,7 @@ public:
         case kK:
         case kV:
         case kOut: return desc.type == inOut[kQ].desc.type;
-        case kPos:
         case kNVideo: return desc.type == DataType::kINT64; // int64 in the ONNX node and in the kernel signature
-        case kKeyScale:
-        case kInvFreq: return desc.type == DataType::kFLOAT;
         default: return false;
         }
     }
@@ -458,8 +449,7 @@ public:
             }
             Launcher const& launcher = kLaunchers[mLauncher];
             CUresult const result = launcher.launch(static_cast<CUstream>(stream), devicePtr(inputs[kQ]),
-                devicePtr(inputs[kK]), devicePtr(inputs[kV]), devicePtr(inputs[kPos]), devicePtr(inputs[kKeyScale]),
-                devicePtr(inputs[kNVideo]), devicePtr(inputs[kInvFreq]), static_cast<int32_t>(q.d[1]),
+                devicePtr(inputs[kK]), devicePtr(inputs[kV]), devicePtr(inputs[kNVideo]), static_cast<int32_t>(q.d[1]),
                 static_cast<int32_t>(q.d[2]), static_cast<int32_t>(q.d[0]), devicePtr(outputs[0]), 0);
             if (result != CUDA_SUCCESS)
             {
@@ -488,8 +478,6 @@ public:
         // read back by JointAttentionCreator::createPlugin(..., TensorRTPhase::kRUNTIME) through parseFields
         mSerialFields[0] = PluginField("mask", mMaskName.c_str(), PluginFieldType::kCHAR,
             static_cast<int32_t>(mMaskName.size() + 1));
-        mSerialFields[1] = PluginField("theta", &mParams.theta, PluginFieldType::kFLOAT32, 1);
-        mSerialFields[2] = PluginField("sm_scale", &mParams.sm_scale, PluginFieldType::kFLOAT32, 1);
         mSerialCollection.nbFields = static_cast<int32_t>(mSerialFields.size());
         mSerialCollection.fields = mSerialFields.data();
         return &mSerialCollection;
@@ -551,7 +539,7 @@ private:
     int32_t mSmMinor{-1};
     bool mSmQueried{false};
     int32_t mLauncher{-1};
-    std::array<PluginField, 3> mSerialFields{};
+    std::array<PluginField, 1> mSerialFields{};
     PluginFieldCollection mSerialCollection{};
 };
 
@@ -563,9 +551,7 @@ public:
     {
         // the attributes of the ONNX node (export/plugin.py); plugin_namespace is how the parser finds us
         mFields[0] = PluginField("mask", nullptr, PluginFieldType::kCHAR, 0);
-        mFields[1] = PluginField("theta", nullptr, PluginFieldType::kFLOAT32, 1);
-        mFields[2] = PluginField("sm_scale", nullptr, PluginFieldType::kFLOAT32, 1);
-        mFields[3] = PluginField("plugin_namespace", nullptr, PluginFieldType::kCHAR, 0);
+        mFields[1] = PluginField("plugin_namespace", nullptr, PluginFieldType::kCHAR, 0);
         mCollection.nbFields = static_cast<int32_t>(mFields.size());
         mCollection.fields = mFields.data();
     }
@@ -617,7 +603,7 @@ public:
     }
 
 private:
-    std::array<PluginField, 4> mFields{};
+    std::array<PluginField, 2> mFields{};
     PluginFieldCollection mCollection{};
 };
 

@@ -52,10 +52,9 @@ def test_configure_and_build_kernel_library(tmp_path):
     consumer = tmp_path / "consumer.c"
     consumer.write_text(
         '#include "mvgen_joint_attention.h"\n'
-        "CUresult run(CUstream s, CUdeviceptr q, CUdeviceptr pos, CUdeviceptr scale, CUdeviceptr nv,\n"
-        "             CUdeviceptr inv_freq, CUdeviceptr out) {\n"
+        "CUresult run(CUstream s, CUdeviceptr q, CUdeviceptr nv, CUdeviceptr out) {\n"
         "  load_mvgen_ja_fp16_d128_full_sm90();\n"
-        "  return mvgen_ja_fp16_d128_full_sm90(s, q, q, q, pos, scale, nv, inv_freq, 64, 12, 2, out, 0);\n"
+        "  return mvgen_ja_fp16_d128_full_sm90(s, q, q, q, nv, 64, 12, 2, out, 0);\n"
         "}\n")
     bin_dir = next(line.split("=", 1)[1] for line in cache.splitlines() if line.startswith("CUDAToolkit_BIN_DIR:"))
     cuda_include = Path(bin_dir).parent / "include"
@@ -105,7 +104,7 @@ def test_plugin_fields_match_the_onnx_node():
     assert f'kPluginName[] = "{plugin.OP_TYPE}"' in dispatch
     assert f'kPluginNamespace[] = "{plugin.DOMAIN}"' in dispatch
     assert f'kPluginVersion[] = "{plugin.OP_VERSION}"' in dispatch
-    for name in ("mask", "theta", "sm_scale", "plugin_namespace"):
+    for name in ("mask", "plugin_namespace"):
         assert f'PluginField("{name}", nullptr' in source
     for mask in plugin.EXPORTED_MASKS:
         assert f'text == "{mask}"' in dispatch

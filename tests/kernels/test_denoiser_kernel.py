@@ -29,14 +29,17 @@ def _inputs(gen, dtype, refs, frames=2, height=6, width=6, ref_hw=(4, 6)):
 @pytest.mark.parametrize("ref_attention,ref_timestep,refs", [("full", "shared", 3), ("isolated", "zero", 1),
                                                              ("full", "shared", 0)])
 @pytest.mark.parametrize("ref_rope", ["decoupled", "none"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 def test_denoiser_with_kernel_matches_reference_path(gen, monkeypatch, dtype, ref_attention, ref_timestep, refs,
-                                                    ref_rope):
-    # (``kernels.joint_attention`` the attribute is the dispatch function, so import the module by name)
-    kernel_module = importlib.import_module("kernels.joint_attention.kernel")
+                                                    ref_rope, backend):
+    # (``kernels.joint_attention`` is a function of ``kernels``, so import the kernel modules by name)
+    attention_module = importlib.import_module("kernels.joint_attention.kernel")
+    prologue_module = importlib.import_module("kernels.qk_prologue.kernel")
 
     launches = []
-    launch = kernel_module.joint_attention_triton
-    monkeypatch.setattr(kernel_module, "joint_attention_triton", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    for module, name in ((attention_module, "attention_triton"), (prologue_module, "qk_prologue_triton")):
+        launch = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=launch, _n=name, **k: launches.append(_n) or _f(*a, **k))
     torch.manual_seed(0)
     cfg = MvgenConfig(**SMALL, ref_attention=ref_attention, ref_timestep=ref_timestep, ref_rope=ref_rope,
                       attention_backend="reference")
@@ -46,12 +49,18 @@ def test_denoiser_with_kernel_matches_reference_path(gen, monkeypatch, dtype, re
     with torch.no_grad():
         want = den(**x)
         assert not launches
-        den.config = cfg.replace(attention_backend="triton")
+        den.config = cfg.replace(attention_backend=backend)
         got = den(**x)
         if cfg.caches_reference:  # the cached-K/V path goes through the kernel with video-only queries
             cache = den.precompute_reference(x["ref_latents"], x["text"], x["image_context"], (2, 6, 6))
             cached = den(**{**x, "ref_latents": None}, ref_cache=cache)
             assert ((cached.double() - want.double()).norm() / want.double().norm()).item() < TOLERANCE[dtype]
-    assert len(launches) >= cfg.num_layers  # every layer's joint attention went through the kernel
+    # every layer's joint attention went through the kernels: the prologue always, the attention kernel on
+    # "triton" (on CPU "sdpa" runs the prologue's reference, auto's choice off a GPU, and SDPA's mask-free calls)
+    if backend == "triton":
+        assert launches.count("attention_triton") >= cfg.num_layers
+        assert launches.count("qk_prologue_triton") >= cfg.num_layers
+    else:
+        assert not launches
     assert torch.isfinite(got).all()
     assert ((got.double() - want.double()).norm() / want.double().norm()).item() < TOLERANCE[dtype]

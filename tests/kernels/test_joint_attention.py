@@ -88,9 +88,11 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_float64_reference(name, dtype, gen):
+def test_matches_float64_reference(name, dtype, backend, gen):
+    """The prologue + attention pair on each backend against the float64 oracle (RoPE inside the softmax)."""
     case = CASES[name]
     setup = make_case(case, gen)
     n_q, n_k = setup["q_pos"].shape[0], setup.pop("n_k")
@@ -98,7 +100,7 @@ def test_matches_float64_reference(name, dtype, gen):
     oracle_kw = dict(setup, key_scale=None if setup["key_scale"] is None else setup["key_scale"].double())
     ref = joint_attention_reference(q.double(), k.double(), v.double(), **oracle_kw)
     out = torch.full_like(q, float("nan"))
-    result = kernels.joint_attention(q, k, v, **setup, backend="triton", out=out)
+    result = kernels.joint_attention(q, k, v, **setup, backend=backend, out=out)
     assert result is out
     assert not out.isnan().any(), "unwritten or NaN outputs"
     assert rel_err(out, ref) < TOLERANCE[dtype]
@@ -123,13 +125,15 @@ def test_auto_on_cpu_is_the_reference(gen, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("auto must not launch the kernel for CPU tensors")
 
-    monkeypatch.setattr(kernel, "joint_attention_triton", refuse)
+    monkeypatch.setattr(kernel, "attention_triton", refuse)
     q, k, v = draw(1, 12, 12, 2, 64, torch.bfloat16, gen)
     pos = torch.randint(-5, 5, (12, 3), generator=gen)
     kw = dict(n_video_q=8, n_video_k=8, mask="prototype", tokens_per_frame=4, proto_tokens=2)
+    assert kernels.attention_path("auto", q, "prototype") == "reference"
     out = kernels.joint_attention(q, k, v, pos, pos, **kw)
-    assert torch.equal(out, joint_attention_reference(q, k, v, pos, pos, **kw))
     assert torch.equal(kernels.joint_attention(q, k, v, pos, pos, **kw, backend="reference"), out)
+    want = joint_attention_reference(q.double(), k.double(), v.double(), pos, pos, **kw)
+    assert rel_err(out, want) < TOLERANCE[torch.bfloat16]
 
 
 def _bad(**changes):
@@ -169,18 +173,23 @@ def test_unknown_backend():
 def test_autotune_prune_keeps_a_config():
     from kernels.joint_attention import kernel
 
-    configs = kernel._joint_attention_tuned.configs
-    for n_q in (1, 100, 100_000):
+    configs = kernel._attention_tuned.configs
+    for n_q in (1, 128, 131072):  # the autotuner's key is the bucketed count
         for head_dim in kernel.HEAD_DIMS:
             for precision in ("tf32", "ieee"):
-                kept = kernel._prune_configs(configs, dict(n_q=n_q), HEAD_DIM=head_dim, DOT_PRECISION=precision)
-                assert kept and all(c in configs for c in kept)
+                for mask, mode in kernel.MASK_IDS.items():
+                    kept = kernel._prune_configs(configs, dict(q_bucket=n_q), HEAD_DIM=head_dim,
+                                                 DOT_PRECISION=precision, MASK_MODE=mode)
+                    assert kept and all(c in configs for c in kept)
+                    if mask == "prototype":  # the configs compile_check saw spill are never tried
+                        assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept)
 
 
 @pytest.mark.parametrize("block_m, block_n", [(64, 32), (32, 64)])
 def test_gpu_sized_tiles(block_m, block_n, gen):
-    """Tiles as large as the autotune configs' (every query block straddles a boundary)."""
-    from kernels.joint_attention.kernel import joint_attention_triton
+    """Tiles as large as the autotune configs' (every query block straddles a boundary), on the rotated
+    attention kernel after the prologue."""
+    from kernels.joint_attention.kernel import attention_triton
 
     case = CASES["prototype-d64"] | dict(video=(5, 3, 5))
     setup = make_case(case, gen)
@@ -188,5 +197,9 @@ def test_gpu_sized_tiles(block_m, block_n, gen):
     q, k, v = draw(1, n_q, n_k, 1, 64, torch.float32, gen)
     ref = joint_attention_reference(q.double(), k.double(), v.double(),
                                     **dict(setup, key_scale=setup["key_scale"].double()))
-    out = joint_attention_triton(q, k, v, **setup, config=dict(BLOCK_M=block_m, BLOCK_N=block_n))
+    attn = {k: setup.pop(k) for k in ("n_video_q", "n_video_k", "mask", "tokens_per_frame", "proto_tokens")}
+    q_rot, k_rot = kernels.qk_prologue(q, k, setup["q_pos"], setup["k_pos"], q_scale=kernels.LOG2E / 8,
+                                       key_scale=setup["key_scale"], backend="triton")
+    out = attention_triton(q_rot, k_rot, v, **attn, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+                                                                num_stages=1, WARP_SPECIALIZE=False))
     assert rel_err(out, ref) < TOLERANCE[torch.float32]

@@ -57,36 +57,29 @@ static Field str(char const* name, char const* text, bool withNul)
 
 static void testParseFields()
 {
-    float const theta = 10000.0F;
-    float const zero = 0.0F;
-    double const theta64 = 500.0;
+    float const one = 1.0F;
     std::string error;
 
-    // what TensorRT's ONNX parser hands over for the exported node (all four attributes)
+    // what TensorRT's ONNX parser hands over for the exported node (both attributes)
     {
         char const isolated[] = {'i', 's', 'o', 'l', 'a', 't', 'e', 'd'}; // not NUL-terminated
         std::vector<Field> fields = {
             Field{"mask", isolated, ja::field_type::kCHAR, 8},
-            Field{"theta", &theta, ja::field_type::kFLOAT32, 1},
-            Field{"sm_scale", &zero, ja::field_type::kFLOAT32, 1},
             str("plugin_namespace", "mvgen", false),
         };
         ja::Params params;
         CHECK(ja::parseFields(fields.data(), static_cast<int32_t>(fields.size()), params, error));
         CHECK(params.mask == ja::Mask::kIsolated);
-        CHECK(params.theta == 10000.0F);
-        CHECK(params.sm_scale == 0.0F);
     }
-    // what getFieldsToSerialize writes (NUL counted in the length), float64 accepted
+    // what getFieldsToSerialize writes (NUL counted in the length)
     {
-        std::vector<Field> fields = {str("mask", "full", true), Field{"theta", &theta64, ja::field_type::kFLOAT64, 1}};
+        std::vector<Field> fields = {str("mask", "full", true)};
         ja::Params params;
         params.mask = ja::Mask::kIsolated;
-        CHECK(ja::parseFields(fields.data(), 2, params, error));
+        CHECK(ja::parseFields(fields.data(), 1, params, error));
         CHECK(params.mask == ja::Mask::kFull);
-        CHECK(params.theta == 500.0F);
     }
-    // errors leave params untouched and say why
+    // errors leave params untouched and say why; version 1's RoPE attributes are refused (the node changed)
     struct Bad
     {
         std::vector<Field> fields;
@@ -96,67 +89,49 @@ static void testParseFields()
         {{}, "missing plugin field 'mask'"},
         {{str("mask", "prototype", true)}, "mask must be"},
         {{str("mask", "full", true), str("plugin_namespace", "other", true)}, "plugin_namespace must be"},
-        {{str("mask", "full", true), str("plugin_version", "2", true)}, "plugin_version must be"},
-        {{str("mask", "full", true), Field{"theta", &theta, ja::field_type::kINT32, 1}}, "must be one float"},
-        {{str("mask", "full", true), Field{"sm_scale", &theta, ja::field_type::kFLOAT32, 2}}, "must be one float"},
-        {{Field{"mask", &theta, ja::field_type::kFLOAT32, 1}}, "must be a string"},
+        {{str("mask", "full", true), str("plugin_version", "1", true)}, "plugin_version must be"},
+        {{Field{"mask", &one, ja::field_type::kFLOAT32, 1}}, "must be a string"},
+        {{str("mask", "full", true), Field{"theta", &one, ja::field_type::kFLOAT32, 1}}, "unknown plugin field 'theta'"},
         {{str("mask", "full", true), str("causal", "1", true)}, "unknown plugin field 'causal'"},
     };
     for (Bad const& b : bad)
     {
         ja::Params params;
-        params.theta = 7.0F;
+        params.mask = ja::Mask::kIsolated;
         error.clear();
         CHECK(!ja::parseFields(b.fields.data(), static_cast<int32_t>(b.fields.size()), params, error));
         CHECK(error.find(b.expect) != std::string::npos);
-        CHECK(params.theta == 7.0F);
+        CHECK(params.mask == ja::Mask::kIsolated);
     }
-    float const negative = -1.0F;
-    std::vector<Field> negativeScale = {str("mask", "full", true), Field{"sm_scale", &negative, 1, 1}};
-    ja::Params params;
-    CHECK(!ja::parseFields(negativeScale.data(), 2, params, error));
-}
-
-static void testSmScale()
-{
-    CHECK(ja::smScaleSupported(0.0F, 128));
-    CHECK(ja::smScaleSupported(1.0F / std::sqrt(128.0F), 128));
-    CHECK(ja::smScaleSupported(0.125F, 64));
-    CHECK(!ja::smScaleSupported(0.125F, 128));
-    CHECK(!ja::smScaleSupported(0.1F, -1));
 }
 
 static std::vector<Dims> shapes(int64_t b, int64_t n, int64_t h, int64_t d)
 {
-    return {Dims{4, {b, n, h, d}}, Dims{4, {b, n, h, d}}, Dims{4, {b, n, h, d}}, Dims{2, {n, 3}}, Dims{1, {n}},
-        Dims{1, {1}}, Dims{1, {d / 2}}};
+    return {Dims{4, {b, n, h, d}}, Dims{4, {b, n, h, d}}, Dims{4, {b, n, h, d}}, Dims{1, {1}}};
 }
 
 static void testShapes()
 {
     std::string error;
     auto ok = shapes(2, 300, 12, 128);
-    CHECK(ja::checkInputShapes(ok.data(), 7, error));
+    CHECK(ja::checkInputShapes(ok.data(), 4, error));
     auto dynamic = shapes(-1, -1, 12, 128); // build-time wildcards pass
-    CHECK(ja::checkInputShapes(dynamic.data(), 7, error));
-    CHECK(!ja::checkInputShapes(ok.data(), 6, error));
+    CHECK(ja::checkInputShapes(dynamic.data(), 4, error));
+    CHECK(!ja::checkInputShapes(ok.data(), 7, error) && error.find("4 inputs") != std::string::npos);
 
     auto badK = ok;
     badK[ja::kK].d[2] = 6;
-    CHECK(!ja::checkInputShapes(badK.data(), 7, error) && error.find("k must") != std::string::npos);
-    auto badPos = ok;
-    badPos[ja::kPos] = Dims{2, {300, 2}};
-    CHECK(!ja::checkInputShapes(badPos.data(), 7, error) && error.find("pos") != std::string::npos);
+    CHECK(!ja::checkInputShapes(badK.data(), 4, error) && error.find("k must") != std::string::npos);
+    auto badV = ok;
+    badV[ja::kV].d[1] = 299;
+    CHECK(!ja::checkInputShapes(badV.data(), 4, error) && error.find("v must") != std::string::npos);
     auto badRank = ok;
     badRank[ja::kNVideo] = Dims{0, {}};
-    CHECK(!ja::checkInputShapes(badRank.data(), 7, error));
+    CHECK(!ja::checkInputShapes(badRank.data(), 4, error));
     CHECK(error.find("n_video must have rank 1") != std::string::npos);
-    auto badFreq = ok;
-    badFreq[ja::kInvFreq].d[0] = 128;
-    CHECK(!ja::checkInputShapes(badFreq.data(), 7, error) && error.find("inv_freq") != std::string::npos);
-    auto badScale = ok;
-    badScale[ja::kKeyScale].d[0] = 299;
-    CHECK(!ja::checkInputShapes(badScale.data(), 7, error) && error.find("key_scale") != std::string::npos);
+    auto badVideo = ok;
+    badVideo[ja::kNVideo].d[0] = 2;
+    CHECK(!ja::checkInputShapes(badVideo.data(), 4, error) && error.find("n_video must be [1]") != std::string::npos);
 
     CHECK(ja::checkLaunchDims(2, 32760 + 3 * 1560, 40, 128, error)); // Wan 14B, 480p x 81 frames + 3 refs
     CHECK(!ja::checkLaunchDims(1, 1 << 20, 40, 128, error) && error.find("int32") != std::string::npos);
@@ -222,7 +197,6 @@ static void testLaunchers()
 int main()
 {
     testParseFields();
-    testSmScale();
     testShapes();
     testSelect();
 #ifdef MVGEN_TEST_LAUNCHERS
