@@ -47,7 +47,7 @@ def compile_variant(gen_dir: Path, dtype: str, head_dim: int, mask: str, arch: i
     import triton
     from triton.tools.compile import CompileArgs, compile_kernel
 
-    block_m, _, warps, stages = launch_config(dtype, head_dim)
+    block_m, _, warps, stages = launch_config(dtype, head_dim, arch)
     name = variant_name(dtype, head_dim, mask, arch)
     previous = triton.runtime.driver._active
     triton.runtime.driver.set_active(_OfflineCudaDriver(arch))
@@ -55,7 +55,7 @@ def compile_variant(gen_dir: Path, dtype: str, head_dim: int, mask: str, arch: i
         compile_kernel(CompileArgs(
             path=str(Path(__file__).with_name("trt_kernel.py")), kernel_name=KERNEL, target=f"cuda:{arch}:32",
             num_warps=warps, num_stages=stages, out_name=name, out_path=gen_dir / name,
-            signature=aot_signature(dtype, head_dim, mask),
+            signature=aot_signature(dtype, head_dim, mask, arch),
             grid=f"(n_tokens + {block_m - 1}) / {block_m}, batch * n_heads, 1",
         ))
     finally:

@@ -87,7 +87,7 @@ def register_joint_attention_plugin() -> None:
         head_dim = int(q.shape_expr[3].constant_value())
         major, minor = torch.cuda.get_device_capability()
         compiled = compile_plugin_kernel(dtype, head_dim, mask, 10 * major + minor)
-        block_m = launch_config(dtype, head_dim)[0]
+        block_m = launch_config(dtype, head_dim, 10 * major + minor)[0]
         launch = trtp.KernelLaunchParams()
         launch.grid_x = trtp.cdiv(q.shape_expr[1], block_m)
         launch.grid_y = q.shape_expr[0] * q.shape_expr[2]

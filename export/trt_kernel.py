@@ -24,11 +24,13 @@ from kernels.joint_attention.kernel import MASK_IDS, POINTER_CONFIG_FP32, POINTE
 TRITON_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
-def launch_config(dtype: str, head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the plugin entry for a dtype and head dim."""
-    if head_dim not in POINTER_CONFIGS:
-        raise ValueError(f"the plugin kernel supports head_dim {sorted(POINTER_CONFIGS)}, got {head_dim}")
-    return POINTER_CONFIG_FP32 if dtype == "fp32" else POINTER_CONFIGS[head_dim]
+def launch_config(dtype: str, head_dim: int, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the plugin entry for a dtype, head dim and ``sm_<arch>``
+    (Blackwell and newer take Hopper's tiles)."""
+    head_dims = sorted({d for _, d in POINTER_CONFIGS})
+    if head_dim not in head_dims:
+        raise ValueError(f"the plugin kernel supports head_dim {head_dims}, got {head_dim}")
+    return POINTER_CONFIG_FP32 if dtype == "fp32" else POINTER_CONFIGS[(min(arch // 10, 9), head_dim)]
 
 
 @triton.jit
@@ -52,11 +54,11 @@ def joint_attention_plugin_kernel(
                        HEAD_DIM, MASK_MODE, "tf32", EMULATE_BF16, BLOCK_M, BLOCK_N)
 
 
-def plugin_constexprs(dtype: str, head_dim: int, mask: str, emulate_bf16: bool = False) -> dict:
+def plugin_constexprs(dtype: str, head_dim: int, mask: str, arch: int = 90, emulate_bf16: bool = False) -> dict:
     """Compile-time arguments of ``joint_attention_plugin_kernel`` for one specialisation."""
     if mask not in ("full", "isolated"):
         raise ValueError(f"the plugin kernel supports masks ('full', 'isolated'), got {mask!r}")
-    block_m, block_n, _, _ = launch_config(dtype, head_dim)
+    block_m, block_n, _, _ = launch_config(dtype, head_dim, arch)
     return dict(HEAD_DIM=head_dim, MASK_MODE=MASK_IDS[mask], IEEE_DOT=dtype == "fp32", EMULATE_BF16=emulate_bf16,
                 BLOCK_M=block_m, BLOCK_N=block_n)
 
@@ -73,18 +75,18 @@ def compile_plugin_kernel(dtype: str, head_dim: int, mask: str, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    constexprs = plugin_constexprs(dtype, head_dim, mask)
+    constexprs = plugin_constexprs(dtype, head_dim, mask, arch)
     signature = {**plugin_signature(dtype), **{name: "constexpr" for name in constexprs}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(signature.values()) if ty.startswith("*")}
-    _, _, warps, stages = launch_config(dtype, head_dim)
+    _, _, warps, stages = launch_config(dtype, head_dim, arch)
     source = ASTSource(fn=joint_attention_plugin_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": warps, "num_stages": stages})
 
 
-def aot_signature(dtype: str, head_dim: int, mask: str) -> str:
+def aot_signature(dtype: str, head_dim: int, mask: str, arch: int) -> str:
     """The ``--signature`` string of ``python -m triton.tools.compile`` for one specialisation."""
-    constexprs = plugin_constexprs(dtype, head_dim, mask)
+    constexprs = plugin_constexprs(dtype, head_dim, mask, arch)
     pointers = [f"{v}:16" if v.startswith("*") else v for v in plugin_signature(dtype).values()]
     values = [str(int(v)) if isinstance(v, bool) else repr(v) for v in constexprs.values()]
     return ", ".join(pointers + values)

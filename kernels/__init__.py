@@ -55,13 +55,13 @@ def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q
     """(Q, K) rotated by RoPE from positions, optionally RMSNorm'd across heads first (``weight_q``/``weight_k``
     [H*D]), Q times ``q_scale``, key j times ``key_scale[j]``; written to ``out_q``/``out_k`` when given.
     q [B, Nq, H, D] or None (keys only), k [B, Nk, H, D]; see ``qk_prologue_reference``."""
-    if q is None:  # a stream that gives keys only: an empty query block
-        q, q_pos = k[:, :0], k_pos[:0]
-        out_q = None if out_q is None else out_q[:, :0]
     kw = dict(weight_q=weight_q, weight_k=weight_k, eps=eps, q_scale=q_scale, key_scale=key_scale, theta=theta,
               out_q=out_q, out_k=out_k)
-    if _use_kernel(backend, (q, k), q.shape[-1] in ATTENTION_HEAD_DIMS):
+    if _use_kernel(backend, (k,), k.shape[-1] in ATTENTION_HEAD_DIMS):
         from .qk_prologue.kernel import qk_prologue_triton
+        if q is None:  # a stream that gives keys only: an empty query block in the same launch
+            kw["out_q"] = None if out_q is None else out_q[:, :0]
+            return None, qk_prologue_triton(k[:, :0], k, k_pos[:0], k_pos, **kw)[1]
         return qk_prologue_triton(q, k, q_pos, k_pos, **kw)
     return qk_prologue_reference(q, k, q_pos, k_pos, **kw)
 

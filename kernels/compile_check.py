@@ -110,7 +110,7 @@ def attention_pointers(dtype, head_dim, mask, BLOCK_M, BLOCK_N):
     t = _qkv(dtype, VIDEO_TOKENS + REF_TOKENS, head_dim=head_dim)
     n = t.shape[1]
     args = (t, t, t, t, *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], HEADS, n, n,
-            VIDEO_TOKENS, VIDEO_TOKENS, 1, 1)
+            VIDEO_TOKENS, VIDEO_TOKENS, TOKENS_PER_FRAME, REF_TOKENS // 3)
     meta = dict(HEAD_DIM=head_dim, MASK_MODE=attn.MASK_IDS[mask], DOT_PRECISION=dot_precision(t.dtype),
                 EMULATE_BF16=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     return attn._attention_fwd, args, meta
@@ -188,26 +188,30 @@ def _attention_variants(archs) -> list[tuple[Variant, int]]:
         return [c for c in attn.AUTOTUNE_CONFIGS if attn.config_fits(c[0], c[1], c[4], head_dim=head_dim, ieee=ieee,
                                                                      n_q=1 << 20, major=major, mask=mask, warps=c[2])]
 
+    def pointers(dtype, head_dim, mask, major, arch):
+        bm, bn, w, st = attn.POINTER_CONFIGS[(major, head_dim)]
+        return (Variant("_attention_fwd", f"{dtype} d{head_dim} {mask} {bm}x{bn} ptr",
+                        "kernels.compile_check:attention_pointers",
+                        dict(dtype=dtype, head_dim=head_dim, mask=mask, BLOCK_M=bm, BLOCK_N=bn), w, st), arch)
+
     out = []
     for arch in archs:
-        major = arch // 10
-        for m, n, w, s, ws in kept(128, False, major):  # every config the autotuner may pick, bf16 d128
-            out.append((tma("bf16", 128, "full", m, n, w, s, ws), arch))
-        m, n, w, s, ws = kept(128, False, major)[0]
-        out.append((tma("bf16", 128, "isolated", m, n, w, s, ws), arch))
-        out += [(tma("bf16", 128, "prototype", *c), arch) for c in kept(128, False, major, "prototype")[:2]]
-        out.append((tma("fp16", 128, "full", m, n, w, s, ws), arch))
-        out.append((tma("bf16", 64, "full", *kept(64, False, major)[0]), arch))
-        out.append((tma("fp32", 64, "prototype", *kept(64, True, major, "prototype")[0]), arch))
-        if (128, 64, 8, 3, False) not in kept(128, False, major):
-            out.append((tma("bf16", 128, "full", 128, 64, 8, 3, False), arch))
-        out.append((tma("fp16", 128, "full", 128, 64, 8, 3, False), arch))  # the tutorial comparison's tile
-        for dtype in ("bf16", "fp16"):  # the plugin / AOT entry (raw pointers)
-            for mask in ("full", "isolated"):
-                bm, bn, w, s = attn.POINTER_CONFIGS[128]
-                out.append((Variant("_attention_fwd", f"{dtype} d128 {mask} {bm}x{bn} ptr",
-                                    "kernels.compile_check:attention_pointers",
-                                    dict(dtype=dtype, head_dim=128, mask=mask, BLOCK_M=bm, BLOCK_N=bn), w, s), arch))
+        major = min(arch // 10, 9)
+        if major >= 9:  # the descriptor entry: what kernels.attention launches on Hopper and newer
+            for m, n, w, s, ws in kept(128, False, major):  # every config the autotuner may pick, bf16 d128
+                out.append((tma("bf16", 128, "full", m, n, w, s, ws), arch))
+            m, n, w, s, ws = kept(128, False, major)[0]
+            out.append((tma("bf16", 128, "isolated", m, n, w, s, ws), arch))
+            out += [(tma("bf16", 128, "prototype", *c), arch) for c in kept(128, False, major, "prototype")[:2]]
+            out.append((tma("fp16", 128, "full", m, n, w, s, ws), arch))
+            out.append((tma("bf16", 64, "full", *kept(64, False, major)[0]), arch))
+            out.append((tma("fp32", 64, "prototype", *kept(64, True, major, "prototype")[0]), arch))
+            if (128, 64, 8, 3, False) not in kept(128, False, major):
+                out.append((tma("bf16", 128, "full", 128, 64, 8, 3, False), arch))
+            out.append((tma("fp16", 128, "full", 128, 64, 8, 3, False), arch))  # the tutorial comparison's tile
+        # the pointer entry: the TensorRT plugin and AOT library everywhere, kernels.attention before Hopper
+        out += [pointers(dtype, 128, mask, major, arch) for dtype in ("bf16", "fp16") for mask in ("full", "isolated")]
+        out += [pointers("bf16", 128, "prototype", major, arch), pointers("bf16", 64, "full", major, arch)]
         for heads in (12, 40):  # Wan 1.3B and 14B
             out.append((Variant("_qk_prologue_fwd", f"bf16 H={heads} d128 norm+scales", "kernels.compile_check:prologue",
                                 dict(dtype="bf16", heads=heads), 0, 1), arch))
@@ -269,7 +273,8 @@ class _CompileOnlyDriver:
         return self.target
 
     def get_current_device(self):
-        return 0
+        # the JIT keeps compiled kernels per device: one "device" per target, or sm_80 would reuse sm_90's
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0
@@ -347,9 +352,10 @@ def sass(cubin: bytes) -> str:
 
 
 def hot_loop(disassembly: str) -> dict | None:
-    """The hot loop: of the loops holding the most tensor-core instructions, the shortest (the unmasked key
-    range, where the attention spends its time). A loop is a *predicated* backward branch to a label:
-    unconditional backward branches are the returns of out-of-line stubs (barrier waits), not loops. Returns
+    """The hot loop: of the innermost loops (a backward branch to a label whose span holds no other such
+    span) holding the most tensor-core instructions, the shortest (the unmasked key range, where the
+    attention spends its time). Out-of-line stubs (barrier waits) branch back over the whole kernel and are
+    never innermost. Returns
     its instruction count, MUFU operations and sin/cos among them, and how many loops hold MMAs at all."""
     labels, body = {}, []  # body: (opcode, modifiers, branch target or None)
     for line in disassembly.splitlines():
@@ -359,19 +365,20 @@ def hot_loop(disassembly: str) -> dict | None:
             continue
         ins = _INSTRUCTION.search(line)
         if ins:
-            predicated, op, mod = ins.groups()
-            target = _BRANCH_TARGET.search(line) if op == "BRA" and predicated else None
+            _, op, mod = ins.groups()
+            target = _BRANCH_TARGET.search(line) if op == "BRA" else None
             body.append((op, mod, target.group(1) if target else None))
+    edges = [(labels[t], end) for end, (_, _, t) in enumerate(body) if t in labels and labels[t] <= end]
     loops = []
-    for end, (_, _, target) in enumerate(body):
-        start = labels.get(target) if target else None
-        if start is not None and start <= end:
-            ops = body[start:end + 1]
-            mma = sum(op in _MMA for op, _, _ in ops)
-            if mma:
-                loops.append(dict(sass=len(ops), mma=mma, mufu=sum(op == "MUFU" for op, _, _ in ops),
-                                  trig=sum(op == "MUFU" and (mod.startswith(".SIN") or mod.startswith(".COS"))
-                                           for op, mod, _ in ops)))
+    for start, end in edges:
+        if any(start <= s2 and e2 <= end and (s2, e2) != (start, end) for s2, e2 in edges):
+            continue  # not innermost (out-of-line stubs jump back over the whole kernel, too)
+        ops = body[start:end + 1]
+        mma = sum(op in _MMA for op, _, _ in ops)
+        if mma:
+            loops.append(dict(sass=len(ops), mma=mma, mufu=sum(op == "MUFU" for op, _, _ in ops),
+                              trig=sum(op == "MUFU" and (mod.startswith(".SIN") or mod.startswith(".COS"))
+                                       for op, mod, _ in ops)))
     if not loops:
         return None
     best = max(loops, key=lambda lp: (lp["mma"], -lp["sass"]))

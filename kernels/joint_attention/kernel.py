@@ -180,8 +180,11 @@ AUTOTUNE_CONFIGS = [
     (64, 32, 4, 4, False),
     (32, 32, 4, 2, False),
 ]
-# the pointer entry (TensorRT plugin, AOT library): one (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim
-POINTER_CONFIGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3)}
+# the pointer entry (TensorRT plugin, AOT library): (BLOCK_M, BLOCK_N, num_warps, num_stages) per (SM major,
+# head dim), the largest tiles without spills as specialised (compile_check, tests/export/test_trt_kernel.py):
+# at head_dim 128, sm_80's mma.sync path spills 32 B at 128x64 and none at 128x32
+POINTER_CONFIGS = {(9, 64): (128, 64, 8, 3), (9, 128): (128, 64, 8, 3),
+                   (8, 64): (128, 64, 8, 3), (8, 128): (128, 32, 8, 3)}
 POINTER_CONFIG_FP32 = (32, 32, 4, 2)
 INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1, WARP_SPECIALIZE=False)
 
@@ -295,7 +298,15 @@ def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_f
                                                                           block_n=config["BLOCK_N"])
     args, meta = launch_args(q, k.contiguous(), v.contiguous(), result, n_video_q=n_video_q, n_video_k=n_video_k,
                              mask=mask, tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, **tiles)
-    if n_q and n_k:
+    if n_q and n_k and q.is_cuda and config is None and torch.cuda.get_device_capability(q.device)[0] < 9:
+        # before Hopper the descriptor entry lowers to plain loads that spill (compile_check): the pointer entry
+        bm, bn, warps, stages = POINTER_CONFIG_FP32 if q.dtype == torch.float32 else POINTER_CONFIGS[(8, q.shape[-1])]
+        k, v = k.contiguous(), v.contiguous()
+        _attention_fwd[(triton.cdiv(n_q, bm), batch * heads)](
+            q, k, v, result, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3], heads, n_q, n_k,
+            n_video_q, n_video_k, tokens_per_frame, proto_tokens, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+            num_stages=stages)
+    elif n_q and n_k:
         if config is None:
             _attention_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), batch * heads)](*args, **meta)
         else:

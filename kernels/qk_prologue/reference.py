@@ -36,6 +36,9 @@ def qk_prologue_one(x, pos, *, weight=None, eps=1e-6, scale=1.0, token_scale=Non
 
 def qk_prologue_reference(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
                           key_scale=None, theta=10000.0, out_q=None, out_k=None):
-    """(Q, K) through the prologue: q [B, Nq, H, D], k [B, Nk, H, D]; see ``qk_prologue_one``."""
-    return (qk_prologue_one(q, q_pos, weight=weight_q, eps=eps, scale=q_scale, theta=theta, out=out_q),
-            qk_prologue_one(k, k_pos, weight=weight_k, eps=eps, token_scale=key_scale, theta=theta, out=out_k))
+    """(Q, K) through the prologue: q [B, Nq, H, D] or None (keys only: Q comes back None), k [B, Nk, H, D];
+    see ``qk_prologue_one``."""
+    rotated_q = None if q is None else qk_prologue_one(q, q_pos, weight=weight_q, eps=eps, scale=q_scale,
+                                                       theta=theta, out=out_q)
+    return rotated_q, qk_prologue_one(k, k_pos, weight=weight_k, eps=eps, token_scale=key_scale, theta=theta,
+                                      out=out_k)

@@ -11,7 +11,7 @@ from engine import denoiser_io
 from engine.config import MvgenConfig
 from engine.denoiser import MultiViewWanTransformer
 from export.onnx_export import EXPORT_SIZES, export_denoiser
-from export.plugin import DOMAIN, OP_TYPE, count_nodes
+from export.plugin import DOMAIN, OP_TYPE, OP_VERSION, count_nodes
 from export.verify import verify_onnx
 
 # three shapes unlike the export-time sizes: R = 0, R = 3 with references larger than the video (negative
@@ -54,8 +54,9 @@ def test_plugin_graph_has_one_attention_node_per_layer(exported):
     nodes = [n for n in model.graph.node if n.domain == DOMAIN]
     assert len(nodes) == count_nodes(model) == oracle.config.num_layers
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes[0].attribute}
-    assert nodes[0].op_type == OP_TYPE and attrs["mask"] == b"full" and attrs["theta"] == 10000.0
-    assert any(o.domain == DOMAIN and o.version == 1 for o in model.opset_import)
+    assert nodes[0].op_type == OP_TYPE and attrs == {"mask": b"full", "plugin_namespace": b"mvgen"}
+    assert [len(n.input) for n in nodes] == [4] * len(nodes)  # q, k, v (rotated in-graph), n_video
+    assert any(o.domain == DOMAIN and o.version == OP_VERSION for o in model.opset_import)
     assert count_nodes(onnx.load(str(native), load_external_data=False)) == 0
 
 
