@@ -29,7 +29,7 @@ def rel_err(got, want) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
 
 
-def attention_case(gen, dtype, head_dim, mask, n_video, n_ref, heads=3, batch=2, device="cuda"):
+def attention_case(gen, dtype, head_dim, mask, n_video, n_ref, heads=3, batch=2, device="cuda", backend="triton"):
     n = n_video + n_ref
     q, k, v = (torch.randn(batch, n, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
     pos = torch.randint(-40, 60, (n, 3), generator=gen).to(device)
@@ -37,7 +37,7 @@ def attention_case(gen, dtype, head_dim, mask, n_video, n_ref, heads=3, batch=2,
     kw = dict(n_video_q=n_video, n_video_k=n_video, key_scale=key_scale, mask=mask, tokens_per_frame=7,
               proto_tokens=3)
     out = torch.full_like(q, float("nan"))
-    kernels.joint_attention(q, k, v, pos, pos, backend="triton", out=out, **kw)
+    kernels.joint_attention(q, k, v, pos, pos, backend=backend, out=out, **kw)
     want = kernels.joint_attention_reference(q.double(), k.double(), v.double(), pos, pos,
                                              **{**kw, "key_scale": key_scale.double()})
     return rel_err(out, want), bool(torch.isfinite(out).all())
@@ -51,10 +51,11 @@ def check_attention(gen):
                 for n_video, n_ref in ((133, 0), (250, 3 * 45), (4095, 771)):
                     if mask == "prototype" and n_ref == 0:
                         continue
-                    err, finite = attention_case(gen, dtype, head_dim, mask, n_video, n_ref)
-                    rows.append(dict(check="joint_attention", dtype=str(dtype).split(".")[-1], head_dim=head_dim,
-                                     mask=mask, tokens=f"{n_video}+{n_ref}", rel_err=err,
-                                     ok=finite and err < TOLERANCE[dtype]))
+                    for backend in ("triton", "sdpa"):  # prologue kernel + each attention path
+                        err, finite = attention_case(gen, dtype, head_dim, mask, n_video, n_ref, backend=backend)
+                        rows.append(dict(check=f"joint_attention ({backend})", dtype=str(dtype).split(".")[-1],
+                                         head_dim=head_dim, mask=mask, tokens=f"{n_video}+{n_ref}", rel_err=err,
+                                         ok=finite and err < TOLERANCE[dtype]))
     return rows
 
 
@@ -72,6 +73,14 @@ def check_small_kernels(gen):
         za, zb = r(2, 333, 1536).to(dtype), r(2, 333, 1536).to(dtype)
         cases["distribution_fusion"] = (kernels.distribution_fusion(za, zb, backend="triton"),
                                         kernels.distribution_fusion_reference(za.double(), zb.double()))
+        q, k = r(2, 333, 12, 128).to(dtype), r(2, 301, 12, 128).to(dtype)
+        qp, kp = (torch.randint(-120, 120, (n, 3), generator=gen).cuda() for n in (333, 301))
+        wq, wk, ks = r(1536), r(1536), r(301).abs() + 0.25
+        got_q, got_k = kernels.qk_prologue(q, k, qp, kp, weight_q=wq, weight_k=wk, q_scale=0.13, key_scale=ks,
+                                           backend="triton")
+        want_q, want_k = kernels.qk_prologue_reference(q.double(), k.double(), qp, kp, weight_q=wq.double(),
+                                                       weight_k=wk.double(), q_scale=0.13, key_scale=ks.double())
+        cases["qk_prologue (q)"], cases["qk_prologue (k)"] = (got_q, want_q), (got_k, want_k)
         for name, (got, want) in cases.items():
             err = rel_err(got, want)
             rows.append(dict(check=name, dtype=str(dtype).split(".")[-1], rel_err=err,
@@ -89,14 +98,17 @@ def check_denoiser():
     r = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     x = dict(latents=r(2, 16, 5, 30, 52), condition=r(2, 20, 5, 30, 52), timestep=torch.full((2,), 700.0,
              device="cuda"), text=r(2, 512, 4096), image_context=r(2, 257, 1280), ref_latents=r(2, 3, 16, 30, 30))
+    rows = []
     with torch.no_grad():
         den.config = cfg.replace(attention_backend="reference")
         want = den(**x)
-        den.config = cfg.replace(attention_backend="triton")
-        got = den(**x)
-    err = rel_err(got, want)
-    return [dict(check="denoiser (1.3B width, 2 layers)", dtype="bfloat16", rel_err=err,
-                 ok=bool(torch.isfinite(got).all()) and err < 2e-2)]
+        for backend in ("triton", "sdpa", "auto"):
+            den.config = cfg.replace(attention_backend=backend)
+            got = den(**x)
+            err = rel_err(got, want)
+            rows.append(dict(check=f"denoiser (1.3B width, 2 layers, {backend})", dtype="bfloat16", rel_err=err,
+                             ok=bool(torch.isfinite(got).all()) and err < 2e-2))
+    return rows
 
 
 def main(argv=None) -> int:

@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call, for a lent GPU node or a deployment target:
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]
-# 1. kernel correctness on the hardware (benchmarks/gpu_checks.py), 2. kernel benchmarks
-# (benchmarks/kernels.py), 3. the TensorRT build/refit/plugin tests where TensorRT is installed.
-# Results: OUT_DIR/{gpu.txt,gpu_checks.*,kernels.*,tensorrt.txt}. Exit status 1 if any step failed.
-set -u
+# 1. kernel correctness on the hardware (benchmarks/gpu_checks.py: prologue, attention on each backend, the
+# denoiser on triton/sdpa/auto vs the reference path), 2. kernel benchmarks (benchmarks/kernels.py: prologue
+# + Triton kernel, prologue + SDPA, RoPE-in-PyTorch + SDPA/flash_attn, bare SDPA), 3. the compile figures
+# (kernels.compile_check), 4. the TensorRT build/refit/plugin tests where TensorRT is installed.
+# Results: OUT_DIR/{gpu.txt,gpu_checks.*,kernels.*,compile_check.*,tensorrt.txt}. Exit status 1 if any step
+# failed (each failure is named in the log).
+set -u -o pipefail  # a step piped into tee fails with its own status, not tee's
 OUT=${1:-${OUT:-out/gpu}}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
 status=0
-step() { echo "== $*"; "$@" || status=1; }
+step() { echo "== $*"; "$@" || { echo "== FAILED ($?): $*"; status=1; }; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 step $PY -m benchmarks.gpu_checks --out "$OUT"
 step $PY -m benchmarks.kernels --out "$OUT"
+# the static figures of the kernels as launched, next to the measured ones
+step $PY -m kernels.compile_check --arch 90 80 --json "$OUT/compile_check.json" --markdown "$OUT/compile_check.md"
 if $PY -c "import tensorrt" 2>/dev/null; then
-    step $PY -m pytest -q tests/export/test_tensorrt.py 2>&1 | tee "$OUT/tensorrt.txt"
+    tensorrt_tests() { $PY -m pytest -q tests/export/test_tensorrt.py 2>&1 | tee "$OUT/tensorrt.txt"; }
+    step tensorrt_tests
 else
     echo "skipped: tensorrt not installed" | tee "$OUT/tensorrt.txt"
 fi

@@ -4,7 +4,8 @@
 
 joint_attention at Wan shapes (1.3B: 12 x 128 heads, 14B: 40 x 128; 81 frames -> 21 latent frames at 480p
 (30 x 52 tokens per frame) and 720p (45 x 80); 0 or 3 references of 480x480 / 720x720 -> 30x30 / 45x45
-tokens each), batch 1, mask ``full``, per-view key scales when references are present, against
+tokens each), batch 1, mask ``full``, per-view key scales when references are present: the engine's paths
+(QK prologue kernel, then the Triton kernel or SDPA on the rotated tensors; the prologue alone) against
   - RoPE (and key scales) applied with PyTorch, then SDPA pinned to the flash and to the cuDNN backend;
   - SDPA (flash, cuDNN) on the same tensors without RoPE: the bare attention the kernel must stay near;
   - RoPE with PyTorch, then FlashAttention's ``flash_attn_func``, if ``flash_attn`` is importable.
@@ -76,10 +77,20 @@ def _rope_then(attend, pos, key_scale):
 
 
 def attention_methods(pos, n_video, key_scale):
+    """Each way to compute the joint attention from unrotated Q/K: the engine's paths (QK prologue kernel, then
+    the Triton kernel or SDPA on the rotated tensors), RoPE in PyTorch then SDPA/flash_attn (what a hand-rolled
+    script does), and bare SDPA without RoPE (the floor). ``prologue only`` is the prologue's share."""
     import kernels
+
+    def ours(backend):
+        return lambda q, k, v: kernels.joint_attention(q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video,
+                                                       key_scale=key_scale, backend=backend)
+
     methods = {
-        "triton, in-kernel RoPE": lambda q, k, v: kernels.joint_attention(
-            q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video, key_scale=key_scale, backend="triton"),
+        "prologue + triton": ours("triton"),
+        "prologue + SDPA (auto)": ours("sdpa"),
+        "prologue only": lambda q, k, v: kernels.qk_prologue(q, k, pos, pos, q_scale=0.127, key_scale=key_scale,
+                                                             backend="triton"),
         "RoPE + SDPA flash": _rope_then(_sdpa("FLASH_ATTENTION"), pos, key_scale),
         "RoPE + SDPA cuDNN": _rope_then(_sdpa("CUDNN_ATTENTION"), pos, key_scale),
         "SDPA flash, no RoPE": _sdpa("FLASH_ATTENTION"),
@@ -116,8 +127,8 @@ def bench_attention(case, repeats):
             continue
         row.update(ms=1e3 * median(samples), tflops=flops / median(samples) / 1e12, samples_s=samples)
         rows.append(row)
-    from kernels.joint_attention.kernel import _joint_attention_tuned
-    best = getattr(_joint_attention_tuned, "best_config", None)
+    from kernels.joint_attention.kernel import _attention_tuned
+    best = getattr(_attention_tuned, "best_config", None)
     rows[0]["note"] = f"autotuned: {best}" if best is not None else ""
     return rows
 
@@ -143,14 +154,12 @@ def bench_memory_bound(quick, repeats):
             feats = randn(1, 3, per_ref, hidden)
             x, y = randn(1, tokens, hidden), randn(1, tokens, hidden)
             mod = torch.randn(1, 1, hidden, device=device, generator=gen)
-            w = torch.randn(hidden, device=device, generator=gen)
             elt = 2  # bytes per bf16 element
             ops = {
                 "prototype_aggregate": (lambda b: kernels.prototype_aggregate(pose_q, pose_k, feats, backend=b),
                                         elt * (pose_q.numel() + pose_k.numel() + feats.numel()
                                                + FRAMES * per_ref * hidden) + 4 * FRAMES * 3 * per_ref),
                 "adaln_layernorm": (lambda b: kernels.adaln_layernorm(x, mod, mod, backend=b), 2 * elt * x.numel()),
-                "qk_rmsnorm": (lambda b: kernels.qk_rmsnorm(x, y, w, w, backend=b), 4 * elt * x.numel()),
                 "gated_residual": (lambda b: kernels.gated_residual(x, y, mod, backend=b), 3 * elt * x.numel()),
                 "distribution_fusion": (lambda b: kernels.distribution_fusion(x, y, backend=b), 3 * elt * x.numel()),
             }
