@@ -44,11 +44,12 @@ VIDEO_TOKENS, REF_TOKENS, HEADS, TOKENS_PER_FRAME = 32760, 4680, 12, 1560
 
 @dataclass(frozen=True)
 class Variant:
-    """One compilation: ``builder`` ("module:function") returns (jit function, args, kwargs) for a warmup;
-    ``params`` are its keyword arguments (picklable, so variants travel to worker processes)."""
+    """One compilation: ``builder`` ("module:function") returns (jit function, args, kwargs) for a warmup,
+    ``params`` being its keyword arguments (picklable, so variants travel to worker processes); ``builder``
+    None: ``params`` name the kernel, its pointer types and constexprs for ``triton.compile``."""
     kernel: str
     label: str
-    builder: str
+    builder: str | None
     params: dict
     num_warps: int
     num_stages: int
@@ -169,11 +170,6 @@ def _load_tutorial(path):
     return module._attn_fwd_tma
 
 
-def by_signature(kernel, pointers, constexprs, floats=()):
-    """A kernel without a ``launch_args`` builder: (function, signature, constexprs, alignment attrs)."""
-    return kernel, pointers, constexprs, tuple(floats)
-
-
 # ---- the variants ----------------------------------------------------------------------------------------
 def _attention_variants(archs) -> list[tuple[Variant, int]]:
     from .joint_attention import kernel as attn
@@ -244,7 +240,7 @@ def _signature_variants(archs) -> list[tuple[Variant, int]]:
             specs.append((f"kernels.fusions.kernel:{name}", f"bf16 C={channels}",
                           {p: "*fp32" if p in ("Shift", "Scale", "Gate") else "*bf16" for p in pointers},
                           dict(BLOCK_C=block, EMULATE_BF16=False), ("eps",), warps, 1))
-    return [(Variant(spec.split(":")[1], label, "kernels.compile_check:by_signature",
+    return [(Variant(spec.split(":")[1], label, None,
                      dict(kernel=spec, pointers=pointers, constexprs=consts, floats=floats), warps, stages), arch)
             for arch in archs for spec, label, pointers, consts, floats, warps, stages in specs]
 
@@ -321,7 +317,7 @@ def _compile_by_signature(v: Variant, arch: int):
 
 
 def _compile(v: Variant, arch: int):
-    if v.builder.endswith(":by_signature"):
+    if v.builder is None:
         return _compile_by_signature(v, arch)
     with compile_only(arch):
         fn, args, meta = _load(v.builder)(**v.params)
@@ -435,7 +431,7 @@ def probe() -> str | None:
         return f"triton does not import: {exc}"
     if "nvidia" not in backends:
         return f"triton has no CUDA backend (backends: {sorted(backends)})"
-    v = Variant("_distribution_fusion_fwd", "probe", "kernels.compile_check:by_signature",
+    v = Variant("_distribution_fusion_fwd", "probe", None,
                 dict(kernel="kernels.fusions.kernel:_distribution_fusion_fwd",
                      pointers={"A": "*fp32", "B": "*fp32", "Out": "*fp32"},
                      constexprs=dict(BLOCK_C=64, EMULATE_BF16=False), floats=("eps",)), 1, 1)
