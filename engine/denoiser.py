@@ -141,8 +141,9 @@ class StreamBlock(nn.Module):
     def __init__(self, cfg: MvgenConfig, identity: bool = False):
         super().__init__()
         dim = cfg.inner_dim
-        # the fused AdaLN/gated-residual kernels on GPU (one read, one write each), their references on CPU
-        self.fusion_backend = kernel_backend(cfg.attention_backend)
+        # the fused AdaLN/gated-residual kernels on GPU (one read, one write each), their references on CPU; follows
+        # the model's config (MultiViewWanTransformer.config)
+        self.backend = kernel_backend(cfg.attention_backend)
         self.norm1 = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.attn1 = Attention(dim, cfg.num_attention_heads, cfg.eps)
         # identity: M2HVideo's adapter in the cross-attention, on video-stream blocks only (engine.modes.identity)
@@ -159,7 +160,7 @@ class StreamBlock(nn.Module):
 
     def attention_input(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
         """The self-attention's input: norm1 modulated by this stream's shift and scale."""
-        return adaln_layernorm(x, mod.shift_msa, mod.scale_msa, eps=self.norm1.eps, backend=self.fusion_backend)
+        return adaln_layernorm(x, mod.shift_msa, mod.scale_msa, eps=self.norm1.eps, backend=self.backend)
 
     def self_attention_inputs(self, x: torch.Tensor, mod: Modulation):
         """Normalised Q/K (not rotated) and V of this stream: what a reference cache keeps."""
@@ -177,10 +178,10 @@ class StreamBlock(nn.Module):
     def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image, identity=None) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention; identity [B, L, D] or None (video only)
         out = self.attn1.to_out[0](attn.flatten(2).contiguous())
-        x = gated_residual(x, out, mod.gate_msa, backend=self.fusion_backend)
+        x = gated_residual(x, out, mod.gate_msa, backend=self.backend)
         x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image, identity)
-        h = adaln_layernorm(x, mod.c_shift, mod.c_scale, eps=self.norm3.eps, backend=self.fusion_backend)
-        return gated_residual(x, self.ffn(h), mod.c_gate, backend=self.fusion_backend)
+        h = adaln_layernorm(x, mod.c_shift, mod.c_scale, eps=self.norm3.eps, backend=self.backend)
+        return gated_residual(x, self.ffn(h), mod.c_gate, backend=self.backend)
 
 
 class TimestepEmbedding(nn.Module):
@@ -304,7 +305,7 @@ class MultiViewWanTransformer(nn.Module):
 
     def __init__(self, config: MvgenConfig):
         super().__init__()
-        self.config = cfg = config
+        self._config = cfg = config
         dim = cfg.inner_dim
         self.patch_embedding = nn.Conv3d(cfg.in_channels, dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.ref_patch_embedding: nn.Conv3d | None = None
@@ -329,6 +330,20 @@ class MultiViewWanTransformer(nn.Module):
         # ProFashion PPA's pose encoder and per-layer pose selectors (engine.modes.prototype)
         self.prototype = PrototypeAggregator(cfg) if cfg.ref_attention == "prototype" else None
 
+    @property
+    def config(self) -> MvgenConfig:
+        return self._config
+
+    @config.setter
+    def config(self, cfg: MvgenConfig) -> None:
+        """A new configuration reaches every kernel dispatch of the model: the attention reads it per call, the
+        blocks' fusions and the modes' kernels (``backend`` attributes) are told here, so switching
+        ``attention_backend`` on one set of weights switches every kernel (parity tests, GPU comparisons)."""
+        self._config = cfg
+        for module in self.modules():
+            if isinstance(module, (StreamBlock, IdentityCrossAttention, PrototypeAggregator)):
+                module.backend = kernel_backend(cfg.attention_backend)
+
     # ---- pieces -------------------------------------------------------------------------------------------
     def reference_block(self, i: int) -> StreamBlock:
         return self.ref_blocks[i] if self.ref_blocks is not None else self.blocks[i]
@@ -351,7 +366,7 @@ class MultiViewWanTransformer(nn.Module):
         if embed.in_channels != c:
             z = torch.cat([z, torch.ones_like(z[:, :4]), z], dim=1)
         tokens = batch_invariant(embed, z.to(embed.weight.dtype)).flatten(2).transpose(1, 2)  # [B*R, hr*wr, D]
-        return tokens.reshape(b, -1, tokens.shape[-1])
+        return tokens.reshape(b, -1, tokens.shape[-1]).contiguous()  # the row-wise fusion kernels read rows
 
     def reference_key_scale(self, num_video: int, num_refs: int, tokens_per_ref: int, device) -> torch.Tensor:
         """Per-key logit multiplier: 1 for video keys, omega_m for the keys of view m (MVAnimate)."""

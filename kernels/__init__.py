@@ -126,16 +126,17 @@ def prototype_aggregate(pose_q, pose_k, ref_feats, *, sm_scale=None, backend="au
 
 
 def adaln_layernorm(x, shift, scale, *, eps=1e-6, backend="auto"):
-    """``LayerNorm(x) * (1 + scale) + shift`` over the channel dim; see ``adaln_layernorm_reference``."""
-    if _use_kernel(backend, (x, shift, scale)):
+    """``LayerNorm(x) * (1 + scale) + shift`` over the channel dim; see ``adaln_layernorm_reference``. ``auto``
+    takes the kernel for contiguous rows only (the kernel reads whole rows)."""
+    if _use_kernel(backend, (x, shift, scale), x.is_contiguous() and x.numel() > 0):
         from .fusions.kernel import adaln_layernorm_triton
         return adaln_layernorm_triton(x, shift, scale, eps=eps)
     return adaln_layernorm_reference(x, shift, scale, eps=eps)
 
 
 def gated_residual(x, y, gate, *, backend="auto"):
-    """``x + y * gate``; see ``gated_residual_reference``."""
-    if _use_kernel(backend, (x, y, gate)):
+    """``x + y * gate``; see ``gated_residual_reference`` (``auto``: the kernel for contiguous x and y)."""
+    if _use_kernel(backend, (x, y, gate), x.is_contiguous() and y.is_contiguous() and x.numel() > 0):
         from .fusions.kernel import gated_residual_triton
         return gated_residual_triton(x, y, gate)
     return gated_residual_reference(x, y, gate)
