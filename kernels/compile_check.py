@@ -105,16 +105,13 @@ def attention_tma(dtype, head_dim, mask, BLOCK_M, BLOCK_N, WARP_SPECIALIZE):
 
 def attention_pointers(dtype, head_dim, mask, BLOCK_M, BLOCK_N):
     """``_attention_fwd`` (raw pointers and strides: the TensorRT plugin's and the AOT library's entry)."""
-    from ._common import dot_precision
     from .joint_attention import kernel as attn
 
     t = _qkv(dtype, VIDEO_TOKENS + REF_TOKENS, head_dim=head_dim)
     n = t.shape[1]
     args = (t, t, t, t, *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], HEADS, n, n,
             VIDEO_TOKENS, VIDEO_TOKENS, TOKENS_PER_FRAME, REF_TOKENS // 3)
-    meta = dict(HEAD_DIM=head_dim, MASK_MODE=attn.MASK_IDS[mask], DOT_PRECISION=dot_precision(t.dtype),
-                EMULATE_BF16=False, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
-    return attn._attention_fwd, args, meta
+    return attn._attention_fwd, args, attn._meta(t, mask) | dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 def prologue(dtype, heads):

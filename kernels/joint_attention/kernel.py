@@ -262,7 +262,7 @@ def _descriptor(t: torch.Tensor, rows: int):
 
     if not (t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(1) == t.shape[2] * t.shape[3]):
         t = t.contiguous()
-    return TensorDescriptor.from_tensor(t.flatten(2), [1, rows, t.shape[-1]]), t
+    return TensorDescriptor.from_tensor(t.flatten(2), [1, rows, t.shape[-1]])
 
 
 def launch_args(q, k, v, out, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1,
@@ -270,17 +270,18 @@ def launch_args(q, k, v, out, *, n_video_q, n_video_k, mask="full", tokens_per_f
     """The positional arguments and compile-time metadata of ``_attention_fwd_tma`` for one call (shared by the
     launcher and by ``kernels.compile_check``, which compiles exactly what a launch specialises); descriptors
     start at (block_m, block_n) tiles, the autotuner's pre-hook resizes them per config."""
-    batch, n_q, heads, head_dim = q.shape
+    _, n_q, heads, _ = q.shape
     n_k = k.shape[1]
-    desc_q, _ = _descriptor(q, block_m)
-    desc_k, _ = _descriptor(k, block_n)
-    desc_v, _ = _descriptor(v, block_n)
-    desc_o, _ = _descriptor(out, block_m)
-    args = (desc_q, desc_k, desc_v, desc_o, heads, n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
+    args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
+            heads, n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
             triton.next_power_of_2(max(n_q, 1)), triton.next_power_of_2(max(n_k, 1)))
-    meta = dict(HEAD_DIM=head_dim, MASK_MODE=MASK_IDS[mask], DOT_PRECISION=dot_precision(q.dtype),
+    return args, _meta(q, mask)
+
+
+def _meta(q: torch.Tensor, mask: str) -> dict:
+    """The compile-time arguments both entries share."""
+    return dict(HEAD_DIM=q.shape[-1], MASK_MODE=MASK_IDS[mask], DOT_PRECISION=dot_precision(q.dtype),
                 EMULATE_BF16=emulate_bf16(q.dtype))
-    return args, meta
 
 
 def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1, out=None,
@@ -294,25 +295,25 @@ def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_f
     result = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None or not out.is_contiguous() else out
     if config is None and interpreting():
         config = INTERPRETER_CONFIG
-    tiles = dict(block_m=128, block_n=128) if config is None else dict(block_m=config["BLOCK_M"],
-                                                                          block_n=config["BLOCK_N"])
-    args, meta = launch_args(q, k.contiguous(), v.contiguous(), result, n_video_q=n_video_q, n_video_k=n_video_k,
-                             mask=mask, tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, **tiles)
-    if n_q and n_k and q.is_cuda and config is None and torch.cuda.get_device_capability(q.device)[0] < 9:
-        # before Hopper the descriptor entry lowers to plain loads that spill (compile_check): the pointer entry
+    if not (n_q and n_k):
+        result.zero_()
+    elif q.is_cuda and config is None and torch.cuda.get_device_capability(q.device)[0] < 9:
+        # before Hopper the descriptor entry lowers to plain loads that spill (compile_check): the pointer entry,
+        # which takes any strides
         bm, bn, warps, stages = POINTER_CONFIG_FP32 if q.dtype == torch.float32 else POINTER_CONFIGS[(8, q.shape[-1])]
-        k, v = k.contiguous(), v.contiguous()
         _attention_fwd[(triton.cdiv(n_q, bm), batch * heads)](
             q, k, v, result, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3], heads, n_q, n_k,
-            n_video_q, n_video_k, tokens_per_frame, proto_tokens, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-            num_stages=stages)
-    elif n_q and n_k:
+            n_video_q, n_video_k, tokens_per_frame, proto_tokens, **_meta(q, mask), BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=warps, num_stages=stages)
+    else:  # descriptors (copying tensors whose heads are not packed)
+        tiles = dict(block_m=128, block_n=128) if config is None else dict(block_m=config["BLOCK_M"],
+                                                                              block_n=config["BLOCK_N"])
+        args, meta = launch_args(q, k, v, result, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask,
+                                 tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, **tiles)
         if config is None:
             _attention_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), batch * heads)](*args, **meta)
         else:
             _attention_fwd_tma[(triton.cdiv(n_q, tiles["block_m"]), batch * heads)](*args, **meta, **config)
-    else:
-        result.zero_()
     if out is not None and result is not out:
         out.copy_(result)
         return out
