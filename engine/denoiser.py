@@ -19,6 +19,7 @@ from .config import MvgenConfig
 from .modes.identity import IdentityCrossAttention
 from .modes.prototype import PrototypeAggregator, prototype_positions
 from .modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
+from .parallel import ParallelLayout, SequenceParallel
 from .positions import grid_positions, rd_rope_positions
 
 
@@ -111,7 +112,8 @@ class StreamQKV:
     """One stream's share of a joint self-attention (``MultiViewWanTransformer._attend``): its Q/K/V
     [B, N, H, Dh] (``q`` None: the stream gives keys only), positions [N, 3], per-key logit scales [N] or None,
     and ``norm``, the attention whose RMSNorm across heads the QK prologue still applies (None: q/k are
-    normalised already)."""
+    normalised already). ``tokens``: under sequence parallel, the stream's token count over all ranks when this
+    rank holds a shard (``engine.parallel``); None when it holds the stream whole."""
 
     q: torch.Tensor | None
     k: torch.Tensor
@@ -119,6 +121,7 @@ class StreamQKV:
     pos: torch.Tensor
     norm: Attention | None = None
     key_scale: torch.Tensor | None = None
+    tokens: int | None = None
 
 
 @dataclass
@@ -168,12 +171,12 @@ class StreamBlock(nn.Module):
         return self.attn1.project_qkv(h, h)
 
     def self_attention_stream(self, x: torch.Tensor, mod: Modulation, pos: torch.Tensor,
-                              key_scale: torch.Tensor | None = None) -> StreamQKV:
+                              key_scale: torch.Tensor | None = None, tokens: int | None = None) -> StreamQKV:
         """This stream's raw Q/K projections and V: RMSNorm and RoPE happen in the QK prologue."""
         h = self.attention_input(x, mod)
         attn = self.attn1
         return StreamQKV(attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h)),
-                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale)
+                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens)
 
     def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image, identity=None) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention; identity [B, L, D] or None (video only)
@@ -283,6 +286,15 @@ class ReferenceCache:
         """What must agree for caches to share a batch: references, their grid and the video grid."""
         return self.num_refs, self.ref_hw, self.video_fhw
 
+    def rows_slice(self, start: int, count: int) -> "ReferenceCache":
+        """Rows ``start`` .. ``start + count`` of the batch (past the last row, row 0 repeats: a padded batch)."""
+        def rows(t):
+            if start + count > t.shape[0]:
+                t = torch.cat([t, t[:1].expand(start + count - t.shape[0], *t.shape[1:])])
+            return t[start:start + count]
+
+        return ReferenceCache([rows(k) for k in self.keys], [rows(v) for v in self.values], *self.layout)
+
     @classmethod
     def cat(cls, caches: list["ReferenceCache"], pad_to: int = 0) -> "ReferenceCache":
         """The caches of several requests stacked along the batch (rows padded by repeating row 0)."""
@@ -329,6 +341,8 @@ class MultiViewWanTransformer(nn.Module):
             self.view_omega = None
         # ProFashion PPA's pose encoder and per-layer pose selectors (engine.modes.prototype)
         self.prototype = PrototypeAggregator(cfg) if cfg.ref_attention == "prototype" else None
+        # this rank's token shards and the Ulysses all-to-alls (engine.parallel); None: one process holds all
+        self.sequence_parallel: SequenceParallel | None = None
 
     @property
     def config(self) -> MvgenConfig:
@@ -343,6 +357,18 @@ class MultiViewWanTransformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (StreamBlock, IdentityCrossAttention, PrototypeAggregator)):
                 module.backend = kernel_backend(cfg.attention_backend)
+
+    def parallelize(self, sp: SequenceParallel | None) -> None:
+        """Run every later call as one rank of a sequence-parallel group (None: alone again). The video and the
+        joint reference stream are sharded by tokens; a cached or prototype reference stream, small and computed
+        once, is held whole by every rank."""
+        if sp is not None:
+            ParallelLayout(sp.size).check_heads(self.config.num_attention_heads)
+            if self.view_omega is not None:
+                raise ValueError("view_attention='multiview' (MVAnimate Eq. 2) reads each video token's aligned "
+                                 "reference cell across the views; it is not supported under sequence parallel "
+                                 "(sp > 1): serve it with sp=1")
+        self.sequence_parallel = sp
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def reference_block(self, i: int) -> StreamBlock:
@@ -392,28 +418,60 @@ class MultiViewWanTransformer(nn.Module):
     def _attend(self, streams: list[StreamQKV], n_video_q: int, n_video_k: int, *, mask=None, tokens_per_frame=1,
                 proto_tokens=1) -> torch.Tensor:
         """The self-attentions' one dispatch point over the streams' tokens in order (queries of the streams
-        that have them); ``mask`` defaults to the config's ``ref_attention``. Each stream goes through the QK
-        prologue (its RMSNorm, RoPE at its positions, the softmax scale into Q, its key scales into K) straight
-        into its slice of the joint Q/K, then the attention runs on the rotated tensors."""
-        cfg = self.config
+        that have them); ``mask`` defaults to the config's ``ref_attention``; ``n_video_q``/``n_video_k`` count
+        the whole video stream. Each stream goes through the QK prologue (its RMSNorm, RoPE at its positions,
+        the softmax scale into Q, its key scales into K) straight into its slice of the joint Q/K, then the
+        attention runs on the rotated tensors. Streams this rank holds a shard of (``tokens`` set) go through
+        the Ulysses all-to-alls (``_attend_sharded``)."""
+        mask = mask or self.config.ref_attention
+        if self.sequence_parallel is not None and any(s.tokens is not None for s in streams):
+            return self._attend_sharded(streams, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens)
         first = streams[0].k
         b, _, heads, head_dim = first.shape
         n_q = sum(s.q.shape[1] for s in streams if s.q is not None)
         q_all = first.new_empty(b, n_q, heads, head_dim)
         k_all = first.new_empty(b, sum(s.k.shape[1] for s in streams), heads, head_dim)
-        q_scale = LOG2E / math.sqrt(head_dim)
         q_at = k_at = 0
         for s in streams:
             n_q_s, n_k_s = (0 if s.q is None else s.q.shape[1]), s.k.shape[1]
-            norm = s.norm
-            qk_prologue(s.q, s.k, s.pos, s.pos, weight_q=None if norm is None else norm.norm_q.weight,
-                        weight_k=None if norm is None else norm.norm_k.weight, eps=cfg.eps, q_scale=q_scale,
-                        key_scale=s.key_scale, theta=cfg.rope_theta, out_q=q_all[:, q_at:q_at + n_q_s],
-                        out_k=k_all[:, k_at:k_at + n_k_s], backend=kernel_backend(cfg.attention_backend))
+            self._prologue(s, q_all[:, q_at:q_at + n_q_s], k_all[:, k_at:k_at + n_k_s])
             q_at, k_at = q_at + n_q_s, k_at + n_k_s
         v_all = torch.cat([s.v for s in streams], 1) if len(streams) > 1 else streams[0].v
-        return self._rotated_attention(q_all, k_all, v_all, n_video_q, n_video_k, mask or cfg.ref_attention,
-                                       tokens_per_frame, proto_tokens)
+        return self._rotated_attention(q_all, k_all, v_all, n_video_q, n_video_k, mask, tokens_per_frame,
+                                       proto_tokens)
+
+    def _prologue(self, s: StreamQKV, out_q: torch.Tensor | None, out_k: torch.Tensor) -> None:
+        cfg, norm = self.config, s.norm
+        qk_prologue(s.q, s.k, s.pos, s.pos, weight_q=None if norm is None else norm.norm_q.weight,
+                    weight_k=None if norm is None else norm.norm_k.weight, eps=cfg.eps,
+                    q_scale=LOG2E / math.sqrt(s.k.shape[-1]), key_scale=s.key_scale, theta=cfg.rope_theta,
+                    out_q=out_q, out_k=out_k, backend=kernel_backend(cfg.attention_backend))
+
+    def _attend_sharded(self, streams, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens) -> torch.Tensor:
+        """Ulysses: each sharded stream's rotated Q/K and V [B, N/sp, H, D] become [B, N, H/sp, D] in one
+        all-to-all (a stream held whole gives its keys for this rank's heads), the attention runs over every
+        token on H/sp heads, and each query stream's rows go back to token shards [B, N/sp, H, D]."""
+        sp = self.sequence_parallel
+        queries, keys, values, rows = [], [], [], []
+        for s in streams:
+            q = None if s.q is None else torch.empty_like(s.q)
+            k = torch.empty_like(s.k)
+            self._prologue(s, q, k)
+            if s.tokens is None:
+                if q is not None:
+                    raise ValueError("under sequence parallel, a stream every rank holds whole gives keys only")
+                keys.append(sp.head_slice(k))
+                values.append(sp.head_slice(s.v))
+                continue
+            parts = sp.tokens_to_heads(torch.stack([k, s.v] if q is None else [q, k, s.v]), s.tokens).unbind(0)
+            if q is not None:
+                queries.append(parts[0])
+                rows.append(s.tokens)
+            keys.append(parts[-2])
+            values.append(parts[-1])
+        attn = self._rotated_attention(torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1), n_video_q,
+                                       n_video_k, mask, tokens_per_frame, proto_tokens)
+        return torch.cat([sp.heads_to_tokens(part, n) for part, n in zip(attn.split(rows, 1), rows)], 1)
 
     def _rotated_attention(self, q, k, v, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
         """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this."""
@@ -488,6 +546,10 @@ class MultiViewWanTransformer(nn.Module):
         x = x.flatten(2).transpose(1, 2).contiguous()
         n_video = x.shape[1]
         video_pos = grid_positions(f, h, w, device=device)
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's share of the video tokens and their positions
+            x, video_pos = sp.shard(x, 1), sp.shard(video_pos, 0)
+        video_tokens = n_video if sp is not None else None
 
         # 2. timestep and context embeddings
         temb, tproj = self.condition_embedder.time(timestep, x.dtype)
@@ -501,34 +563,42 @@ class MultiViewWanTransformer(nn.Module):
         if self.prototype is not None and ref_latents is not None and ref_latents.shape[1] == 0:
             ref_latents = None  # no reference, no prototype: the base model
         if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
-            x = self._prototype_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, ref_cache,
-                                       frame_pose, ref_pose, (f, h, w), identity_ctx=identity_ctx)
+            x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents,
+                                       ref_cache, frame_pose, ref_pose, (f, h, w), identity_ctx=identity_ctx)
         elif ref_cache is not None:
-            x = self._video_blocks_with_cache(x, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w),
+            x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w),
                                               identity_ctx=identity_ctx, view_omega=view_omega)
         elif ref_latents is not None:
-            x = self._joint_blocks(x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, (f, h, w),
-                                   identity_ctx=identity_ctx, view_omega=view_omega)
+            x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents,
+                                   (f, h, w), identity_ctx=identity_ctx, view_omega=view_omega)
         else:
             for block in self.blocks:
                 mod = block.modulation(tproj)
-                attn = self._attend([block.self_attention_stream(x, mod, video_pos)], n_video, n_video)
+                attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens)], n_video,
+                                    n_video)
                 x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
 
         # 4. output head on video tokens, unpatchify
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)  # [B, Nv, 16*pt*ph*pw]
+        if sp is not None:  # every rank's tokens, padding cut
+            x = sp.gather(x, n_video)
         x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
-    def _joint_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw, *, identity_ctx=None,
-                      view_omega=None):
+    def _joint_blocks(self, x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw, *,
+                      identity_ctx=None, view_omega=None):
+        # x [B, n_local, D]: the video tokens this rank holds (all of them without sequence parallel)
         r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
-        n_video = x.shape[1]
+        n_local, n_ref = x.shape[1], r.shape[1]
         num_refs, ref_hw = self._reference_grid(ref_latents)
         pos, key_scale = self._keys_layout(video_pos, num_refs, ref_hw, fhw)
-        ref_pos, ref_scale = pos[n_video:], key_scale[n_video:]
+        ref_pos, ref_scale = pos[n_local:], key_scale[n_local:]
+        sp = self.sequence_parallel
+        if sp is not None:  # the reference stream is sharded like the video
+            r, ref_pos, ref_scale = sp.shard(r, 1), sp.shard(ref_pos, 0), sp.shard(ref_scale, 0)
+        tokens_v, tokens_r = (n_video, n_ref) if sp is not None else (None, None)
         # MVAnimate Eq. 2 on the video rows (engine.modes.view_attention); None: the joint attention alone
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
                                        fhw, ref_hw, x.device)
@@ -537,21 +607,21 @@ class MultiViewWanTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             ref_block = self.reference_block(i)
             mod_v, mod_r = block.modulation(tproj), ref_block.modulation(ref_tproj)
-            video = block.self_attention_stream(x, mod_v, video_pos)
-            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale)
+            video = block.self_attention_stream(x, mod_v, video_pos, tokens=tokens_v)
+            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale, tokens=tokens_r)
             attn = self._attend([video, ref], n_video, n_video)
             if views is None:
-                video_attn = attn[:, :n_video]
+                video_attn = attn[:, :n_local]
             else:  # Eq. 2 reads the normalised, unrotated video queries and reference keys
                 qv, _ = block.attn1.normed(video.q, video.k)
                 _, kr = ref_block.attn1.normed(ref.q, ref.k)
-                video_attn = views(attn[:, :n_video], qv, kr, ref.v)
+                video_attn = views(attn[:, :n_local], qv, kr, ref.v)
             x = block.finish(x, video_attn, mod_v, text_ctx, image_ctx, identity_ctx)
             if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
-                r = ref_block.finish(r, attn[:, n_video:], mod_r, text_ctx, image_ctx)
+                r = ref_block.finish(r, attn[:, n_local:], mod_r, text_ctx, image_ctx)
         return x
 
-    def _prototype_blocks(self, x, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, ref_cache,
+    def _prototype_blocks(self, x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, ref_cache,
                           frame_pose, ref_pose, fhw, *, identity_ctx=None):
         """ProFashion PPA (``engine.modes.prototype``): video queries of frame i attend to every video key plus
         the T tokens of frame i's prototype, aggregated per layer from the isolated reference stream (run here
@@ -567,11 +637,13 @@ class MultiViewWanTransformer(nn.Module):
             ref_features = self._prototype_reference_features(
                 ref_latents, self._ref_timestep(timestep), text_ctx, image_ctx, fhw)
         poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
-        n_video, proto_tokens = x.shape[1], ref_hw[0] * ref_hw[1]
+        proto_tokens = ref_hw[0] * ref_hw[1]
         proto_pos = prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)
+        # the prototypes are held whole by every rank under sequence parallel (computed from the whole references)
+        tokens_v = n_video if self.sequence_parallel is not None else None
         for i, (block, (k_ref, v_ref)) in enumerate(zip(self.blocks, ref_features)):
             mod = block.modulation(tproj)
-            video = block.self_attention_stream(x, mod, video_pos)
+            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v)
             k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
             attn = self._attend([video, StreamQKV(None, k_proto, v_proto, proto_pos)], n_video, n_video,
                                 mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=proto_tokens)
@@ -640,19 +712,21 @@ class MultiViewWanTransformer(nn.Module):
                 r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
-    def _video_blocks_with_cache(self, x, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw, *,
-                                 identity_ctx=None, view_omega=None):
+    def _video_blocks_with_cache(self, x, n_video, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw,
+                                 *, identity_ctx=None, view_omega=None):
         if cache.video_fhw != fhw:
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
-        n_video = x.shape[1]
+        n_local = x.shape[1]
+        # the cached reference K/V are held whole by every rank under sequence parallel
+        tokens_v = n_video if self.sequence_parallel is not None else None
         k_pos, key_scale = self._keys_layout(video_pos, cache.num_refs, cache.ref_hw, fhw)
         # the cache holds each layer's reference K/V before RoPE: exactly what Eq. 2 reads
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
                                        cache.num_refs, fhw, cache.ref_hw, x.device)
-        ref_pos, ref_scale = k_pos[n_video:], key_scale[n_video:]
+        ref_pos, ref_scale = k_pos[n_local:], key_scale[n_local:]
         for block, k_ref, v_ref in zip(self.blocks, cache.keys, cache.values):
             mod = block.modulation(tproj)
-            video = block.self_attention_stream(x, mod, video_pos)
+            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v)
             attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale)], n_video, n_video)
             if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
                 attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref)

@@ -1,0 +1,153 @@
+"""Ulysses sequence parallel and CFG parallel (``engine.parallel``) on CPU over gloo equal one process.
+
+One spawn of four processes runs every layout in turn (sp=2, sp=3, sp=2 with CFG parallel), each over its own
+groups; each rank loads the same weights and inputs and rank 0 writes what it got. Token counts are chosen
+so no layout divides them (25 video tokens, 7 reference tokens per view), heads (6) divide 2 and 3.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from engine.config import MvgenConfig
+from engine.denoiser import MultiViewWanTransformer
+from engine.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
+
+from .conftest import SMALL_WAN, inputs, rel_err
+
+LAYOUTS = {"sp2": ParallelLayout(2), "sp3": ParallelLayout(3), "sp2_cfg": ParallelLayout(2, cfg_parallel=True)}
+WORLD = max(layout.world_size for layout in LAYOUTS.values())
+VIDEO = (5, 2, 10)  # latent frames, height, width: 5 x 1 x 5 = 25 tokens
+REF_HW = (2, 14)  # 1 x 7 = 7 tokens per reference
+WIDE = dict(SMALL_WAN, num_attention_heads=6, attention_head_dim=12, added_kv_proj_dim=72)
+# (model, config changes, references, batch, reference cache): every ref_attention mode, with and without
+# references; the cached modes build their cache on every rank
+CASES = {
+    "full": ("joint", {}, 2, 2, False),
+    "full_no_refs": ("joint", {}, 0, 2, False),
+    "isolated": ("joint", dict(ref_attention="isolated"), 1, 2, False),
+    "isolated_cached": ("joint", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
+    "shared_rope_odd_batch": ("joint", dict(ref_rope="shared"), 1, 3, False),
+    "prototype": ("prototype", {}, 2, 2, False),
+    "prototype_no_refs": ("prototype", {}, 0, 2, False),
+    "prototype_cached": ("prototype", dict(ref_timestep="zero"), 2, 2, True),
+}
+
+
+def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
+    cfg = MvgenConfig.from_dict(WIDE, ref_attention="prototype" if kind == "prototype" else "full")
+    torch.manual_seed(seed)
+    model = MultiViewWanTransformer(cfg).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial weights everywhere (biases, modulation, reference stream)
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def case_inputs(name: str) -> dict:
+    kind, _, refs, batch, _ = CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    x = inputs(gen, batch=batch, frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], refs=refs, ref_hw=REF_HW)
+    if kind == "prototype":
+        x["frame_pose"] = torch.rand(batch, VIDEO[0], 3, *VIDEO[1:], generator=gen) * 2 - 1
+        x["ref_pose"] = torch.rand(batch, refs, 3, *REF_HW, generator=gen) * 2 - 1
+    return x
+
+
+def run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: ParallelRuntime | None) -> torch.Tensor:
+    kind, changes, refs, _, cached = CASES[name]
+    base = model.config
+    model.config = base.replace(**changes)
+    try:
+        x = dict(x)
+        cache = None
+        if cached and refs:
+            cache = model.precompute_reference(x["ref_latents"], x["text"], x["image_context"], VIDEO)
+            x["ref_latents"] = None
+        if runtime is None:
+            return model(**x, ref_cache=cache)
+        return runtime.forward(model, x, cache)
+    finally:
+        model.config = base
+
+
+def _rank_main(rank: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=datetime.timedelta(seconds=60))
+    models = {kind: build_model(kind) for kind in ("joint", "prototype")}
+    for kind, model in models.items():
+        model.load_state_dict(load_file(os.path.join(folder, f"{kind}.safetensors")))
+    got = {}
+    for layout_name, layout in LAYOUTS.items():
+        if rank >= layout.world_size:
+            continue
+        runtime = connect(layout, rank, dist.PrefixStore(layout_name, store), timeout_s=60)
+        for model in models.values():
+            model.parallelize(runtime.sp)
+        for name in CASES:
+            x = {k: v for k, v in load_file(os.path.join(folder, f"in_{name}.safetensors")).items()}
+            x.setdefault("condition", None)
+            out = run_case(models[CASES[name][0]], name, x, runtime)
+            if rank == 0:
+                got[f"{layout_name}/{name}"] = out.contiguous()
+    if rank == 0:
+        save_file(got, os.path.join(folder, "got.safetensors"))
+    # every rank stays until rank 0 has written (the store lives in rank 0)
+    store.set(f"done{rank}", "1")
+    store.wait([f"done{r}" for r in range(WORLD)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def parallel_outputs(tmp_path_factory):
+    """(single-process outputs, every layout's rank-0 outputs) of every case."""
+    folder = tmp_path_factory.mktemp("parallel")
+    want = {}
+    for kind in ("joint", "prototype"):
+        model = build_model(kind)
+        save_file(model.state_dict(), str(folder / f"{kind}.safetensors"))
+        for name, case in CASES.items():
+            if case[0] == kind:
+                x = case_inputs(name)
+                save_file({k: v.contiguous() for k, v in x.items() if v is not None},
+                          str(folder / f"in_{name}.safetensors"))
+                with torch.no_grad():
+                    want[name] = run_case(model, name, x, None)
+    mp.start_processes(_rank_main, args=(_free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
+    return want, load_file(str(folder / "got.safetensors"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_parallel_equals_one_process(parallel_outputs, layout, case):
+    want, got = parallel_outputs
+    out = got[f"{layout}/{case}"]
+    assert out.shape == want[case].shape
+    assert rel_err(out, want[case]) < 1e-5
+    assert (out - want[case]).abs().max().item() < 1e-5 * max(1.0, want[case].abs().max().item())
+
+
+def test_layout_refuses_heads_not_divisible():
+    with pytest.raises(ValueError, match="divisible by sp; this model has 6 heads"):
+        ParallelLayout(4).check_heads(6)
+    model = build_model("joint")
+    with pytest.raises(ValueError, match="6 heads"):
+        model.parallelize(SequenceParallel(Collectives(None, 0, 4)))
+
+
+@pytest.mark.parametrize("sp", [0, -1, 1.5])
+def test_layout_refuses_bad_sp(sp):
+    with pytest.raises(ValueError, match="sp .*positive integer"):
+        ParallelLayout(sp)
