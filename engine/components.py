@@ -20,6 +20,7 @@ import torch
 
 from .config import MvgenConfig
 from .denoiser import ReferenceCache
+from .parallel import CollectiveError, ParallelRuntime
 from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
 from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 
@@ -184,6 +185,13 @@ class Checkpoint:
                 out["transformer_2_file"] = str(second.weights_file.resolve())
         return out
 
+    def load_arguments(self) -> dict:
+        """JSON keywords of ``Checkpoint.load`` that describe this checkpoint again in another process (a
+        sequence-parallel worker): the resolved model folder, adapter, weight sources, dtype, device, overrides."""
+        return {"model": str(self.path), "adapter": str(self.adapter) if self.adapter else None, **self.sources(),
+                "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+                "scheduler": self.scheduler, **self.overrides}
+
     def expert_at(self, timestep) -> int:
         """Which expert denoises at ``timestep``: Wan2.2's high-noise ``transformer`` while t >= boundary_ratio x
         the training timesteps, then ``transformer_2`` (as diffusers' Wan pipelines switch); 0 for one expert."""
@@ -335,15 +343,24 @@ class Denoiser:
     was dropped sends its references again, see ``engine.generation``).
     """
 
-    def __init__(self, checkpoint: Checkpoint, expert: int = 0, cache_bytes: int = 8 << 30):
+    def __init__(self, checkpoint: Checkpoint, expert: int = 0, cache_bytes: int = 8 << 30,
+                 parallel: ParallelRuntime | None = None):
         self.checkpoint = checkpoint
         self.expert = expert
         self.model = load_expert(checkpoint, expert)
         self.caches = ReferenceCacheStore(cache_bytes)
+        # one rank of a sequence/CFG-parallel world (engine.parallel, engine.workers); None: the whole call here
+        self.parallel = parallel
+        if parallel is not None:
+            self.model.parallelize(parallel.sp)
 
     @property
     def caches_references(self) -> bool:
         return self.model.config.caches_reference
+
+    def release(self, cache_key: str) -> None:
+        """Drop a request's reference caches (it finished, failed or was cancelled)."""
+        self.caches.drop(cache_key)
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
@@ -376,6 +393,9 @@ class Denoiser:
             groups.setdefault((signature, cache.layout if cache else None), []).append((index, inputs, cache))
         for items in groups.values():
             self._run_group(items, results, pad_to)
+        for call, result in zip(calls, results):
+            if isinstance(result, Exception) and call.cache_key is not None:
+                self.caches.drop(call.cache_key)  # a failed request holds no cache
         return results
 
     def _resolve(self, call: "DenoiseCall") -> tuple[dict, ReferenceCache | None]:
@@ -397,6 +417,8 @@ class Denoiser:
     def _run_group(self, items, results: list, pad_to: int) -> None:
         try:
             outputs = self._forward([inputs for _, inputs, _ in items], [cache for _, _, cache in items], pad_to)
+        except CollectiveError:  # the process group's failure, not a request's: no one-by-one retry
+            raise
         except Exception as error:
             if len(items) == 1:
                 results[items[0][0]] = error
@@ -417,7 +439,10 @@ class Denoiser:
             batch = {name: torch.cat([t, t[:1].expand(pad_to - rows, *t.shape[1:])]) if t is not None else None
                      for name, t in batch.items()}
         cache = ReferenceCache.cat(caches, pad_to) if caches[0] is not None else None
-        velocity = self.model(**batch, ref_cache=cache)
+        if self.parallel is not None:
+            velocity = self.parallel.forward(self.model, batch, cache)
+        else:
+            velocity = self.model(**batch, ref_cache=cache)
         return list(velocity[:rows].split(sizes))
 
 

@@ -46,6 +46,11 @@ class ParallelLayout:
                              f"{[d for d in range(1, heads + 1) if heads % d == 0]})")
 
 
+class CollectiveError(RuntimeError):
+    """A collective failed (a peer died, hung past the timeout, or its connection broke): not one request's
+    fault, so callers that answer requests one by one must not retry it per request."""
+
+
 class Collectives:
     """One process group with the three collectives the denoiser needs, counting the bytes this rank sends."""
 
@@ -53,18 +58,24 @@ class Collectives:
         self.group, self.rank, self.size = group, rank, size
         self.bytes_sent = 0
 
+    def _wait(self, work, what: str) -> None:
+        try:
+            work.wait()
+        except RuntimeError as error:  # gloo/NCCL report peers' failures as RuntimeError (or its subclasses)
+            raise CollectiveError(f"{what} over {self.size} ranks: {str(error).splitlines()[0][:300]}") from None
+
     def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
         """Chunk j of dim 0 (of ``size`` equal chunks) goes to rank j; chunk j of the result came from rank j."""
         x = x.contiguous()
         out = torch.empty_like(x)
-        self.group.alltoall_base(out, x, [], [], dist.AllToAllOptions()).wait()
+        self._wait(self.group.alltoall_base(out, x, [], [], dist.AllToAllOptions()), "all-to-all")
         self.bytes_sent += x.numel() * x.element_size() * (self.size - 1) // self.size
         return out
 
     def all_gather(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = x.contiguous()
         out = [torch.empty_like(x) for _ in range(self.size)]
-        self.group.allgather([out], [x]).wait()
+        self._wait(self.group.allgather([out], [x]), "all-gather")
         self.bytes_sent += x.numel() * x.element_size()
         return out
 
@@ -72,7 +83,7 @@ class Collectives:
         """In place on every rank (``x`` must have the root's shape and dtype)."""
         options = dist.BroadcastOptions()
         options.rootRank = root
-        self.group.broadcast([x], options).wait()
+        self._wait(self.group.broadcast([x], options), "broadcast")
         return x
 
 

@@ -49,6 +49,14 @@ def _add_serve(subparsers) -> None:
     add_reference_cache_argument(p)
     p.add_argument("--reference-cache-mb", type=int, default=8192,
                    help="reference K/V the denoiser holds at once, over all requests (least recently used dropped)")
+    p.add_argument("--sp", type=int, default=1, metavar="N",
+                   help="sequence-parallel ranks per denoiser (Ulysses): the denoiser starts a worker per other rank, "
+                        "one GPU each (gloo processes on CPU); the model's heads must be divisible by N")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="run the cond and uncond halves of each step on two groups of --sp ranks (2 x N GPUs)")
+    p.add_argument("--worker-timeout", type=float, default=120.0, metavar="S",
+                   help="a denoiser worker silent this long fails the request; the server then reports not-ready "
+                        "until it has restarted its workers (default 120)")
     p.add_argument("--log-file", type=Path, help="tritonserver log (default: in the temporary work dir)")
     p.set_defaults(func=run_serve)
 
@@ -87,6 +95,10 @@ def run_serve(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be a port in 1..65535, got {port}")
     if args.reference_cache_mb <= 0:
         raise UsageError(f"--reference-cache-mb must be a positive number of MiB, got {args.reference_cache_mb}")
+    if args.sp < 1:
+        raise UsageError(f"--sp must be a positive number of ranks, got {args.sp}")
+    if not args.worker_timeout > 0:
+        raise UsageError(f"--worker-timeout must be a positive number of seconds, got {args.worker_timeout}")
     if args.denoiser_plan is not None and not args.denoiser_plan.is_file():
         raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
     options = RepositoryOptions(
@@ -96,6 +108,7 @@ def run_serve(args) -> int:
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
         reference_cache=args.reference_cache, reference_cache_mb=args.reference_cache_mb,
+        sp=args.sp, cfg_parallel=args.cfg_parallel, worker_timeout_s=args.worker_timeout,
     )
     config = ServeConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, repository=args.repository, log_file=args.log_file)

@@ -18,13 +18,16 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import re
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .metrics import HEALTH_METRIC
 from .repository import RepositoryOptions, build_repository
 
 READY_TIMEOUT_S = 600.0
@@ -120,6 +123,7 @@ class Server:
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
         self.log_path: Path | None = None
+        self.supervisor: WorkerSupervisor | None = None
 
     def start(self) -> "Server":
         cfg = self.config
@@ -133,6 +137,9 @@ class Server:
         try:
             repository = build_repository(cfg.repository or self.workdir / "repository", self.options)
             backends = assemble_backends(server, self.workdir / "backends")
+        except ValueError as error:  # options the checkpoint refuses (e.g. heads not divisible by --sp)
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise LaunchError(f"cannot serve {self.options.model}: {error}") from None
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
@@ -145,10 +152,17 @@ class Server:
         ]
         if backends is not None:
             command.append(f"--backend-directory={backends}")
+        if self.options.parallel.parallel:
+            # a parallel denoiser that lost a worker is reloaded through the repository API (WorkerSupervisor),
+            # which explicit model control allows; every model is still loaded at start
+            command += ["--model-control-mode=explicit", "--load-model=*"]
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(server),
                                         start_new_session=True)
         log.close()
+        if self.options.parallel.parallel:
+            self.supervisor = WorkerSupervisor(self)
+            self.supervisor.start()
         return self
 
     @property
@@ -192,6 +206,8 @@ class Server:
     def stop(self) -> int:
         """SIGTERM (Triton drains in-flight requests), SIGKILL after ``STOP_TIMEOUT_S``; the exit code."""
         code = 0
+        if self.supervisor is not None:
+            self.supervisor.stop()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -218,6 +234,48 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class WorkerSupervisor(threading.Thread):
+    """Restarts a parallel denoiser whose workers are lost (``server.metrics.WorkerHealth`` reads 0): unload the
+    model, so the server reports not-ready (Triton's strict readiness) and no request reaches it, then load it
+    again, which starts new workers; ready again once they have joined. Polls the metrics endpoint."""
+
+    INTERVAL_S = 0.5
+    PATTERN = re.compile(rf'^{HEALTH_METRIC}{{[^}}]*model="([^"]+)"[^}}]*}} 0(?:\.0)?$', re.M)
+
+    def __init__(self, server: Server):
+        super().__init__(daemon=True, name="mvgen-worker-supervisor")
+        self.server = server
+        self.restarts: list[tuple[str, bool]] = []  # (model, reloaded) in order
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.INTERVAL_S):
+            for model in self.lost_models():
+                self.restarts.append((model, self.reload(model)))
+
+    def lost_models(self) -> list[str]:
+        url = f"http://{_url_host(self.server.config.host)}:{self.server.config.metrics_port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return self.PATTERN.findall(response.read().decode("utf-8", "replace"))
+        except (urllib.error.URLError, OSError):
+            return []
+
+    def reload(self, model: str) -> bool:
+        base = f"{self.server.http_url}/v2/repository/models/{model}"
+        for action, timeout in (("unload", STOP_TIMEOUT_S), ("load", self.server.config.ready_timeout_s)):
+            request = urllib.request.Request(f"{base}/{action}", data=b"{}", method="POST")
+            try:
+                urllib.request.urlopen(request, timeout=timeout).close()
+            except (urllib.error.URLError, OSError) as error:
+                print(f"mvgen serve: restarting {model}'s workers: {action} failed: {error}", file=sys.stderr)
+                return False
+        return True
 
 
 def _kill_leftovers(group: int) -> None:

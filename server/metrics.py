@@ -78,3 +78,24 @@ class BatchMetrics:
             self.builds.increment(built)
             self.entries.set(entries)
             self.bytes.set(nbytes)
+
+
+HEALTH_METRIC = "mvgen_denoiser_workers_healthy"
+
+
+class WorkerHealth:
+    """A sequence/CFG-parallel denoiser's workers: 1 while they answer, 0 once one is lost. The launcher watches
+    it and reloads the model (``server.launcher.WorkerSupervisor``); Prometheus sees it too."""
+
+    def __init__(self, pb, model: str):
+        kind = pb.MetricFamily
+        self.family = kind(HEALTH_METRIC, "1 while every worker of the parallel denoiser answers, 0 once one is "
+                           "lost (the model is then reloaded)", kind.GAUGE)
+        self.gauge = self.family.Metric(labels={"model": model})
+
+    def set(self, healthy: bool) -> None:
+        with _LOCK:
+            self.gauge.set(1 if healthy else 0)
+
+    def lost(self, reason: str) -> None:
+        self.set(False)

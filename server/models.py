@@ -9,6 +9,7 @@ computes: it parses, calls, and answers.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,11 +21,13 @@ from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, T
 from engine.denoiser_io import denoiser_model_name, mode_specs
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
+from engine.parallel import ParallelLayout
 from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss
+from engine.workers import DistributedDenoiser, WorkersLost
 from engine.request import make_request
 
 from . import protocol
-from .metrics import BatchMetrics, LoopMetrics
+from .metrics import BatchMetrics, LoopMetrics, WorkerHealth
 
 # BLS request parameters of the denoiser model: the request's reference-cache key, and "drop it now"
 CACHE_KEY, RELEASE = "mvgen_cache_key", "mvgen_release"
@@ -149,10 +152,20 @@ class DenoiserModel:
         self.pb = pb
         self.name = model_config["name"]
         params = _parameters(model_config)
-        self.denoiser = Denoiser(load_checkpoint(model_config), int(params.get("expert", "0")),
-                                 cache_bytes=int(params.get("cache_bytes", 8 << 30)))
-        self.pad_to = int(params.get("pad_batch_to", "0"))
+        checkpoint, expert = load_checkpoint(model_config), int(params.get("expert", "0"))
+        cache_bytes = int(params.get("cache_bytes", 8 << 30))
+        layout = ParallelLayout(int(params.get("sp", "1")), params.get("cfg_parallel") == "true")
         self.metrics = BatchMetrics(pb, self.name)
+        if layout.parallel:  # a leader and its workers; the launcher reloads this model when they are lost
+            self.health = WorkerHealth(pb, self.name)
+            self.denoiser = DistributedDenoiser(checkpoint, expert, cache_bytes, layout,
+                                                float(params.get("worker_timeout_s", "120")),
+                                                on_lost=self.health.lost,
+                                                python=params.get("python_executable") or sys.executable)
+            self.health.set(True)
+        else:
+            self.denoiser = Denoiser(checkpoint, expert, cache_bytes=cache_bytes)
+        self.pad_to = int(params.get("pad_batch_to", "0"))
 
     def execute(self, requests):
         caches = self.denoiser.caches
@@ -167,8 +180,11 @@ class DenoiserModel:
             params = _request_parameters(request)
             key = params.get(CACHE_KEY)
             if params.get(RELEASE):
-                self.denoiser.caches.drop(key)
-                responses[i] = self._answer(_torch_input(self.pb, request, "latents").new_zeros(0))
+                try:
+                    self.denoiser.release(key)
+                    responses[i] = self._answer(_torch_input(self.pb, request, "latents").new_zeros(0))
+                except WorkersLost as error:
+                    responses[i] = self._answer(error)
                 continue
             inputs = {name: _torch_input(self.pb, request, name) for name in DENOISER_INPUTS}
             inputs["timestep"] = inputs["timestep"].reshape(-1)
@@ -176,9 +192,11 @@ class DenoiserModel:
             steps.append(i)
         if calls:
             self.metrics.observe_batch(sum(c.inputs["latents"].shape[0] for c in calls), len(calls))
-        for i, call, result in zip(steps, calls, self.denoiser.run(calls, self.pad_to)):
-            if isinstance(result, Exception) and call.cache_key is not None:
-                self.denoiser.caches.drop(call.cache_key)  # a failed request holds no cache
+        try:
+            results = self.denoiser.run(calls, self.pad_to) if calls else []
+        except WorkersLost as error:  # every request of the batch fails with it; the server reloads this model
+            results = [error] * len(calls)
+        for i, result in zip(steps, results):
             responses[i] = self._answer(result)
         return responses
 
@@ -189,6 +207,8 @@ class DenoiserModel:
         return pb.InferenceResponse(output_tensors=[_out(pb, "velocity", result)])
 
     def finalize(self):
+        if isinstance(self.denoiser, DistributedDenoiser):
+            self.denoiser.close()
         self.denoiser = None
 
 

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol
 
 from engine.denoiser_io import denoiser_model_name
+from engine.parallel import ParallelLayout
 
 GENERATE_MODELS = ("mvgen", "mvgen_stream")
 DENOISER = denoiser_model_name(0)
@@ -77,6 +79,13 @@ class RepositoryOptions:
     reference_cache: bool = True  # the denoiser keeps each request's reference K/V (isolated + zero configs)
     reference_cache_mb: int = 8192  # bound on the reference K/V the denoiser holds at once
     cache_root: str | None = None  # where the embedded tiny checkpoint is built
+    sp: int = 1  # sequence-parallel ranks of each denoiser (Ulysses; engine.parallel): a worker process per other rank
+    cfg_parallel: bool = False  # cond and uncond rows on two groups of sp ranks (world = 2 x sp)
+    worker_timeout_s: float = 120.0  # a worker silent this long fails the batch; the denoiser is then restarted
+
+    @property
+    def parallel(self) -> ParallelLayout:
+        return ParallelLayout(self.sp, self.cfg_parallel)
 
 
 def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOptions()) -> Path:
@@ -102,6 +111,11 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         for source in (spec.adapter, spec.weights_file, *(lora.path for lora in spec.loras)):
             if source is not None and not Path(source).exists():
                 raise FileNotFoundError(f"not found: {source}")
+    for spec in checkpoint.experts:  # refused here, before a server starts, in the words the model would use
+        options.parallel.check_heads(spec.config.num_attention_heads)
+    if options.denoiser_plan and options.parallel.parallel:
+        raise ValueError("a TensorRT plan runs on one GPU per instance; sequence/CFG parallel (--sp, --cfg-parallel) "
+                         "serves the python denoiser: drop --denoiser-plan or --sp/--cfg-parallel")
     if options.denoiser_plan and len(checkpoint.experts) > 1:
         raise ValueError("a TensorRT plan serves one denoiser; this checkpoint has two experts (Wan2.2): serve it "
                          "without --plan")
@@ -114,6 +128,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "device": options.device, "scheduler": options.scheduler, "max_tokens": str(options.max_tokens),
         "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
         "sources": json.dumps(checkpoint.sources()),
+        "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.workers)
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
@@ -159,7 +174,9 @@ def _write_denoiser(dest: Path, name: str, config, params: dict, options: Reposi
         return
     pad = options.max_batch_rows if options.pad_batch_to is None else options.pad_batch_to
     _write_python_model(dest, name, _config(
-        name, inputs, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20)},
+        name, inputs, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20),
+                                "sp": str(options.sp), "cfg_parallel": "true" if options.cfg_parallel else "false",
+                                "worker_timeout_s": str(options.worker_timeout_s)},
         max_batch_size=options.max_batch_rows,
         extra=batching))
 
