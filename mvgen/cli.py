@@ -5,8 +5,7 @@ its subcommand(s) and sets ``func`` (``args -> exit code``) on them, and ``user_
 exceptions that are the user's mistake. A module imports its heavy or optional dependencies inside its
 handlers, so ``mvgen --help`` works on a machine without them. User mistakes end as one line
 ``mvgen: error: ...`` on stderr with exit code 2; anything else is a bug and keeps its traceback.
-``benchmarks`` has no subcommands yet (it runs as ``python -m benchmarks.<name>``); a ``benchmarks/cli.py``
-with the same two functions would join the list.
+``benchmarks.cli`` adds ``mvgen bench`` (its subcommands: the benchmark modules listed there).
 
 This is the process's entry point, so it is where the environment is read: ``$MVGEN_CACHE`` becomes the
 default of ``--cache-dir`` (``args.cache_dir``), which the handlers pass down.
@@ -22,7 +21,7 @@ from typing import Mapping
 from engine.cli_args import EXIT_USAGE, Parser, UsageError
 from engine.tiny import CACHE_ENV, default_cache_root
 
-SUBCOMMAND_MODULES = ("engine.cli", "export.cli", "server.cli")
+SUBCOMMAND_MODULES = ("engine.cli", "export.cli", "server.cli", "benchmarks.cli")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

@@ -94,9 +94,11 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
         for name in CASES:
             x = {k: v for k, v in load_file(os.path.join(folder, f"in_{name}.safetensors")).items()}
             x.setdefault("condition", None)
+            sent = runtime.sp.comm.bytes_sent
             out = run_case(models[CASES[name][0]], name, x, runtime)
             if rank == 0:
                 got[f"{layout_name}/{name}"] = out.contiguous()
+                got[f"{layout_name}/{name}/bytes"] = torch.tensor([runtime.sp.comm.bytes_sent - sent])
     if rank == 0:
         save_file(got, os.path.join(folder, "got.safetensors"))
     # every rank stays until rank 0 has written (the store lives in rank 0)
@@ -137,6 +139,23 @@ def test_parallel_equals_one_process(parallel_outputs, layout, case):
     assert out.shape == want[case].shape
     assert rel_err(out, want[case]) < 1e-5
     assert (out - want[case]).abs().max().item() < 1e-5 * max(1.0, want[case].abs().max().item())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_traffic_is_the_cost_model(parallel_outputs, layout):
+    """The bytes rank 0 sent in the joint ``full`` case: the all-to-alls ``mvgen bench comm`` counts (float32
+    here), plus the one all-gather of the output tokens (counted once: this rank's shard)."""
+    from benchmarks.sp_comm import ulysses_bytes
+
+    _, got = parallel_outputs
+    sp, rows = LAYOUTS[layout].sp, 1 if LAYOUTS[layout].cfg_parallel else CASES["full"][3]
+    cfg = build_model("joint").config
+    n_video = VIDEO[0] * (VIDEO[1] // 2) * (VIDEO[2] // 2)
+    n_ref = CASES["full"][2] * (REF_HW[0] // 2) * (REF_HW[1] // 2)
+    all_to_all = cfg.num_layers * ulysses_bytes((n_video, n_ref), cfg.num_attention_heads, cfg.attention_head_dim,
+                                                sp, rows, dtype_bytes=4)
+    gather = rows * -(-n_video // sp) * 16 * 4 * 4  # [rows, shard, 16 x 1x2x2 channels] float32
+    assert got[f"{layout}/full/bytes"].item() == all_to_all + gather
 
 
 def test_layout_refuses_heads_not_divisible():

@@ -24,7 +24,7 @@ def test_usage_errors_are_one_line(capsys, argv, words):
 
 def test_every_package_registers_its_commands():
     listed = build_parser({}).format_help()
-    for command in ("generate", "tiny", "demo-inputs", "export", "serve", "repository", "client"):
+    for command in ("generate", "tiny", "demo-inputs", "export", "serve", "repository", "client", "bench"):
         assert f"    {command} " in listed, command
 
 
@@ -38,7 +38,7 @@ def test_user_errors_cover_every_package():
 
     assert set(_user_errors()) == {UsageError, RequestError, CheckpointError, AdapterError, FileNotFoundError,
                                    ClientError, LaunchError}
-    assert len(SUBCOMMAND_MODULES) == 3
+    assert len(SUBCOMMAND_MODULES) == 4
 
 
 def test_the_cache_root_comes_from_the_flag_or_the_environment(tmp_path):

@@ -84,3 +84,13 @@ def test_client_unreachable_server(tmp_path, images):
                              str(tmp_path / "first.png"), "--prompt", "x", "--out", str(tmp_path / "v.mp4")],
                             capture_output=True, text=True, timeout=60)
     assert "cannot reach an mvgen server" in _one_error_line(result)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--sp", "3"], "needs the head count to be divisible by sp; this model has 2 heads (choose sp among [1, 2])"),
+    (["--sp", "0"], "--sp must be a positive number of ranks, got 0"),
+    (["--sp", "2", "--worker-timeout", "0"], "--worker-timeout must be a positive number of seconds, got 0.0"),
+])
+def test_parallel_options_refused(tiny_env, args, words):
+    """Refused before tritonserver starts (the tiny model has 2 heads)."""
+    assert words in _one_error_line(_serve("--model", "tiny", *args))
