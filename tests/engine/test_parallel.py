@@ -27,6 +27,9 @@ WORLD = max(layout.world_size for layout in LAYOUTS.values())
 VIDEO = (5, 2, 10)  # latent frames, height, width: 5 x 1 x 5 = 25 tokens
 REF_HW = (2, 14)  # 1 x 7 = 7 tokens per reference
 WIDE = dict(SMALL_WAN, num_attention_heads=6, attention_head_dim=12, added_kv_proj_dim=72)
+# the families besides Wan2.1-I2V: T2V (Mv2ID reference-to-video) and a Wan2.2-I2V expert (no CLIP)
+FAMILIES = {"joint": {}, "prototype": {}, "t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
+            "wan22": dict(image_dim=None, added_kv_proj_dim=None)}
 # (model, config changes, references, batch, reference cache): every ref_attention mode, with and without
 # references; the cached modes build their cache on every rank
 CASES = {
@@ -38,13 +41,18 @@ CASES = {
     "prototype": ("prototype", {}, 2, 2, False),
     "prototype_no_refs": ("prototype", {}, 0, 2, False),
     "prototype_cached": ("prototype", dict(ref_timestep="zero"), 2, 2, True),
+    "t2v_full": ("t2v", {}, 2, 2, False),
+    "wan22_isolated_cached": ("wan22", dict(ref_attention="isolated", ref_timestep="zero"), 1, 2, True),
 }
 
 
+def model_config(kind: str) -> MvgenConfig:
+    return MvgenConfig.from_dict({**WIDE, **FAMILIES[kind]}, ref_attention="prototype" if kind == "prototype" else "full")
+
+
 def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
-    cfg = MvgenConfig.from_dict(WIDE, ref_attention="prototype" if kind == "prototype" else "full")
     torch.manual_seed(seed)
-    model = MultiViewWanTransformer(cfg).eval().requires_grad_(False)
+    model = MultiViewWanTransformer(model_config(kind)).eval().requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():  # non-trivial weights everywhere (biases, modulation, reference stream)
             p.add_(torch.randn_like(p) * 0.05)
@@ -54,7 +62,8 @@ def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
 def case_inputs(name: str) -> dict:
     kind, _, refs, batch, _ = CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    x = inputs(gen, batch=batch, frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], refs=refs, ref_hw=REF_HW)
+    x = inputs(gen, batch=batch, frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], refs=refs, ref_hw=REF_HW,
+               config=model_config(kind))
     if kind == "prototype":
         x["frame_pose"] = torch.rand(batch, VIDEO[0], 3, *VIDEO[1:], generator=gen) * 2 - 1
         x["ref_pose"] = torch.rand(batch, refs, 3, *REF_HW, generator=gen) * 2 - 1
@@ -81,7 +90,7 @@ def run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: Parall
 def _rank_main(rank: int, port: int, folder: str) -> None:
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, WORLD, rank == 0, timeout=datetime.timedelta(seconds=60))
-    models = {kind: build_model(kind) for kind in ("joint", "prototype")}
+    models = {kind: build_model(kind) for kind in FAMILIES}
     for kind, model in models.items():
         model.load_state_dict(load_file(os.path.join(folder, f"{kind}.safetensors")))
     got = {}
@@ -93,7 +102,8 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
             model.parallelize(runtime.sp)
         for name in CASES:
             x = {k: v for k, v in load_file(os.path.join(folder, f"in_{name}.safetensors")).items()}
-            x.setdefault("condition", None)
+            x.setdefault("condition", None)  # absent on T2V
+            x.setdefault("image_context", None)  # absent without CLIP
             sent = runtime.sp.comm.bytes_sent
             out = run_case(models[CASES[name][0]], name, x, runtime)
             if rank == 0:
@@ -117,7 +127,7 @@ def parallel_outputs(tmp_path_factory):
     """(single-process outputs, every layout's rank-0 outputs) of every case."""
     folder = tmp_path_factory.mktemp("parallel")
     want = {}
-    for kind in ("joint", "prototype"):
+    for kind in FAMILIES:
         model = build_model(kind)
         save_file(model.state_dict(), str(folder / f"{kind}.safetensors"))
         for name, case in CASES.items():
@@ -149,7 +159,7 @@ def test_traffic_is_the_cost_model(parallel_outputs, layout):
 
     _, got = parallel_outputs
     sp, rows = LAYOUTS[layout].sp, 1 if LAYOUTS[layout].cfg_parallel else CASES["full"][3]
-    cfg = build_model("joint").config
+    cfg = model_config("joint")
     n_video = VIDEO[0] * (VIDEO[1] // 2) * (VIDEO[2] // 2)
     n_ref = CASES["full"][2] * (REF_HW[0] // 2) * (REF_HW[1] // 2)
     all_to_all = cfg.num_layers * ulysses_bytes((n_video, n_ref), cfg.num_attention_heads, cfg.attention_head_dim,
