@@ -361,13 +361,10 @@ class MultiViewWanTransformer(nn.Module):
     def parallelize(self, sp: SequenceParallel | None) -> None:
         """Run every later call as one rank of a sequence-parallel group (None: alone again). The video and the
         joint reference stream are sharded by tokens; a cached or prototype reference stream, small and computed
-        once, is held whole by every rank."""
+        once, is held whole by every rank (and MVAnimate's Eq. 2 gathers the joint stream's keys and values:
+        each video token reads every view at its aligned cell)."""
         if sp is not None:
             ParallelLayout(sp.size).check_heads(self.config.num_attention_heads)
-            if self.view_omega is not None:
-                raise ValueError("view_attention='multiview' (MVAnimate Eq. 2) reads each video token's aligned "
-                                 "reference cell across the views; it is not supported under sequence parallel "
-                                 "(sp > 1): serve it with sp=1")
         self.sequence_parallel = sp
 
     # ---- pieces -------------------------------------------------------------------------------------------
@@ -599,6 +596,7 @@ class MultiViewWanTransformer(nn.Module):
         if sp is not None:  # the reference stream is sharded like the video
             r, ref_pos, ref_scale = sp.shard(r, 1), sp.shard(ref_pos, 0), sp.shard(ref_scale, 0)
         tokens_v, tokens_r = (n_video, n_ref) if sp is not None else (None, None)
+        first_token = sp.first_token(n_video) if sp is not None else 0
         # MVAnimate Eq. 2 on the video rows (engine.modes.view_attention); None: the joint attention alone
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
                                        fhw, ref_hw, x.device)
@@ -615,7 +613,10 @@ class MultiViewWanTransformer(nn.Module):
             else:  # Eq. 2 reads the normalised, unrotated video queries and reference keys
                 qv, _ = block.attn1.normed(video.q, video.k)
                 _, kr = ref_block.attn1.normed(ref.q, ref.k)
-                video_attn = views(attn[:, :n_local], qv, kr, ref.v)
+                vr = ref.v
+                if sp is not None:  # every view's keys and values, for this rank's video tokens
+                    kr, vr = sp.gather(kr, n_ref), sp.gather(vr, n_ref)
+                video_attn = views(attn[:, :n_local], qv, kr, vr, first_token)
             x = block.finish(x, video_attn, mod_v, text_ctx, image_ctx, identity_ctx)
             if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
                 r = ref_block.finish(r, attn[:, n_local:], mod_r, text_ctx, image_ctx)
@@ -718,7 +719,9 @@ class MultiViewWanTransformer(nn.Module):
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
         n_local = x.shape[1]
         # the cached reference K/V are held whole by every rank under sequence parallel
-        tokens_v = n_video if self.sequence_parallel is not None else None
+        sp = self.sequence_parallel
+        tokens_v = n_video if sp is not None else None
+        first_token = sp.first_token(n_video) if sp is not None else 0
         k_pos, key_scale = self._keys_layout(video_pos, cache.num_refs, cache.ref_hw, fhw)
         # the cache holds each layer's reference K/V before RoPE: exactly what Eq. 2 reads
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
@@ -729,6 +732,6 @@ class MultiViewWanTransformer(nn.Module):
             video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v)
             attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale)], n_video, n_video)
             if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
-                attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref)
+                attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref, first_token)
             x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
         return x

@@ -105,6 +105,10 @@ class SequenceParallel:
     def size(self) -> int:
         return self.comm.size
 
+    def first_token(self, tokens: int) -> int:
+        """Index of this rank's first token in a stream of ``tokens`` (its shard is contiguous)."""
+        return self.rank * _chunk_len(tokens, self.size)
+
     def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's contiguous share of ``x`` along ``dim``, zero-padded to ceil(N / sp) (the padding is
         computed like any token and dropped by ``tokens_to_heads`` and ``gather``)."""

@@ -94,23 +94,31 @@ def resolve_omega(view_omega: torch.Tensor | None, model_omega: torch.Tensor, ba
 
 
 def multiview_attention(q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor, omega: torch.Tensor,
-                        video_fhw: tuple[int, int, int], ref_hw: tuple[int, int]) -> torch.Tensor:
+                        video_fhw: tuple[int, int, int], ref_hw: tuple[int, int], first_token: int = 0) -> torch.Tensor:
     """Eq. 2 for every video token: softmax over the views of ``omega_m <q, k_m>`` at the aligned cell.
 
-    q [B, F*H*W, heads, Dh] video queries (normalised, not rotated); k_ref, v_ref [B, M*hr*wr, heads, Dh] the
-    references' keys (normalised, not rotated) and values; omega [B, M]. Returns float32 [B, F*H*W, heads, Dh]
+    q [B, N, heads, Dh] the queries (normalised, not rotated) of video tokens ``first_token`` .. + N in raster
+    order (all F*H*W of them, or a sequence-parallel rank's shard); k_ref, v_ref [B, M*hr*wr, heads, Dh] the
+    references' keys (normalised, not rotated) and values; omega [B, M]. Returns float32 [B, N, heads, Dh]
     (the caller rounds once, after the alignment).
     """
-    f, h, w = video_fhw
-    b, _, heads, dh = q.shape
+    _, h, w = video_fhw
+    b, n, heads, dh = q.shape
+    # a shard that starts or ends inside a frame is padded to whole frames, so every frame shares one gather
+    lead = first_token % (h * w)
+    frames = -(-(lead + n) // (h * w))
+    qf = q.float()
+    if lead or frames * h * w != n:
+        qf = torch.nn.functional.pad(qf, (0, 0, 0, 0, lead, frames * h * w - lead - n))
     cells = aligned_cells((h, w), ref_hw, q.device)
     # the references resampled onto the video's spatial grid: [B, M, H*W, heads, Dh], shared by all F frames
     k = k_ref.unflatten(1, (-1, ref_hw[0] * ref_hw[1]))[:, :, cells].float()
     v = v_ref.unflatten(1, (-1, ref_hw[0] * ref_hw[1]))[:, :, cells].float()
-    qf = q.float().unflatten(1, (f, h * w))  # [B, F, H*W, heads, Dh]
+    qf = qf.unflatten(1, (frames, h * w))  # [B, F, H*W, heads, Dh]
     logits = torch.einsum("bfnhd,bmnhd->bfnhm", qf, k) * omega[:, None, None, None, :]  # no 1/sqrt(d): Eq. 2
     alpha = logits.softmax(dim=-1)  # over the M views only
-    return torch.einsum("bfnhm,bmnhd->bfnhd", alpha, v).reshape(b, f * h * w, heads, dh)
+    out = torch.einsum("bfnhm,bmnhd->bfnhd", alpha, v).reshape(b, frames * h * w, heads, dh)
+    return out[:, lead:lead + n]
 
 
 def align_attention(a_joint: torch.Tensor, a_mv: torch.Tensor, view_lambda: float) -> torch.Tensor:
@@ -137,8 +145,10 @@ class ViewAttention:
         return cls(resolve_omega(view_omega, model_omega, batch, num_views, device), view_lambda, tuple(video_fhw),
                    tuple(ref_hw))
 
-    def __call__(self, a_joint: torch.Tensor, q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor):
-        """a_joint, q [B, Nv, heads, Dh] (the joint attention's video rows, the video queries before RoPE);
-        k_ref, v_ref [B, M*hr*wr, heads, Dh] (before RoPE) -> the aligned video rows [B, Nv, heads, Dh]."""
-        a_mv = multiview_attention(q, k_ref, v_ref, self.omega, self.video_fhw, self.ref_hw)
+    def __call__(self, a_joint: torch.Tensor, q: torch.Tensor, k_ref: torch.Tensor, v_ref: torch.Tensor,
+                 first_token: int = 0):
+        """a_joint, q [B, N, heads, Dh] (the joint attention's video rows, the video queries before RoPE) of
+        video tokens ``first_token`` .. + N; k_ref, v_ref [B, M*hr*wr, heads, Dh] (before RoPE, every view's)
+        -> the aligned video rows [B, N, heads, Dh]."""
+        a_mv = multiview_attention(q, k_ref, v_ref, self.omega, self.video_fhw, self.ref_hw, first_token)
         return align_attention(a_joint, a_mv, self.view_lambda)

@@ -29,7 +29,7 @@ REF_HW = (2, 14)  # 1 x 7 = 7 tokens per reference
 WIDE = dict(SMALL_WAN, num_attention_heads=6, attention_head_dim=12, added_kv_proj_dim=72)
 # the families besides Wan2.1-I2V: T2V (Mv2ID reference-to-video) and a Wan2.2-I2V expert (no CLIP)
 FAMILIES = {"joint": {}, "prototype": {}, "t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
-            "wan22": dict(image_dim=None, added_kv_proj_dim=None)}
+            "wan22": dict(image_dim=None, added_kv_proj_dim=None), "multiview": dict(view_attention="multiview")}
 # (model, config changes, references, batch, reference cache): every ref_attention mode, with and without
 # references; the cached modes build their cache on every rank
 CASES = {
@@ -42,6 +42,9 @@ CASES = {
     "prototype_no_refs": ("prototype", {}, 0, 2, False),
     "prototype_cached": ("prototype", dict(ref_timestep="zero"), 2, 2, True),
     "t2v_full": ("t2v", {}, 2, 2, False),
+    # MVAnimate Eq. 2: shards start inside a frame (5 tokens per frame), every view read at the aligned cell
+    "multiview": ("multiview", {}, 2, 2, False),
+    "multiview_cached": ("multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
     "wan22_isolated_cached": ("wan22", dict(ref_attention="isolated", ref_timestep="zero"), 1, 2, True),
 }
 
