@@ -6,6 +6,7 @@ reuses ``blocks`` (Token-Concat). The streams meet only in the joint self-attent
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -87,20 +88,51 @@ class Attention(nn.Module):
         """RMSNorm across heads of projections [B, N, H, Dh] (the self-attention leaves it to the QK prologue)."""
         return self.split_heads(self.norm_q(q.flatten(2))), self.split_heads(self.norm_k(k.flatten(2)))
 
-    def cross(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None,
-              identity: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-attention to the text states, plus (I2V) to the CLIP image states, summed; with ``identity``
-        [B, L, D] embedded identity tokens, the image branch has the identity branch fused in (M2HVideo Eq. 3)."""
-        q, k, v = self.project_qkv(x, text)
-        out = _sdpa(q, k, v)
+    def cross_kv(self, text: torch.Tensor, image: torch.Tensor | None,
+                 identity: torch.Tensor | None = None) -> "CrossKV":
+        """The cross-attention's keys and values [B, L, H, Dh] of the embedded text, image (I2V) and identity
+        (M2HVideo) states: they depend on neither the latents nor the step, so a request computes them once
+        (``ContextCache``)."""
+        k, v = self.split_heads(self.norm_k(self.to_k(text))), self.split_heads(self.to_v(text))
+        image_kv = identity_kv = None
         if image is not None:
-            k_img = self.split_heads(self.norm_added_k(self.add_k_proj(image)))
-            v_img = self.split_heads(self.add_v_proj(image))
-            z_image = _sdpa(q, k_img, v_img)
+            image_kv = (self.split_heads(self.norm_added_k(self.add_k_proj(image))),
+                        self.split_heads(self.add_v_proj(image)))
             if identity is not None:
-                z_image = self.identity.fuse(_sdpa(q, *self.identity.key_value(identity)), z_image)
+                identity_kv = self.identity.key_value(identity)
+        return CrossKV((k, v), image_kv, identity_kv)
+
+    def cross(self, x: torch.Tensor, kv: "CrossKV") -> torch.Tensor:
+        """Cross-attention to the text states, plus (I2V) to the CLIP image states, summed; with identity
+        keys/values, the image branch has the identity branch fused in (M2HVideo Eq. 3)."""
+        q = self.split_heads(self.norm_q(self.to_q(x)))
+        out = _sdpa(q, *kv.text)
+        if kv.image is not None:
+            z_image = _sdpa(q, *kv.image)
+            if kv.identity is not None:
+                z_image = self.identity.fuse(_sdpa(q, *kv.identity), z_image)
             out = out + z_image
         return self.to_out[0](out.flatten(2).contiguous())
+
+
+@dataclass
+class CrossKV:
+    """One block's cross-attention keys and values [B, L, H, Dh]: text, image (I2V; None without CLIP) and
+    identity (M2HVideo; None without an identity image)."""
+
+    text: tuple[torch.Tensor, torch.Tensor]
+    image: tuple[torch.Tensor, torch.Tensor] | None = None
+    identity: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for pair in (self.text, self.image, self.identity) if pair is not None for t in pair]
+
+    def map(self, fn) -> "CrossKV":
+        """The same keys and values through ``fn`` (row selection, padding, concatenation helpers)."""
+        def pair(p):
+            return None if p is None else (fn(p[0]), fn(p[1]))
+
+        return CrossKV(pair(self.text), pair(self.image), pair(self.identity))
 
 
 def _sdpa(q, k, v):
@@ -178,11 +210,12 @@ class StreamBlock(nn.Module):
         return StreamQKV(attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h)),
                          attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens)
 
-    def finish(self, x, attn: torch.Tensor, mod: Modulation, text, image, identity=None) -> torch.Tensor:
-        # attn [B, N, H, Dh]: this stream's rows of the joint attention; identity [B, L, D] or None (video only)
+    def finish(self, x, attn: torch.Tensor, mod: Modulation, kv: CrossKV) -> torch.Tensor:
+        # attn [B, N, H, Dh]: this stream's rows of the joint attention; kv: this block's cross-attention keys and
+        # values (``Context.kv``: computed now, or once per request)
         out = self.attn1.to_out[0](attn.flatten(2).contiguous())
         x = gated_residual(x, out, mod.gate_msa, backend=self.backend)
-        x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), text, image, identity)
+        x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), kv)
         h = adaln_layernorm(x, mod.c_shift, mod.c_scale, eps=self.norm3.eps, backend=self.backend)
         return gated_residual(x, self.ffn(h), mod.c_gate, backend=self.backend)
 
@@ -260,6 +293,80 @@ def batch_invariant(fn, x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor
         return fn(x)
     padded = torch.cat([x, x.new_zeros(-rows % block, *x.shape[1:])])
     return torch.cat([fn(chunk) for chunk in padded.split(block)])[:rows]
+
+
+@dataclass
+class ContextCache:
+    """Per layer, each stream's cross-attention keys and values (``CrossKV``) of one call's rows: what the text,
+    CLIP image and identity states give, computed once per request (``precompute_context``) instead of at every
+    step, where they never change. ``reference`` is None when the model has no reference stream of its own."""
+
+    video: list[CrossKV]
+    reference: list[CrossKV] | None
+
+    @property
+    def rows(self) -> int:
+        return self.video[0].text[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        layers = [*self.video, *(self.reference or [])]
+        return sum(t.numel() * t.element_size() for kv in layers for t in kv.tensors())
+
+    def map(self, fn) -> "ContextCache":
+        return ContextCache([kv.map(fn) for kv in self.video],
+                            None if self.reference is None else [kv.map(fn) for kv in self.reference])
+
+    def rows_slice(self, start: int, count: int) -> "ContextCache":
+        """Rows ``start`` .. ``start + count`` (past the last row, row 0 repeats: a padded batch)."""
+        return self.map(lambda t: _pad_rows(t, start + count)[start:start + count])
+
+    @classmethod
+    def cat(cls, caches: list["ContextCache"], pad_to: int = 0) -> "ContextCache":
+        """Several requests' caches stacked along the batch (rows padded by repeating row 0)."""
+        if len(caches) == 1 and pad_to <= caches[0].rows:
+            return caches[0]
+
+        def stack(kvs: list[CrossKV]) -> CrossKV:
+            def pair(pairs):
+                return None if pairs[0] is None else tuple(_pad_rows(torch.cat(ts), pad_to) for ts in zip(*pairs))
+
+            return CrossKV(pair([kv.text for kv in kvs]), pair([kv.image for kv in kvs]),
+                           pair([kv.identity for kv in kvs]))
+
+        video = [stack(list(layer)) for layer in zip(*(c.video for c in caches))]
+        reference = (None if caches[0].reference is None
+                     else [stack(list(layer)) for layer in zip(*(c.reference for c in caches))])
+        return cls(video, reference)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t[:1].expand(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
+
+
+@dataclass
+class Context:
+    """What one stream's cross-attentions read in a call: the embedded text, image and identity states (the
+    identity on the video stream only), or a ``ContextCache`` holding every block's keys and values."""
+
+    text: torch.Tensor | None
+    image: torch.Tensor | None
+    identity: torch.Tensor | None = None
+    cache: ContextCache | None = None
+    stream: str = "video"
+
+    def kv(self, layer: int, block: StreamBlock) -> CrossKV:
+        if self.cache is None:
+            return block.attn2.cross_kv(self.text, self.image, self.identity)
+        if self.stream == "video":
+            return self.cache.video[layer]
+        if self.cache.reference is None:  # Token-Concat: the video blocks' keys and values, without the identity
+            return dataclasses.replace(self.cache.video[layer], identity=None)
+        return self.cache.reference[layer]
+
+    def for_references(self) -> "Context":
+        """The reference stream's context: the same states without the identity (it conditions the video only)."""
+        return Context(self.text, self.image, None, self.cache, "reference")
 
 
 @dataclass
@@ -507,6 +614,7 @@ class MultiViewWanTransformer(nn.Module):
         ref_pose: torch.Tensor | None = None,
         identity_context: torch.Tensor | None = None,
         view_omega: torch.Tensor | None = None,
+        context_cache: ContextCache | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity [B, 16, F, H, W].
 
@@ -518,7 +626,9 @@ class MultiViewWanTransformer(nn.Module):
         and ``ref_pose`` [B, R, Cp, Hr, Wr] rendered pose images on the latent grid in [-1, 1] (ProFashion PPA,
         ``ref_attention="prototype"``), ``identity_context`` [B, 257, image_dim] CLIP states of an identity
         image (M2HVideo, ``identity``), ``view_omega`` [B, R] per-view weights of MVAnimate's Eq. 2
-        (``view_attention="multiview"``; None: the adapter's).
+        (``view_attention="multiview"``; None: the adapter's). ``context_cache`` from ``precompute_context`` holds
+        every block's cross-attention keys and values of these rows' text/image/identity states (then only their
+        shapes are read).
         """
         cfg = self.config
         b, _, frames, height, width = latents.shape
@@ -550,8 +660,13 @@ class MultiViewWanTransformer(nn.Module):
 
         # 2. timestep and context embeddings
         temb, tproj = self.condition_embedder.time(timestep, x.dtype)
-        text_ctx, image_ctx = self._contexts(text, image_context)
-        identity_ctx = self._identity_context(identity_context)  # [B, L, D] or None
+        if context_cache is not None:
+            if context_cache.rows != b:
+                raise ValueError(f"context cache holds {context_cache.rows} rows, this call has {b}")
+            video_ctx = Context(None, None, None, context_cache)
+        else:
+            text_ctx, image_ctx = self._contexts(text, image_context)
+            video_ctx = Context(text_ctx, image_ctx, self._identity_context(identity_context))  # identity [B, L, D]
         if view_omega is not None and self.view_omega is None:
             raise ValueError("view_omega is for denoisers with MVAnimate's multi-view attention "
                              "(view_attention='multiview'); this one has none")
@@ -560,20 +675,20 @@ class MultiViewWanTransformer(nn.Module):
         if self.prototype is not None and ref_latents is not None and ref_latents.shape[1] == 0:
             ref_latents = None  # no reference, no prototype: the base model
         if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
-            x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents,
-                                       ref_cache, frame_pose, ref_pose, (f, h, w), identity_ctx=identity_ctx)
+            x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache,
+                                       frame_pose, ref_pose, (f, h, w))
         elif ref_cache is not None:
-            x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, text_ctx, image_ctx, ref_cache, (f, h, w),
-                                              identity_ctx=identity_ctx, view_omega=view_omega)
+            x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, video_ctx, ref_cache, (f, h, w),
+                                              view_omega=view_omega)
         elif ref_latents is not None:
-            x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents,
-                                   (f, h, w), identity_ctx=identity_ctx, view_omega=view_omega)
+            x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, (f, h, w),
+                                   view_omega=view_omega)
         else:
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 mod = block.modulation(tproj)
                 attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens)], n_video,
                                     n_video)
-                x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
+                x = block.finish(x, attn, mod, video_ctx.kv(i, block))
 
         # 4. output head on video tokens, unpatchify
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
@@ -584,10 +699,11 @@ class MultiViewWanTransformer(nn.Module):
         x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
-    def _joint_blocks(self, x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, fhw, *,
-                      identity_ctx=None, view_omega=None):
+    def _joint_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, fhw, *,
+                      view_omega=None):
         # x [B, n_local, D]: the video tokens this rank holds (all of them without sequence parallel)
         r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
+        ref_ctx = video_ctx.for_references()
         n_local, n_ref = x.shape[1], r.shape[1]
         num_refs, ref_hw = self._reference_grid(ref_latents)
         pos, key_scale = self._keys_layout(video_pos, num_refs, ref_hw, fhw)
@@ -617,13 +733,13 @@ class MultiViewWanTransformer(nn.Module):
                 if sp is not None:  # every view's keys and values, for this rank's video tokens
                     kr, vr = sp.gather(kr, n_ref), sp.gather(vr, n_ref)
                 video_attn = views(attn[:, :n_local], qv, kr, vr, first_token)
-            x = block.finish(x, video_attn, mod_v, text_ctx, image_ctx, identity_ctx)
+            x = block.finish(x, video_attn, mod_v, video_ctx.kv(i, block))
             if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
-                r = ref_block.finish(r, attn[:, n_local:], mod_r, text_ctx, image_ctx)
+                r = ref_block.finish(r, attn[:, n_local:], mod_r, ref_ctx.kv(i, ref_block))
         return x
 
-    def _prototype_blocks(self, x, n_video, video_pos, timestep, tproj, text_ctx, image_ctx, ref_latents, ref_cache,
-                          frame_pose, ref_pose, fhw, *, identity_ctx=None):
+    def _prototype_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, ref_cache,
+                          frame_pose, ref_pose, fhw):
         """ProFashion PPA (``engine.modes.prototype``): video queries of frame i attend to every video key plus
         the T tokens of frame i's prototype, aggregated per layer from the isolated reference stream (run here
         layer by layer, or read from ``ref_cache``)."""
@@ -636,7 +752,7 @@ class MultiViewWanTransformer(nn.Module):
         else:
             num_refs, ref_hw = self._reference_grid(ref_latents)
             ref_features = self._prototype_reference_features(
-                ref_latents, self._ref_timestep(timestep), text_ctx, image_ctx, fhw)
+                ref_latents, self._ref_timestep(timestep), video_ctx.for_references(), fhw)
         poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
         proto_tokens = ref_hw[0] * ref_hw[1]
         proto_pos = prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)
@@ -648,10 +764,10 @@ class MultiViewWanTransformer(nn.Module):
             k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
             attn = self._attend([video, StreamQKV(None, k_proto, v_proto, proto_pos)], n_video, n_video,
                                 mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=proto_tokens)
-            x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
+            x = block.finish(x, attn, mod, video_ctx.kv(i, block))
         return x
 
-    def _prototype_reference_features(self, ref_latents, ref_timestep, text_ctx, image_ctx, fhw):
+    def _prototype_reference_features(self, ref_latents, ref_timestep, ref_ctx: Context, fhw):
         """Per layer, the isolated reference stream's attention input projected by the video block's K/V weights
         (``PrototypeAggregator.reference_features``), yielded as the stream advances layer by layer."""
         num_refs, ref_hw = self._reference_grid(ref_latents)
@@ -668,7 +784,22 @@ class MultiViewWanTransformer(nn.Module):
             if i < last:  # the reference stream's last output is never read
                 q, k, v = ref_block.attn1.project_qkv(z, z)
                 attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale)], 0, 0, mask="full")
-                r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
+                r = ref_block.finish(r, attn, mod, ref_ctx.kv(i, ref_block))
+
+    @torch.no_grad()
+    def precompute_context(self, text: torch.Tensor, image_context: torch.Tensor | None,
+                           identity_context: torch.Tensor | None = None) -> ContextCache:
+        """Every block's cross-attention keys and values of these rows' text [B, L, text_dim], CLIP image
+        [B, 257, image_dim] and identity (M2HVideo) states, for both streams: a request's step-invariant work,
+        done once and passed to every step as ``forward(context_cache=...)``."""
+        if (image_context is None) != (self.config.image_dim is None):
+            raise ValueError(f"this denoiser takes {'no' if self.config.image_dim is None else 'an'} image_context")
+        text_ctx, image_ctx = self._contexts(text, image_context)
+        video = Context(text_ctx, image_ctx, self._identity_context(identity_context))
+        reference = video.for_references()
+        return ContextCache([video.kv(i, block) for i, block in enumerate(self.blocks)],
+                            None if self.ref_blocks is None else
+                            [reference.kv(i, block) for i, block in enumerate(self.ref_blocks)])
 
     @torch.no_grad()
     def precompute_reference(self, ref_latents, text, image_context, latent_fhw) -> ReferenceCache:
@@ -684,9 +815,9 @@ class MultiViewWanTransformer(nn.Module):
         if self.prototype is not None and cfg.ref_timestep == "zero":  # PPA's isolated reference stream
             num_refs, ref_hw = self._reference_grid(ref_latents)
             fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
-            text_ctx, image_ctx = self._contexts(text, image_context)
+            ref_ctx = Context(*self._contexts(text, image_context), stream="reference")
             zero = torch.zeros(ref_latents.shape[0], device=ref_latents.device)
-            keys, values = zip(*self._prototype_reference_features(ref_latents, zero, text_ctx, image_ctx, fhw))
+            keys, values = zip(*self._prototype_reference_features(ref_latents, zero, ref_ctx, fhw))
             return ReferenceCache(list(keys), list(values), num_refs, ref_hw, fhw)
         if not cfg.caches_reference:
             raise ValueError(
@@ -695,7 +826,7 @@ class MultiViewWanTransformer(nn.Module):
             )
         num_refs, ref_hw = self._reference_grid(ref_latents)
         r = self.embed_references(ref_latents)
-        text_ctx, image_ctx = self._contexts(text, image_context)
+        ref_ctx = Context(*self._contexts(text, image_context), stream="reference")
         _, ref_tproj = self.condition_embedder.time(torch.zeros(r.shape[0], device=r.device), r.dtype)
         fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
         no_video = torch.zeros(0, 3, dtype=torch.long, device=r.device)
@@ -710,11 +841,11 @@ class MultiViewWanTransformer(nn.Module):
             values.append(v)
             if i < last:
                 attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale)], 0, 0)
-                r = ref_block.finish(r, attn, mod, text_ctx, image_ctx)
+                r = ref_block.finish(r, attn, mod, ref_ctx.kv(i, ref_block))
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
-    def _video_blocks_with_cache(self, x, n_video, video_pos, tproj, text_ctx, image_ctx, cache: ReferenceCache, fhw,
-                                 *, identity_ctx=None, view_omega=None):
+    def _video_blocks_with_cache(self, x, n_video, video_pos, tproj, video_ctx: Context, cache: ReferenceCache, fhw,
+                                 *, view_omega=None):
         if cache.video_fhw != fhw:
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
         n_local = x.shape[1]
@@ -727,11 +858,11 @@ class MultiViewWanTransformer(nn.Module):
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
                                        cache.num_refs, fhw, cache.ref_hw, x.device)
         ref_pos, ref_scale = k_pos[n_local:], key_scale[n_local:]
-        for block, k_ref, v_ref in zip(self.blocks, cache.keys, cache.values):
+        for i, (block, k_ref, v_ref) in enumerate(zip(self.blocks, cache.keys, cache.values)):
             mod = block.modulation(tproj)
             video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v)
             attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale)], n_video, n_video)
             if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
                 attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref, first_token)
-            x = block.finish(x, attn, mod, text_ctx, image_ctx, identity_ctx)
+            x = block.finish(x, attn, mod, video_ctx.kv(i, block))
         return x

@@ -145,7 +145,7 @@ def test_cross_attention_against_eq3(backend, gate):
             t.copy_(params.get(f"blocks.0.attn2.{name}", torch.randn(t.shape, generator=gen) / dim**0.5 + 0.1))
     x, text, image, identity = (torch.randn(2, n, dim, generator=gen) for n in (13, 11, IDENTITY_LEN, 19))
 
-    got = attn.cross(x, text, image, identity)
+    got = attn.cross(x, attn.cross_kv(text, image, identity))
 
     w = {k: v.double() for k, v in attn.state_dict().items()}
     x, text, image, identity = (t.double() for t in (x, text, image, identity))

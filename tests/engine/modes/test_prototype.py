@@ -168,9 +168,9 @@ def denoiser_oracle(model, x, frame_pose, ref_pose):
             rows = slice(fi * per_frame, (fi + 1) * per_frame)
             keys = torch.cat([k, rope(kp[:, fi], prototype_grid(cfg.ref_rope, fi, (f, h, w), (hr, wr)))], 1)
             out[:, rows] = attention(q[:, rows], keys, torch.cat([v, vp[:, fi]], 1))
-        tokens_next = block.finish(tokens, out, mod, text, image)
+        tokens_next = block.finish(tokens, out, mod, block.attn2.cross_kv(text, image))
         qr, kr, vr = projections(ref_block.attn1, z)  # the reference stream: references only
-        r = ref_block.finish(r, attention(rope(qr, ref_pos), rope(kr, ref_pos), vr), mod_r, text, image)
+        r = ref_block.finish(r, attention(rope(qr, ref_pos), rope(kr, ref_pos), vr), mod_r, ref_block.attn2.cross_kv(text, image))
         tokens = tokens_next
     shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
     y = model.proj_out(model.norm_out(tokens) * (1 + scale) + shift)
