@@ -22,6 +22,7 @@ from .modes.prototype import PrototypeAggregator, prototype_positions
 from .modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
 from .parallel import ParallelLayout, SequenceParallel
 from .positions import grid_positions, rd_rope_positions
+from .step_cache import StepCache
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -615,6 +616,7 @@ class MultiViewWanTransformer(nn.Module):
         identity_context: torch.Tensor | None = None,
         view_omega: torch.Tensor | None = None,
         context_cache: ContextCache | None = None,
+        step_cache: StepCache | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity [B, 16, F, H, W].
 
@@ -628,7 +630,8 @@ class MultiViewWanTransformer(nn.Module):
         image (M2HVideo, ``identity``), ``view_omega`` [B, R] per-view weights of MVAnimate's Eq. 2
         (``view_attention="multiview"``; None: the adapter's). ``context_cache`` from ``precompute_context`` holds
         every block's cross-attention keys and values of these rows' text/image/identity states (then only their
-        shapes are read).
+        shapes are read). ``step_cache`` (``engine.step_cache``): this request's TeaCache state; on a step it
+        finds redundant the block stack is skipped and its last residual reused.
         """
         cfg = self.config
         b, _, frames, height, width = latents.shape
@@ -656,7 +659,6 @@ class MultiViewWanTransformer(nn.Module):
         sp = self.sequence_parallel
         if sp is not None:  # this rank's share of the video tokens and their positions
             x, video_pos = sp.shard(x, 1), sp.shard(video_pos, 0)
-        video_tokens = n_video if sp is not None else None
 
         # 2. timestep and context embeddings
         temb, tproj = self.condition_embedder.time(timestep, x.dtype)
@@ -671,24 +673,22 @@ class MultiViewWanTransformer(nn.Module):
             raise ValueError("view_omega is for denoisers with MVAnimate's multi-view attention "
                              "(view_attention='multiview'); this one has none")
 
-        # 3. blocks: reference stream joint with the video, cached, or absent
+        # 3. blocks: reference stream joint with the video, cached, or absent; skipped on the steps the step cache
+        # finds redundant (the first block's modulated input barely moved: its last residual is reused)
         if self.prototype is not None and ref_latents is not None and ref_latents.shape[1] == 0:
             ref_latents = None  # no reference, no prototype: the base model
-        if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
-            x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache,
-                                       frame_pose, ref_pose, (f, h, w))
-        elif ref_cache is not None:
-            x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, video_ctx, ref_cache, (f, h, w),
-                                              view_omega=view_omega)
-        elif ref_latents is not None:
-            x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, (f, h, w),
-                                   view_omega=view_omega)
+        blocks = (lambda x: self._blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache,
+                                         frame_pose, ref_pose, (f, h, w), view_omega))
+        if step_cache is None:
+            x = blocks(x)
         else:
-            for i, block in enumerate(self.blocks):
-                mod = block.modulation(tproj)
-                attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens)], n_video,
-                                    n_video)
-                x = block.finish(x, attn, mod, video_ctx.kv(i, block))
+            first = self.blocks[0]
+            real = n_video if sp is None else max(0, min(x.shape[1], n_video - sp.first_token(n_video)))
+            if step_cache.skip(first.attention_input(x, first.modulation(tproj)), real):
+                x = x + step_cache.residual
+            else:
+                start, x = x, blocks(x)
+                step_cache.computed_residual(x - start)
 
         # 4. output head on video tokens, unpatchify
         shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
@@ -698,6 +698,28 @@ class MultiViewWanTransformer(nn.Module):
             x = sp.gather(x, n_video)
         x = x.reshape(b, f, h, w, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache, frame_pose, ref_pose,
+                fhw, view_omega):
+        """The block stack over this rank's video tokens x [B, n_local, D]: with the reference stream joint,
+        cached, as PPA prototypes, or absent."""
+        video_tokens = n_video if self.sequence_parallel is not None else None
+        if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
+            x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache,
+                                       frame_pose, ref_pose, fhw)
+        elif ref_cache is not None:
+            x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, video_ctx, ref_cache, fhw,
+                                              view_omega=view_omega)
+        elif ref_latents is not None:
+            x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, fhw,
+                                   view_omega=view_omega)
+        else:
+            for i, block in enumerate(self.blocks):
+                mod = block.modulation(tproj)
+                attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens)], n_video,
+                                    n_video)
+                x = block.finish(x, attn, mod, video_ctx.kv(i, block))
+        return x
 
     def _joint_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, fhw, *,
                       view_omega=None):

@@ -79,6 +79,10 @@ class Collectives:
         self.bytes_sent += x.numel() * x.element_size()
         return out
 
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise sum over the ranks (all ranks get it): small tensors, e.g. a step cache's statistics."""
+        return torch.stack(self.all_gather(x)).sum(0)
+
     def broadcast(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
         """In place on every rank (``x`` must have the root's shape and dtype)."""
         options = dist.BroadcastOptions()
@@ -187,16 +191,21 @@ class ParallelRuntime:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def forward(self, model, inputs: dict, ref_cache=None) -> torch.Tensor:
-        """``model(**inputs, ref_cache=...)`` with this rank's CFG rows; every rank returns the whole output."""
+    def forward(self, model, inputs: dict, ref_cache=None, context_cache=None, step_cache=None) -> torch.Tensor:
+        """``model(**inputs, ...)`` with this rank's CFG rows; every rank returns the whole output. A step cache
+        decides over every rank's real rows and tokens (its sums are reduced over the world)."""
+        if step_cache is not None:
+            step_cache.reduce = self.world.sum
         if self.cfg is None:
-            return model(**inputs, ref_cache=ref_cache)
+            return model(**inputs, ref_cache=ref_cache, context_cache=context_cache, step_cache=step_cache)
         batch = inputs["latents"].shape[0]
         mine = {name: self.cfg.split(batch, t) for name, t in inputs.items()}
-        if ref_cache is not None:
-            start, count = self.cfg.rows(batch)
-            ref_cache = ref_cache.rows_slice(start, count)
-        return self.cfg.gather(model(**mine, ref_cache=ref_cache), batch)
+        start, count = self.cfg.rows(batch)
+        ref_cache, context_cache = (None if c is None else c.rows_slice(start, count) for c in (ref_cache, context_cache))
+        if step_cache is not None:
+            step_cache.real_rows = max(0, min(count, batch - start))
+        out = model(**mine, ref_cache=ref_cache, context_cache=context_cache, step_cache=step_cache)
+        return self.cfg.gather(out, batch)
 
 
 def backend_for(device: torch.device | str) -> str:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from engine.config import MvgenConfig
 from engine.denoiser import MultiViewWanTransformer
 from engine.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
+from engine.step_cache import StepCache
 
 from .conftest import SMALL_WAN, inputs, rel_err
 
@@ -46,6 +47,9 @@ CASES = {
     "multiview": ("multiview", {}, 2, 2, False),
     "multiview_cached": ("multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
     "wan22_isolated_cached": ("wan22", dict(ref_attention="isolated", ref_timestep="zero"), 1, 2, True),
+    # TeaCache over 4 steps (engine.step_cache): every rank takes the one-process decisions (sums over all ranks)
+    "step_cached": ("joint", {}, 2, 2, False),
+    "step_cached_odd_batch": ("joint", {}, 1, 3, False),
 }
 
 
@@ -73,8 +77,26 @@ def case_inputs(name: str) -> dict:
     return x
 
 
+STEP_TIMESTEPS = (990.0, 985.0, 980.0, 600.0)
+STEP_THRESHOLD = 0.2
+
+
+def run_steps(model: MultiViewWanTransformer, x: dict, runtime: ParallelRuntime | None) -> torch.Tensor:
+    """Four calls of one request with a step cache: the outputs stacked, then the decisions (1 = skipped)."""
+    cache, outs, skipped = StepCache(STEP_THRESHOLD), [], []
+    for i, t in enumerate(STEP_TIMESTEPS):
+        call = dict(x, latents=x["latents"] * (1 + 0.01 * i), timestep=torch.full_like(x["timestep"], t))
+        before = cache.skipped
+        outs.append(model(**call, step_cache=cache) if runtime is None else runtime.forward(model, call,
+                                                                                          step_cache=cache))
+        skipped.append(float(cache.skipped > before))
+    return torch.cat([torch.stack(outs).flatten(), torch.tensor(skipped)])
+
+
 def run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: ParallelRuntime | None) -> torch.Tensor:
     kind, changes, refs, _, cached = CASES[name]
+    if name.startswith("step_cached"):
+        return run_steps(model, x, runtime)
     base = model.config
     model.config = base.replace(**changes)
     try:
@@ -149,6 +171,9 @@ def parallel_outputs(tmp_path_factory):
 def test_parallel_equals_one_process(parallel_outputs, layout, case):
     want, got = parallel_outputs
     out = got[f"{layout}/{case}"]
+    if case.startswith("step_cached"):  # the same decisions, and some steps skipped
+        decisions = want[case][-len(STEP_TIMESTEPS):]
+        assert torch.equal(out[-len(STEP_TIMESTEPS):], decisions) and 0 < decisions.sum() < len(STEP_TIMESTEPS) - 1
     assert out.shape == want[case].shape
     assert rel_err(out, want[case]) < 1e-5
     assert (out - want[case]).abs().max().item() < 1e-5 * max(1.0, want[case].abs().max().item())
