@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, checkpoint_sources, map_images,
-                       parse_overrides, request_values, add_reference_cache_argument)
+from .cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments, checkpoint_sources,
+                       map_images, memory_options, parse_overrides, request_values, add_reference_cache_argument)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -38,7 +38,7 @@ def _add_generate(subparsers) -> None:
     add_model_arguments(p)
     add_request_arguments(p)
     p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_memory_arguments(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--fps", type=int, default=16)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -57,10 +57,9 @@ def _device(name: str) -> str:
 
 
 def run_generate(args) -> int:
-    import torch
-
     from .components import Checkpoint
     from .media import load_image, write_contact_sheet, write_mp4
+    from .offload import check_offload
     from .pipeline import MultiViewPipeline
     from .request import make_request
 
@@ -73,10 +72,14 @@ def run_generate(args) -> int:
     # every image is read before the (possibly slow) model load, so a typo fails at once
     values = map_images(request_values(args), lambda path, flag: load_image(path, flag))
     overrides = parse_overrides(args.overrides)
+    device = _device(args.device)
     try:
-        checkpoint = Checkpoint.load(args.model, args.adapter, **checkpoint_sources(args), dtype=getattr(torch, args.dtype),
-                                     device=_device(args.device), scheduler=args.scheduler, cache_root=args.cache_dir,
-                                     **overrides)
+        check_offload(args.offload, device)
+    except ValueError as error:  # the engine's words, without "cannot load model"
+        raise UsageError(str(error)) from None
+    try:
+        checkpoint = Checkpoint.load(args.model, args.adapter, **checkpoint_sources(args), **memory_options(args),
+                                     device=device, scheduler=args.scheduler, cache_root=args.cache_dir, **overrides)
     except ValueError as error:  # config values (overrides, mvgen_config.json) the model refuses
         if isinstance(error, user_errors()):
             raise

@@ -11,7 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
 EXIT_USAGE = 2
 
 
@@ -135,3 +134,27 @@ def add_reference_cache_argument(p) -> None:
     p.add_argument("--no-reference-cache", dest="reference_cache", action="store_false",
                    help="recompute the reference stream at every step even where its K/V could be kept "
                         "(ref_attention=isolated with ref_timestep=zero); same video within float rounding")
+
+
+def add_memory_arguments(p) -> None:
+    """``--dtype``, ``--offload`` and ``--vae-tiling``, shared by ``mvgen generate`` and ``mvgen serve``."""
+    from .components import DTYPES, NATIVE_BF16_FLAGS
+    from .offload import OFFLOAD_MODES
+
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="the denoiser's and text encoder's weights and activations (norms and modulation tables stay "
+                        "float32; the VAE and CLIP always float32). auto: bfloat16 on CUDA; on a CPU float32 unless "
+                        f"it multiplies bf16 natively ({'/'.join(NATIVE_BF16_FLAGS)}): without that, bf16 runs ~9x "
+                        "slower than float32")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                   help="keep the denoiser in host memory between uses: 'model' moves it whole to the device for each "
+                        "call and back after; 'block' moves one transformer layer at a time (least device memory, "
+                        "slowest). Needs an accelerator: refused on the CPU")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="VAE encode/decode in overlapping 256-pixel tiles (diffusers' AutoencoderKLWan tiling): peak "
+                        "memory follows the tile, not the frame; seams are blended")
+
+
+def memory_options(args) -> dict:
+    """``Checkpoint.load``'s keywords for the memory options on the command line (``add_memory_arguments``)."""
+    return {"dtype": args.dtype, "offload": args.offload, "vae_tiling": args.vae_tiling}

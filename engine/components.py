@@ -9,6 +9,7 @@ else, so the server's loop model loads no weights at all. ``TextEncoder``, ``Ima
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import html
 import re
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 
 from .config import MvgenConfig
-from .denoiser import ReferenceCache
+from .denoiser import ContextCache, ReferenceCache
+from .offload import apply_offload, check_offload
 from .parallel import CollectiveError, ParallelRuntime
 from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
+from .step_cache import StepCache
 from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 
 SCHEDULERS = ("unipc", "euler")
@@ -53,6 +56,88 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return torch.device(name)
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # what the denoiser and text encoder run in ("auto": below)
+# x86 /proc/cpuinfo flags of bf16 dot-product instructions, which PyTorch's CPU GEMMs (oneDNN) use for bf16
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """What ``dtype="auto"`` means on ``device``: bfloat16 on CUDA (Wan's own inference dtype); on a CPU, bfloat16
+    only where it multiplies bf16 natively (``NATIVE_BF16_FLAGS``), else float32. Without those instructions
+    PyTorch converts bf16 matmuls to fp32 and back: a tiny denoiser step ran ~9x slower in bf16 than in fp32
+    on an AVX2 AMD EPYC; with AMX a bf16 matmul is several times faster than fp32. Other devices: float32."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and set(NATIVE_BF16_FLAGS) & cpu_flags():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """A name of ``DTYPES`` or a torch dtype -> the torch dtype (``"auto"``: ``default_dtype(device)``)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return default_dtype(device) if name == "auto" else getattr(torch, name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (Linux x86); empty where there is no such file."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+@dataclass(frozen=True)
+class VaeTiling:
+    """Decode (and encode) the VAE in overlapping spatial tiles: ``AutoencoderKLWan.enable_tiling``'s sizes in
+    pixels, diffusers' defaults. A video larger than a tile is cut into tiles ``tile`` wide every ``stride``
+    pixels and the overlaps blended; peak memory then follows the tile, not the frame."""
+
+    tile_height: int = 256
+    tile_width: int = 256
+    stride_height: int = 192
+    stride_width: int = 192
+
+    @classmethod
+    def parse(cls, value: "bool | dict | VaeTiling | None") -> "VaeTiling | None":
+        """``True`` (the defaults), a dict of fields (a served model's JSON), a ``VaeTiling``, or None/False (off)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, dict):
+            names = [f.name for f in dataclasses.fields(cls)]
+            unknown = sorted(set(value) - set(names))
+            if unknown:
+                raise ValueError(f"vae_tiling takes {', '.join(names)}; got {', '.join(unknown)}")
+            return cls(**value)
+        if isinstance(value, cls):
+            return value
+        raise ValueError(f"vae_tiling must be True, a dict of tile sizes or a VaeTiling, got {value!r}")
+
+    def check(self, spatial: int) -> None:
+        """Tiles and strides whole latent cells (``spatial`` pixels), each stride at most its tile."""
+        for axis in ("height", "width"):
+            tile, stride = getattr(self, f"tile_{axis}"), getattr(self, f"stride_{axis}")
+            if isinstance(tile, bool) or not isinstance(tile, int) or tile <= 0 or tile % spatial:
+                raise ValueError(f"vae_tiling tile_{axis} must be a positive multiple of {spatial} pixels, "
+                                 f"got {tile!r}")
+            if isinstance(stride, bool) or not isinstance(stride, int) or not 0 < stride <= tile or stride % spatial:
+                raise ValueError(f"vae_tiling stride_{axis} must be a multiple of {spatial} pixels in (0, tile_{axis} "
+                                 f"= {tile}], got {stride!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 EXPERT_FOLDERS = ("transformer", "transformer_2")  # diffusers' Wan2.2 layout: high noise, then low noise
 
 
@@ -76,7 +161,9 @@ class Checkpoint:
 
     ``experts`` are its denoisers (Wan2.2: two, switched at ``boundary_ratio`` of the training timesteps);
     ``latents_mean``/``latents_std`` are the VAE's per-channel normalisation, ``defaults`` the generation
-    defaults (``mvgen_defaults.json`` over Wan's), ``limits`` what a request may ask for.
+    defaults (``mvgen_defaults.json`` over Wan's), ``limits`` what a request may ask for. ``offload``
+    (``engine.offload.OFFLOAD_MODES``) keeps the denoiser in host memory between uses; ``vae_tiling`` decodes and
+    encodes in tiles (None: whole frames).
     """
 
     path: Path
@@ -95,13 +182,16 @@ class Checkpoint:
     latents_std: tuple[float, ...]
     has_image_encoder: bool
     overrides: dict = field(default_factory=dict)
+    offload: str = "none"
+    vae_tiling: VaeTiling | None = None
 
     @classmethod
     def load(cls, model: str | Path = "tiny", adapter: str | Path | None = None, *, adapter_2: str | Path | None = None,
              transformer_file: str | Path | None = None, transformer_2_file: str | Path | None = None,
              loras: Sequence = (), loras_2: Sequence = (), lora_reference: bool = False,
-             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", scheduler: str = "unipc",
-             max_tokens: int = DEFAULT_MAX_TOKENS, cache_root: str | Path | None = None, **overrides) -> "Checkpoint":
+             dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", scheduler: str = "unipc",
+             max_tokens: int = DEFAULT_MAX_TOKENS, cache_root: str | Path | None = None, offload: str = "none",
+             vae_tiling: bool | dict | VaeTiling | None = None, **overrides) -> "Checkpoint":
         """Read the JSON files of a diffusers Wan directory (Wan2.1-T2V/I2V, Wan2.2-I2V-A14B) or an embedded
         ``tiny*`` model; ``overrides`` go to every expert's ``MvgenConfig``. The ``*_2`` arguments are Wan2.2's
         low-noise expert's (``loras_2`` default: none; ``adapter_2``: the tiny model's own). Raises
@@ -112,6 +202,10 @@ class Checkpoint:
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
+        check_offload(offload, device)
+        vae_tiling = VaeTiling.parse(vae_tiling)
         if is_tiny(model) and cache_root is None:
             raise ValueError(f"the embedded {str(model)!r} model needs a cache_root to build it in")
         path, adapters = resolve_experts(model, (adapter, adapter_2), cache_root)
@@ -143,10 +237,12 @@ class Checkpoint:
         shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", WAN_DEFAULTS["shift"]))
         temporal = vae.get("scale_factor_temporal") or 4
         spatial = vae.get("scale_factor_spatial") or 8
+        if vae_tiling is not None:
+            vae_tiling.check(spatial)
         _, patch_h, patch_w = config.patch_size
         z_dim = vae.get("z_dim", 16)
         return cls(
-            path=path, experts=experts, boundary_ratio=float(boundary) if boundary is not None else None, dtype=dtype, device=resolve_device(device), scheduler=scheduler,
+            path=path, experts=experts, boundary_ratio=float(boundary) if boundary is not None else None, dtype=dtype, device=device, scheduler=scheduler,
             scheduler_config=scheduler_config,
             defaults={**WAN_DEFAULTS, "shift": float(shift), **_read_json(path / "mvgen_defaults.json", "generation defaults")},
             limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal,
@@ -157,7 +253,7 @@ class Checkpoint:
             latents_mean=tuple(vae.get("latents_mean", (0.0,) * z_dim)),
             latents_std=tuple(vae.get("latents_std", (1.0,) * z_dim)),
             has_image_encoder=config.image_dim is not None and (path / "image_encoder").is_dir(),
-            overrides=dict(overrides),
+            overrides=dict(overrides), offload=offload, vae_tiling=vae_tiling,
         )
 
     @property
@@ -168,6 +264,11 @@ class Checkpoint:
     @property
     def adapter(self) -> Path | None:
         return self.experts[0].adapter
+
+    @property
+    def weights_device(self) -> torch.device:
+        """Where the denoiser's weights are loaded: host memory when offloaded (``engine.offload``), else the device."""
+        return self.device if self.offload == "none" else torch.device("cpu")
 
     def sources(self) -> dict:
         """``load``'s weight-source keywords beyond the model and first adapter, resolved to absolute paths and
@@ -187,10 +288,12 @@ class Checkpoint:
 
     def load_arguments(self) -> dict:
         """JSON keywords of ``Checkpoint.load`` that describe this checkpoint again in another process (a
-        sequence-parallel worker): the resolved model folder, adapter, weight sources, dtype, device, overrides."""
+        sequence-parallel worker): the resolved model folder, adapter, weight sources, dtype, device, memory
+        options, overrides."""
         return {"model": str(self.path), "adapter": str(self.adapter) if self.adapter else None, **self.sources(),
                 "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-                "scheduler": self.scheduler, **self.overrides}
+                "scheduler": self.scheduler, "offload": self.offload,
+                "vae_tiling": self.vae_tiling.to_dict() if self.vae_tiling else None, **self.overrides}
 
     def expert_at(self, timestep) -> int:
         """Which expert denoises at ``timestep``: Wan2.2's high-noise ``transformer`` while t >= boundary_ratio x
@@ -287,7 +390,8 @@ class ImageEncoder:
 
 
 class Vae:
-    """The Wan VAE (``vae/``) in float32: the I2V condition, reference latents, and decoding."""
+    """The Wan VAE (``vae/``) in float32: the I2V condition, reference latents, and decoding. With the checkpoint's
+    ``vae_tiling`` diffusers' tiling is on, which tiles encoding as well as decoding (one switch in diffusers)."""
 
     def __init__(self, checkpoint: Checkpoint):
         from diffusers import AutoencoderKLWan
@@ -296,6 +400,9 @@ class Vae:
         with quiet_hub_progress():
             folder = _component(checkpoint, "vae")
             self.model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32).to(checkpoint.device).eval()
+        tiling = checkpoint.vae_tiling
+        if tiling is not None:
+            self.model.enable_tiling(tiling.tile_height, tiling.tile_width, tiling.stride_height, tiling.stride_width)
         self.mean, self.std = checkpoint.latent_stats()
 
     @torch.no_grad()
@@ -348,7 +455,10 @@ class Denoiser:
         self.checkpoint = checkpoint
         self.expert = expert
         self.model = load_expert(checkpoint, expert)
-        self.caches = ReferenceCacheStore(cache_bytes)
+        # --offload: the weights stay in host memory and visit the device per call (None: loaded onto it)
+        self.offload = apply_offload(self.model, checkpoint.offload, checkpoint.device)
+        self.caches = ReferenceCacheStore(cache_bytes)  # reference K/V per request (isolated + zero streams)
+        self.requests = ReferenceCacheStore(cache_bytes)  # RequestState per request (same byte bound)
         # one rank of a sequence/CFG-parallel world (engine.parallel, engine.workers); None: the whole call here
         self.parallel = parallel
         if parallel is not None:
@@ -358,16 +468,25 @@ class Denoiser:
     def caches_references(self) -> bool:
         return self.model.config.caches_reference
 
+    @property
+    def caches_requests(self) -> bool:
+        return self.model.config.caches_requests
+
     def release(self, cache_key: str) -> None:
-        """Drop a request's reference caches (it finished, failed or was cancelled)."""
+        """Drop a request's caches (it finished, failed or was cancelled)."""
         self.caches.drop(cache_key)
+        self.requests.drop(cache_key)
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        """Bytes of the denoiser's weights, each storage once (a shared reference stream's are the video's)."""
+        from .reference_weights import weight_bytes
 
-    def __call__(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None = None) -> torch.Tensor:
+        return weight_bytes(self.model)
+
+    def __call__(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None = None,
+                 cache_references: bool = True) -> torch.Tensor:
         """One call's velocity (see ``run``); its error is raised."""
-        result = self.run([DenoiseCall(inputs, cache_key)])[0]
+        result = self.run([DenoiseCall(inputs, cache_key, cache_references)])[0]
         if isinstance(result, Exception):
             raise result
         return result
@@ -379,32 +498,40 @@ class Denoiser:
         Calls of equal shapes (and equal reference-cache layouts) run as one batch; when a batch fails, its
         calls run one by one, so a bad or failing request never takes its companions down. Rows never
         interact in the denoiser; ``pad_to`` > 0 still runs every batch at that many rows (padding repeats
-        row 0), so a request's bits cannot depend on its companions whatever the GEMM library does.
+        row 0), so a request's bits cannot depend on its companions whatever the GEMM library does. A
+        step-cached request runs alone: its skip decision is its own.
         """
         results: list[torch.Tensor | Exception | None] = [None] * len(calls)
-        groups: dict[tuple, list[tuple[int, dict, ReferenceCache | None]]] = {}
+        groups: dict[tuple, list[_Item]] = {}
+        alone = self.model.config.step_cache_threshold > 0
         for index, call in enumerate(calls):
             try:
-                inputs, cache = self._resolve(call)
+                item = self._resolve(index, call)
             except Exception as error:  # this request's inputs or cache: its own answer, the batch goes on
                 results[index] = error
                 continue
-            signature = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(inputs.items()) if v is not None)
-            groups.setdefault((signature, cache.layout if cache else None), []).append((index, inputs, cache))
+            signature = tuple((k, tuple(v.shape[1:]), v.dtype) for k, v in sorted(item.inputs.items()) if v is not None)
+            key = (signature, item.reference.layout if item.reference else None, item.state is not None,
+                   index if alone else None)
+            groups.setdefault(key, []).append(item)
         for items in groups.values():
             self._run_group(items, results, pad_to)
         for call, result in zip(calls, results):
             if isinstance(result, Exception) and call.cache_key is not None:
-                self.caches.drop(call.cache_key)  # a failed request holds no cache
+                self.release(call.cache_key)  # a failed request holds no cache
         return results
 
-    def _resolve(self, call: "DenoiseCall") -> tuple[dict, ReferenceCache | None]:
-        """The call's inputs and its reference cache: looked up, or built from this call's references."""
+    def _resolve(self, index: int, call: "DenoiseCall") -> "_Item":
+        """The call's inputs and caches: its reference K/V (looked up, or built from this call's references) and
+        its per-request state (cross-attention K/V, step cache), built at its first step."""
         inputs = dict(call.inputs)
         refs = inputs.pop("ref_latents", None)
         refs = refs if refs is not None and refs.shape[1] > 0 else None
-        if call.cache_key is None or not self.caches_references:
-            return {**inputs, "ref_latents": refs}, None
+        if call.cache_key is None:
+            return _Item(index, {**inputs, "ref_latents": refs}, None, None)
+        state = self._request_state(call.cache_key, inputs)
+        if not (call.cache_references and self.caches_references):
+            return _Item(index, {**inputs, "ref_latents": refs}, None, state)
         cache = self.caches.get(call.cache_key)
         if cache is None:
             if refs is None:
@@ -412,24 +539,40 @@ class Denoiser:
             cache = self.model.precompute_reference(refs, inputs["text"], inputs["image_context"],
                                                     latent_fhw=tuple(inputs["latents"].shape[2:]))
             self.caches.put(call.cache_key, cache)
-        return {**inputs, "ref_latents": None}, cache
+        return _Item(index, {**inputs, "ref_latents": None}, cache, state)
 
-    def _run_group(self, items, results: list, pad_to: int) -> None:
+    def _request_state(self, key: str, inputs: dict) -> "RequestState | None":
+        cfg = self.model.config
+        if not (cfg.context_cache or cfg.step_cache_threshold > 0):
+            return None
+        state = self.requests.get(key)
+        rows = inputs["latents"].shape[0]
+        if state is None or (state.context is not None and state.context.rows != rows):
+            context = None
+            if cfg.context_cache:  # the same states at every step of the request: their K/V once
+                context = self.model.precompute_context(inputs["text"], inputs["image_context"],
+                                                        inputs.get("identity_context"))
+            state = RequestState(context, StepCache(cfg.step_cache_threshold) if cfg.step_cache_threshold > 0 else None)
+            self.requests.put(key, state)
+        return state
+
+    def _run_group(self, items: list["_Item"], results: list, pad_to: int) -> None:
         try:
-            outputs = self._forward([inputs for _, inputs, _ in items], [cache for _, _, cache in items], pad_to)
+            outputs = self._forward(items, pad_to)
         except CollectiveError:  # the process group's failure, not a request's: no one-by-one retry
             raise
         except Exception as error:
             if len(items) == 1:
-                results[items[0][0]] = error
+                results[items[0].index] = error
                 return
             for item in items:  # find which request fails; the others are answered
                 self._run_group([item], results, pad_to)
             return
-        for (index, _, _), velocity in zip(items, outputs):
-            results[index] = velocity
+        for item, velocity in zip(items, outputs):
+            results[item.index] = velocity
 
-    def _forward(self, inputs: list[dict], caches: list, pad_to: int) -> list[torch.Tensor]:
+    def _forward(self, items: list["_Item"], pad_to: int) -> list[torch.Tensor]:
+        inputs = [item.inputs for item in items]
         sizes = [part["latents"].shape[0] for part in inputs]
         rows = sum(sizes)
         # absent inputs (a T2V condition, image context without CLIP) stay None
@@ -438,12 +581,41 @@ class Denoiser:
         if pad_to > rows:
             batch = {name: torch.cat([t, t[:1].expand(pad_to - rows, *t.shape[1:])]) if t is not None else None
                      for name, t in batch.items()}
-        cache = ReferenceCache.cat(caches, pad_to) if caches[0] is not None else None
+        caches = dict(
+            ref_cache=ReferenceCache.cat([i.reference for i in items], pad_to) if items[0].reference else None,
+            context_cache=(ContextCache.cat([i.state.context for i in items], pad_to)
+                           if items[0].state is not None and items[0].state.context is not None else None),
+            step_cache=items[0].state.step if items[0].state is not None else None)  # step-cached: one request
+        if caches["step_cache"] is not None:
+            caches["step_cache"].real_rows = rows
         if self.parallel is not None:
-            velocity = self.parallel.forward(self.model, batch, cache)
+            velocity = self.parallel.forward(self.model, batch, **caches)
         else:
-            velocity = self.model(**batch, ref_cache=cache)
+            velocity = self.model(**batch, **caches)
         return list(velocity[:rows].split(sizes))
+
+
+@dataclass
+class RequestState:
+    """What a denoiser keeps of one request between its steps, besides its reference K/V: every block's
+    cross-attention K/V of its text/image/identity states, and its step cache."""
+
+    context: ContextCache | None
+    step: StepCache | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in (self.context, self.step) if part is not None)
+
+
+@dataclass
+class _Item:
+    """A resolved call: its index in the batch of calls, inputs, reference cache and request state."""
+
+    index: int
+    inputs: dict
+    reference: ReferenceCache | None
+    state: RequestState | None
 
 
 def load_expert(checkpoint: Checkpoint, expert: int = 0, lora_scale: float | None = None):
@@ -451,7 +623,7 @@ def load_expert(checkpoint: Checkpoint, expert: int = 0, lora_scale: float | Non
     from .loading import load_denoiser
 
     spec = checkpoint.experts[expert]
-    return load_denoiser(checkpoint.path, spec.adapter, dtype=checkpoint.dtype, device=checkpoint.device,
+    return load_denoiser(checkpoint.path, spec.adapter, dtype=checkpoint.dtype, device=checkpoint.weights_device,
                          lora_scale=lora_scale, folder=spec.folder, weights_file=spec.weights_file, loras=spec.loras,
                          lora_reference=spec.lora_reference, **checkpoint.overrides)
 
@@ -459,10 +631,11 @@ def load_expert(checkpoint: Checkpoint, expert: int = 0, lora_scale: float | Non
 @dataclass
 class DenoiseCall:
     """One request's denoiser step: inputs by ``DENOISER_INPUTS`` name (``ref_latents`` None or with R = 0 when
-    there are none) and, where the reference stream is cached, the request's cache key."""
+    there are none) and the request's cache key, under which the denoiser keeps what the request reuses."""
 
     inputs: dict[str, torch.Tensor | None]
     cache_key: str | None = None
+    cache_references: bool = True  # False: the reference stream is recomputed at every step (--no-reference-cache)
 
 
 def _component(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:

@@ -13,6 +13,7 @@ REF_MODES = ("dual_stream", "token_concat")
 REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
 REF_ATTENTIONS = ("full", "isolated", "prototype")
+REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.reference_weights)
 VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
 # the Wan transformers this engine serves, by (in_channels, out_channels): T2V takes the noisy latents alone,
 # I2V (Wan2.1-I2V and Wan2.2-I2V-A14B's two experts) 16 latent + 4 mask + 16 first-frame channels
@@ -75,7 +76,16 @@ class MvgenConfig:
     lora_convention: str = "alpha_over_rank"
     lora_alpha: float | None = None
     lora_rank: int | None = None
+    # "shared": the reference stream holds the video stream's weights and applies its LoRA unmerged (about 1% more
+    # parameters); "merged": its own copy of every block with the LoRA merged (about 1.9x the base's parameters)
+    ref_weights: str = "shared"
     attention_backend: str = "auto"
+    # step-invariant work once per request (engine.components.Denoiser): every block's cross-attention K/V of the
+    # text, CLIP image and identity states; False recomputes them at every step
+    context_cache: bool = True
+    # TeaCache-style step caching (engine.step_cache): skip the block stack while the accumulated relative change of
+    # the first block's modulated input stays under this threshold; 0 = off
+    step_cache_threshold: float = 0.0
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -83,6 +93,7 @@ class MvgenConfig:
         _choice("ref_rope", self.ref_rope, REF_ROPES)
         _choice("ref_timestep", self.ref_timestep, REF_TIMESTEPS)
         _choice("ref_attention", self.ref_attention, REF_ATTENTIONS)
+        _choice("ref_weights", self.ref_weights, REF_WEIGHTS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("view_attention", self.view_attention, VIEW_ATTENTIONS)
         if self.qk_norm != "rms_norm_across_heads":
@@ -105,6 +116,8 @@ class MvgenConfig:
             raise ValueError("view_attention='multiview' (MVAnimate) reads each view's keys at the aligned position; "
                              "ref_attention='prototype' (ProFashion) replaces the views by per-frame prototypes: "
                              "choose one")
+        if not self.step_cache_threshold >= 0:
+            raise ValueError(f"step_cache_threshold must be >= 0 (0 = off), got {self.step_cache_threshold}")
         if self.view_lambda < 0:
             raise ValueError(f"view_lambda must be >= 0, got {self.view_lambda}")
         if self.identity and self.image_dim is None:
@@ -129,6 +142,12 @@ class MvgenConfig:
     def caches_reference(self) -> bool:
         """The reference stream is independent of the video and of the step: compute its K/V once."""
         return self.ref_attention in ("isolated", "prototype") and self.ref_timestep == "zero"
+
+    @property
+    def caches_requests(self) -> bool:
+        """The denoiser keeps something of a request between its steps: reference K/V, every block's
+        cross-attention K/V (``context_cache``) or a step cache."""
+        return self.caches_reference or self.context_cache or self.step_cache_threshold > 0
 
     def replace(self, **changes) -> "MvgenConfig":
         return dataclasses.replace(self, **changes)

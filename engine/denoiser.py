@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import LOG2E, adaln_layernorm, attention, gated_residual, kernel_backend, qk_prologue
+from kernels import (LOG2E, adaln_layernorm, attention, gated_residual, kernel_backend, prologue_rope_table,
+                     qk_prologue)
 
 from .config import MvgenConfig
 from .modes.identity import IdentityCrossAttention
@@ -155,6 +156,7 @@ class StreamQKV:
     norm: Attention | None = None
     key_scale: torch.Tensor | None = None
     tokens: int | None = None
+    rope: tuple | None = None  # the positions' (cos, sin), computed once per call for every layer (CPU path)
 
 
 @dataclass
@@ -204,12 +206,13 @@ class StreamBlock(nn.Module):
         return self.attn1.project_qkv(h, h)
 
     def self_attention_stream(self, x: torch.Tensor, mod: Modulation, pos: torch.Tensor,
-                              key_scale: torch.Tensor | None = None, tokens: int | None = None) -> StreamQKV:
+                              key_scale: torch.Tensor | None = None, tokens: int | None = None,
+                              rope: tuple | None = None) -> StreamQKV:
         """This stream's raw Q/K projections and V: RMSNorm and RoPE happen in the QK prologue."""
         h = self.attention_input(x, mod)
         attn = self.attn1
         return StreamQKV(attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h)),
-                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens)
+                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens, rope)
 
     def finish(self, x, attn: torch.Tensor, mod: Modulation, kv: CrossKV) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention; kv: this block's cross-attention keys and
@@ -431,7 +434,9 @@ class MultiViewWanTransformer(nn.Module):
         self.ref_patch_embedding: nn.Conv3d | None = None
         self.condition_embedder = ConditionEmbedder(cfg)
         self.blocks = nn.ModuleList(StreamBlock(cfg, identity=cfg.identity) for _ in range(cfg.num_layers))
-        # the reference stream has no identity adapter: identity conditions the generated video only
+        # the reference stream has no identity adapter: identity conditions the generated video only. Built here as
+        # blocks of their own; load_denoiser makes them hold the video blocks' parameters where they are the same
+        # (ref_weights="shared", engine.reference_weights)
         self.ref_blocks = (
             nn.ModuleList(StreamBlock(cfg) for _ in range(cfg.num_layers)) if cfg.ref_mode == "dual_stream" else None
         )
@@ -480,7 +485,8 @@ class MultiViewWanTransformer(nn.Module):
         return self.ref_blocks[i] if self.ref_blocks is not None else self.blocks[i]
 
     def init_reference_stream_from_base(self) -> None:
-        """MVI2V initialisation: the reference stream starts as a copy of the video stream's weights."""
+        """MVI2V initialisation: the reference stream starts as a copy of the video stream's weights (a model built
+        here; ``load_denoiser`` shares them instead, ``engine.reference_weights``)."""
         if self.ref_blocks is not None:
             base = self.blocks.state_dict()
             self.ref_blocks.load_state_dict({k: v for k, v in base.items() if ".attn2.identity." not in k})
@@ -550,7 +556,14 @@ class MultiViewWanTransformer(nn.Module):
         qk_prologue(s.q, s.k, s.pos, s.pos, weight_q=None if norm is None else norm.norm_q.weight,
                     weight_k=None if norm is None else norm.norm_k.weight, eps=cfg.eps,
                     q_scale=LOG2E / math.sqrt(s.k.shape[-1]), key_scale=s.key_scale, theta=cfg.rope_theta,
-                    out_q=out_q, out_k=out_k, backend=kernel_backend(cfg.attention_backend))
+                    out_q=out_q, out_k=out_k, backend=kernel_backend(cfg.attention_backend), q_rope=s.rope,
+                    k_rope=s.rope)
+
+    def _rope(self, pos: torch.Tensor, like: torch.Tensor):
+        """``pos``'s RoPE table for every layer of this call (None where the prologue kernel computes angles)."""
+        cfg = self.config
+        return prologue_rope_table(pos, cfg.attention_head_dim, like, cfg.rope_theta,
+                                   kernel_backend(cfg.attention_backend))
 
     def _attend_sharded(self, streams, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens) -> torch.Tensor:
         """Ulysses: each sharded stream's rotated Q/K and V [B, N/sp, H, D] become [B, N, H/sp, D] in one
@@ -704,25 +717,26 @@ class MultiViewWanTransformer(nn.Module):
         """The block stack over this rank's video tokens x [B, n_local, D]: with the reference stream joint,
         cached, as PPA prototypes, or absent."""
         video_tokens = n_video if self.sequence_parallel is not None else None
+        video_rope = self._rope(video_pos, x)
         if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
             x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache,
-                                       frame_pose, ref_pose, fhw)
+                                       frame_pose, ref_pose, fhw, video_rope=video_rope)
         elif ref_cache is not None:
             x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, video_ctx, ref_cache, fhw,
-                                              view_omega=view_omega)
+                                              view_omega=view_omega, video_rope=video_rope)
         elif ref_latents is not None:
             x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, fhw,
-                                   view_omega=view_omega)
+                                   view_omega=view_omega, video_rope=video_rope)
         else:
             for i, block in enumerate(self.blocks):
                 mod = block.modulation(tproj)
-                attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens)], n_video,
-                                    n_video)
+                attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens,
+                                                                 rope=video_rope)], n_video, n_video)
                 x = block.finish(x, attn, mod, video_ctx.kv(i, block))
         return x
 
     def _joint_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, fhw, *,
-                      view_omega=None):
+                      view_omega=None, video_rope=None):
         # x [B, n_local, D]: the video tokens this rank holds (all of them without sequence parallel)
         r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
         ref_ctx = video_ctx.for_references()
@@ -735,6 +749,7 @@ class MultiViewWanTransformer(nn.Module):
             r, ref_pos, ref_scale = sp.shard(r, 1), sp.shard(ref_pos, 0), sp.shard(ref_scale, 0)
         tokens_v, tokens_r = (n_video, n_ref) if sp is not None else (None, None)
         first_token = sp.first_token(n_video) if sp is not None else 0
+        ref_rope = self._rope(ref_pos, r)
         # MVAnimate Eq. 2 on the video rows (engine.modes.view_attention); None: the joint attention alone
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
                                        fhw, ref_hw, x.device)
@@ -743,8 +758,8 @@ class MultiViewWanTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             ref_block = self.reference_block(i)
             mod_v, mod_r = block.modulation(tproj), ref_block.modulation(ref_tproj)
-            video = block.self_attention_stream(x, mod_v, video_pos, tokens=tokens_v)
-            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale, tokens=tokens_r)
+            video = block.self_attention_stream(x, mod_v, video_pos, tokens=tokens_v, rope=video_rope)
+            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale, tokens=tokens_r, rope=ref_rope)
             attn = self._attend([video, ref], n_video, n_video)
             if views is None:
                 video_attn = attn[:, :n_local]
@@ -761,7 +776,7 @@ class MultiViewWanTransformer(nn.Module):
         return x
 
     def _prototype_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, ref_cache,
-                          frame_pose, ref_pose, fhw):
+                          frame_pose, ref_pose, fhw, *, video_rope=None):
         """ProFashion PPA (``engine.modes.prototype``): video queries of frame i attend to every video key plus
         the T tokens of frame i's prototype, aggregated per layer from the isolated reference stream (run here
         layer by layer, or read from ``ref_cache``)."""
@@ -780,11 +795,12 @@ class MultiViewWanTransformer(nn.Module):
         proto_pos = prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)
         # the prototypes are held whole by every rank under sequence parallel (computed from the whole references)
         tokens_v = n_video if self.sequence_parallel is not None else None
+        proto_rope = self._rope(proto_pos, x)
         for i, (block, (k_ref, v_ref)) in enumerate(zip(self.blocks, ref_features)):
             mod = block.modulation(tproj)
-            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v)
+            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v, rope=video_rope)
             k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
-            attn = self._attend([video, StreamQKV(None, k_proto, v_proto, proto_pos)], n_video, n_video,
+            attn = self._attend([video, StreamQKV(None, k_proto, v_proto, proto_pos, rope=proto_rope)], n_video, n_video,
                                 mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=proto_tokens)
             x = block.finish(x, attn, mod, video_ctx.kv(i, block))
         return x
@@ -817,6 +833,8 @@ class MultiViewWanTransformer(nn.Module):
         if (image_context is None) != (self.config.image_dim is None):
             raise ValueError(f"this denoiser takes {'no' if self.config.image_dim is None else 'an'} image_context")
         text_ctx, image_ctx = self._contexts(text, image_context)
+        if identity_context is not None and identity_context.numel() == 0:
+            identity_context = None  # a served call's absent input travels empty
         video = Context(text_ctx, image_ctx, self._identity_context(identity_context))
         reference = video.for_references()
         return ContextCache([video.kv(i, block) for i, block in enumerate(self.blocks)],
@@ -867,7 +885,7 @@ class MultiViewWanTransformer(nn.Module):
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
     def _video_blocks_with_cache(self, x, n_video, video_pos, tproj, video_ctx: Context, cache: ReferenceCache, fhw,
-                                 *, view_omega=None):
+                                 *, view_omega=None, video_rope=None):
         if cache.video_fhw != fhw:
             raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
         n_local = x.shape[1]
@@ -880,10 +898,12 @@ class MultiViewWanTransformer(nn.Module):
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
                                        cache.num_refs, fhw, cache.ref_hw, x.device)
         ref_pos, ref_scale = k_pos[n_local:], key_scale[n_local:]
+        ref_rope = self._rope(ref_pos, x)
         for i, (block, k_ref, v_ref) in enumerate(zip(self.blocks, cache.keys, cache.values)):
             mod = block.modulation(tproj)
-            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v)
-            attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale)], n_video, n_video)
+            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v, rope=video_rope)
+            attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale, rope=ref_rope)],
+                                n_video, n_video)
             if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
                 attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref, first_token)
             x = block.finish(x, attn, mod, video_ctx.kv(i, block))

@@ -47,12 +47,16 @@ class Stages(Protocol):
     def encode_condition(self, frame: np.ndarray, known: np.ndarray, num_frames: int) -> torch.Tensor: ...
     def encode_references(self, images: np.ndarray) -> torch.Tensor: ...  # [R, H, W, 3] -> [1, R, 16, h, w]
     # one step of expert ``expert`` (Checkpoint.experts; 0 unless Wan2.2's low-noise steps)
-    def denoise(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None, expert: int) -> torch.Tensor: ...
+    def denoise(self, inputs: dict[str, torch.Tensor | None], cache_key: str | None, expert: int,
+                cache_references: bool) -> torch.Tensor: ...
     def release(self, cache_key: str) -> None: ...  # drop the request's reference caches (every expert's)
     def decode(self, latents: torch.Tensor) -> np.ndarray: ...  # [1, 16, f, h, w] -> uint8 [F, H, W, 3]
 
     @property
     def caches_references(self) -> bool: ...  # the denoiser keeps per-request reference K/V
+
+    @property
+    def caches_requests(self) -> bool: ...  # the denoiser keeps per-request state (context K/V, step cache)
 
 
 class Cancelled(Exception):
@@ -71,7 +75,8 @@ class Generation:
     text: torch.Tensor  # [B, 512, text_dim]
     image_context: torch.Tensor | None  # [B, 257, image_dim]
     ref_latents: torch.Tensor | None  # [B, R, 16, hr, wr] (None: no references)
-    cache_key: str | None  # set when the denoiser keeps this request's reference K/V
+    cache_key: str | None  # set when the denoiser keeps anything of this request (reference or context K/V, ...)
+    cache_references: bool  # the denoiser keeps this request's reference K/V (sent at each expert's first step)
     scheduler: object  # a fresh diffusers flow-matching scheduler with its timesteps set
     # the seed methods' per-request inputs by MODE_INPUTS name ([B, ...] or None), see ``mode_inputs``
     modes: dict = field(default_factory=dict)
@@ -188,6 +193,7 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
 
     cached = refs is not None and stages.caches_references and any(
         e.config.caches_reference for e in checkpoint.experts)
+    keyed = cached or stages.caches_requests
     scheduler = checkpoint.make_scheduler(request.shift)
     scheduler.set_timesteps(request.steps, device=checkpoint.device)
     return Generation(
@@ -198,7 +204,8 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
         text=text.to(checkpoint.dtype),
         image_context=image_context,
         ref_latents=refs.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None,
-        cache_key=uuid.uuid4().hex if cached else None,
+        cache_key=uuid.uuid4().hex if keyed else None,
+        cache_references=cached,
         scheduler=scheduler,
         modes={name: value.expand(batch, *value.shape[1:]) for name, value in
                mode_inputs(checkpoint, request, stages).items()},
@@ -229,10 +236,12 @@ def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) 
     rows = state.batch if scale > 1 else 1
     with_refs = state.ref_latents is not None and expert not in state.cache_built
     try:
-        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs, rows), state.cache_key, expert)
+        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs, rows), state.cache_key, expert,
+                                  state.cache_references)
     except ReferenceCacheMiss:
-        velocity = stages.denoise(denoiser_inputs(state, timestep, True, rows), state.cache_key, expert)
-    if state.cache_key is not None and state.checkpoint.experts[expert].config.caches_reference:
+        velocity = stages.denoise(denoiser_inputs(state, timestep, True, rows), state.cache_key, expert,
+                                  state.cache_references)
+    if state.cache_key is not None and state.cache_references and state.checkpoint.experts[expert].config.caches_reference:
         state.cache_built.add(expert)
     return classifier_free_guidance(velocity.float(), scale)
 

@@ -1,6 +1,7 @@
 """Load a denoiser (one expert) from a diffusers Wan checkpoint (or a single-file transformer), with an adapter's
 tensors and LoRAs (``engine.lora``: the reference stream, the video stream where MVI2V's training changed it, a
-mode's modules) and base-model LoRAs merged once."""
+mode's modules) and base-model LoRAs merged once; the reference stream shares the video stream's weights where it
+can (``engine.reference_weights``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,9 @@ from .config import MvgenConfig
 from .denoiser import MultiViewWanTransformer
 from .files import CheckpointError, check_checkpoint_component, load_safetensors, read_json, safetensors_files
 from .base_lora import LoraSpec, merge_base_loras
-from .lora import (AdapterError, ReferenceAdapter, ScaleRule, describe_scales, few_names, merge_adapter_loras,
+from .lora import (AdapterError, ReferenceAdapter, ScaleRule, adapter_deltas, describe_scales, few_names, merge_deltas,
                    read_adapter)
+from .reference_weights import share_reference_stream, why_not_shared, wrap_low_rank
 from .modes.view_attention import paper_view_omega
 from .single_file import read_single_file_transformer
 
@@ -130,10 +132,12 @@ def _apply_full_tensors(model: MultiViewWanTransformer, state: dict[str, torch.T
     state.update(tensors)
 
 
-def _require_complete(model: MultiViewWanTransformer, state: dict[str, torch.Tensor], adapter: Path | None) -> None:
+def _require_complete(model: MultiViewWanTransformer, state: dict[str, torch.Tensor], adapter: Path | None,
+                      shared: bool) -> None:
     """Every tensor the model has and the base checkpoint does not (the reference stream's copy aside) comes
-    from the adapter: refuse, naming the tensors and the mode that adds them, before anything merges."""
-    missing = set(model.state_dict()) - set(state)
+    from the adapter: refuse, naming the tensors and the mode that adds them, before anything merges. A shared
+    reference stream's tensors that the adapter does not give are the video stream's."""
+    missing = {k for k in set(model.state_dict()) - set(state) if not (shared and k.startswith("ref_blocks."))}
     if not missing:
         return
     who = f"the adapter {adapter} lacks" if adapter is not None else "no adapter was given, so the model lacks"
@@ -191,6 +195,12 @@ def load_denoiser(
     reads) merge last into the video stream, in order, and into the reference stream too when
     ``lora_reference``. ``mvgen_config.json`` beside the adapter (or in ``path``) sets the multi-view options;
     keyword overrides win over both.
+
+    With ``ref_weights="shared"`` (the config's default) the reference stream holds no copy: it shares the video
+    stream's final weights, owns what the adapter gives in full, and applies the LoRA pairs on shared weights
+    unmerged (``engine.reference_weights``). Where that is not exact (the video stream changes and the reference
+    stream does not) the reference stream is merged as with ``"merged"``, the model's config says so, and one INFO
+    line on ``mvgen.loading`` says why.
     """
     transformer_dir = find_transformer_dir(path, folder)
     parsed = read_adapter(adapter) if adapter is not None else None
@@ -201,37 +211,86 @@ def load_denoiser(
 
     with torch.device("meta"):
         model = MultiViewWanTransformer(config)
+    shared = _shares_reference(model, parsed, loras, lora_reference)
     if weights_file is not None:
         state = _without_ignored(read_single_file_transformer(weights_file))
     else:
         state = _base_state(transformer_weight_files(transformer_dir))
     base_keys = _check_base_keys(model, state)
-    # full tensors first (the base, its copy as the reference stream, the config's, the adapter's), then every
+    # full tensors first (the base, its copy as a merged reference stream, the config's, the adapter's), then every
     # delta on top: LoRA deltas commute, replacements do not
-    if model.ref_blocks is not None:
+    if model.ref_blocks is not None and not shared:
         state.update({f"ref_{k}": v.clone() for k, v in state.items() if k.startswith("blocks.")})
     state.update(_config_tensors(config))
     if parsed is not None:
         _apply_full_tensors(model, state, parsed)
-    _require_complete(model, state, Path(adapter) if adapter is not None else None)
+    _require_complete(model, state, Path(adapter) if adapter is not None else None, shared)
     video_lora = [LoraSpec(parsed.video_lora)] if parsed is not None and parsed.video_lora is not None else []
+    unmerged = {}
     if parsed is not None:
-        used = merge_adapter_loras(state, parsed, rule, config.num_layers)
-        _log_adapter(adapter, parsed, rule, used, base_keys)
+        deltas, used = adapter_deltas(parsed, rule, {k: v.shape for k, v in model.state_dict().items()},
+                                      config.num_layers)
+        # a weight the reference stream shares is no entry of the state: its pair stays unmerged
+        unmerged = {target: delta for target, delta in deltas.items() if f"{target}.weight" not in state}
+        merge_deltas(state, {target: delta for target, delta in deltas.items() if target not in unmerged})
+        _log_adapter(adapter, parsed, rule, used, base_keys, len(unmerged))
     merge_base_loras(state, [*video_lora, *loras])
     if model.ref_blocks is not None and lora_reference:
-        merge_base_loras(state, loras, prefix="ref_")
+        if shared:
+            _merge_base_loras_into_own(model, state, loras)
+        else:
+            merge_base_loras(state, loras, prefix="ref_")
+    wrap_low_rank(model, {target: (delta.rank, delta.scale) for target, delta in unmerged.items()})
+    for target, delta in unmerged.items():
+        state[f"{target}.lora_A.weight"], state[f"{target}.lora_B.weight"] = delta.down, delta.up
     for key, value in state.items():
         if value.is_floating_point():
             value = value.to(torch.float32 if any(part in key for part in _FP32_PARAMS) else dtype)
         state[key] = value.to(device)
+    own = {k for k in state if k.startswith("ref_blocks.")}
+    if shared:  # each shared tensor under its reference name too (the same tensor, no copy), for the strict load
+        state.update({k: state[k.removeprefix("ref_")] for k in model.state_dict()
+                      if k.startswith("ref_blocks.") and k not in own})
     model.load_state_dict(state, strict=True, assign=True)
+    if shared:
+        share_reference_stream(model, own)
     return model.eval().requires_grad_(False)
 
 
+def _shares_reference(model: MultiViewWanTransformer, parsed: ReferenceAdapter | None, loras: Sequence[LoraSpec],
+                      lora_reference: bool) -> bool:
+    """Whether the reference stream shares the video stream's weights. When the config asks for it and sharing
+    cannot be exact, the model's config says ``ref_weights="merged"`` and one INFO line says why: whoever asked for
+    the smaller model learns they did not get it."""
+    if model.ref_blocks is None or model.config.ref_weights != "shared":
+        return False
+    ref_keys = {k for k in model.state_dict() if k.startswith("ref_blocks.")}
+    why = why_not_shared(ref_keys, parsed, loras, lora_reference)
+    if why is None:
+        return True
+    log.info("ref_weights 'shared' cannot be exact, so the reference stream is a merged copy of the blocks "
+             "(ref_weights 'merged', ~1.9x the base model's parameters): %s", why)
+    model.config = model.config.replace(ref_weights="merged")
+    return False
+
+
+def _merge_base_loras_into_own(model: MultiViewWanTransformer, state: dict[str, torch.Tensor],
+                               loras: Sequence[LoraSpec]) -> None:
+    """``lora_reference`` on a shared reference stream: the video stream's merge already changed the shared
+    tensors, so the base LoRAs merge into the reference stream's own tensors only. The shared ones stand in as the
+    meta model's tensors (shapes, nothing computed), and what the merge makes of them is dropped."""
+    own = [k for k in state if k.startswith("ref_blocks.")]
+    if not own or not loras:
+        return
+    view = {**{k: v for k, v in model.state_dict().items() if k.startswith("ref_blocks.")}, **state}
+    merge_base_loras(view, loras, prefix="ref_")
+    state.update({k: view[k] for k in own})
+
+
 def _log_adapter(adapter: str | Path, parsed: ReferenceAdapter, rule: ScaleRule, used: dict,
-                 base_keys: set[str]) -> None:
-    """One line per adapter: its full tensors by where they go, each LoRA scale with where its alpha came from."""
+                 base_keys: set[str], unmerged: int) -> None:
+    """One line per adapter: its full tensors by where they go, each LoRA scale with where its alpha came from,
+    how many pairs a shared reference stream applies unmerged."""
     names = list(parsed.tensors)
     ref = sum(k.startswith("ref_blocks.") for k in names)
     video = sum(k in base_keys for k in names)
@@ -240,6 +299,9 @@ def _log_adapter(adapter: str | Path, parsed: ReferenceAdapter, rule: ScaleRule,
     parts += describe_scales(used)
     if used:
         parts.append(f"lora_convention {rule.convention!r}")
+    if unmerged:
+        parts.append(f"{unmerged} reference-stream pair(s) unmerged on the video stream's shared weights "
+                     f"(ref_weights 'shared')")
     if parsed.video_lora is not None:
         parts.append(f"video_lora {parsed.video_lora.name} at diffusers' scale for it")
     log.info("adapter %s: %s", adapter, "; ".join(parts) or "nothing to merge")

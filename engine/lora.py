@@ -23,7 +23,9 @@ key; then the key is exactly one of:
    (``ref_patch_embedding.weight/bias``, whose shape sets that embedding's input channels; ``view_logit_scales``;
    a pose encoder; identity projections; ...). It replaces the value the base checkpoint (or, in the reference
    stream, its copy) would give; a name the built model lacks, or a shape it does not have, is refused.
-LoRA pairs merge on top of whatever full weight their target ends with. Every parameter the base checkpoint
+LoRA pairs merge on top of whatever full weight their target ends with; with ``ref_weights="shared"`` (the default,
+``engine.reference_weights``) a reference-stream pair on a weight the reference stream shares with the video stream
+stays unmerged, applied with the same scale. Every parameter the base checkpoint
 lacks (its copy in the reference stream aside; ``view_logit_scales``, which the config gives otherwise) must come
 from the adapter, or the load is refused naming the tensors and the mode that adds them (``engine.loading``).
 
@@ -316,27 +318,55 @@ def _check_peft_config_applies(file: Path, new_pairs: set[str]) -> None:
                            f"and remove adapter_config.json")
 
 
-def merge_adapter_loras(state: dict[str, torch.Tensor], adapter: ReferenceAdapter, rule: ScaleRule,
-                        num_layers: int) -> dict[str, Counter]:
-    """``W += scale * B @ A`` in place (float32 math, cast back) for every pair, after shape checks; the scales
-    used, counted per stream (``{"reference"|"video": Counter({(scale, how): modules})}``) for the log."""
-    used = {}
+@dataclass(frozen=True)
+class LowRankDelta:
+    """One adapter pair, checked and scaled: ``W + scale * B @ A``. Merged into a weight at load, or applied unmerged
+    on a weight the reference stream shares with the video stream (``engine.reference_weights``)."""
+
+    down: torch.Tensor  # A [rank, in]
+    up: torch.Tensor  # B [out, rank]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + scale * B @ A`` in float32, cast back to the weight's dtype."""
+        delta = self.scale * (self.up.float() @ self.down.float())
+        return (weight.float() + delta.to(weight.device)).to(weight.dtype)
+
+
+def adapter_deltas(adapter: ReferenceAdapter, rule: ScaleRule, shapes: dict[str, torch.Size],
+                   num_layers: int) -> tuple[dict[str, LowRankDelta], dict[str, Counter]]:
+    """Every pair by its target module, checked against the shape of the weight it changes (``shapes``: the model's
+    tensor shapes by name) and scaled by ``rule``; and the scales used, counted per stream
+    (``{"reference"|"video": Counter({(scale, how): modules})}``) for the log."""
+    deltas, used = {}, {}
     for target, pair in sorted(adapter.loras.items()):
         block = int(target.split(".")[1])
         if block >= num_layers:
             raise AdapterError(f"adapter targets {target} but the model has {num_layers} blocks")
-        weight = state[f"{target}.weight"]
+        if f"{target}.weight" not in shapes:
+            raise AdapterError(f"adapter LoRA for {target}: this model has no such linear (a CLIP image projection on "
+                               f"a checkpoint without CLIP?)")
+        shape = tuple(shapes[f"{target}.weight"])
         rank_ok = pair.down.ndim == 2 and pair.up.ndim == 2 and pair.down.shape[0] == pair.up.shape[1]
-        if not rank_ok or (pair.up.shape[0], pair.down.shape[1]) != tuple(weight.shape):
+        if not rank_ok or (pair.up.shape[0], pair.down.shape[1]) != shape:
             raise AdapterError(
                 f"adapter LoRA for {target} has A {list(pair.down.shape)} / B {list(pair.up.shape)}, "
-                f"which does not fit the weight {list(weight.shape)}"
+                f"which does not fit the weight {list(shape)}"
             )
         scale, how = rule.scale(target, pair)
-        delta = scale * (pair.up.float() @ pair.down.float())
-        state[f"{target}.weight"] = (weight.float() + delta).to(weight.dtype)
+        deltas[target] = LowRankDelta(pair.down, pair.up, scale)
         used.setdefault("reference" if target.startswith("ref_") else "video", Counter())[(scale, how)] += 1
-    return used
+    return deltas, used
+
+
+def merge_deltas(state: dict[str, torch.Tensor], deltas: dict[str, LowRankDelta]) -> None:
+    """``W += scale * B @ A`` for each target's weight in ``state`` (entries are replaced)."""
+    for target, delta in deltas.items():
+        state[f"{target}.weight"] = delta.merged(state[f"{target}.weight"])
 
 
 def describe_scales(used: dict[str, Counter]) -> list[str]:

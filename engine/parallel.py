@@ -202,8 +202,9 @@ class ParallelRuntime:
         mine = {name: self.cfg.split(batch, t) for name, t in inputs.items()}
         start, count = self.cfg.rows(batch)
         ref_cache, context_cache = (None if c is None else c.rows_slice(start, count) for c in (ref_cache, context_cache))
-        if step_cache is not None:
-            step_cache.real_rows = max(0, min(count, batch - start))
+        if step_cache is not None:  # this group's real rows of the batch's (the rest pad it)
+            real = batch if step_cache.real_rows is None else step_cache.real_rows
+            step_cache.real_rows = max(0, min(count, real - start))
         out = model(**mine, ref_cache=ref_cache, context_cache=context_cache, step_cache=step_cache)
         return self.cfg.gather(out, batch)
 

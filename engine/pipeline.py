@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import generation
-from .components import Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae
+from .components import Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae, VaeTiling
 from .generation import Generation
 from .tiny import default_cache_root
 from .request import GenerationRequest, make_request
@@ -37,6 +37,10 @@ class LocalStages:
     def caches_references(self) -> bool:
         return self.reference_cache and any(d.caches_references for d in self.denoisers)
 
+    @property
+    def caches_requests(self) -> bool:
+        return any(d.caches_requests for d in self.denoisers)
+
     def encode_text(self, texts):
         return self.text_encoder(texts)
 
@@ -49,12 +53,12 @@ class LocalStages:
     def encode_references(self, images):
         return self.vae.encode_references(images)
 
-    def denoise(self, inputs, cache_key, expert):
-        return self.denoisers[expert](inputs, cache_key)
+    def denoise(self, inputs, cache_key, expert, cache_references):
+        return self.denoisers[expert](inputs, cache_key, cache_references)
 
     def release(self, cache_key):
         for denoiser in self.denoisers:
-            denoiser.caches.drop(cache_key)
+            denoiser.release(cache_key)
 
     def decode(self, latents):
         return self.vae.decode(latents)
@@ -69,22 +73,27 @@ class MultiViewPipeline:
 
     @classmethod
     def from_pretrained(cls, model: str | Path = "tiny", adapter: str | Path | None = None,
-                        dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                         scheduler: str = "unipc", max_tokens: int = DEFAULT_MAX_TOKENS,
-                        cache_root: str | Path | None = None, reference_cache: bool = True,
+                        cache_root: str | Path | None = None, reference_cache: bool = True, offload: str = "none",
+                        vae_tiling: bool | dict | VaeTiling | None = None,
                         **config_overrides) -> "MultiViewPipeline":
         """Load a diffusers Wan directory (Wan2.1-T2V/I2V, Wan2.2-I2V-A14B) or an embedded ``tiny*`` model (with
         its bundled adapters) plus an adapter; ``config_overrides`` may also hold ``Checkpoint.load``'s
         keywords (``adapter_2``, ``loras``, ``loras_2``, ``lora_reference``, ``transformer_file``, ...).
 
-        The denoiser and text encoder run in ``dtype``; the VAE and CLIP image encoder stay float32 as in
-        diffusers' Wan example. ``config_overrides`` go to the denoiser's ``MvgenConfig``. ``reference_cache``
-        False recomputes the reference stream at every step even where its K/V could be kept.
+        The denoiser and text encoder run in ``dtype`` (``"auto"``: ``components.default_dtype``; norms and
+        modulation tables stay float32); the VAE and CLIP image encoder stay float32 as in diffusers' Wan
+        example. ``config_overrides`` go to the denoiser's ``MvgenConfig``. ``reference_cache`` False recomputes
+        the reference stream at every step even where its K/V could be kept. Memory: ``offload`` ``"model"`` or
+        ``"block"`` keeps the denoiser in host memory between calls (``engine.offload``; needs an accelerator),
+        ``vae_tiling`` (True or a ``VaeTiling``) encodes and decodes in spatial tiles.
         """
         if cache_root is None:  # the environment is read by entry points only (the command line)
             cache_root = default_cache_root({})
         checkpoint = Checkpoint.load(model, adapter, dtype=dtype, device=device, scheduler=scheduler,
-                                     max_tokens=max_tokens, cache_root=cache_root, **config_overrides)
+                                     max_tokens=max_tokens, cache_root=cache_root, offload=offload,
+                                     vae_tiling=vae_tiling, **config_overrides)
         return cls.from_checkpoint(checkpoint, reference_cache)
 
     @classmethod

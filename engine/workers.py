@@ -105,7 +105,8 @@ class DistributedDenoiser:
 
     def run(self, calls: list[DenoiseCall], pad_to: int = 0) -> list[torch.Tensor | Exception]:
         """Each call's velocity or its own error, as ``Denoiser.run``; ``WorkersLost`` for the whole batch."""
-        self._send("run", [{"key": c.cache_key, "inputs": c.inputs} for c in calls], pad_to)
+        self._send("run", [{"key": c.cache_key, "refs": c.cache_references, "inputs": c.inputs} for c in calls],
+                   pad_to)
         try:
             return self.denoiser.run(calls, pad_to)
         except CollectiveError as error:
@@ -113,7 +114,7 @@ class DistributedDenoiser:
 
     def release(self, cache_key: str) -> None:
         """Drop a request's reference caches on every rank."""
-        self._send("release", [{"key": cache_key, "inputs": {}}], 0)
+        self._send("release", [{"key": cache_key, "refs": True, "inputs": {}}], 0)
         self.denoiser.release(cache_key)
 
     def close(self) -> None:
@@ -137,7 +138,7 @@ class DistributedDenoiser:
         if self.lost is not None:
             raise WorkersLost(f"the denoiser's workers are lost ({self.lost}); it is restarting")
         header = {"op": op, "pad_to": pad_to, "calls": [
-            {"key": c["key"], "inputs": {name: None if t is None else [list(t.shape), str(t.dtype)]
+            {"key": c["key"], "refs": c["refs"], "inputs": {name: None if t is None else [list(t.shape), str(t.dtype)]
                                          for name, t in c["inputs"].items()}} for c in calls]}
         try:
             self.store.set(f"op{self._seq}", json.dumps(header))
@@ -214,7 +215,7 @@ def _receive(runtime, device, calls: list[dict]) -> list[DenoiseCall]:
                 continue
             shape, dtype = meta
             inputs[name] = runtime.world.broadcast(torch.empty(shape, dtype=DTYPES[dtype], device=device))
-        received.append(DenoiseCall(inputs, c["key"]))
+        received.append(DenoiseCall(inputs, c["key"], c["refs"]))
     return received
 
 

@@ -1,5 +1,10 @@
 """Denoiser (LoRA merged at load) -> ONNX with dynamic batch, frames, height, width and references.
 
+The graph's reference stream is always merged: plain weights named ``ref_blocks.N.*``, no LoRA ops, so a TensorRT
+refit swaps whole merged reference weights. ``load_for_export`` loads with ``ref_weights="merged"``;
+``export_denoiser`` given a model whose reference stream shares the video stream's weights traces a merged copy of
+the reference blocks (``engine.reference_weights.merged_reference_stream``).
+
 Exporter choice: ``torch.onnx.export(dynamo=True)``. It keeps every size symbolic (positions and RoPE angles
 are computed in-graph from ``Shape``), so R = 0 and R > 0 are the same graph with a dynamic ``refs`` axis.
 The TorchScript exporter (``dynamo=False``) does not work for this model: it has no ``aten::rms_norm`` at
@@ -25,6 +30,7 @@ from torch import nn
 
 from engine import denoiser_io
 from engine.components import Checkpoint, load_expert
+from engine.reference_weights import merged_reference_stream
 
 from .plugin import plugin_attention
 
@@ -147,8 +153,8 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
     denoiser = denoiser.eval().requires_grad_(False)
 
-    with plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext(), torch.no_grad(), \
-            warnings.catch_warnings():
+    with merged_reference_stream(denoiser), torch.no_grad(), warnings.catch_warnings(), \
+            plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext():
         # torch.onnx notes that derived axes (2*height_div2) keep their symbolic name; _name_axes renames them
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
@@ -170,7 +176,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         "profile": (profile or denoiser_io.Profile()).to_dict(),
         "inputs": [{"name": s.name, "dims": list(s.dims), "dtype": s.dtype} for s in specs],
         "output": {"name": denoiser_io.OUTPUT.name, "dims": list(denoiser_io.OUTPUT.dims)},
-        "config": cfg.to_dict(),
+        "config": cfg.replace(ref_weights="merged").to_dict(),  # the graph's reference stream is merged
         "source": source or {},
     }
     (out_dir / denoiser_io.META_FILE).write_text(json.dumps(meta, indent=2))
@@ -199,9 +205,14 @@ def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | No
 
 def load_for_export(model, adapter, dtype: str, lora_scale, cache_root, expert: int, sources: dict | None,
                     config_overrides: dict):
-    """(the expert's denoiser on the reference attention path, its ``Checkpoint``)."""
+    """(the expert's denoiser on the reference attention path, its ``Checkpoint``). The reference stream is
+    merged (``ref_weights="merged"``): the graph holds its weights whole, and a refit replaces them."""
+    if config_overrides.get("ref_weights", "merged") != "merged":
+        raise ValueError(f"the export merges the reference stream into the graph's weights (ref_weights='merged'), "
+                         f"got ref_weights={config_overrides['ref_weights']!r}")
     checkpoint = Checkpoint.load(model, adapter, **(sources or {}), dtype=denoiser_io.DTYPES[dtype],
-                                 cache_root=cache_root, attention_backend="reference", **config_overrides)
+                                 cache_root=cache_root, attention_backend="reference",
+                                 **{**config_overrides, "ref_weights": "merged"})
     if not 0 <= expert < len(checkpoint.experts):
         raise ValueError(f"expert must be 0..{len(checkpoint.experts) - 1} for {checkpoint.path}, got {expert}")
     return load_expert(checkpoint, expert, lora_scale), checkpoint

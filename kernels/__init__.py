@@ -50,11 +50,24 @@ def _use_kernel(backend: str, tensors, supported: bool = True) -> bool:
     return backend == "triton"
 
 
+def prologue_rope_table(pos: torch.Tensor, head_dim: int, like: torch.Tensor, theta: float = 10000.0,
+                        backend: str = "auto"):
+    """The (cos, sin) table of ``pos`` that ``qk_prologue`` reuses for every tensor rotated at those positions
+    (Q and K of every layer), for Q/K like ``like`` (dtype, device); None where the prologue runs the kernel (it
+    computes the angles in registers: a table would only add a read) or the oracle's float64."""
+    from .rope import rope_table
+
+    if _use_kernel(backend, (like,), head_dim in ATTENTION_HEAD_DIMS) or like.dtype == torch.float64:
+        return None
+    return rope_table(pos, head_dim, theta)
+
+
 def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0, key_scale=None,
-                theta=10000.0, out_q=None, out_k=None, backend="auto"):
+                theta=10000.0, out_q=None, out_k=None, backend="auto", q_rope=None, k_rope=None):
     """(Q, K) rotated by RoPE from positions, optionally RMSNorm'd across heads first (``weight_q``/``weight_k``
     [H*D]), Q times ``q_scale``, key j times ``key_scale[j]``; written to ``out_q``/``out_k`` when given.
-    q [B, Nq, H, D] or None (keys only), k [B, Nk, H, D]; see ``qk_prologue_reference``."""
+    q [B, Nq, H, D] or None (keys only), k [B, Nk, H, D]; see ``qk_prologue_reference``. ``q_rope``/``k_rope``:
+    the positions' ``prologue_rope_table`` (the reference path reuses it instead of recomputing the angles)."""
     kw = dict(weight_q=weight_q, weight_k=weight_k, eps=eps, q_scale=q_scale, key_scale=key_scale, theta=theta,
               out_q=out_q, out_k=out_k)
     if _use_kernel(backend, (k,), k.shape[-1] in ATTENTION_HEAD_DIMS):
@@ -63,7 +76,7 @@ def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q
             kw["out_q"] = None if out_q is None else out_q[:, :0]
             return None, qk_prologue_triton(k[:, :0], k, k_pos[:0], k_pos, **kw)[1]
         return qk_prologue_triton(q, k, q_pos, k_pos, **kw)
-    return qk_prologue_reference(q, k, q_pos, k_pos, **kw)
+    return qk_prologue_reference(q, k, q_pos, k_pos, q_rope=q_rope, k_rope=k_rope, **kw)
 
 
 def attention_path(backend: str, q: torch.Tensor, mask: str) -> str:

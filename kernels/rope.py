@@ -42,10 +42,18 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype=
     return pos.to(dtype).index_select(1, axis) * inv_freq
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, N, H, D] by angles [N, D/2]; math in the angles' dtype, result in x's dtype."""
-    cos = angles.cos()[None, :, None, :]
-    sin = angles.sin()[None, :, None, :]
-    x0, x1 = x.to(angles.dtype).unflatten(-1, (-1, 2)).unbind(-1)
+def rope_table(pos: torch.Tensor, head_dim: int, theta: float = 10000.0, dtype=torch.float32):
+    """(cos, sin) [N, head_dim // 2] of the angles of ``pos`` [N, 3]: what a caller that rotates several tensors
+    at the same positions (Q and K of every layer) computes once."""
+    angles = rope_angles(pos, head_dim, theta, dtype)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor | None = None, table=None) -> torch.Tensor:
+    """Rotate x [B, N, H, D] by angles [N, D/2] (or their ``rope_table``); math in the angles' dtype, result in
+    x's dtype."""
+    cos, sin = table if table is not None else (angles.cos(), angles.sin())
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    x0, x1 = x.to(cos.dtype).unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
     return out.to(x.dtype)

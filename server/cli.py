@@ -4,8 +4,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli_args import (DTYPES, UsageError, add_model_arguments, add_request_arguments, checkpoint_sources,
-                             map_images, parse_overrides, request_values, add_reference_cache_argument)
+from engine.cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments,
+                             checkpoint_sources, map_images, memory_options, parse_overrides, request_values,
+                             add_reference_cache_argument)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -36,7 +37,7 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    add_memory_arguments(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
     p.add_argument("--max-tokens", type=int, default=131_072, help="reject requests longer than this (tokens)")
@@ -103,7 +104,7 @@ def run_serve(args) -> int:
         raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
     options = RepositoryOptions(
         model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
-        sources=checkpoint_sources(args), cache_root=str(args.cache_dir), dtype=args.dtype, device=args.device,
+        sources=checkpoint_sources(args), cache_root=str(args.cache_dir), **memory_options(args), device=args.device,
         scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=parse_overrides(args.overrides),
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,

@@ -31,6 +31,7 @@ from .metrics import BatchMetrics, LoopMetrics, WorkerHealth
 
 # BLS request parameters of the denoiser model: the request's reference-cache key, and "drop it now"
 CACHE_KEY, RELEASE = "mvgen_cache_key", "mvgen_release"
+CACHE_REFERENCES = "mvgen_cache_references"  # "false": the request's reference stream is recomputed every step
 
 
 def _parameters(model_config: dict) -> dict[str, str]:
@@ -42,9 +43,10 @@ def load_checkpoint(model_config: dict) -> Checkpoint:
     params = _parameters(model_config)
     return Checkpoint.load(
         params["model"], params.get("adapter") or None, **json.loads(params.get("sources", "{}")),
-        dtype=getattr(torch, params.get("dtype", "float32")),
-        device=params.get("device", "cpu"), scheduler=params.get("scheduler", "unipc"),
-        max_tokens=int(params.get("max_tokens", "131072")), **json.loads(params.get("overrides", "{}")),
+        dtype=params.get("dtype", "float32"), device=params.get("device", "cpu"),
+        scheduler=params.get("scheduler", "unipc"), max_tokens=int(params.get("max_tokens", "131072")),
+        offload=params.get("offload", "none"), vae_tiling=json.loads(params.get("vae_tiling") or "null"),
+        **json.loads(params.get("overrides", "{}")),
     )
 
 
@@ -188,7 +190,7 @@ class DenoiserModel:
                 continue
             inputs = {name: _torch_input(self.pb, request, name) for name in DENOISER_INPUTS}
             inputs["timestep"] = inputs["timestep"].reshape(-1)
-            calls.append(DenoiseCall(inputs, key))
+            calls.append(DenoiseCall(inputs, key, params.get(CACHE_REFERENCES, True)))
             steps.append(i)
         if calls:
             self.metrics.observe_batch(sum(c.inputs["latents"].shape[0] for c in calls), len(calls))
@@ -215,10 +217,11 @@ class DenoiserModel:
 class RemoteStages:
     """``engine.generation.Stages`` over BLS calls to the encoder, VAE and denoiser models."""
 
-    def __init__(self, pb, checkpoint: Checkpoint, caches_references: bool):
+    def __init__(self, pb, checkpoint: Checkpoint, caches_references: bool, caches_requests: bool):
         self.pb = pb
         self.checkpoint = checkpoint
         self.caches_references = caches_references
+        self.caches_requests = caches_requests
         # the denoiser's mode inputs, fixed by the checkpoint: derived once, not at every step's call
         self.mode_specs = mode_specs(checkpoint.config.to_dict())
 
@@ -248,10 +251,10 @@ class RemoteStages:
     def encode_references(self, images):
         return self._call("mvgen_vae", {"references": images}, ["ref_latents"])[0]
 
-    def denoise(self, inputs, cache_key, expert):
+    def denoise(self, inputs, cache_key, expert, cache_references):
         inputs = self._wire(inputs)
         return self._call(denoiser_model_name(expert), inputs, ["velocity"],
-                          {CACHE_KEY: cache_key} if cache_key else None)[0]
+                          {CACHE_KEY: cache_key, CACHE_REFERENCES: cache_references} if cache_key else None)[0]
 
     def release(self, cache_key):
         """To each expert that caches: a one-row, one-cell request that only carries the release flag (the
@@ -259,7 +262,7 @@ class RemoteStages:
         dtype = self.checkpoint.dtype
         for expert, spec in enumerate(self.checkpoint.experts):
             cfg = spec.config
-            if not cfg.caches_reference:
+            if not cfg.caches_requests:
                 continue
             zeros = dict(
                 latents=torch.zeros(1, 16, 1, 2, 2, dtype=dtype),
@@ -310,7 +313,9 @@ class GenerateModel:
         self.checkpoint.make_scheduler(self.checkpoint.defaults["shift"]).set_timesteps(2)
         caches = params.get("reference_cache", "true") == "true" and any(
             e.config.caches_reference for e in self.checkpoint.experts)
-        self.stages = RemoteStages(pb, self.checkpoint, caches)
+        requests = params.get("request_cache", "true") == "true" and any(
+            e.config.caches_requests for e in self.checkpoint.experts)
+        self.stages = RemoteStages(pb, self.checkpoint, caches, requests)
         self.metrics = LoopMetrics(pb, self.name)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "8")),
                                        thread_name_prefix=self.name)

@@ -66,8 +66,10 @@ class RepositoryOptions:
     adapter: str | None = None
     # the rest of ``Checkpoint.load``'s sources: adapter_2, loras, loras_2, lora_reference, transformer_file, ...
     sources: dict = field(default_factory=dict)
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "auto" (engine.components.default_dtype on this machine's device)
     device: str = "cpu"
+    offload: str = "none"  # the denoiser in host memory between batches (engine.offload.OFFLOAD_MODES)
+    vae_tiling: bool | dict = False  # True or VaeTiling's fields: mvgen_vae encodes and decodes in tiles
     scheduler: str = "unipc"
     max_tokens: int = 131_072
     overrides: dict = field(default_factory=dict)
@@ -95,13 +97,12 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     """
     import json
 
-    import torch
-
     from engine.components import Checkpoint
     from engine.loading import find_transformer_dir, transformer_weight_files
 
     # the whole checkpoint description is read (and refused, in one line) before a server starts
-    checkpoint = Checkpoint.load(options.model, options.adapter, **options.sources, dtype=getattr(torch, options.dtype),
+    checkpoint = Checkpoint.load(options.model, options.adapter, **options.sources, dtype=options.dtype,
+                                 device=options.device, offload=options.offload, vae_tiling=options.vae_tiling,
                                  scheduler=options.scheduler, max_tokens=options.max_tokens,
                                  cache_root=options.cache_root, **options.overrides)
     path, adapter = checkpoint.path, checkpoint.adapter
@@ -119,15 +120,20 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     if options.denoiser_plan and len(checkpoint.experts) > 1:
         raise ValueError("a TensorRT plan serves one denoiser; this checkpoint has two experts (Wan2.2): serve it "
                          "without --plan")
-    model_type = _model_type(options.dtype)
+    if options.denoiser_plan and checkpoint.offload != "none":
+        raise ValueError(f"offload {checkpoint.offload!r} moves the python denoiser's weights; a TensorRT plan holds "
+                         "its own: drop --denoiser-plan or --offload")
+    dtype = str(checkpoint.dtype).removeprefix("torch.")  # "auto" resolved for the device the models run on
+    model_type = _model_type(dtype)
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     params = {
-        "model": str(path.resolve()), "adapter": str(adapter.resolve()) if adapter else "", "dtype": options.dtype,
+        "model": str(path.resolve()), "adapter": str(adapter.resolve()) if adapter else "", "dtype": dtype,
         "device": options.device, "scheduler": options.scheduler, "max_tokens": str(options.max_tokens),
         "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
-        "sources": json.dumps(checkpoint.sources()),
+        "sources": json.dumps(checkpoint.sources()), "offload": checkpoint.offload,
+        "vae_tiling": json.dumps(checkpoint.vae_tiling.to_dict()) if checkpoint.vae_tiling else "",
         "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.workers)
     }
     for name in GENERATE_MODELS:
@@ -161,7 +167,7 @@ def _write_denoiser(dest: Path, name: str, config, params: dict, options: Reposi
     """The denoiser's I/O comes from ``engine.denoiser_io`` (shared with the ONNX exporter and TensorRT builder)."""
     from engine.denoiser_io import OUTPUT, config_specs
 
-    io_dtype = _model_type(options.dtype)
+    io_dtype = _model_type(params["dtype"])
     inputs = [_spec_tensor(s, io_dtype) for s in config_specs(config)]
     outputs = [_spec_tensor(OUTPUT, io_dtype)]
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
@@ -196,7 +202,9 @@ def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str
                if f.name != "progress" or name == "mvgen_stream"]
     extra = "model_transaction_policy { decoupled: true }" if name == "mvgen_stream" else ""
     loop = {"max_concurrency": str(options.max_concurrency),
-            "reference_cache": "true" if options.reference_cache and not options.denoiser_plan else "false"}
+            "reference_cache": "true" if options.reference_cache and not options.denoiser_plan else "false",
+            # a TensorRT plan keeps nothing between calls
+            "request_cache": "false" if options.denoiser_plan else "true"}
     return _config(name, inputs, outputs, {**params, **loop}, extra=extra)
 
 

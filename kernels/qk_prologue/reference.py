@@ -17,16 +17,22 @@ import torch
 from ..rope import apply_rope, rope_angles
 
 
-def qk_prologue_one(x, pos, *, weight=None, eps=1e-6, scale=1.0, token_scale=None, theta=10000.0, out=None):
+def qk_prologue_one(x, pos, *, weight=None, eps=1e-6, scale=1.0, token_scale=None, theta=10000.0, out=None,
+                    rope=None):
     """One tensor through the prologue: x [B, N, H, D], pos [N, 3] int, weight [H*D] or None (no norm),
-    ``scale`` a number, ``token_scale`` [N] or None. Returns [B, N, H, D] in x's dtype (or writes ``out``)."""
+    ``scale`` a number, ``token_scale`` [N] or None, ``rope`` the positions' ``kernels.rope.rope_table`` when the
+    caller has it (float32; float64 inputs always compute theirs). Returns [B, N, H, D] in x's dtype (or writes
+    ``out``)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(cdt)
     if weight is not None:
         flat = y.flatten(2)
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps) * weight.to(cdt)
         y = flat.unflatten(2, x.shape[2:])
-    y = apply_rope(y, rope_angles(pos, x.shape[-1], theta, cdt))
+    if rope is not None and rope[0].dtype == cdt:
+        y = apply_rope(y, table=rope)
+    else:
+        y = apply_rope(y, rope_angles(pos, x.shape[-1], theta, cdt))
     factor = torch.full((x.shape[1],), float(scale), dtype=cdt, device=x.device)
     if token_scale is not None:
         factor = factor * token_scale.to(device=x.device, dtype=cdt)
@@ -35,10 +41,10 @@ def qk_prologue_one(x, pos, *, weight=None, eps=1e-6, scale=1.0, token_scale=Non
 
 
 def qk_prologue_reference(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
-                          key_scale=None, theta=10000.0, out_q=None, out_k=None):
+                          key_scale=None, theta=10000.0, out_q=None, out_k=None, q_rope=None, k_rope=None):
     """(Q, K) through the prologue: q [B, Nq, H, D] or None (keys only: Q comes back None), k [B, Nk, H, D];
     see ``qk_prologue_one``."""
     rotated_q = None if q is None else qk_prologue_one(q, q_pos, weight=weight_q, eps=eps, scale=q_scale,
-                                                       theta=theta, out=out_q)
+                                                       theta=theta, out=out_q, rope=q_rope)
     return rotated_q, qk_prologue_one(k, k_pos, weight=weight_k, eps=eps, token_scale=key_scale, theta=theta,
-                                      out=out_k)
+                                      out=out_k, rope=k_rope)

@@ -205,7 +205,8 @@ def test_lora_scale_follows_the_files_convention(wan_dir, tmp_path, caplog, conv
     caplog.set_level(logging.INFO, logger="mvgen.loading")
     den = load_denoiser(wan_dir[0], adapter=adapter)
     a, b = (lora[f"ref_blocks.1.ffn.net.2.lora_{x}.weight"] for x in "AB")  # the hand formula W + scale * B @ A
-    torch.testing.assert_close(den.ref_blocks[1].ffn.net[2].weight,
+    # (the reference stream shares the base weight and applies its pair unmerged: engine.reference_weights)
+    torch.testing.assert_close(den.ref_blocks[1].ffn.net[2].merged_weight(),
                                wan_dir[1].blocks[1].ffn.net[2].weight + scale * b @ a, rtol=0, atol=1e-6)
     assert rel_err(outputs(den, 15), outputs(oracle, 15)) < 1e-5
     lines = [r.getMessage() for r in caplog.records if r.name == "mvgen.loading"]
@@ -217,7 +218,7 @@ def test_lora_scale_argument_replaces_the_files(wan_dir, tmp_path, caplog):
     _, lora = peft_on(built_with(wan_dir, {}), modules_pattern("ref_blocks"), 8.0, seed=16)
     _kohya(lora, tmp_path / "k", 8.0)
     caplog.set_level(logging.INFO, logger="mvgen.loading")
-    den = load_denoiser(wan_dir[0], adapter=tmp_path / "k", lora_scale=0.0)
+    den = load_denoiser(wan_dir[0], adapter=tmp_path / "k", lora_scale=0.0, ref_weights="merged")
     assert_same_state(den, built_with(wan_dir, {}))
     assert "scale 0 = lora_scale given at load" in caplog.text
 

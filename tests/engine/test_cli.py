@@ -82,6 +82,9 @@ def test_bad_arguments_exit_2_in_one_line_without_traceback(demo, tiny_cache, tm
     (["--first-frame-mask", "/nope/mask.png"], "file not found"),
     (["--frames", "nine"], "argument --frames: invalid int value: 'nine'"),
     (["--dtype", "float64"], "argument --dtype: invalid choice"),
+    (["--offload", "layer"], "argument --offload: invalid choice: 'layer'"),
+    (["--offload", "block", "--device", "cpu"], "offload 'block' moves the denoiser between host memory and an "
+                                                "accelerator, and the device is the CPU"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--set", "ref_attention"], "--set expects KEY=VALUE"),
     (["--set", "ref_attention=sideways"], "ref_attention must be one of"),
@@ -100,6 +103,26 @@ def test_bad_arguments_in_process(demo, tiny_env, tmp_path, capsys, extra, words
     assert main(_generate_args(demo, tmp_path / "v.mp4", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("mvgen: error: ") and err.count("\n") == 1 and words in err, err
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "p", "--out", "v.mp4"], ["serve"]])
+def test_memory_options_share_one_declaration(command):
+    """``--dtype``/``--offload`` choices are ``engine.components.DTYPES``/``engine.offload.OFFLOAD_MODES``, the
+    defaults auto/none, and ``--help`` says what auto does on a CPU."""
+    import argparse
+
+    from engine.cli_args import add_memory_arguments
+    from engine.components import DTYPES
+    from engine.offload import OFFLOAD_MODES
+    from mvgen.cli import build_parser
+
+    args = build_parser({}).parse_args(command)
+    assert (args.dtype, args.offload, args.vae_tiling) == ("auto", "none", False)
+    probe = argparse.ArgumentParser()
+    add_memory_arguments(probe)
+    actions = {a.dest: a for a in probe._actions}
+    assert tuple(actions["dtype"].choices) == DTYPES and tuple(actions["offload"].choices) == OFFLOAD_MODES
+    assert "auto: bfloat16 on CUDA; on a CPU float32 unless" in actions["dtype"].help and "9x" in actions["dtype"].help
 
 
 def test_tiny_and_demo_inputs_commands(tiny_env, tmp_path, capsys):

@@ -117,7 +117,7 @@ def test_a_cache_miss_fails_that_call_only(cached_denoiser, gen):
         torch.testing.assert_close(results[0], _alone(den, built), rtol=1e-5, atol=1e-5)
         assert torch.equal(results[2], _run_alone(den, plain, 8))
     finally:
-        den.caches.drop("built")
+        den.release("built")
 
 
 @pytest.mark.parametrize("pad_to", [0, 8])
@@ -142,4 +142,4 @@ def test_cached_requests_batched_together_equal_recomputing_their_references(cac
                 torch.testing.assert_close(velocity, _alone(den, x), rtol=1e-5, atol=1e-5)
     finally:
         for key in requests:
-            den.caches.drop(key)
+            den.release(key)

@@ -129,7 +129,7 @@ def test_wan22_generation_equals_diffusers_with_the_expert_switch(wan22, rng, sc
     pipe = MultiViewPipeline.from_pretrained(wan22)
     used = []  # the expert of each step, recorded where the loop calls the stages
     denoise = pipe.stages.denoise
-    pipe.stages.denoise = lambda inputs, key, expert: used.append(expert) or denoise(inputs, key, expert)
+    pipe.stages.denoise = lambda inputs, key, expert, refs: used.append(expert) or denoise(inputs, key, expert, refs)
     ours = pipe(frame, [], "a person turns", "blurry", seed=7, steps=6, guidance_scale=scales[0],
                 guidance_scale_2=scales[1], **SIZE)
 

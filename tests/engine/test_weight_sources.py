@@ -110,6 +110,7 @@ def test_wan22_sources_are_per_expert(tiny_cache, tmp_path):
 def _generate(tiny_cache, tmp_path, *flags: str) -> subprocess.CompletedProcess:
     Image.fromarray(_frame(4)).save(tmp_path / "first.png")
     command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", "tiny", "--device", "cpu",
+               "--dtype", "float32",
                "--first-frame", str(tmp_path / "first.png"), "--prompt", "a person turns", "--steps", "4",
                "--guidance-scale", "1", "--seed", "5", *flags, "--out", str(tmp_path / "v.mp4")]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (pip install 'mvgen[server]')")
 
-from server.launcher import LaunchError, find_tritonserver, free_port  # noqa: E402
+from server.launcher import LaunchError, find_tritonserver, free_ports  # noqa: E402
 
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 MODELS = ("mvgen", "mvgen_stream", "mvgen_text_encoder", "mvgen_image_encoder", "mvgen_vae", "mvgen_denoiser")
@@ -106,11 +106,11 @@ def _serve(tiny_cache, work: Path, *extra: str, model: str = "tiny"):
     reason = _tritonserver_available()
     if reason:
         pytest.skip(reason)
-    grpc, http, metrics = free_port(), free_port(), free_port()
+    grpc, http, metrics = free_ports(3)
     env = {**os.environ, "MVGEN_CACHE": str(tiny_cache)}
     log = work / "tritonserver.log"
     command = [MVGEN, "serve", "--model", model, "--grpc-port", str(grpc), "--http-port", str(http),
-               "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu",
+               "--metrics-port", str(metrics), "--log-file", str(log), "--device", "cpu", "--dtype", "float32",
                "--max-tokens", str(MAX_TOKENS), *extra]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Served(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", process, log)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from server.launcher import free_port
+from server.launcher import free_port, free_ports
 from tests.server.conftest import MVGEN, png
 
 
 def _serve(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    ports = ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+    grpc, http, metrics = free_ports(3)
+    ports = ["--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
     return subprocess.run([MVGEN, "serve", *ports, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -46,6 +47,12 @@ def test_invalid_model_dir(tmp_path, layout):
     expected = {"missing": "model directory not found", "empty": "no .safetensors weights",
                 "pickles": "pickled weights are never loaded"}[layout]
     assert expected in line and str(model) in line
+
+
+def test_offload_on_the_cpu(tiny_env):
+    """Refused before tritonserver starts, in the engine's words (``mvgen generate`` says the same)."""
+    line = _one_error_line(_serve("--model", "tiny", "--device", "cpu", "--offload", "model"))
+    assert "cannot serve tiny: offload 'model' moves the denoiser between host memory and an accelerator" in line
 
 
 def test_no_tritonserver(tmp_path, tiny_env):

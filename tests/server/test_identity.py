@@ -58,6 +58,7 @@ def _cli(tiny_cache, tmp_path, first: np.ndarray, refs: list[np.ndarray], config
     flags, cache, _ = CONFIGS[config]
     (tmp_path / "first.png").write_bytes(png(first))
     command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", "tiny", "--device", "cpu",
+               "--dtype", "float32",
                "--first-frame", str(tmp_path / "first.png"), FLAGS["prompt"], PROMPT]
     for i, ref in enumerate(refs):
         (tmp_path / f"ref{i}.png").write_bytes(png(ref))

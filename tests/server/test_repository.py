@@ -63,3 +63,29 @@ def test_each_family_gets_its_models_and_a_rebuild_drops_the_others(tmp_path, ti
     assert 'name: "condition"' not in denoiser and not (repo / "mvgen_denoiser_2").exists()
     build_repository(repo, RepositoryOptions(**_tiny(tiny_cache)))
     assert (repo / "mvgen_image_encoder" / "config.pbtxt").is_file()
+
+
+def test_memory_options_reach_the_served_models(tmp_path, tiny_cache):
+    """``offload``, ``vae_tiling`` and the resolved ``dtype`` are config.pbtxt parameters of every model; each
+    model's ``load_checkpoint`` reads them back (described for CUDA: nothing here needs a GPU)."""
+    import json
+    import re
+
+    import torch
+
+    from engine.components import VaeTiling
+    from server.models import load_checkpoint
+
+    tiling = dict(tile_height=128, tile_width=128, stride_height=96, stride_width=96)
+    repo = build_repository(tmp_path / "repo", RepositoryOptions(**_tiny(tiny_cache), dtype="auto", device="cuda",
+                                                                 offload="block", vae_tiling=tiling))
+    for name in ("mvgen", "mvgen_vae", "mvgen_denoiser"):
+        text = (repo / name / "config.pbtxt").read_text()
+        params = {k: json.loads(v) for k, v in
+                  re.findall(r'parameters \{ key: "(\w+)" value: \{ string_value: ("(?:[^"\\]|\\.)*") \} \}', text)}
+        assert params["dtype"] == "bfloat16" and params["offload"] == "block"  # auto on CUDA
+        checkpoint = load_checkpoint({"parameters": {k: {"string_value": v} for k, v in params.items()}})
+        assert (checkpoint.offload, checkpoint.vae_tiling, checkpoint.dtype) == ("block", VaeTiling(**tiling),
+                                                                                 torch.bfloat16)
+    assert 'name: "latents" data_type: TYPE_BF16' in (repo / "mvgen_denoiser" / "config.pbtxt").read_text()
+

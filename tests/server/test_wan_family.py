@@ -26,7 +26,8 @@ def served_wan22(tiny_cache, tmp_path_factory):
 
 def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str) -> np.ndarray:
     """`mvgen generate --model MODEL` in its own process; its (lossless) contact sheet."""
-    command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", model, "--device", "cpu", *CACHEABLE,
+    command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", model, "--device", "cpu",
+               "--dtype", "float32", *CACHEABLE,
                *flags]
     for name, value in values.items():
         if name in ("first_frame", "references"):
