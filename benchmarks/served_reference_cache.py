@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from server.client import GenerationInputs, generate
-from server.launcher import ServeConfig, Server, free_port
+from server.launcher import ServeConfig, Server, free_ports
 from server.repository import RepositoryOptions
 
 from .common import median, scrape, write_results
@@ -37,7 +37,8 @@ def _request(seed: int, steps: int, frames: int, size: int, refs: int) -> Genera
 
 
 def measure(model: Path, cache: bool, requests: list[GenerationInputs]) -> dict:
-    config = ServeConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    grpc, http, metrics = free_ports(3)
+    config = ServeConfig(grpc_port=grpc, http_port=http, metrics_port=metrics)
     metrics = f"http://127.0.0.1:{config.metrics_port}/metrics"
     # one request at a time: its cond + uncond rows unpadded (padding to the max batch would hide the saving)
     options = RepositoryOptions(model=str(model), adapter=None, device="cpu", overrides=CACHEABLE, reference_cache=cache,

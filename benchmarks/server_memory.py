@@ -14,7 +14,8 @@ import shutil
 import time
 from pathlib import Path
 
-# a Wan2.1-I2V-shaped denoiser of ~44 M parameters (x2 in memory: the reference stream is a copy of the base)
+# a Wan2.1-I2V-shaped denoiser of ~44 M parameters (once in memory: the reference stream shares them by default;
+# x2 with ref_weights=merged)
 CPU_SIZED = dict(num_attention_heads=12, attention_head_dim=64, ffn_dim=3072, num_layers=4)
 
 
@@ -53,10 +54,11 @@ def tree_rss(pid: int) -> int:
 
 def served_rss(model: Path, settle_s: float = 3.0) -> int:
     """Process-tree RSS of ``tritonserver`` serving ``model`` (CPU), once every model is ready."""
-    from server.launcher import ServeConfig, Server, free_port
+    from server.launcher import ServeConfig, Server, free_ports
     from server.repository import RepositoryOptions
 
-    config = ServeConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    grpc, http, metrics = free_ports(3)
+    config = ServeConfig(grpc_port=grpc, http_port=http, metrics_port=metrics)
     with Server(RepositoryOptions(model=str(model), adapter=None, device="cpu"), config) as server:
         time.sleep(settle_s)  # let the stubs finish their start-up allocations
         return tree_rss(server.process.pid)

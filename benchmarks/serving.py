@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.tiny import default_cache_root, resolve_checkpoint
 from server.client import GenerationInputs, generate
-from server.launcher import ServeConfig, Server, free_port
+from server.launcher import ServeConfig, Server, free_ports
 from server.repository import RepositoryOptions
 
 from .common import median, write_results
@@ -54,7 +54,8 @@ def _timed(url: str, request: GenerationInputs) -> float:
 
 
 def measure(policy: str, requests: list[GenerationInputs], rounds: int, model: Path, adapter: Path) -> list[dict]:
-    config = ServeConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    grpc, http, metrics = free_ports(3)
+    config = ServeConfig(grpc_port=grpc, http_port=http, metrics_port=metrics)
     metrics_url = f"http://127.0.0.1:{config.metrics_port}/metrics"
     options = RepositoryOptions(model=str(model), adapter=str(adapter), device="cpu", pad_batch_to=POLICIES[policy])
     samples = {"sequential": [], "concurrent": []}
