@@ -6,7 +6,7 @@ from pathlib import Path
 
 from engine.cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments,
                              checkpoint_sources, map_images, memory_options, parse_overrides, request_values,
-                             add_reference_cache_argument)
+                             add_reference_cache_argument, add_step_cache_argument, step_cache_overrides)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -48,6 +48,7 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable)")
     add_reference_cache_argument(p)
+    add_step_cache_argument(p)
     p.add_argument("--reference-cache-mb", type=int, default=8192,
                    help="reference K/V the denoiser holds at once, over all requests (least recently used dropped)")
     p.add_argument("--sp", type=int, default=1, metavar="N",
@@ -105,7 +106,7 @@ def run_serve(args) -> int:
     options = RepositoryOptions(
         model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
         sources=checkpoint_sources(args), cache_root=str(args.cache_dir), **memory_options(args), device=args.device,
-        scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=parse_overrides(args.overrides),
+        scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=step_cache_overrides(args, parse_overrides(args.overrides)),
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
         reference_cache=args.reference_cache, reference_cache_mb=args.reference_cache_mb,

@@ -105,3 +105,24 @@ def test_decisions_follow_the_accumulated_distance_and_skips_reuse_the_residual(
 def test_threshold_must_be_positive(threshold):
     with pytest.raises(ValueError, match="threshold must be > 0"):
         StepCache(threshold)
+
+
+@pytest.mark.parametrize("argv, want", [
+    ([], None), (["--step-cache"], 0.1), (["--step-cache", "0.25"], 0.25),
+    (["--step-cache", "--set", "step_cache_threshold=0.05"], 0.05),
+])
+def test_step_cache_flag_sets_the_threshold(argv, want):
+    from engine.cli_args import parse_overrides, step_cache_overrides
+    from mvgen.cli import build_parser
+
+    args = build_parser({}).parse_args(["generate", "--prompt", "x", "--out", "v.mp4", *argv])
+    overrides = step_cache_overrides(args, parse_overrides(args.overrides))
+    assert overrides.get("step_cache_threshold") == want
+
+
+def test_step_cache_flag_refuses_a_non_positive_threshold(capsys):
+    from mvgen.cli import main
+
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--step-cache", "0", "--out", "v.mp4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mvgen: error: ") and "--step-cache THRESHOLD must be > 0" in err
