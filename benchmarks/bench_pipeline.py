@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from engine.cli_args import UsageError, parse_overrides
+from engine.cli_args import UsageError, add_memory_arguments, memory_options, parse_overrides
 
 NAME = "pipeline"
 HELP = "a generation's time split into encode / denoise / decode (in-process pipeline, stages timed)"
@@ -69,8 +69,8 @@ def load_pipeline(config: str, args):
     from .server_memory import build_cpu_sized
 
     model = "tiny" if config == "tiny" else build_cpu_sized(ensure_tiny(args.cache_dir), args.cache_dir / "cpu-sized")
-    return MultiViewPipeline.from_pretrained(model, dtype=getattr(torch, args.dtype), device=args.device,
-                                             cache_root=args.cache_dir, reference_cache=args.reference_cache,
+    return MultiViewPipeline.from_pretrained(model, device=args.device, cache_root=args.cache_dir,
+                                             reference_cache=args.reference_cache, **memory_options(args),
                                              **parse_overrides(args.overrides))
 
 
@@ -132,15 +132,28 @@ def summarise(config: str, runs: list[dict], args) -> dict:
 
 
 def measure(config: str, args) -> dict:
+    import resource
+
     import torch
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     pipe = load_pipeline(config, args)
     for i in range(args.warmup):
         generate_timed(pipe, request(pipe, args, seed=1000 + i), sync)
     runs = [generate_timed(pipe, request(pipe, args, seed=i), sync) for i in range(args.repeats)]
     print(f"  pipeline {config}: {runs[-1]['total_s']:.3g} s per generation", file=sys.stderr, flush=True)
-    return summarise(config, runs, args)
+    row = summarise(config, runs, args)
+    # CUDA: the allocator's peak; CPU: this process's peak RSS (Linux KiB), which spans every config measured before
+    # in the process: run one config per process to compare memory options
+    row["peak_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row["peak_kind"] = "CUDA max allocated" if cuda else "process peak RSS"
+    row.update(dtype=str(pipe.checkpoint.dtype).removeprefix("torch."), offload=args.offload,
+               vae_tiling="on" if args.vae_tiling else "off")
+    return row
 
 
 def check(args) -> None:
@@ -173,7 +186,7 @@ def add_arguments(p) -> None:
                    help="denoiser config override (e.g. ref_attention=isolated), repeatable")
     p.add_argument("--no-reference-cache", dest="reference_cache", action="store_false",
                    help="recompute the reference stream at every step")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_memory_arguments(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     p.add_argument("--warmup", type=int, default=1, help="generations before timing (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed generations (default 3)")
@@ -184,7 +197,8 @@ COLUMNS = [("config", "config"), ("frames", "frames"), ("size", "size"), ("refs"
            ("text_s", "text encode (s)"), ("image_s", "CLIP (s)"), ("vae_encode_s", "VAE encode (s)"),
            ("encode_s", "encode (s)"), ("denoise_s", "denoise, all calls (s)"), ("step_s", "per call (s)"),
            ("loop_s", "denoising loop (s)"), ("decode_s", "decode (s)"), ("other_s", "other (s)"),
-           ("total_s", "total (s)"), ("denoise_share", "denoise share")]
+           ("total_s", "total (s)"), ("denoise_share", "denoise share"), ("dtype", "dtype"), ("offload", "offload"),
+           ("vae_tiling", "VAE tiling"), ("peak_mib", "peak memory (MiB)"), ("peak_kind", "peak of")]
 
 
 def run(args) -> int:

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli_args import UsageError, parse_overrides
+from engine.cli_args import UsageError, add_memory_arguments, parse_overrides
 
 from .bench_pipeline import load_pipeline, request
 
@@ -104,7 +104,7 @@ def add_arguments(p) -> None:
     p.add_argument("--refs", type=int, default=2)
     p.add_argument("--guidance-scale", type=float, default=5.0)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    add_memory_arguments(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("out/benchmarks"))
