@@ -29,10 +29,8 @@ scales the once-per-step embeddings and output head with the layers too (an uppe
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -299,12 +297,9 @@ def cases(args) -> list[dict]:
 
 def resolve(args) -> None:
     """Fill the machine-dependent defaults (device, dtype) and refuse what cannot run, naming the flag."""
-    import torch
+    from .common import bench_device
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available (use --device cpu)")
+    args.device = bench_device(args.device)
     on_gpu = args.device.startswith("cuda")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if on_gpu else "float32"
@@ -413,17 +408,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from engine.tiny import default_cache_root
+    from .common import standalone_main
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_denoiser", description=HELP)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_root(os.environ),
-                        help="where the tiny and the built transformers live (default $MVGEN_CACHE or ~/.cache/mvgen)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as error:
-        parser.error(str(error))
+    return standalone_main(sys.modules[__name__], argv, cache_dir=True)
 
 
 if __name__ == "__main__":

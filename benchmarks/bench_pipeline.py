@@ -17,8 +17,6 @@ states rather than Wan's 4096 (umT5) and 1280 (CLIP) of ``bench denoiser --confi
 """
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from collections import defaultdict
@@ -61,8 +59,6 @@ class TimedStages:
 
 
 def load_pipeline(config: str, args):
-    import torch
-
     from engine.pipeline import MultiViewPipeline
     from engine.tiny import ensure_tiny
 
@@ -132,9 +128,9 @@ def summarise(config: str, runs: list[dict], args) -> dict:
 
 
 def measure(config: str, args) -> dict:
-    import resource
-
     import torch
+
+    from .common import peak_rss_bytes
 
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -149,7 +145,7 @@ def measure(config: str, args) -> dict:
     # CUDA: the allocator's peak; CPU: this process's peak RSS (Linux KiB), which spans every config measured before
     # in the process: run one config per process to compare memory options
     row["peak_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-                       else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                       else peak_rss_bytes() / 2**20)
     row["peak_kind"] = "CUDA max allocated" if cuda else "process peak RSS"
     row.update(dtype=str(pipe.checkpoint.dtype).removeprefix("torch."), offload=args.offload,
                vae_tiling="on" if args.vae_tiling else "off")
@@ -157,12 +153,9 @@ def measure(config: str, args) -> dict:
 
 
 def check(args) -> None:
-    import torch
+    from .common import bench_device
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available (use --device cpu)")
+    args.device = bench_device(args.device)
     for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
                                ("--steps", args.steps, 1), ("--refs", args.refs, 0)):
         if value < least:
@@ -216,17 +209,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from engine.tiny import default_cache_root
+    from .common import standalone_main
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_pipeline", description=HELP)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_root(os.environ),
-                        help="where the tiny model is built (default $MVGEN_CACHE or ~/.cache/mvgen)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as error:
-        parser.error(str(error))
+    return standalone_main(sys.modules[__name__], argv, cache_dir=True)
 
 
 if __name__ == "__main__":

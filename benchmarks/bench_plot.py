@@ -18,7 +18,6 @@ the PNGs with their sources.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -91,6 +90,10 @@ def plot_step_time(plt, payload: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Denoiser step time: engine vs diffusers\n{_caption(payload)}", fontsize=10)
+    _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -115,9 +118,7 @@ def plot_ratio(plt, payload: dict, path: Path) -> None:
     ax.set_ylabel("engine / diffusers step time (below 1: engine faster)")
     ax.legend(fontsize=7)
     ax.set_title(f"Engine vs diffusers, same weights and inputs\n{_caption(payload)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_server(plt, payload: dict, path: Path) -> None:
@@ -144,9 +145,7 @@ def plot_server(plt, payload: dict, path: Path) -> None:
     what = (f"{config.get('model', '?')}: {config.get('frames', '?')} frames {config.get('width', '?')}x"
             f"{config.get('height', '?')}, {config.get('steps', '?')} steps, {config.get('refs', '?')} refs")
     fig.suptitle(f"Server latency and throughput ({what})\n{_caption(payload)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_pipeline(plt, payload: dict, path: Path) -> None:
@@ -163,9 +162,7 @@ def plot_pipeline(plt, payload: dict, path: Path) -> None:
     ax.set_ylabel("seconds per generation (median)")
     ax.legend()
     ax.set_title(f"Pipeline time by phase\n{_caption(payload)}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 PLOTS = {  # source -> (png name, function)
@@ -223,13 +220,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_plot", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as error:
-        parser.error(str(error))
+    from .common import standalone_main
+
+    return standalone_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

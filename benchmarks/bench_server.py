@@ -15,7 +15,6 @@ request's time spent elsewhere (encoders, VAE, the loop's scheduler and guidance
 """
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import signal
@@ -239,17 +238,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from engine.tiny import default_cache_root
+    from .common import standalone_main
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_server", description=HELP)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_root(os.environ),
-                        help="where the tiny model is built (default $MVGEN_CACHE or ~/.cache/mvgen)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as error:
-        parser.error(str(error))
+    return standalone_main(sys.modules[__name__], argv, cache_dir=True)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,52 @@ def scrape(metrics_url: str, name: str, **labels) -> float:
             if all(f'{k}="{v}"' in head for k, v in labels.items()):
                 total += float(value)
     return total
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set: ``VmHWM`` (this program image only: a process forked from a preloaded
+    forkserver starts counting at the fork), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def standalone_main(module, argv=None, cache_dir: bool = False) -> int:
+    """``python -m benchmarks.<module>``: the module's ``mvgen bench`` arguments (``add_arguments``) and ``run``;
+    ``cache_dir``: it builds models, under ``--cache-dir`` (default ``$MVGEN_CACHE``, read here at the entry point,
+    else ~/.cache/mvgen). A ``UsageError`` ends as a usage error."""
+    import argparse
+    import os
+
+    from engine.cli_args import UsageError
+    from engine.tiny import default_cache_root
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.HELP)
+    if cache_dir:
+        parser.add_argument("--cache-dir", type=Path, default=default_cache_root(os.environ),
+                            help="where the tiny model and built transformers live (default $MVGEN_CACHE or "
+                                 "~/.cache/mvgen)")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return module.run(args)
+    except UsageError as error:
+        parser.error(str(error))
+
+
+def bench_device(name: str) -> str:
+    """A benchmark's ``--device``: ``auto`` resolved as the engine does (``engine.components.resolve_device``), a
+    CUDA device refused, naming the flag, where there is none."""
+    from engine.cli_args import UsageError
+    from engine.components import resolve_device
+
+    device = str(resolve_device(name))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    return device

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .common import time_call
+from .common import peak_rss_bytes, time_call
 
 OUTPUT_KEY = "velocity"
 # what a variant's process imports before it forks (benchmarks.bench_denoiser starts them from a forkserver)
@@ -33,19 +33,6 @@ PRELOAD = ("torch", "diffusers", "diffusers.models.transformers.transformer_wan"
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).norm() / want.double().norm()).item()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set: ``VmHWM`` (this program image only), else ``ru_maxrss``."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def make_inputs(spec: dict, wan: dict, device: torch.device, dtype: torch.dtype) -> dict:

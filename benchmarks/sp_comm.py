@@ -286,13 +286,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.sp_comm", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as error:
-        parser.error(str(error))
+    from .common import standalone_main
+
+    return standalone_main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ skipped steps are read from the denoiser's step cache before the request release
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -125,18 +124,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    import os
+    from .common import standalone_main
 
-    from engine.tiny import default_cache_root
-
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_cache", description=HELP)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_root(os.environ))
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UsageError as error:
-        parser.error(str(error))
+    return standalone_main(sys.modules[__name__], argv, cache_dir=True)
 
 
 if __name__ == "__main__":

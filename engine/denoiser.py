@@ -597,6 +597,11 @@ class MultiViewWanTransformer(nn.Module):
                          tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
                          backend=self.config.attention_backend)
 
+    def _check_image_context(self, image_context) -> None:
+        """CLIP states exactly when the checkpoint has an image embedder (Wan2.1-I2V; not T2V, not Wan2.2)."""
+        if (image_context is None) != (self.config.image_dim is None):
+            raise ValueError(f"this denoiser takes {'no' if self.config.image_dim is None else 'an'} image_context")
+
     def _contexts(self, text, image_context):
         emb = self.condition_embedder
         dtype = self.proj_out.weight.dtype
@@ -662,8 +667,7 @@ class MultiViewWanTransformer(nn.Module):
         # the convolution's algorithm depends on the batch, so it runs on fixed row blocks (see batch_invariant)
         if (condition is None) != (cfg.condition_channels == 0):
             raise ValueError(f"a {cfg.task} denoiser takes {'no' if cfg.condition_channels == 0 else 'a'} condition")
-        if (image_context is None) != (cfg.image_dim is None):
-            raise ValueError(f"this denoiser takes {'no' if cfg.image_dim is None else 'an'} image_context")
+        self._check_image_context(image_context)
         video = latents if condition is None else torch.cat([latents, condition], dim=1)
         x = batch_invariant(self.patch_embedding, video.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2).contiguous()
@@ -830,8 +834,7 @@ class MultiViewWanTransformer(nn.Module):
         """Every block's cross-attention keys and values of these rows' text [B, L, text_dim], CLIP image
         [B, 257, image_dim] and identity (M2HVideo) states, for both streams: a request's step-invariant work,
         done once and passed to every step as ``forward(context_cache=...)``."""
-        if (image_context is None) != (self.config.image_dim is None):
-            raise ValueError(f"this denoiser takes {'no' if self.config.image_dim is None else 'an'} image_context")
+        self._check_image_context(image_context)
         text_ctx, image_ctx = self._contexts(text, image_context)
         if identity_context is not None and identity_context.numel() == 0:
             identity_context = None  # a served call's absent input travels empty

@@ -150,7 +150,7 @@ class DistributedDenoiser:
             self.runtime.world.broadcast(torch.tensor([self._seq], device=self.device))
             if self._seq:
                 self.store.delete_key(f"op{self._seq - 1}")
-        except (CollectiveError, RuntimeError) as error:
+        except RuntimeError as error:  # a failed collective (CollectiveError) or store operation
             raise self._lose(f"handing a batch to the workers failed: {error}") from None
         self._seq += 1
 

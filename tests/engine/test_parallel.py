@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from engine.config import MvgenConfig
 from engine.denoiser import MultiViewWanTransformer
 from engine.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
 from engine.step_cache import StepCache
+from server.launcher import free_port
 
 from .conftest import SMALL_WAN, inputs, rel_err
 
@@ -141,12 +141,6 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
     store.wait([f"done{r}" for r in range(WORLD)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def parallel_outputs(tmp_path_factory):
     """(single-process outputs, every layout's rank-0 outputs) of every case."""
@@ -162,7 +156,7 @@ def parallel_outputs(tmp_path_factory):
                           str(folder / f"in_{name}.safetensors"))
                 with torch.no_grad():
                     want[name] = run_case(model, name, x, None)
-    mp.start_processes(_rank_main, args=(_free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_rank_main, args=(free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
     return want, load_file(str(folder / "got.safetensors"))
 
 
