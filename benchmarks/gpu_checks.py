@@ -34,7 +34,7 @@ def attention_case(gen, dtype, head_dim, mask, n_video, n_ref, heads=3, batch=2,
     q, k, v = (torch.randn(batch, n, heads, head_dim, generator=gen).to(device, dtype) for _ in range(3))
     pos = torch.randint(-40, 60, (n, 3), generator=gen).to(device)
     key_scale = torch.cat([torch.ones(n_video), torch.rand(n_ref, generator=gen) * 1.5 + 0.25]).to(device)
-    kw = dict(n_video_q=n_video, n_video_k=n_video, key_scale=key_scale, mask=mask, tokens_per_frame=7,
+    kw = dict(q_offsets=(n_video, n), k_offsets=(n_video, n), key_scale=key_scale, mask=mask, tokens_per_frame=7,
               proto_tokens=3)
     out = torch.full_like(q, float("nan"))
     kernels.joint_attention(q, k, v, pos, pos, backend=backend, out=out, **kw)

@@ -83,7 +83,8 @@ def attention_methods(pos, n_video, key_scale):
     import kernels
 
     def ours(backend):
-        return lambda q, k, v: kernels.joint_attention(q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video,
+        offsets = (n_video, pos.shape[0])
+        return lambda q, k, v: kernels.joint_attention(q, k, v, pos, pos, q_offsets=offsets, k_offsets=offsets,
                                                        key_scale=key_scale, backend=backend)
 
     methods = {

@@ -593,7 +593,7 @@ class MultiViewWanTransformer(nn.Module):
 
     def _rotated_attention(self, q, k, v, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
         """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this."""
-        return attention(q, k, v, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask,
+        return attention(q, k, v, q_offsets=(n_video_q, q.shape[1]), k_offsets=(n_video_k, k.shape[1]), mask=mask,
                          tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
                          backend=self.config.attention_backend)
 
@@ -635,6 +635,8 @@ class MultiViewWanTransformer(nn.Module):
         view_omega: torch.Tensor | None = None,
         context_cache: ContextCache | None = None,
         step_cache: StepCache | None = None,
+        text_mask: torch.Tensor | None = None,
+        pooled_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Flow-matching velocity [B, 16, F, H, W].
 
@@ -649,8 +651,12 @@ class MultiViewWanTransformer(nn.Module):
         (``view_attention="multiview"``; None: the adapter's). ``context_cache`` from ``precompute_context`` holds
         every block's cross-attention keys and values of these rows' text/image/identity states (then only their
         shapes are read). ``step_cache`` (``engine.step_cache``): this request's TeaCache state; on a step it
-        finds redundant the block stack is skipped and its last residual reused.
+        finds redundant the block stack is skipped and its last residual reused. ``text_mask`` and
+        ``pooled_text`` are the MMDiT's text inputs (``engine.mmdit``): a Wan denoiser takes neither.
         """
+        if text_mask is not None or pooled_text is not None:
+            raise ValueError("text_mask and pooled_text are inputs of the MMDiT denoiser; a Wan denoiser takes "
+                             "neither (its text is the umT5 states, read through cross-attention)")
         cfg = self.config
         b, _, frames, height, width = latents.shape
         pt, ph, pw = cfg.patch_size

@@ -17,7 +17,8 @@ Attributes:
     see only reference keys); ``"prototype"`` (PPA) is not exported by this build
   - ``plugin_namespace`` (string): ``"mvgen"``; TensorRT's ONNX parser looks plugins up by op type plus
     this attribute, i.e. ``mvgen::JointAttention``
-Semantics: ``kernels.rotated_attention_reference(q, k, v, n_video_q=n_video, n_video_k=n_video, mask=mask)``.
+Semantics: ``kernels.rotated_attention_reference(q, k, v, q_offsets=(n_video, N), k_offsets=(n_video, N),
+mask=mask)`` (two streams: no context stream, no key lengths).
 (Version 1 took unrotated q/k plus positions and rotated inside the kernel's loop, once per key tile per query
 block; the rotation now happens once per layer, before the node.)
 
@@ -47,8 +48,8 @@ _ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 
 
 def _reference(q, k, v, n_video, mask: str):
-    n = int(n_video.reshape(-1)[0])
-    return rotated_attention_reference(q, k, v, n_video_q=n, n_video_k=n, mask=mask)
+    n, n_tokens = int(n_video.reshape(-1)[0]), q.shape[1]
+    return rotated_attention_reference(q, k, v, q_offsets=(n, n_tokens), k_offsets=(n, n_tokens), mask=mask)
 
 
 def joint_attention_node(q, k, v, n_video, mask: str):

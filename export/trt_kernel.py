@@ -6,7 +6,8 @@ node (see ``export/plugin.py``): inputs q, k, v (rotated and scaled by the QK pr
 scalars n_tokens, n_heads, batch (``batch`` only sizes the grid); output out; grid (cdiv(n_tokens, BLOCK_M),
 batch * n_heads). It only derives strides of contiguous [B, N, H, D] tensors, reads ``n_video`` from device
 memory and calls ``kernels.joint_attention.kernel._attention_fwd`` (the pointer entry of the kernel the engine
-launches), so the plugin and the PyTorch path share one loop body. The same entry point is what
+launches) with the streams [video | reference] at offsets (n_video, n_tokens) for queries and keys and no key
+lengths, so the plugin and the PyTorch path share one loop body. The same entry point is what
 ``CMakeLists.txt`` compiles with ``triton.tools.compile`` into C launchers + cubins, with 16-byte aligned
 pointers (``:16``), as ``compile_plugin_kernel`` compiles it for the TensorRT plugin.
 
@@ -43,15 +44,15 @@ def joint_attention_plugin_kernel(
     stride_n = n_heads * HEAD_DIM
     stride_b = n_tokens * stride_n
     if IEEE_DOT:
-        _attention_fwd(Q, K, V, Out, stride_b, stride_n, HEAD_DIM, stride_b, stride_n, HEAD_DIM,
+        _attention_fwd(Q, K, V, Out, None, stride_b, stride_n, HEAD_DIM, stride_b, stride_n, HEAD_DIM,
                        stride_b, stride_n, HEAD_DIM, stride_b, stride_n, HEAD_DIM,
-                       n_heads, n_tokens, n_tokens, n_video, n_video, 1, 1,
-                       HEAD_DIM, MASK_MODE, "ieee", EMULATE_BF16, BLOCK_M, BLOCK_N)
+                       n_heads, n_tokens, n_tokens, n_video, n_tokens, n_video, n_tokens, 1, 1,
+                       HEAD_DIM, MASK_MODE, False, "ieee", EMULATE_BF16, BLOCK_M, BLOCK_N)
     else:
-        _attention_fwd(Q, K, V, Out, stride_b, stride_n, HEAD_DIM, stride_b, stride_n, HEAD_DIM,
+        _attention_fwd(Q, K, V, Out, None, stride_b, stride_n, HEAD_DIM, stride_b, stride_n, HEAD_DIM,
                        stride_b, stride_n, HEAD_DIM, stride_b, stride_n, HEAD_DIM,
-                       n_heads, n_tokens, n_tokens, n_video, n_video, 1, 1,
-                       HEAD_DIM, MASK_MODE, "tf32", EMULATE_BF16, BLOCK_M, BLOCK_N)
+                       n_heads, n_tokens, n_tokens, n_video, n_tokens, n_video, n_tokens, 1, 1,
+                       HEAD_DIM, MASK_MODE, False, "tf32", EMULATE_BF16, BLOCK_M, BLOCK_N)
 
 
 def plugin_constexprs(dtype: str, head_dim: int, mask: str, arch: int = 90, emulate_bf16: bool = False) -> dict:

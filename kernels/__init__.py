@@ -10,6 +10,8 @@ importing ``kernels`` never needs Triton and ``TRITON_INTERPRET`` can still be s
 
 The joint self-attention is two steps, ``qk_prologue`` (RMSNorm, RoPE, scales: once per layer over Q and K)
 and ``attention`` (on the rotated Q/K); ``joint_attention`` is the pair for callers holding one Q and one K.
+The attention's sequences are [video | reference | context] streams given by two offsets each (``q_offsets``,
+``k_offsets``; Wan has no context stream), with optional per-row key lengths (padded text in the context).
 """
 from __future__ import annotations
 
@@ -51,25 +53,28 @@ def _use_kernel(backend: str, tensors, supported: bool = True) -> bool:
 
 
 def prologue_rope_table(pos: torch.Tensor, head_dim: int, like: torch.Tensor, theta: float = 10000.0,
-                        backend: str = "auto"):
+                        backend: str = "auto", rope_axes: tuple[int, int, int] | None = None):
     """The (cos, sin) table of ``pos`` that ``qk_prologue`` reuses for every tensor rotated at those positions
     (Q and K of every layer), for Q/K like ``like`` (dtype, device); None where the prologue runs the kernel (it
-    computes the angles in registers: a table would only add a read) or the oracle's float64."""
+    computes the angles in registers: a table would only add a read) or the oracle's float64. ``rope_axes``: the
+    band sizes (``kernels.rope.rope_bands``), the same the prologue is given."""
     from .rope import rope_table
 
     if _use_kernel(backend, (like,), head_dim in ATTENTION_HEAD_DIMS) or like.dtype == torch.float64:
         return None
-    return rope_table(pos, head_dim, theta)
+    return rope_table(pos, head_dim, theta, axes=rope_axes)
 
 
 def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0, key_scale=None,
-                theta=10000.0, out_q=None, out_k=None, backend="auto", q_rope=None, k_rope=None):
-    """(Q, K) rotated by RoPE from positions, optionally RMSNorm'd across heads first (``weight_q``/``weight_k``
-    [H*D]), Q times ``q_scale``, key j times ``key_scale[j]``; written to ``out_q``/``out_k`` when given.
+                theta=10000.0, out_q=None, out_k=None, backend="auto", q_rope=None, k_rope=None, rope_axes=None,
+                norm="across_heads"):
+    """(Q, K) rotated by RoPE from positions (bands ``rope_axes``, None for Wan's), optionally RMSNorm'd first
+    (``weight_q``/``weight_k``: [H*D] across the heads of a token for ``norm="across_heads"``, [D] per head for
+    ``"per_head"``), Q times ``q_scale``, key j times ``key_scale[j]``; written to ``out_q``/``out_k`` when given.
     q [B, Nq, H, D] or None (keys only), k [B, Nk, H, D]; see ``qk_prologue_reference``. ``q_rope``/``k_rope``:
     the positions' ``prologue_rope_table`` (the reference path reuses it instead of recomputing the angles)."""
     kw = dict(weight_q=weight_q, weight_k=weight_k, eps=eps, q_scale=q_scale, key_scale=key_scale, theta=theta,
-              out_q=out_q, out_k=out_k)
+              out_q=out_q, out_k=out_k, rope_axes=rope_axes, norm=norm)
     if _use_kernel(backend, (k,), k.shape[-1] in ATTENTION_HEAD_DIMS):
         from .qk_prologue.kernel import qk_prologue_triton
         if q is None:  # a stream that gives keys only: an empty query block in the same launch
@@ -79,27 +84,29 @@ def qk_prologue(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q
     return qk_prologue_reference(q, k, q_pos, k_pos, q_rope=q_rope, k_rope=k_rope, **kw)
 
 
-def attention_path(backend: str, q: torch.Tensor, mask: str) -> str:
+def attention_path(backend: str, q: torch.Tensor, mask: str, key_lengths: torch.Tensor | None = None) -> str:
     """Which implementation ``attention`` runs: ``auto`` takes SDPA (flash/cuDNN) for the masks it expresses
-    without a mask tensor and the Triton kernel for ``prototype`` on CUDA fp16/bf16 with D in (64, 128);
-    the reference on CPU and for fp32 (the kernel's fp32 path, IEEE products on CUDA cores, is an exactness
-    path, not a fast one)."""
+    without a mask tensor and the Triton kernel for ``prototype`` and for per-row ``key_lengths`` on CUDA
+    fp16/bf16 with D in (64, 128); the reference on CPU and for fp32 (the kernel's fp32 path, IEEE products on
+    CUDA cores, is an exactness path, not a fast one)."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
     if not q.is_cuda or q.dtype == torch.float32 or q.shape[-1] not in ATTENTION_HEAD_DIMS:
         return "reference"
-    return "triton" if mask == "prototype" else "sdpa"
+    return "triton" if mask == "prototype" or key_lengths is not None else "sdpa"
 
 
-def attention(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1, backend="auto",
-              out=None):
+def attention(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1, proto_tokens=1,
+              backend="auto", out=None):
     """Joint attention on prologue outputs (Q scaled by ``sm_scale * log2(e)``, K by its key scales, both
-    rotated): q [B, Nq, H, D], k/v [B, Nk, H, D]; see ``rotated_attention_reference``."""
-    kw = dict(n_video_q=n_video_q, n_video_k=n_video_k, mask=mask, tokens_per_frame=tokens_per_frame,
-              proto_tokens=proto_tokens)
-    path = attention_path(backend, q, mask)
+    rotated): q [B, Nq, H, D], k/v [B, Nk, H, D]; the sequences are [video | reference | context] streams split at
+    ``q_offsets``/``k_offsets``, ``key_lengths`` [B] (or None) masks each row's padded keys; see
+    ``rotated_attention_reference``."""
+    kw = dict(q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
+              tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens)
+    path = attention_path(backend, q, mask, key_lengths)
     if path == "triton":
         from .joint_attention.kernel import attention_triton
         return attention_triton(q, k, v, out=out, **kw)
@@ -115,16 +122,17 @@ def kernel_backend(attention_backend: str) -> str:
     return {"reference": "reference", "triton": "triton"}.get(attention_backend, "auto")
 
 
-def joint_attention(q, k, v, q_pos, k_pos, *, n_video_q, n_video_k, key_scale=None, mask="full",
-                    tokens_per_frame=1, proto_tokens=1, theta=10000.0, sm_scale=None, backend="auto", out=None):
-    """Joint attention over [video | other stream] tokens from unrotated Q/K and integer positions: the
+def joint_attention(q, k, v, q_pos, k_pos, *, q_offsets, k_offsets, key_lengths=None, key_scale=None, mask="full",
+                    tokens_per_frame=1, proto_tokens=1, theta=10000.0, rope_axes=None, sm_scale=None, backend="auto",
+                    out=None):
+    """Joint attention over [video | reference | context] tokens from unrotated Q/K and integer positions: the
     prologue (no norm) then ``attention``. q [B, Nq, H, D], k/v [B, Nk, H, D], q_pos [Nq, 3], k_pos [Nk, 3],
     key_scale [Nk] or None; semantics of ``joint_attention_reference``."""
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k = qk_prologue(q, k, q_pos, k_pos, q_scale=scale * LOG2E, key_scale=key_scale, theta=theta,
-                       backend=kernel_backend(backend))
-    return attention(q, k, v, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask, tokens_per_frame=tokens_per_frame,
-                     proto_tokens=proto_tokens, backend=backend, out=out)
+                       rope_axes=rope_axes, backend=kernel_backend(backend))
+    return attention(q, k, v, q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
+                     tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, backend=backend, out=out)
 
 
 def prototype_aggregate(pose_q, pose_k, ref_feats, *, sm_scale=None, backend="auto"):

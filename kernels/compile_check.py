@@ -5,7 +5,8 @@ disassembly say.
                                     [--tutorial PATH/TO/06-fused-attention.py]
 
 Each variant is compiled through the kernel's own ``JITFunction.warmup`` on CPU tensors of a real geometry
-(Wan2.1 1.3B at 480p, 81 frames, three references: 32760 video + 4680 reference tokens, 12 heads of 128), with
+(Wan2.1 1.3B at 480p, 81 frames, three references: 32760 video + 4680 reference tokens, 12 heads of 128; the
+three-stream variants add HunyuanVideo's 256 text tokens as the context stream, with per-row key lengths), with
 a compile-only CUDA driver for the requested target: the JIT specialises the arguments exactly as a launch on
 a GPU does (16-byte aligned pointers and strides get ``tt.divisibility=16``, ints equal to 1 become
 constants), so registers, spills and shared memory are those of the kernel that runs. The launch arguments
@@ -40,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 BACKEND_UNAVAILABLE = 3
 # the geometry every variant is specialised for (see the module docstring)
 VIDEO_TOKENS, REF_TOKENS, HEADS, TOKENS_PER_FRAME = 32760, 4680, 12, 1560
+CONTEXT_TOKENS = 256  # HunyuanVideo's text stream (padded to its maximum length; key lengths mask the padding)
+HUNYUAN_HEADS, HUNYUAN_ROPE_AXES = 24, (16, 56, 56)
 
 
 @dataclass(frozen=True)
@@ -92,39 +95,53 @@ def _qkv(dtype: str, tokens: int, heads: int = HEADS, head_dim: int = 128):
     return torch.empty(1, tokens, heads, head_dim, dtype=_torch_dtype(dtype))
 
 
-def attention_tma(dtype, head_dim, mask, BLOCK_M, BLOCK_N, WARP_SPECIALIZE):
-    """``_attention_fwd_tma`` as ``kernels.attention`` launches it for the joint video+reference attention."""
+def _streams(context: bool, key_len: bool):
+    """(token count, stream offsets, key lengths): [video | reference] (Wan), or [video | reference | text]
+    (HunyuanVideo), with per-row key lengths that cut into the text's padding when ``key_len``."""
+    import torch
+
+    n = VIDEO_TOKENS + REF_TOKENS + (CONTEXT_TOKENS if context else 0)
+    lengths = torch.tensor([n - CONTEXT_TOKENS // 2], dtype=torch.int32) if key_len else None
+    return n, (VIDEO_TOKENS, VIDEO_TOKENS + REF_TOKENS), lengths
+
+
+def attention_tma(dtype, head_dim, mask, BLOCK_M, BLOCK_N, WARP_SPECIALIZE, context=False, key_len=False):
+    """``_attention_fwd_tma`` as ``kernels.attention`` launches it for the joint video+reference(+text)
+    attention."""
     from .joint_attention import kernel as attn
 
-    t = _qkv(dtype, VIDEO_TOKENS + REF_TOKENS, head_dim=head_dim)
-    args, meta = attn.launch_args(t, t, t, t, n_video_q=VIDEO_TOKENS, n_video_k=VIDEO_TOKENS, mask=mask,
+    n, offsets, lengths = _streams(context, key_len)
+    t = _qkv(dtype, n, head_dim=head_dim)
+    args, meta = attn.launch_args(t, t, t, t, q_offsets=offsets, k_offsets=offsets, key_lengths=lengths, mask=mask,
                                   tokens_per_frame=TOKENS_PER_FRAME, proto_tokens=REF_TOKENS // 3,
                                   block_m=BLOCK_M, block_n=BLOCK_N)
     return attn._attention_fwd_tma, args, meta | dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, WARP_SPECIALIZE=WARP_SPECIALIZE)
 
 
-def attention_pointers(dtype, head_dim, mask, BLOCK_M, BLOCK_N):
-    """``_attention_fwd`` (raw pointers and strides: the TensorRT plugin's and the AOT library's entry)."""
+def attention_pointers(dtype, head_dim, mask, BLOCK_M, BLOCK_N, context=False, key_len=False):
+    """``_attention_fwd`` (raw pointers and strides: the TensorRT plugin's and the AOT library's entry, and
+    ``kernels.attention`` before Hopper)."""
     from .joint_attention import kernel as attn
 
-    t = _qkv(dtype, VIDEO_TOKENS + REF_TOKENS, head_dim=head_dim)
-    n = t.shape[1]
-    args = (t, t, t, t, *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], *t.stride()[:3], HEADS, n, n,
-            VIDEO_TOKENS, VIDEO_TOKENS, TOKENS_PER_FRAME, REF_TOKENS // 3)
-    return attn._attention_fwd, args, attn._meta(t, mask) | dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    n, offsets, lengths = _streams(context, key_len)
+    t = _qkv(dtype, n, head_dim=head_dim)
+    args = (t, t, t, t, attn._key_len(lengths), *t.stride()[:3], *t.stride()[:3], *t.stride()[:3],
+            *t.stride()[:3], HEADS, n, n, *offsets, *offsets, TOKENS_PER_FRAME, REF_TOKENS // 3)
+    return attn._attention_fwd, args, attn._meta(t, mask, key_len) | dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
-def prologue(dtype, heads):
-    """``_qk_prologue_fwd`` with RMSNorm and key scales, for a video stream of ``heads`` heads of 128."""
+def prologue(dtype, heads, norm="across_heads", rope_axes=None):
+    """``_qk_prologue_fwd`` with RMSNorm (``norm``) and key scales, for a video stream of ``heads`` heads of 128
+    (RoPE bands ``rope_axes``; None: Wan's)."""
     import torch
 
     from .qk_prologue import kernel as pro
 
     q = _qkv(dtype, VIDEO_TOKENS, heads)
     pos = torch.zeros(VIDEO_TOKENS, 3, dtype=torch.int32)
-    w = torch.ones(heads * 128)
+    w = torch.ones(heads * 128 if norm == "across_heads" else 128)
     _, args, meta = pro.launch_args(q, q, pos, pos, q, q, weight_q=w, weight_k=w, q_scale=0.1,
-                                    key_scale=torch.ones(VIDEO_TOKENS))
+                                    key_scale=torch.ones(VIDEO_TOKENS), norm=norm, rope_axes=rope_axes)
     return pro._qk_prologue_fwd, args, meta
 
 
@@ -171,21 +188,25 @@ def _load_tutorial(path):
 def _attention_variants(archs) -> list[tuple[Variant, int]]:
     from .joint_attention import kernel as attn
 
-    def tma(dtype, head_dim, mask, m, n, warps, stages, ws):
-        label = f"{dtype} d{head_dim} {mask} {m}x{n}{' ws' if ws else ''}"
+    def streams_label(context, key_len):
+        return (" 3-stream" if context else "") + (" keylen" if key_len else "")
+
+    def tma(dtype, head_dim, mask, m, n, warps, stages, ws, context=False, key_len=False):
+        label = f"{dtype} d{head_dim} {mask} {m}x{n}{' ws' if ws else ''}{streams_label(context, key_len)}"
         return Variant("_attention_fwd_tma", label, "kernels.compile_check:attention_tma",
-                       dict(dtype=dtype, head_dim=head_dim, mask=mask, BLOCK_M=m, BLOCK_N=n, WARP_SPECIALIZE=ws),
-                       warps, stages)
+                       dict(dtype=dtype, head_dim=head_dim, mask=mask, BLOCK_M=m, BLOCK_N=n, WARP_SPECIALIZE=ws,
+                            context=context, key_len=key_len), warps, stages)
 
     def kept(head_dim, ieee, major, mask="full"):
         return [c for c in attn.AUTOTUNE_CONFIGS if attn.config_fits(c[0], c[1], c[4], head_dim=head_dim, ieee=ieee,
                                                                      n_q=1 << 20, major=major, mask=mask, warps=c[2])]
 
-    def pointers(dtype, head_dim, mask, major, arch):
+    def pointers(dtype, head_dim, mask, major, arch, context=False, key_len=False):
         bm, bn, w, st = attn.POINTER_CONFIGS[(major, head_dim)]
-        return (Variant("_attention_fwd", f"{dtype} d{head_dim} {mask} {bm}x{bn} ptr",
+        return (Variant("_attention_fwd", f"{dtype} d{head_dim} {mask} {bm}x{bn} ptr{streams_label(context, key_len)}",
                         "kernels.compile_check:attention_pointers",
-                        dict(dtype=dtype, head_dim=head_dim, mask=mask, BLOCK_M=bm, BLOCK_N=bn), w, st), arch)
+                        dict(dtype=dtype, head_dim=head_dim, mask=mask, BLOCK_M=bm, BLOCK_N=bn, context=context,
+                             key_len=key_len), w, st), arch)
 
     out = []
     for arch in archs:
@@ -195,6 +216,10 @@ def _attention_variants(archs) -> list[tuple[Variant, int]]:
                 out.append((tma("bf16", 128, "full", m, n, w, s, ws), arch))
             m, n, w, s, ws = kept(128, False, major)[0]
             out.append((tma("bf16", 128, "isolated", m, n, w, s, ws), arch))
+            # HunyuanVideo: [video | reference | text] streams, the text's padding masked by key lengths. Offsets
+            # are runtime integers: without key lengths a three-stream launch is the binary of the row above
+            out.append((tma("bf16", 128, "full", m, n, w, s, ws, context=True, key_len=True), arch))
+            out.append((tma("bf16", 128, "isolated", m, n, w, s, ws, context=True, key_len=True), arch))
             out += [(tma("bf16", 128, "prototype", *c), arch) for c in kept(128, False, major, "prototype")[:2]]
             out.append((tma("fp16", 128, "full", m, n, w, s, ws), arch))
             out.append((tma("bf16", 64, "full", *kept(64, False, major)[0]), arch))
@@ -205,9 +230,17 @@ def _attention_variants(archs) -> list[tuple[Variant, int]]:
         # the pointer entry: the TensorRT plugin and AOT library everywhere, kernels.attention before Hopper
         out += [pointers(dtype, 128, mask, major, arch) for dtype in ("bf16", "fp16") for mask in ("full", "isolated")]
         out += [pointers("bf16", 128, "prototype", major, arch), pointers("bf16", 64, "full", major, arch)]
+        if major < 9:  # key lengths reach the pointer entry only through kernels.attention (the plugin has none)
+            out += [pointers("bf16", 128, mask, major, arch, context=True, key_len=True)
+                    for mask in ("full", "isolated")]
         for heads in (12, 40):  # Wan 1.3B and 14B
             out.append((Variant("_qk_prologue_fwd", f"bf16 H={heads} d128 norm+scales", "kernels.compile_check:prologue",
                                 dict(dtype="bf16", heads=heads), 0, 1), arch))
+        # HunyuanVideo 13B: per-head RMSNorm, RoPE bands (16, 56, 56)
+        out.append((Variant("_qk_prologue_fwd", f"bf16 H={HUNYUAN_HEADS} d128 per-head norm+scales axes 16/56/56",
+                            "kernels.compile_check:prologue",
+                            dict(dtype="bf16", heads=HUNYUAN_HEADS, norm="per_head", rope_axes=HUNYUAN_ROPE_AXES),
+                            0, 1), arch))
     return out
 
 

@@ -1,11 +1,13 @@
-"""Joint attention over concatenated streams on pre-rotated Q/K: masks, the float64 oracle, the SDPA path."""
+"""Joint attention over [video | reference | context] streams (given by offsets) on pre-rotated Q/K: masks,
+the float64 oracle, the SDPA path."""
 from .reference import (
     MASK_MODES,
     attention_mask,
+    check_streams,
     joint_attention_reference,
     rotated_attention_reference,
     rotated_attention_sdpa,
 )
 
-__all__ = ["MASK_MODES", "attention_mask", "joint_attention_reference", "rotated_attention_reference",
+__all__ = ["MASK_MODES", "attention_mask", "check_streams", "joint_attention_reference", "rotated_attention_reference",
            "rotated_attention_sdpa"]

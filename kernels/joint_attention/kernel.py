@@ -5,11 +5,18 @@ Semantics are those of ``reference.rotated_attention_reference``: Q and K come o
 multiplier folded into K, so the loop body is the plain flash loop: one MMA for the logits, one subtract of
 the running maximum, exp2, one MMA for the values. No trigonometry and no scale multiply in the loop.
 
+Streams are given by offsets (``reference``): queries video ``[0, q_ref_lo)``, reference ``[q_ref_lo,
+q_ctx_lo)``, context ``[q_ctx_lo, n_q)``, keys likewise at ``k_ref_lo``/``k_ctx_lo``. With ``HAS_KEY_LEN`` a
+program's batch row sees keys ``[0, min(n_k, KeyLen[batch]))`` only (the padded text tail of the context).
+
 Per program: one (batch, head, query block). The key loop of a block is cut into ranges decided from indices
 (no mask tensor):
-  range A: keys every query of the block may see; only its last tile checks bounds;
-  range B: keys the mask decides per element (prototype tokens of the block's frames, or the video keys of
-           a block that straddles the video/reference boundary in ``isolated`` mode).
+  range A: keys every query of the block may see (all keys of the row; the reference keys for a block of
+           reference queries under ``isolated``; the video keys of a video block under ``prototype``); only
+           its last tile checks bounds;
+  ranges B, C: keys the mask decides per element (prototype tokens of the block's frames; under
+           ``isolated``, for a block mixing reference queries with others, the video keys (B) and the context
+           keys (C), while A holds the reference keys, which every query sees).
 Two ways in, one loop body: ``_attention_fwd_tma`` reads Q/K/V/Out through host-side tensor descriptors
 ([B, N, H*D] views: TMA on sm_90, plain loads elsewhere; rows past a batch's sequence are zero-filled and
 clipped per batch), ``_attention_fwd`` through pointers and strides (the TensorRT plugin and the AOT
@@ -24,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._common import check_device, check_operand, dot_precision, emulate_bf16, interpreting, mma, narrow
+from .reference import check_streams
 
 MASK_IDS = {"full": 0, "isolated": 1, "prototype": 2}
 HEAD_DIMS = (64, 128)
@@ -45,7 +53,7 @@ def _load_tile(src, batch, head, start, offs_rows, n_rows, stride_n, BLOCK: tl.c
 
 @triton.jit
 def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
-                n_video_q, n_video_k, tokens_per_frame, proto_tokens, lo, hi,
+                q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, lo, hi,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, MASK_MODE: tl.constexpr,
                 TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 EMULATE_BF16: tl.constexpr):
@@ -55,13 +63,15 @@ def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, s
         k = _load_tile(k_src, batch, head, start, offs_n, hi, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
         qk = mma(q, tl.trans(k), None, DOT_PRECISION, EMULATE_BF16)
         if MASK_MODE == 1:  # isolated: reference queries see reference keys only
-            allowed = (q_idx[:, None] < n_video_q) | (offs_n[None, :] >= n_video_k)
+            q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
+            k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
+            allowed = q_other[:, None] | k_ref[None, :]
             qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
         elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys + frame f's prototype
-            k_other = offs_n[None, :] >= n_video_k
-            own_frame = k_other & ((offs_n[None, :] - n_video_k) // proto_tokens
+            k_other = offs_n[None, :] >= k_ref_lo
+            own_frame = k_other & ((offs_n[None, :] - k_ref_lo) // proto_tokens
                                    == (q_idx // tokens_per_frame)[:, None])
-            allowed = tl.where(q_idx[:, None] < n_video_q, (~k_other) | own_frame, k_other)
+            allowed = tl.where(q_idx[:, None] < q_ref_lo, (~k_other) | own_frame, k_other)
             qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
         elif BOUNDS:
             qk = tl.where((offs_n < hi)[None, :], qk, float("-inf"))
@@ -78,9 +88,9 @@ def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, s
 
 
 @triton.jit
-def _attention_body(q_src, k_src, v_src, o_src, batch, head, stride_qn, stride_kn, stride_vn, stride_on,
-                    n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
-                    HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, TMA: tl.constexpr,
+def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, stride_kn, stride_vn, stride_on,
+                    n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                    HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr, TMA: tl.constexpr,
                     WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # 1. the query block, already rotated and scaled
@@ -88,28 +98,39 @@ def _attention_body(q_src, k_src, v_src, o_src, batch, head, stride_qn, stride_k
     q_idx = m_first + tl.arange(0, BLOCK_M)
     q = _load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
 
-    # 2. key ranges of this block (A: dense, B: masked per element), from indices only
+    # 2. key ranges of this block (A: dense, B and C: masked per element), from indices only
     m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
     a_lo = 0
     a_hi = n_k
     b_lo = 0
     b_hi = 0
+    c_lo = 0
+    c_hi = 0
     if MASK_MODE == 1:
-        if m_first >= n_video_q:
-            a_lo = n_video_k
-        elif m_last >= n_video_q:
-            a_lo = n_video_k
-            b_hi = n_video_k
+        if (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference queries only
+            a_lo = k_ref_lo
+            a_hi = k_ctx_lo
+        elif tl.maximum(m_first, q_ref_lo) <= tl.minimum(m_last, q_ctx_lo - 1):  # some reference queries
+            a_lo = k_ref_lo
+            a_hi = k_ctx_lo
+            b_hi = k_ref_lo
+            c_lo = k_ctx_lo
+            c_hi = n_k
     elif MASK_MODE == 2:
-        if m_first >= n_video_q:
-            a_lo = n_video_k
-        elif m_last < n_video_q:
-            a_hi = n_video_k
-            b_lo = n_video_k + (m_first // tokens_per_frame) * proto_tokens
-            b_hi = tl.minimum(n_k, n_video_k + (m_last // tokens_per_frame + 1) * proto_tokens)
+        if m_first >= q_ref_lo:
+            a_lo = k_ref_lo
+        elif m_last < q_ref_lo:
+            a_hi = k_ref_lo
+            b_lo = k_ref_lo + (m_first // tokens_per_frame) * proto_tokens
+            b_hi = tl.minimum(n_k, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
         else:
             a_hi = 0
             b_hi = n_k
+    if HAS_KEY_LEN:  # this row's keys at or past its length (padding) are never read
+        n_k_row = tl.minimum(n_k, tl.load(KeyLen + batch).to(tl.int32))
+        a_hi = tl.minimum(a_hi, n_k_row)
+        b_hi = tl.minimum(b_hi, n_k_row)
+        c_hi = tl.minimum(c_hi, n_k_row)
     a_full = a_lo + tl.maximum(a_hi - a_lo, 0) // BLOCK_N * BLOCK_N
 
     # 3. online softmax over the ranges
@@ -117,15 +138,19 @@ def _attention_body(q_src, k_src, v_src, o_src, batch, head, stride_qn, stride_k
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
-                                n_video_q, n_video_k, tokens_per_frame, proto_tokens, a_lo, a_full,
+                                q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, a_lo, a_full,
                                 BLOCK_N, HEAD_DIM, False, 0, TMA, WARP_SPECIALIZE, DOT_PRECISION, EMULATE_BF16)
     acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
-                                n_video_q, n_video_k, tokens_per_frame, proto_tokens, a_full, a_hi,
+                                q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, a_full, a_hi,
                                 BLOCK_N, HEAD_DIM, True, 0, TMA, False, DOT_PRECISION, EMULATE_BF16)
     if MASK_MODE != 0:
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
-                                    n_video_q, n_video_k, tokens_per_frame, proto_tokens, b_lo, b_hi,
-                                    BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
+                                    q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, b_lo,
+                                    b_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
+    if MASK_MODE == 1:
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
+                                    q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, c_lo,
+                                    c_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
 
     # 4. normalise and store (fully masked rows give 0)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -139,32 +164,34 @@ def _attention_body(q_src, k_src, v_src, o_src, batch, head, stride_qn, stride_k
 
 
 @triton.jit
-def _attention_fwd_tma(desc_q, desc_k, desc_v, desc_o, n_heads, n_q, n_k, n_video_q, n_video_k,
-                       tokens_per_frame, proto_tokens, q_bucket, k_bucket,
-                       HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+def _attention_fwd_tma(desc_q, desc_k, desc_v, desc_o, KeyLen, n_heads, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo,
+                       k_ctx_lo, tokens_per_frame, proto_tokens, q_bucket, k_bucket,
+                       HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr,
+                       WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # q_bucket / k_bucket: the autotuner's keys (token counts rounded up to a power of two), unread here
+    # q_bucket / k_bucket: the autotuner's keys (token counts rounded up to a power of two), unread here;
+    # KeyLen: [B] int32 key lengths, read only when HAS_KEY_LEN (None otherwise)
     batch = tl.program_id(1) // n_heads
     head = tl.program_id(1) % n_heads
-    _attention_body(desc_q, desc_k, desc_v, desc_o, batch, head, 0, 0, 0, 0, n_q, n_k, n_video_q, n_video_k,
-                    tokens_per_frame, proto_tokens, HEAD_DIM, MASK_MODE, True, WARP_SPECIALIZE, DOT_PRECISION,
-                    EMULATE_BF16, BLOCK_M, BLOCK_N)
+    _attention_body(desc_q, desc_k, desc_v, desc_o, KeyLen, batch, head, 0, 0, 0, 0, n_q, n_k, q_ref_lo, q_ctx_lo,
+                    k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, HEAD_DIM, MASK_MODE, HAS_KEY_LEN, True,
+                    WARP_SPECIALIZE, DOT_PRECISION, EMULATE_BF16, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _attention_fwd(Q, K, V, Out, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
+def _attention_fwd(Q, K, V, Out, KeyLen, stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh,
                    stride_vb, stride_vn, stride_vh, stride_ob, stride_on, stride_oh,
-                   n_heads, n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
-                   HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   n_heads, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                   HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     batch = (tl.program_id(1) // n_heads).to(tl.int64)
     head = tl.program_id(1) % n_heads
     _attention_body(Q + batch * stride_qb + head * stride_qh, K + batch * stride_kb + head * stride_kh,
-                    V + batch * stride_vb + head * stride_vh, Out + batch * stride_ob + head * stride_oh,
-                    batch, head, stride_qn, stride_kn, stride_vn, stride_on, n_q, n_k, n_video_q, n_video_k,
-                    tokens_per_frame, proto_tokens, HEAD_DIM, MASK_MODE, False, False, DOT_PRECISION,
-                    EMULATE_BF16, BLOCK_M, BLOCK_N)
+                    V + batch * stride_vb + head * stride_vh, Out + batch * stride_ob + head * stride_oh, KeyLen,
+                    batch, head, stride_qn, stride_kn, stride_vn, stride_on, n_q, n_k, q_ref_lo, q_ctx_lo,
+                    k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, HEAD_DIM, MASK_MODE, HAS_KEY_LEN, False,
+                    False, DOT_PRECISION, EMULATE_BF16, BLOCK_M, BLOCK_N)
 
 
 # --- autotuning ------------------------------------------------------------------------------------------
@@ -223,13 +250,13 @@ _attention_tuned = triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n, WARP_SPECIALIZE=ws), num_warps=w, num_stages=s,
                            pre_hook=_block_shapes) for m, n, w, s, ws in AUTOTUNE_CONFIGS],
     # bucketed token counts: a new resolution re-tunes only when it crosses a power of two
-    key=["q_bucket", "k_bucket", "HEAD_DIM", "MASK_MODE", "DOT_PRECISION"],
+    key=["q_bucket", "k_bucket", "HEAD_DIM", "MASK_MODE", "HAS_KEY_LEN", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attention_fwd_tma)
 
 
 # --- launcher ---------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, out, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
+def _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens):
     if mask not in MASK_IDS:
         raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -242,10 +269,9 @@ def _check_inputs(q, k, v, out, n_video_q, n_video_k, mask, tokens_per_frame, pr
     if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
         raise ValueError(f"k and v must be [B, Nk, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} "
                          f"and {tuple(v.shape)}")
-    n_k = k.shape[1]
-    if not (0 <= n_video_q <= n_q and 0 <= n_video_k <= n_k):
-        raise ValueError(f"need 0 <= n_video_q <= {n_q} and 0 <= n_video_k <= {n_k}, "
-                         f"got n_video_q={n_video_q}, n_video_k={n_video_k}")
+    check_streams(n_q, k.shape[1], q_offsets, k_offsets, mask, key_lengths, batch)
+    if key_lengths is not None and key_lengths.device != q.device:
+        raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
     if tokens_per_frame < 1 or proto_tokens < 1:
         raise ValueError(f"tokens_per_frame and proto_tokens must be >= 1, got {tokens_per_frame}, {proto_tokens}")
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
@@ -265,31 +291,37 @@ def _descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor.from_tensor(t.flatten(2), [1, rows, t.shape[-1]])
 
 
-def launch_args(q, k, v, out, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1,
-                block_m=128, block_n=128):
+def _key_len(key_lengths: torch.Tensor | None):
+    """The kernel's KeyLen operand: int32 lengths, or None (unread: HAS_KEY_LEN is False)."""
+    return None if key_lengths is None else key_lengths.to(torch.int32).contiguous()
+
+
+def launch_args(q, k, v, out, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1,
+                proto_tokens=1, block_m=128, block_n=128):
     """The positional arguments and compile-time metadata of ``_attention_fwd_tma`` for one call (shared by the
     launcher and by ``kernels.compile_check``, which compiles exactly what a launch specialises); descriptors
     start at (block_m, block_n) tiles, the autotuner's pre-hook resizes them per config."""
     _, n_q, heads, _ = q.shape
     n_k = k.shape[1]
     args = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(out, block_m),
-            heads, n_q, n_k, n_video_q, n_video_k, tokens_per_frame, proto_tokens,
+            _key_len(key_lengths), heads, n_q, n_k, *q_offsets, *k_offsets, tokens_per_frame, proto_tokens,
             triton.next_power_of_2(max(n_q, 1)), triton.next_power_of_2(max(n_k, 1)))
-    return args, _meta(q, mask)
+    return args, _meta(q, mask, key_lengths is not None)
 
 
-def _meta(q: torch.Tensor, mask: str) -> dict:
+def _meta(q: torch.Tensor, mask: str, has_key_len: bool = False) -> dict:
     """The compile-time arguments both entries share."""
-    return dict(HEAD_DIM=q.shape[-1], MASK_MODE=MASK_IDS[mask], DOT_PRECISION=dot_precision(q.dtype),
-                EMULATE_BF16=emulate_bf16(q.dtype))
+    return dict(HEAD_DIM=q.shape[-1], MASK_MODE=MASK_IDS[mask], HAS_KEY_LEN=has_key_len,
+                DOT_PRECISION=dot_precision(q.dtype), EMULATE_BF16=emulate_bf16(q.dtype))
 
 
-def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_frame=1, proto_tokens=1, out=None,
-                     config=None):
+def attention_triton(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1,
+                     proto_tokens=1, out=None, config=None):
     """Launch the kernel on pre-rotated, pre-scaled Q/K (``rotated_attention_reference``'s arguments), writing
     ``out`` if given; ``config`` (dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, WARP_SPECIALIZE=))
     bypasses autotuning (the interpreter takes small tiles)."""
-    _check_inputs(q, k, v, out, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens)
+    _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens)
+    q_offsets, k_offsets = tuple(int(o) for o in q_offsets), tuple(int(o) for o in k_offsets)
     batch, n_q, heads, _ = q.shape
     n_k = k.shape[1]
     result = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None or not out.is_contiguous() else out
@@ -302,14 +334,14 @@ def attention_triton(q, k, v, *, n_video_q, n_video_k, mask="full", tokens_per_f
         # which takes any strides
         bm, bn, warps, stages = POINTER_CONFIG_FP32 if q.dtype == torch.float32 else POINTER_CONFIGS[(8, q.shape[-1])]
         _attention_fwd[(triton.cdiv(n_q, bm), batch * heads)](
-            q, k, v, result, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *result.stride()[:3], heads, n_q, n_k,
-            n_video_q, n_video_k, tokens_per_frame, proto_tokens, **_meta(q, mask), BLOCK_M=bm, BLOCK_N=bn,
-            num_warps=warps, num_stages=stages)
+            q, k, v, result, _key_len(key_lengths), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *result.stride()[:3], heads, n_q, n_k, *q_offsets, *k_offsets, tokens_per_frame, proto_tokens,
+            **_meta(q, mask, key_lengths is not None), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     else:  # descriptors (copying tensors whose heads are not packed)
         tiles = dict(block_m=128, block_n=128) if config is None else dict(block_m=config["BLOCK_M"],
                                                                               block_n=config["BLOCK_N"])
-        args, meta = launch_args(q, k, v, result, n_video_q=n_video_q, n_video_k=n_video_k, mask=mask,
-                                 tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, **tiles)
+        args, meta = launch_args(q, k, v, result, q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths,
+                                 mask=mask, tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, **tiles)
         if config is None:
             _attention_tuned[lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), batch * heads)](*args, **meta)
         else:

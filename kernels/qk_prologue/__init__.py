@@ -1,4 +1,5 @@
-"""The QK prologue of the joint self-attention: RMSNorm across heads, RoPE from positions, folded scales."""
-from .reference import qk_prologue_reference
+"""The QK prologue of the joint self-attention: RMSNorm (across heads or per head), RoPE from positions,
+folded scales."""
+from .reference import NORM_MODES, qk_prologue_reference
 
-__all__ = ["qk_prologue_reference"]
+__all__ = ["NORM_MODES", "qk_prologue_reference"]

@@ -1,6 +1,7 @@
 """Triton kernel of the QK prologue: one program per (token, tensor), all heads of the token in registers.
 
-Semantics are those of ``reference.qk_prologue_reference``. Q and K are read once and written once per layer
+Semantics are those of ``reference.qk_prologue_reference`` (RMSNorm across the token's heads or per head,
+RoPE bands from ``rope_axes``). Q and K are read once and written once per layer
 (RMSNorm, rotation and scales in fp32 registers, one rounding at the store); the rotation angles of a token
 are computed once ([D/2] sin/cos, with range reduction: positions of decoupled references reach |t| ~ 100)
 and broadcast over its heads, so the attention loop that follows does no trigonometry at all.
@@ -13,6 +14,7 @@ import triton.language as tl
 
 from .._common import check_device, check_operand, emulate_bf16, narrow
 from ..rope import rope_bands, rope_inv_freq
+from .reference import check_norm
 
 HEAD_DIMS = (64, 128)
 
@@ -21,7 +23,8 @@ HEAD_DIMS = (64, 128)
 def _prologue_row(X, W, Pos, TokenScale, InvFreq, Out, row, n_tokens, n_heads, stride_xb, stride_xn,
                   stride_ob, stride_on, eps, scale,
                   HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, T_PAIRS: tl.constexpr, H_PAIRS: tl.constexpr,
-                  HAS_NORM: tl.constexpr, HAS_TOKEN_SCALE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                  HAS_NORM: tl.constexpr, NORM_PER_HEAD: tl.constexpr, HAS_TOKEN_SCALE: tl.constexpr,
+                  EMULATE_BF16: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
     batch = row // n_tokens
     token = row % n_tokens
@@ -30,9 +33,14 @@ def _prologue_row(X, W, Pos, TokenScale, InvFreq, Out, row, n_tokens, n_heads, s
     heads = (offs_h < n_heads)[:, None]
     x = tl.load(X + batch.to(tl.int64) * stride_xb + token.to(tl.int64) * stride_xn + offs_c,
                 mask=heads, other=0.0).to(tl.float32)
-    if HAS_NORM:  # RMSNorm over all heads of the token
-        mean_square = tl.sum(tl.sum(x * x, 1), 0) / (n_heads * HEAD_DIM)
-        x = x / tl.sqrt_rn(mean_square + eps) * tl.load(W + offs_c, mask=heads, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        if NORM_PER_HEAD:  # RMSNorm over each head's channels, one [D] weight for every head
+            mean_square = tl.sum(x * x, 1) / HEAD_DIM
+            w = tl.load(W + tl.arange(0, HEAD_DIM)).to(tl.float32)
+            x = x / tl.sqrt_rn(mean_square + eps)[:, None] * w[None, :]
+        else:  # RMSNorm over all heads of the token
+            mean_square = tl.sum(tl.sum(x * x, 1), 0) / (n_heads * HEAD_DIM)
+            x = x / tl.sqrt_rn(mean_square + eps) * tl.load(W + offs_c, mask=heads, other=0.0).to(tl.float32)
     # the token's D/2 angles: pair j reads the position axis of its band (t, h, w)
     pos_t = tl.load(Pos + token * 3 + 0).to(tl.float32)
     pos_h = tl.load(Pos + token * 3 + 1).to(tl.float32)
@@ -59,18 +67,19 @@ def _qk_prologue_fwd(Q, K, WQ, WK, QPos, KPos, KeyScale, InvFreq, OutQ, OutK,
                      stride_qb, stride_qn, stride_kb, stride_kn, stride_oqb, stride_oqn, stride_okb, stride_okn,
                      eps, q_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, T_PAIRS: tl.constexpr, H_PAIRS: tl.constexpr,
-                     HAS_NORM: tl.constexpr, HAS_KEY_SCALE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                     HAS_NORM: tl.constexpr, NORM_PER_HEAD: tl.constexpr, HAS_KEY_SCALE: tl.constexpr,
+                     EMULATE_BF16: tl.constexpr):
     row = tl.program_id(0)
     if tl.program_id(1) == 0:
         if row < rows_q:
             _prologue_row(Q, WQ, QPos, KeyScale, InvFreq, OutQ, row, n_q, n_heads, stride_qb, stride_qn,
                           stride_oqb, stride_oqn, eps, q_scale, HEAD_DIM, BLOCK_H, T_PAIRS, H_PAIRS,
-                          HAS_NORM, False, EMULATE_BF16)
+                          HAS_NORM, NORM_PER_HEAD, False, EMULATE_BF16)
     else:
         if row < rows_k:
             _prologue_row(K, WK, KPos, KeyScale, InvFreq, OutK, row, n_k, n_heads, stride_kb, stride_kn,
                           stride_okb, stride_okn, eps, 1.0, HEAD_DIM, BLOCK_H, T_PAIRS, H_PAIRS,
-                          HAS_NORM, HAS_KEY_SCALE, EMULATE_BF16)
+                          HAS_NORM, NORM_PER_HEAD, HAS_KEY_SCALE, EMULATE_BF16)
 
 
 def launch_shape(heads: int, head_dim: int) -> tuple[int, int]:
@@ -79,7 +88,7 @@ def launch_shape(heads: int, head_dim: int) -> tuple[int, int]:
     return block_h, max(1, min(8, block_h * head_dim // 1024))
 
 
-def _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_k):
+def _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_k, norm, rope_axes):
     for name, t in (("q", q), ("k", k), ("out_q", out_q), ("out_k", out_k)):
         check_operand(name, t, "[B, N, H, D]", "q", q, last_dim="head_dim")
         if t.stride(2) != t.shape[3]:
@@ -99,24 +108,23 @@ def _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_
             raise ValueError(f"{name} must be integer [{n}, 3], got {pos.dtype} {tuple(pos.shape)}")
     if (weight_q is None) != (weight_k is None):
         raise ValueError("weight_q and weight_k must both be given (RMSNorm) or both be None")
-    channels = q.shape[2] * q.shape[3]
     for name, w in (("weight_q", weight_q), ("weight_k", weight_k)):
-        if w is not None and tuple(w.shape) != (channels,):
-            raise ValueError(f"{name} must be [{channels}] (heads x head_dim), got {tuple(w.shape)}")
+        check_norm(norm, w, q.shape[2], q.shape[3], name)
+    rope_bands(q.shape[3], rope_axes)
     if key_scale is not None and tuple(key_scale.shape) != (k.shape[1],):
         raise ValueError(f"key_scale must be [{k.shape[1]}] (one scale per key), got {tuple(key_scale.shape)}")
     check_device(q, "QK prologue")
 
 
 def launch_args(q, k, q_pos, k_pos, out_q, out_k, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
-                key_scale=None, theta=10000.0):
+                key_scale=None, theta=10000.0, rope_axes=None, norm="across_heads"):
     """(grid, positional arguments, compile-time metadata) of ``_qk_prologue_fwd`` for one call: shared by the
     launcher and by ``kernels.compile_check``, which compiles exactly what a launch specialises."""
     batch, n_q, heads, head_dim = q.shape
     n_k = k.shape[1]
-    t_band, h_band, _ = rope_bands(head_dim)
+    t_band, h_band, _ = rope_bands(head_dim, rope_axes)
     device = q.device
-    inv_freq = rope_inv_freq(head_dim, theta).to(device=device, dtype=torch.float32)
+    inv_freq = rope_inv_freq(head_dim, theta, rope_axes).to(device=device, dtype=torch.float32)
     has_norm, has_key_scale = weight_q is not None, key_scale is not None
     weight_q = weight_q.contiguous() if has_norm else inv_freq  # unread placeholders when absent
     weight_k = weight_k.contiguous() if has_norm else inv_freq
@@ -128,18 +136,19 @@ def launch_args(q, k, q_pos, k_pos, out_q, out_k, *, weight_q=None, weight_k=Non
             n_q, n_k, rows_q, rows_k, heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             out_q.stride(0), out_q.stride(1), out_k.stride(0), out_k.stride(1), eps, float(q_scale))
     meta = dict(HEAD_DIM=head_dim, BLOCK_H=block_h, T_PAIRS=t_band // 2, H_PAIRS=h_band // 2, HAS_NORM=has_norm,
-                HAS_KEY_SCALE=has_key_scale, EMULATE_BF16=emulate_bf16(q.dtype), num_warps=warps)
+                NORM_PER_HEAD=has_norm and norm == "per_head", HAS_KEY_SCALE=has_key_scale,
+                EMULATE_BF16=emulate_bf16(q.dtype), num_warps=warps)
     return (max(rows_q, rows_k), 2), args, meta
 
 
 def qk_prologue_triton(q, k, q_pos, k_pos, *, weight_q=None, weight_k=None, eps=1e-6, q_scale=1.0,
-                       key_scale=None, theta=10000.0, out_q=None, out_k=None):
+                       key_scale=None, theta=10000.0, out_q=None, out_k=None, rope_axes=None, norm="across_heads"):
     """Launch the prologue on Q and K in one grid; arguments as ``qk_prologue_reference``."""
     out_q = torch.empty_like(q, memory_format=torch.contiguous_format) if out_q is None else out_q
     out_k = torch.empty_like(k, memory_format=torch.contiguous_format) if out_k is None else out_k
-    _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_k)
+    _check_inputs(q, k, q_pos, k_pos, weight_q, weight_k, key_scale, out_q, out_k, norm, rope_axes)
     grid, args, meta = launch_args(q, k, q_pos, k_pos, out_q, out_k, weight_q=weight_q, weight_k=weight_k, eps=eps,
-                                   q_scale=q_scale, key_scale=key_scale, theta=theta)
+                                   q_scale=q_scale, key_scale=key_scale, theta=theta, rope_axes=rope_axes, norm=norm)
     if grid[0]:
         _qk_prologue_fwd[grid](*args, **meta)
     return out_q, out_k

@@ -33,8 +33,8 @@ INTERPRETED = textwrap.dedent("""
             grid = (triton.cdiv(n, meta["BLOCK_M"]), batch * heads)
             joint_attention_plugin_kernel[grid](q_rot, k_rot, v, torch.tensor([n_video]), n, heads, batch, out,
                                                 **meta)
-            want = joint_attention_reference(q.double(), k.double(), v.double(), pos, pos, n_video_q=n_video,
-                                             n_video_k=n_video, key_scale=key_scale.double(), mask=mask)
+            want = joint_attention_reference(q.double(), k.double(), v.double(), pos, pos, q_offsets=(n_video, n),
+                                             k_offsets=(n_video, n), key_scale=key_scale.double(), mask=mask)
             worst = max(worst, ((out.double() - want).norm() / want.norm()).item())
     print(worst)
 """)

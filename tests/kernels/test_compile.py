@@ -31,5 +31,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80(tmp_path):
     assert hopper and all(r["spill_stores"] == 0 and r["loop_trig"] == 0 for r in hopper), hopper
     tile = next(r for r in hopper if r["label"] == "bf16 d128 full 128x64")
     assert tile["sass_per_64"] <= 1.1 * 361, tile
+    # HunyuanVideo's launches: three streams with key lengths (full and isolated), the per-head-norm prologue
+    assert {"full", "isolated"} == {r["label"].split()[2] for r in hopper if r["label"].endswith("3-stream keylen")}
     prologue = [r for r in rows if r["kernel"] == "_qk_prologue_fwd"]
     assert prologue and all(r["spill_stores"] == 0 for r in prologue)
+    assert {90, 80} == {r["arch"] for r in prologue if "per-head" in r["label"]}

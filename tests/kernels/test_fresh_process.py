@@ -9,7 +9,8 @@ import pytest
 from tests.kernels.conftest import INTERPRETER_READY
 
 HERE = Path(__file__).parent
-INTERPRETED = ["test_joint_attention.py", "test_prototype.py", "test_fusions.py", "test_denoiser_kernel.py"]
+INTERPRETED = ["test_joint_attention.py", "test_qk_prologue.py", "test_prototype.py", "test_fusions.py",
+               "test_denoiser_kernel.py"]
 
 
 @pytest.mark.skipif(INTERPRETER_READY, reason="the interpreted kernel tests run in this process")

@@ -48,7 +48,8 @@ def make_case(case: dict, gen: torch.Generator) -> dict:
         views = torch.rand(max(case.get("refs", 1), 1), generator=gen) * 1.5 + 0.25  # omega_m per view
         key_scale = torch.cat([torch.ones(video.shape[0]), views.repeat_interleave(
             math.ceil(other.shape[0] / views.numel()))[: other.shape[0]]])
-    return dict(q_pos=q_pos, k_pos=k_pos, n_video_q=video.shape[0], n_video_k=video.shape[0], mask=mask,
+    return dict(q_pos=q_pos, k_pos=k_pos, q_offsets=(video.shape[0], q_pos.shape[0]),
+                k_offsets=(video.shape[0], n_k), mask=mask,
                 tokens_per_frame=height * width, proto_tokens=case.get("proto_tokens", 1), key_scale=key_scale,
                 n_k=n_k, sm_scale=case.get("sm_scale"))
 
@@ -112,7 +113,7 @@ def test_strided_views_of_packed_qkv(dtype, gen):
     n = 29
     q, k, v = draw(2, n, n, 2, 64, dtype, gen, packed=True)
     pos = torch.randint(-40, 40, (n, 3), generator=gen)
-    kw = dict(n_video_q=20, n_video_k=20, mask="isolated", key_scale=torch.rand(n, generator=gen) + 0.5)
+    kw = dict(q_offsets=(20, n), k_offsets=(20, n), mask="isolated", key_scale=torch.rand(n, generator=gen) + 0.5)
     ref = joint_attention_reference(q.double(), k.double(), v.double(), pos, pos,
                                     **dict(kw, key_scale=kw["key_scale"].double()))
     out = kernels.joint_attention(q, k, v, pos, pos, **kw, backend="triton")
@@ -128,7 +129,7 @@ def test_auto_on_cpu_is_the_reference(gen, monkeypatch):
     monkeypatch.setattr(kernel, "attention_triton", refuse)
     q, k, v = draw(1, 12, 12, 2, 64, torch.bfloat16, gen)
     pos = torch.randint(-5, 5, (12, 3), generator=gen)
-    kw = dict(n_video_q=8, n_video_k=8, mask="prototype", tokens_per_frame=4, proto_tokens=2)
+    kw = dict(q_offsets=(8, 12), k_offsets=(8, 12), mask="prototype", tokens_per_frame=4, proto_tokens=2)
     assert kernels.attention_path("auto", q, "prototype") == "reference"
     out = kernels.joint_attention(q, k, v, pos, pos, **kw)
     assert torch.equal(kernels.joint_attention(q, k, v, pos, pos, **kw, backend="reference"), out)
@@ -140,7 +141,7 @@ def _bad(**changes):
     """Valid arguments for a small problem, with ``changes`` applied."""
     q = torch.zeros(1, 6, 2, 64)
     args = dict(q=q, k=torch.zeros(1, 7, 2, 64), v=torch.zeros(1, 7, 2, 64), q_pos=torch.zeros(6, 3, dtype=torch.long),
-                k_pos=torch.zeros(7, 3, dtype=torch.long), n_video_q=4, n_video_k=4)
+                k_pos=torch.zeros(7, 3, dtype=torch.long), q_offsets=(4, 6), k_offsets=(4, 7))
     args.update(changes)
     return args
 
@@ -154,7 +155,7 @@ def _bad(**changes):
     (dict(q_pos=torch.zeros(6, 3)), "q_pos must be integer"),
     (dict(k_pos=torch.zeros(6, 3, dtype=torch.long)), "k_pos must be integer \\[7, 3\\]"),
     (dict(key_scale=torch.ones(6)), "key_scale must be \\[7\\]"),
-    (dict(n_video_k=9), "n_video_k"),
+    (dict(k_offsets=(4, 9)), "k_offsets"),
     (dict(mask="causal"), "mask must be one of"),
     (dict(tokens_per_frame=0), "tokens_per_frame"),
     (dict(out=torch.zeros(1, 6, 2, 32)), "out must be"),
@@ -197,9 +198,142 @@ def test_gpu_sized_tiles(block_m, block_n, gen):
     q, k, v = draw(1, n_q, n_k, 1, 64, torch.float32, gen)
     ref = joint_attention_reference(q.double(), k.double(), v.double(),
                                     **dict(setup, key_scale=setup["key_scale"].double()))
-    attn = {k: setup.pop(k) for k in ("n_video_q", "n_video_k", "mask", "tokens_per_frame", "proto_tokens")}
+    attn = {k: setup.pop(k) for k in ("q_offsets", "k_offsets", "mask", "tokens_per_frame", "proto_tokens")}
     q_rot, k_rot = kernels.qk_prologue(q, k, setup["q_pos"], setup["k_pos"], q_scale=kernels.LOG2E / 8,
                                        key_scale=setup["key_scale"], backend="triton")
     out = attention_triton(q_rot, k_rot, v, **attn, config=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
                                                                 num_stages=1, WARP_SPECIALIZE=False))
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+# --- three streams by offsets, per-row key lengths ------------------------------------------------------------
+# (video, reference, context) token counts of the queries and of the keys; with the interpreter's 16-row query
+# blocks these give blocks wholly inside a stream, blocks straddling video|reference and reference|context,
+# empty streams, and reference queries without reference keys (rows with no key under ``isolated``)
+STREAM_CASES = {
+    "37-11-13": dict(q=(37, 11, 13), k=(37, 11, 13)),
+    "20-40-9": dict(q=(20, 40, 9), k=(20, 40, 9)),
+    "no-reference": dict(q=(37, 0, 13), k=(37, 0, 13)),
+    "no-video": dict(q=(0, 11, 13), k=(0, 11, 13)),
+    "no-context": dict(q=(37, 11, 0), k=(37, 11, 0)),
+    "video-queries-only": dict(q=(37, 0, 0), k=(37, 11, 13)),
+    "reference-queries-no-reference-keys": dict(q=(5, 11, 13), k=(37, 0, 13), head_dim=128),
+}
+
+
+def stream_offsets(sizes) -> tuple[int, int]:
+    return sizes[0], sizes[0] + sizes[1]
+
+
+def ragged_lengths(sizes) -> torch.Tensor:
+    """Key lengths of three batch rows: every key, half the context padded, all the context padded."""
+    n_k, ctx = sum(sizes), sizes[0] + sizes[1]
+    return torch.tensor([n_k, ctx + sizes[2] // 2, ctx])
+
+
+def stream_oracle(q, k, v, q_sizes, k_sizes, mask, key_lengths):
+    """float64 softmax over the allowed keys of base-2 logits ``q . k``, the allowed set written per (row, query,
+    key) from the stream definitions; rows with no allowed key come back 0 with ``has_key`` False."""
+    def stream(i, sizes):
+        return 0 if i < sizes[0] else (1 if i < sizes[0] + sizes[1] else 2)
+
+    batch, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
+    allowed = torch.zeros(batch, n_q, n_k, dtype=torch.bool)
+    for b in range(batch):
+        length = n_k if key_lengths is None else int(key_lengths[b])
+        for i in range(n_q):
+            for j in range(min(length, n_k)):
+                allowed[b, i, j] = mask == "full" or stream(i, q_sizes) != 1 or stream(j, k_sizes) == 1
+    logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * math.log(2.0)
+    logits = logits.masked_fill(~allowed[:, None], float("-inf"))
+    weights = torch.softmax(logits, -1).nan_to_num(0.0)  # rows without a key: 0
+    out = torch.einsum("bhij,bjhd->bihd", weights, v.double())
+    return out, allowed.any(-1)  # [B, Nq, H, D], [B, Nq]
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", [False, True], ids=["all-keys", "key-lengths"])
+@pytest.mark.parametrize("mask", ["full", "isolated"])
+@pytest.mark.parametrize("name", list(STREAM_CASES))
+def test_three_streams_match_float64_oracle(name, mask, lengths, dtype, backend, gen):
+    """``kernels.attention`` on rotated Q/K over [video | reference | context] streams given by offsets, with and
+    without per-row key lengths, against the float64 oracle on the rows that have a key (the kernel gives 0 on
+    the others, the reference NaN)."""
+    case = STREAM_CASES[name]
+    q_sizes, k_sizes, head_dim = case["q"], case["k"], case.get("head_dim", 64)
+    n_q, n_k = sum(q_sizes), sum(k_sizes)
+    q, k, v = draw(3, n_q, n_k, 2, head_dim, dtype, gen)
+    q = (q.double() * kernels.LOG2E / math.sqrt(head_dim)).to(dtype)  # what the prologue folds into Q
+    key_lengths = ragged_lengths(k_sizes) if lengths else None
+    want, has_key = stream_oracle(q, k, v, q_sizes, k_sizes, mask, key_lengths)
+    out = torch.full_like(q, float("nan"))  # poisoned
+    result = kernels.attention(q, k, v, q_offsets=stream_offsets(q_sizes), k_offsets=stream_offsets(k_sizes),
+                               key_lengths=key_lengths, mask=mask, backend=backend, out=out)
+    assert result is out
+    assert not out[has_key].isnan().any(), "unwritten or NaN outputs"
+    if backend == "triton":
+        assert torch.equal(out[~has_key], torch.zeros_like(out[~has_key])), "rows without a key give 0"
+    assert rel_err(out[has_key], want[has_key]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("block_m, block_n", [(32, 16), (16, 32)])
+def test_three_streams_gpu_sized_tiles(block_m, block_n, gen):
+    """Larger tiles than the interpreter's default: a 32-row block holding all three query streams, with key
+    lengths cutting into the context (fp32)."""
+    from kernels.joint_attention.kernel import attention_triton
+
+    sizes = (21, 9, 17)
+    q, k, v = draw(3, 47, 47, 2, 64, torch.float32, gen)
+    q = q * kernels.LOG2E / 8
+    key_lengths = torch.tensor([47, 36, 30], dtype=torch.int32)
+    for mask in ("full", "isolated"):
+        want, _ = stream_oracle(q, k, v, sizes, sizes, mask, key_lengths)
+        out = attention_triton(q, k, v, q_offsets=(21, 30), k_offsets=(21, 30), key_lengths=key_lengths, mask=mask,
+                               config=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+                                           WARP_SPECIALIZE=False))
+        assert rel_err(out, want) < TOLERANCE[torch.float32]
+
+
+def test_attention_mask_of_three_streams():
+    """The reference's boolean mask: ``isolated`` isolates only the reference queries; key lengths cut every
+    query's keys per batch row ([B, 1, Nq, Nk])."""
+    from kernels.joint_attention import attention_mask
+
+    q_sizes = k_sizes = (3, 2, 4)
+    mask = attention_mask(9, 9, (3, 5), (3, 5), "isolated")
+    assert mask.shape == (9, 9)
+    assert mask[[0, 1, 2, 5, 6, 7, 8]].all() and mask[3:5].sum() == 4 and mask[3:5, 3:5].all()
+    lengths = torch.tensor([9, 6, 5])
+    full = attention_mask(9, 9, (3, 5), (3, 5), "full", key_lengths=lengths)
+    assert full.shape == (3, 1, 9, 9)
+    assert [int(full[b, 0, 0].sum()) for b in range(3)] == [9, 6, 5]
+    oracle_allowed = stream_oracle(torch.zeros(3, 9, 1, 1), torch.zeros(3, 9, 1, 1), torch.zeros(3, 9, 1, 1),
+                                   q_sizes, k_sizes, "isolated", lengths)
+    isolated = attention_mask(9, 9, (3, 5), (3, 5), "isolated", key_lengths=lengths)
+    assert torch.equal(isolated[:, 0].any(-1), oracle_allowed[1])
+
+
+def _streams_call(backend, **changes):
+    q = torch.zeros(1, 6, 2, 64)
+    args = dict(q=q, k=torch.zeros(1, 7, 2, 64), v=torch.zeros(1, 7, 2, 64), q_offsets=(4, 6), k_offsets=(4, 7))
+    args.update(changes)
+    return lambda: kernels.attention(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
+@pytest.mark.parametrize("changes, message", [
+    (dict(q_offsets=(5, 4)), "q_offsets must satisfy"),
+    (dict(q_offsets=(-1, 4)), "q_offsets must satisfy"),
+    (dict(k_offsets=(4, 8)), "k_offsets must satisfy"),
+    (dict(k_offsets=(4,)), "k_offsets must be"),
+    (dict(mask="prototype", k_offsets=(4, 6)), "prototype mask has no context stream"),
+    (dict(key_lengths=torch.tensor([3, 4])), "key_lengths must be int32/int64 \\[1\\]"),
+    (dict(key_lengths=torch.tensor([3.0])), "key_lengths must be int32/int64"),
+    (dict(key_lengths=torch.tensor([8])), "key_lengths must lie in \\[0, 7\\]"),
+    (dict(key_lengths=torch.tensor([-1])), "key_lengths must lie"),
+])
+def test_bad_streams_give_one_line_errors(backend, changes, message):
+    with pytest.raises(ValueError, match=message) as err:
+        _streams_call(backend, **changes)()
+    assert "\n" not in str(err.value)

@@ -327,7 +327,8 @@ def test_attention_cost_does_not_grow_with_references():
     for r in (1, 3, 8):
         counted = attention_flops(small, f, 2 * h, 2 * w, r, (4, 10))
         n_video = f * h * w
-        allowed = attention_mask(n_video, n_video + f * tokens, n_video, n_video, "prototype", h * w, tokens).sum()
+        allowed = attention_mask(n_video, n_video + f * tokens, (n_video, n_video), (n_video, n_video + f * tokens),
+                                 "prototype", h * w, tokens).sum()
         assert counted["prototype"] == 4 * small.inner_dim * allowed.item()
         assert counted["full"] == 4 * small.inner_dim * (n_video + r * tokens) ** 2
         assert counted["prototype_reference"] == 4 * small.inner_dim * (r * tokens) ** 2

@@ -155,8 +155,9 @@ def test_denoiser_layers_match_eq2(wan_dir, views, ref_hw, view_lambda):
     heads = lambda t: t.double().unflatten(-1, (model.config.num_attention_heads, -1))  # noqa: E731
     for layer in layers:
         q, k, v = (torch.cat([heads(layer[("video", n)]), heads(layer[("ref", n)])], 1) for n in "qkv")
-        a_joint = joint_attention_reference(q, k, v, pos, pos, n_video_q=n_video, n_video_k=n_video,
-                                            key_scale=key_scale, mask="full")[:, :n_video]
+        a_joint = joint_attention_reference(q, k, v, pos, pos, q_offsets=(n_video, q.shape[1]),
+                                            k_offsets=(n_video, k.shape[1]), key_scale=key_scale,
+                                            mask="full")[:, :n_video]
         a_mv = eq2_oracle(q[:, :n_video], k[:, n_video:], v[:, n_video:], omega, fhw, rhw)
         want = (a_joint + view_lambda * a_mv) / (1 + view_lambda)
         assert rel_err(heads(layer["aligned"]), want) < 1e-4
