@@ -2,9 +2,10 @@
 
 ``Checkpoint`` is the weightless description every part starts from: the denoiser's config, the VAE's
 latent layout, the scheduler, generation defaults and request limits, read from the JSON files of a
-diffusers Wan directory, plus where and in what dtype the parts run. The generation loop needs nothing
-else, so the server's loop model loads no weights at all. ``TextEncoder``, ``ImageEncoder``, ``Vae`` and
-``Denoiser`` each load one sub-folder.
+diffusers Wan or HunyuanVideo (MMDiT) directory, plus where and in what dtype the parts run. The generation loop
+needs nothing else, so the server's loop model loads no weights at all. ``TextEncoder``, ``ImageEncoder``, ``Vae``
+and ``Denoiser`` each load one sub-folder; an MMDiT's text encoders and VAE are ``engine.mmdit_components``'
+(``text_encoder_class``, ``vae_class`` pick the family's).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from .config import MvgenConfig
 from .denoiser import ContextCache, ReferenceCache
+from .denoiser_io import TEXT_OUTPUTS, text_outputs
 from .offload import apply_offload, check_offload
 from .parallel import CollectiveError, ParallelRuntime
 from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
@@ -30,6 +32,9 @@ from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 SCHEDULERS = ("unipc", "euler")
 # diffusers' WanImageToVideoPipeline defaults (480p checkpoint); a checkpoint may ship mvgen_defaults.json
 WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0}
+# diffusers' HunyuanVideoImageToVideoPipeline defaults (720p; true_cfg_scale 1: no guidance) and its scheduler's shift
+MMDIT_DEFAULTS = {"num_frames": 129, "height": 720, "width": 1280, "steps": 50, "guidance_scale": 1.0, "shift": 7.0}
+FAMILY_DEFAULTS = {"wan": WAN_DEFAULTS, "mmdit": MMDIT_DEFAULTS}
 
 
 @contextlib.contextmanager
@@ -192,10 +197,12 @@ class Checkpoint:
              dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", scheduler: str = "unipc",
              max_tokens: int = DEFAULT_MAX_TOKENS, cache_root: str | Path | None = None, offload: str = "none",
              vae_tiling: bool | dict | VaeTiling | None = None, **overrides) -> "Checkpoint":
-        """Read the JSON files of a diffusers Wan directory (Wan2.1-T2V/I2V, Wan2.2-I2V-A14B) or an embedded
-        ``tiny*`` model; ``overrides`` go to every expert's ``MvgenConfig``. The ``*_2`` arguments are Wan2.2's
-        low-noise expert's (``loras_2`` default: none; ``adapter_2``: the tiny model's own). Raises
-        ``CheckpointError``/``AdapterError`` naming what is wrong."""
+        """Read the JSON files of a diffusers Wan directory (Wan2.1-T2V/I2V, Wan2.2-I2V-A14B), a HunyuanVideo
+        (MMDiT) directory or an embedded ``tiny*`` model; ``overrides`` go to every expert's ``MvgenConfig``. The
+        ``*_2`` arguments are Wan2.2's low-noise expert's (``loras_2`` default: none; ``adapter_2``: the tiny
+        model's own). An MMDiT runs its own ``FlowMatchEulerDiscreteScheduler`` whatever ``scheduler`` says (its
+        pipelines know no other; ``"unipc"`` is every command's default, so it cannot be told from a choice here).
+        Raises ``CheckpointError``/``AdapterError`` naming what is wrong."""
         from .base_lora import LoraSpec
         from .loading import CheckpointError, denoiser_config
         from .tiny import is_tiny, resolve_experts
@@ -232,26 +239,26 @@ class Checkpoint:
         if len({e.config.max_references for e in experts}) > 1:
             raise CheckpointError(f"the experts of {path} take different max_references: "
                                   f"{[e.config.max_references for e in experts]}")
-        vae = _read_json(path / "vae" / "config.json", "VAE config")
+        family_defaults = FAMILY_DEFAULTS[config.family]
+        vae = _vae_layout(config.family, _read_json(path / "vae" / "config.json", "VAE config"))
         scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
-        shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", WAN_DEFAULTS["shift"]))
-        temporal = vae.get("scale_factor_temporal") or 4
-        spatial = vae.get("scale_factor_spatial") or 8
+        shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", family_defaults["shift"]))
+        temporal, spatial, z_dim = vae["temporal"], vae["spatial"], vae["channels"]
         if vae_tiling is not None:
             vae_tiling.check(spatial)
         _, patch_h, patch_w = config.patch_size
-        z_dim = vae.get("z_dim", 16)
         return cls(
-            path=path, experts=experts, boundary_ratio=float(boundary) if boundary is not None else None, dtype=dtype, device=device, scheduler=scheduler,
+            path=path, experts=experts, boundary_ratio=float(boundary) if boundary is not None else None, dtype=dtype,
+            device=device, scheduler="euler" if config.family == "mmdit" else scheduler,
             scheduler_config=scheduler_config,
-            defaults={**WAN_DEFAULTS, "shift": float(shift), **_read_json(path / "mvgen_defaults.json", "generation defaults")},
+            defaults={**family_defaults, "shift": float(shift),
+                      **_read_json(path / "mvgen_defaults.json", "generation defaults")},
             limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal,
                                  first_frame=config.task == "i2v", experts=len(experts),
                                  prototype=config.ref_attention == "prototype", identity=config.identity,
                                  multiview=config.view_attention == "multiview"),
             vae_scale_temporal=temporal, vae_scale_spatial=spatial, latent_channels=z_dim,
-            latents_mean=tuple(vae.get("latents_mean", (0.0,) * z_dim)),
-            latents_std=tuple(vae.get("latents_std", (1.0,) * z_dim)),
+            latents_mean=tuple(vae["mean"]), latents_std=tuple(vae["std"]),
             has_image_encoder=config.image_dim is not None and (path / "image_encoder").is_dir(),
             overrides=dict(overrides), offload=offload, vae_tiling=vae_tiling,
         )
@@ -315,22 +322,49 @@ class Checkpoint:
         return noise.to(self.device)
 
     def make_scheduler(self, shift: float):
-        """A fresh flow-matching scheduler (schedulers are stateful: one per request)."""
+        """A fresh flow-matching scheduler (schedulers are stateful: one per request): ``"euler"`` is the
+        checkpoint's own ``FlowMatchEulerDiscreteScheduler`` where it ships one (HunyuanVideo), else a default one;
+        ``"unipc"`` Wan's UniPC over flow sigmas. Either with ``shift``."""
         from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-        if self.scheduler == "euler":
-            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         config = self.scheduler_config
+        if self.scheduler == "euler":
+            own = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
+            return FlowMatchEulerDiscreteScheduler.from_config({**(config if own else {"num_train_timesteps": 1000}),
+                                                                "shift": shift})
         base = config if config.get("_class_name") == "UniPCMultistepScheduler" else {}
         return UniPCMultistepScheduler.from_config(
             {**base, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift}
         )
+
+    def set_timesteps(self, scheduler, steps: int) -> None:
+        """The request's ``steps`` timesteps on ``scheduler``: an MMDiT takes HunyuanVideo's pipelines' sigmas
+        (1 down to 1/steps, before the shift); Wan's pipelines leave the spacing to the scheduler."""
+        if self.config.family == "mmdit":
+            scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=self.device)
+        else:
+            scheduler.set_timesteps(steps, device=self.device)
 
     def latent_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The VAE's per-channel mean and std as [1, C, 1, 1, 1] float32 on the device."""
         shape = (1, self.latent_channels, 1, 1, 1)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device).view(shape)  # noqa: E731
         return as_tensor(self.latents_mean), as_tensor(self.latents_std)
+
+
+def _vae_layout(family: str, vae: dict) -> dict:
+    """A VAE config.json's compression, latent channels and latent normalisation ``(latent - mean) / std``:
+    ``AutoencoderKLWan``'s per-channel statistics, or ``AutoencoderKLHunyuanVideo``'s one ``scaling_factor`` as
+    mean 0 and std 1 / scaling_factor (``latent * scaling_factor``, as its pipelines scale)."""
+    if family == "mmdit":
+        channels, scale = vae.get("latent_channels", 16), vae.get("scaling_factor", 0.476986)
+        return {"temporal": vae.get("temporal_compression_ratio") or 4,
+                "spatial": vae.get("spatial_compression_ratio") or 8, "channels": channels,
+                "mean": (0.0,) * channels, "std": (1.0 / scale,) * channels}
+    channels = vae.get("z_dim", 16)
+    return {"temporal": vae.get("scale_factor_temporal") or 4, "spatial": vae.get("scale_factor_spatial") or 8,
+            "channels": channels, "mean": vae.get("latents_mean", (0.0,) * channels),
+            "std": vae.get("latents_std", (1.0,) * channels)}
 
 
 def prompt_clean(text: str) -> str:
@@ -349,13 +383,13 @@ class TextEncoder:
 
         self.checkpoint = checkpoint
         with quiet_hub_progress():
-            folder = _component(checkpoint, "text_encoder")
-            self.tokenizer = AutoTokenizer.from_pretrained(_component(checkpoint, "tokenizer", weights=False))
+            folder = component_folder(checkpoint, "text_encoder")
+            self.tokenizer = AutoTokenizer.from_pretrained(component_folder(checkpoint, "tokenizer", weights=False))
             self.model = UMT5EncoderModel.from_pretrained(folder, dtype=checkpoint.dtype).to(checkpoint.device).eval()
 
     @torch.no_grad()
-    def __call__(self, texts: list[str]) -> torch.Tensor:
-        """umT5 states [N, text_len, text_dim] of N prompts, zero past each prompt's length (as Wan)."""
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """``{"text": umT5 states [N, text_len, text_dim]}`` of N prompts, zero past each prompt's length (as Wan)."""
         ckpt = self.checkpoint
         tokens = self.tokenizer(
             [prompt_clean(t) for t in texts], padding="max_length", max_length=ckpt.config.text_len, truncation=True,
@@ -364,7 +398,7 @@ class TextEncoder:
         mask = tokens.attention_mask.to(ckpt.device)
         states = self.model(tokens.input_ids.to(ckpt.device), mask).last_hidden_state
         # the encoder's padded rows are not zero; Wan zeroes them
-        return (states * mask[..., None].to(states.dtype)).to(ckpt.dtype)
+        return {"text": (states * mask[..., None].to(states.dtype)).to(ckpt.dtype)}
 
 
 class ImageEncoder:
@@ -375,8 +409,9 @@ class ImageEncoder:
 
         self.checkpoint = checkpoint
         with quiet_hub_progress():
-            self.processor = AutoImageProcessor.from_pretrained(_component(checkpoint, "image_processor", weights=False))
-            folder = _component(checkpoint, "image_encoder")
+            processor = component_folder(checkpoint, "image_processor", weights=False)
+            self.processor = AutoImageProcessor.from_pretrained(processor)
+            folder = component_folder(checkpoint, "image_encoder")
             self.model = CLIPVisionModel.from_pretrained(folder, dtype=torch.float32).to(checkpoint.device).eval()
 
     @torch.no_grad()
@@ -393,16 +428,21 @@ class Vae:
     """The Wan VAE (``vae/``) in float32: the I2V condition, reference latents, and decoding. With the checkpoint's
     ``vae_tiling`` diffusers' tiling is on, which tiles encoding as well as decoding (one switch in diffusers)."""
 
+    model_class = "AutoencoderKLWan"  # the diffusers class of ``vae/`` (engine.mmdit_components.MMDiTVae: another)
+
     def __init__(self, checkpoint: Checkpoint):
-        from diffusers import AutoencoderKLWan
+        import diffusers
 
         self.checkpoint = checkpoint
         with quiet_hub_progress():
-            folder = _component(checkpoint, "vae")
-            self.model = AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32).to(checkpoint.device).eval()
+            folder = component_folder(checkpoint, "vae")
+            model = getattr(diffusers, self.model_class).from_pretrained(folder, torch_dtype=torch.float32)
+            self.model = model.to(checkpoint.device).eval()
         tiling = checkpoint.vae_tiling
         if tiling is not None:
-            self.model.enable_tiling(tiling.tile_height, tiling.tile_width, tiling.stride_height, tiling.stride_width)
+            self.model.enable_tiling(tile_sample_min_height=tiling.tile_height, tile_sample_min_width=tiling.tile_width,
+                                     tile_sample_stride_height=tiling.stride_height,
+                                     tile_sample_stride_width=tiling.stride_width)
         self.mean, self.std = checkpoint.latent_stats()
 
     @torch.no_grad()
@@ -427,8 +467,8 @@ class Vae:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Normalised latents [1, 16, f, h, w] -> frames uint8 [F, H, W, 3]."""
-        latents = latents.to(self.checkpoint.device, torch.float32) * self.std + self.mean
-        video = self.model.decode(latents).sample[0]  # [3, F, H, W] in [-1, 1]
+        video = self.model.decode(self._denormalise(latents.to(self.checkpoint.device, torch.float32))).sample[0]
+        # [3, F, H, W] in [-1, 1]
         video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return video.permute(1, 2, 3, 0).cpu().numpy()
 
@@ -438,8 +478,14 @@ class Vae:
             / 127.5 - 1.0
 
     def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        latent = self.model.encode(video).latent_dist.mode().float()
+        """Pixels [N, 3, F, H, W] -> the VAE's normalised latents (the distribution's mode, as diffusers takes it)."""
+        return self._normalise(self.model.encode(video).latent_dist.mode().float())
+
+    def _normalise(self, latent: torch.Tensor) -> torch.Tensor:
         return (latent - self.mean) / self.std
+
+    def _denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents * self.std + self.mean
 
 
 class Denoiser:
@@ -463,6 +509,10 @@ class Denoiser:
         self.parallel = parallel
         if parallel is not None:
             self.model.parallelize(parallel.sp)
+        # the text encoders' entries this family's denoiser does not take (Wan: an MMDiT's mask and pooled text),
+        # which a call may carry as None (the loop and the server send every DENOISER_INPUTS name)
+        family_text = text_outputs(checkpoint.experts[expert].config)
+        self.foreign_inputs = {name for names in TEXT_OUTPUTS.values() for name in names} - set(family_text)
 
     @property
     def caches_references(self) -> bool:
@@ -524,7 +574,7 @@ class Denoiser:
     def _resolve(self, index: int, call: "DenoiseCall") -> "_Item":
         """The call's inputs and caches: its reference K/V (looked up, or built from this call's references) and
         its per-request state (cross-attention K/V, step cache), built at its first step."""
-        inputs = dict(call.inputs)
+        inputs = {name: value for name, value in call.inputs.items() if name not in self.foreign_inputs}
         refs = inputs.pop("ref_latents", None)
         refs = refs if refs is not None and refs.shape[1] > 0 else None
         if call.cache_key is None:
@@ -638,13 +688,31 @@ class DenoiseCall:
     cache_references: bool = True  # False: the reference stream is recomputed at every step (--no-reference-cache)
 
 
-def _component(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:
+def text_encoder_class(checkpoint: Checkpoint) -> type:
+    """The family's text encoder: umT5 (Wan) or HunyuanVideo's Llama + CLIP (``engine.mmdit_components``)."""
+    if checkpoint.config.family == "mmdit":
+        from .mmdit_components import MMDiTTextEncoder
+
+        return MMDiTTextEncoder
+    return TextEncoder
+
+
+def vae_class(checkpoint: Checkpoint) -> type:
+    """The family's VAE: Wan's or HunyuanVideo's (``engine.mmdit_components``)."""
+    if checkpoint.config.family == "mmdit":
+        from .mmdit_components import MMDiTVae
+
+        return MMDiTVae
+    return Vae
+
+
+def component_folder(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:
     """A sub-folder of the checkpoint, its safetensors checked before a loader sees them."""
     from .loading import CheckpointError, check_component
 
     folder = checkpoint.path / name
     if not folder.is_dir():
-        raise CheckpointError(f"{checkpoint.path} has no {name}/ folder (a diffusers Wan directory has one)")
+        raise CheckpointError(f"{checkpoint.path} has no {name}/ folder (a diffusers pipeline directory has one)")
     check_component(folder, weights)
     return folder
 

@@ -73,20 +73,37 @@ class TensorSpec:
 
 
 def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image_len: int = 257,
-                condition_channels: int = 20) -> list[TensorSpec]:
-    """The denoiser's inputs, in the order of ``MultiViewWanTransformer.forward``: T2V checkpoints
-    (``condition_channels`` 0) have no ``condition``, checkpoints without CLIP (``image_dim`` None: T2V,
-    Wan2.2) no ``image_context``."""
+                condition_channels: int = 20, family: str = "wan", pooled_dim: int | None = None) -> list[TensorSpec]:
+    """The denoiser's inputs, in the order of its ``forward``: T2V checkpoints (``condition_channels`` 0) have no
+    ``condition``, checkpoints without CLIP (``image_dim`` None: T2V, Wan2.2, MMDiT) no ``image_context``; an MMDiT
+    (``family`` "mmdit") takes its text encoder's token mask and pooled CLIP text (``pooled_dim`` wide) too."""
+    mmdit = family == "mmdit"
+    condition_doc = "16 first-frame + 1 mask channels" if mmdit else "4 mask + 16 first-frame channels"
+    text_doc = "Llama states after the prompt template, 256 tokens" if mmdit else "umT5 states padded to 512 tokens"
     specs = [
         TensorSpec("latents", ("batch", 16, "frames", "height", "width"), doc="noisy video latents"),
         TensorSpec("condition", ("batch", condition_channels, "frames", "height", "width"),
-                   doc="4 mask + 16 first-frame channels") if condition_channels else None,
+                   doc=condition_doc) if condition_channels else None,
         TensorSpec("timestep", ("batch",), "float32", doc="flow-matching timestep (0..1000)"),
-        TensorSpec("text", ("batch", text_len, text_dim), doc="umT5 states padded to 512 tokens"),
+        TensorSpec("text", ("batch", text_len, text_dim), doc=text_doc),
         TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states") if image_dim else None,
         TensorSpec("ref_latents", ("batch", "refs", 16, "ref_height", "ref_width"), doc="clean reference latents"),
     ]
+    if mmdit:
+        specs += [TensorSpec("text_mask", ("batch", text_len), "float32", doc="1 = a real text token, 0 = padding"),
+                  TensorSpec("pooled_text", ("batch", pooled_dim), doc="CLIP text pooled output")]
     return [spec for spec in specs if spec is not None]
+
+
+# what a family's text encoder returns for N prompts, each entry a denoiser input of the same name ([N, ...]): Wan's
+# umT5 states; an MMDiT's Llama states, their token mask and the pooled CLIP text (HunyuanVideo's encode_prompt)
+TEXT_OUTPUTS = {"wan": ("text",), "mmdit": ("text", "text_mask", "pooled_text")}
+
+
+def text_outputs(config) -> tuple[str, ...]:
+    """``TEXT_OUTPUTS`` of a denoiser config's family (an ``MvgenConfig`` or its ``to_dict()``)."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return TEXT_OUTPUTS[values.get("family", "wan")]
 
 
 def mode_specs(values: dict) -> list[TensorSpec]:
@@ -112,7 +129,9 @@ def config_specs(config) -> list[TensorSpec]:
     then its modes' inputs."""
     values = config if isinstance(config, dict) else config.to_dict()
     return input_specs(values["text_dim"], values["image_dim"], values["text_len"],
-                       condition_channels=values["in_channels"] - values["out_channels"]) + mode_specs(values)
+                       condition_channels=values["in_channels"] - values["out_channels"],
+                       family=values.get("family", "wan"),
+                       pooled_dim=values.get("pooled_projection_dim")) + mode_specs(values)
 
 
 OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")

@@ -3,7 +3,9 @@
 It follows diffusers' ``WanImageToVideoPipeline`` / ``WanPipeline`` step for step (prompt padded to 512
 tokens, CLIP penultimate states where the checkpoint has CLIP, the 20-channel first-frame condition on I2V,
 latents normalised by the VAE's mean/std, classifier-free guidance with cond and uncond batched, CPU
-generator seeds, Wan2.2's switch from the high-noise to the low-noise expert at ``boundary_ratio``) and adds
+generator seeds, Wan2.2's switch from the high-noise to the low-noise expert at ``boundary_ratio``); on an
+MMDiT (HunyuanVideo) the text encoder's token mask and pooled text travel beside its states, the condition
+has HunyuanVideo-I2V's 17 channels and the sigmas are its pipeline's (``Checkpoint.set_timesteps``). It adds
 the reference views (T2V: reference-to-video with no first frame), the first-frame inpainting mask and the
 reference K/V cache (one per expert). The in-process
 pipeline supplies local stages (``engine.pipeline.LocalStages``), the server supplies stages that call its
@@ -25,15 +27,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .components import Checkpoint
+from .denoiser_io import config_specs
 from .media import fit_image
 from .reference_cache import ReferenceCacheMiss
 from .request import GenerationRequest
 
 GREY = 128
-# the denoiser's inputs, in the order of ``MultiViewWanTransformer.forward`` (then its keyword-only mode inputs)
+MMDIT_I2V_NOISE = 0.999  # HunyuanVideo-I2V's initial latents: this much noise, the rest the first frame's latent
+# the denoiser's inputs, in the order of ``MultiViewWanTransformer.forward`` (then its keyword-only mode inputs),
+# then the text entries an MMDiT's text encoder returns beside ``text`` (``denoiser_io.TEXT_OUTPUTS``)
 DENOISER_INPUTS = ("latents", "condition", "timestep", "text", "image_context", "ref_latents",
-                   "frame_pose", "ref_pose", "identity_context", "view_omega")
-# the mode inputs the loop sends with every call when the request has them (engine.modes); absent: None
+                   "frame_pose", "ref_pose", "identity_context", "view_omega", "text_mask", "pooled_text")
+# the inputs the loop sends with every call when the request has them (``Generation.modes``: the seed methods'
+# inputs, engine.modes, and the text encoder's entries beside ``text``); absent: None
 MODE_INPUTS = DENOISER_INPUTS[6:]
 
 StepCallback = Callable[[int, int, float], None]  # (step, total, seconds)
@@ -42,7 +48,9 @@ StepCallback = Callable[[int, int, float], None]  # (step, total, seconds)
 class Stages(Protocol):
     """Where the once-per-request encoders, the per-step denoiser and the decoder run."""
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor: ...  # [N, 512, text_dim]
+    # N prompts -> the family's ``denoiser_io.text_outputs``, [N, ...] each: {"text": [N, 512, text_dim]} on Wan;
+    # an MMDiT adds "text_mask" [N, 256] (float32, 1 = token) and "pooled_text" [N, pooled_projection_dim]
+    def encode_text(self, texts: list[str]) -> dict[str, torch.Tensor]: ...
     def encode_image(self, frame: np.ndarray) -> torch.Tensor: ...  # [1, 257, image_dim]
     def encode_condition(self, frame: np.ndarray, known: np.ndarray, num_frames: int) -> torch.Tensor: ...
     def encode_references(self, images: np.ndarray) -> torch.Tensor: ...  # [R, H, W, 3] -> [1, R, 16, h, w]
@@ -71,14 +79,15 @@ class Generation:
     request: GenerationRequest
     checkpoint: Checkpoint
     latents: torch.Tensor  # [1, 16, f, h, w] float32, the sample being denoised
-    condition: torch.Tensor | None  # [B, 20, f, h, w] (None on T2V)
-    text: torch.Tensor  # [B, 512, text_dim]
+    condition: torch.Tensor | None  # [B, 20, f, h, w] (Wan; an MMDiT's 17 channels; None on T2V)
+    text: torch.Tensor  # [B, 512, text_dim] (an MMDiT's [B, 256, text_dim])
     image_context: torch.Tensor | None  # [B, 257, image_dim]
     ref_latents: torch.Tensor | None  # [B, R, 16, hr, wr] (None: no references)
     cache_key: str | None  # set when the denoiser keeps anything of this request (reference or context K/V, ...)
     cache_references: bool  # the denoiser keeps this request's reference K/V (sent at each expert's first step)
     scheduler: object  # a fresh diffusers flow-matching scheduler with its timesteps set
-    # the seed methods' per-request inputs by MODE_INPUTS name ([B, ...] or None), see ``mode_inputs``
+    # the other per-request inputs by MODE_INPUTS name ([B, ...]): the seed methods' (``mode_inputs``) and the text
+    # encoder's entries beside ``text`` (rows as in ``text``)
     modes: dict = field(default_factory=dict)
     step_index: int = 0
     cache_built: set = field(default_factory=set)  # the experts that hold this request's reference cache
@@ -174,7 +183,9 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
     # the negative prompt is encoded when any expert guides (guidance_scale_2: Wan2.2's second expert, or None)
     guided = max(request.guidance_scale, request.guidance_scale_2 or 0.0) > 1
     _check(cancelled)
-    text = stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
+    encoded = stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
+    text = encoded.pop("text")  # the rest (an MMDiT's mask and pooled text) travel as mode inputs, rows as in text
+    specs = {spec.name: spec for spec in config_specs(checkpoint.config)}
     batch = text.shape[0]
     image_context = condition = refs = None
     if request.first_frame is not None:  # image-to-video (validation refuses a first frame on T2V)
@@ -185,7 +196,6 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             image_context = stages.encode_image(frame).to(checkpoint.dtype).expand(batch, -1, -1)
         _check(cancelled)
         condition = stages.encode_condition(frame, known, request.num_frames)
-        condition = condition.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1)
     views = fit_references(request.references, request.reference_size)
     if views is not None:
         _check(cancelled)
@@ -194,21 +204,27 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
     cached = refs is not None and stages.caches_references and any(
         e.config.caches_reference for e in checkpoint.experts)
     keyed = cached or stages.caches_requests
+    latents = checkpoint.initial_noise(request.seed, request.num_frames, request.height, request.width)
+    if condition is not None and checkpoint.config.family == "mmdit":
+        # HunyuanVideo-I2V's prepare_latents: noise x 0.999 + the first frame's latent (every frame) x 0.001
+        first = condition[:, :checkpoint.latent_channels, :1].to(latents)
+        latents = latents * MMDIT_I2V_NOISE + first * (1 - MMDIT_I2V_NOISE)
     scheduler = checkpoint.make_scheduler(request.shift)
-    scheduler.set_timesteps(request.steps, device=checkpoint.device)
+    checkpoint.set_timesteps(scheduler, request.steps)
     return Generation(
         request=request,
         checkpoint=checkpoint,
-        latents=checkpoint.initial_noise(request.seed, request.num_frames, request.height, request.width),
-        condition=condition,
+        latents=latents,
+        condition=condition.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if condition is not None else None,
         text=text.to(checkpoint.dtype),
         image_context=image_context,
         ref_latents=refs.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None,
         cache_key=uuid.uuid4().hex if keyed else None,
         cache_references=cached,
         scheduler=scheduler,
-        modes={name: value.expand(batch, *value.shape[1:]) for name, value in
-               mode_inputs(checkpoint, request, stages).items()},
+        modes={**{name: value.expand(batch, *value.shape[1:]) for name, value in
+                  mode_inputs(checkpoint, request, stages).items()},
+               **{name: value.to(specs[name].torch_dtype(checkpoint.dtype)) for name, value in encoded.items()}},
     )
 
 

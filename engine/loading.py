@@ -203,8 +203,18 @@ def load_denoiser(
     line on ``mvgen.loading`` says why.
     """
     transformer_dir = find_transformer_dir(path, folder)
-    parsed = read_adapter(adapter) if adapter is not None else None
     config = denoiser_config(path, adapter, folder, **config_overrides)
+    if config.family == "mmdit":  # HunyuanVideo: its own module (engine.mmdit_loading)
+        from .mmdit_loading import load_mmdit
+
+        refused = [name for name, value in (("weights_file", weights_file), ("loras", loras),
+                                            ("lora_reference", lora_reference)) if value]
+        if refused:
+            raise CheckpointError(f"{', '.join(refused)}: Wan-only (single-file transformers and base-model LoRAs "
+                                  "are not implemented for the MMDiT)")
+        return load_mmdit(transformer_dir, config, transformer_weight_files(transformer_dir), adapter, dtype, device,
+                          lora_scale)
+    parsed = read_adapter(adapter) if adapter is not None else None
     rule = ScaleRule.from_config(config, lora_scale)
     if parsed is not None and parsed.reference_loras and config.ref_mode != "dual_stream":
         raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {config.ref_mode!r}")

@@ -1,8 +1,8 @@
 """The in-process multi-view video pipeline: the generation loop over local stages.
 
-``MultiViewPipeline`` holds a ``Checkpoint`` and the components it loaded (text encoder, image encoder where
-the checkpoint has CLIP, VAE, one denoiser per expert); ``engine.generation`` runs the loop, the same loop
-the server runs over its sub-models.
+``MultiViewPipeline`` holds a ``Checkpoint`` and the components it loaded (the family's text encoder, image
+encoder where the checkpoint has CLIP, the family's VAE, one denoiser per expert); ``engine.generation`` runs the
+loop, the same loop the server runs over its sub-models.
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import generation
-from .components import Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae, VaeTiling
+from .components import (Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae, VaeTiling, text_encoder_class,
+                         vae_class)
 from .generation import Generation
 from .tiny import default_cache_root
 from .request import GenerationRequest, make_request
@@ -65,7 +66,8 @@ class LocalStages:
 
 
 class MultiViewPipeline:
-    """Text/image encoders, Wan VAE, flow-matching scheduler and the multi-view denoiser, in one process."""
+    """Text/image encoders, the VAE (Wan's or HunyuanVideo's), flow-matching scheduler and the multi-view denoiser,
+    in one process."""
 
     def __init__(self, checkpoint: Checkpoint, stages: LocalStages):
         self.checkpoint = checkpoint
@@ -102,7 +104,8 @@ class MultiViewPipeline:
         weightless ``Checkpoint`` before it pays for this)."""
         image_encoder = ImageEncoder(checkpoint) if checkpoint.has_image_encoder else None
         denoisers = [Denoiser(checkpoint, expert) for expert in range(len(checkpoint.experts))]
-        stages = LocalStages(TextEncoder(checkpoint), image_encoder, Vae(checkpoint), denoisers, reference_cache)
+        text_encoder, vae = text_encoder_class(checkpoint)(checkpoint), vae_class(checkpoint)(checkpoint)
+        stages = LocalStages(text_encoder, image_encoder, vae, denoisers, reference_cache)
         return cls(checkpoint, stages)
 
     @property

@@ -1,11 +1,14 @@
-"""The embedded ``tiny`` checkpoints: complete diffusers-layout Wan pipelines plus reference adapters.
+"""The embedded ``tiny`` checkpoints: complete diffusers-layout Wan and HunyuanVideo pipelines plus reference adapters.
 
 ``tiny`` is Wan2.1-I2V (CLIP image encoder, first frame required), ``tiny-t2v`` Wan2.1-T2V (no first frame:
 Mv2ID's reference-to-video), ``tiny-wan22`` Wan2.2-I2V-A14B's layout (two experts ``transformer`` and
-``transformer_2`` switched at ``boundary_ratio`` 0.9, no CLIP, an adapter per expert). Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
-``UniPCMultistepScheduler``, transformers umT5 / CLIP vision / ByT5 tokenizer) at small sizes, initialised
-from fixed seeds, so it exercises every code path of loading and generation with no download. Its videos
-are noise. The build is bit-identical across runs and is written atomically (temp dir + rename).
+``transformer_2`` switched at ``boundary_ratio`` 0.9, no CLIP, an adapter per expert), ``tiny-mmdit``
+HunyuanVideo-I2V's layout (``latent_concat``: the MMDiT backbone, Llama + CLIP text encoders, its causal VAE).
+Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
+``UniPCMultistepScheduler``, ``HunyuanVideoTransformer3DModel`` / ``AutoencoderKLHunyuanVideo`` /
+``FlowMatchEulerDiscreteScheduler``, transformers umT5 / Llama / CLIP text and vision / ByT5 tokenizer) at small
+sizes, initialised from fixed seeds, so it exercises every code path of loading and generation with no download.
+Its videos are noise. The build is bit-identical across runs and is written atomically (temp dir + rename).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-TINY_VERSION = "tiny-v2"  # the directory of ``tiny``; the others are ``<name>-v2``
+TINY_VERSION = "tiny-v2"  # the directory of ``tiny``; the others are ``<name>-v2`` (``tiny-mmdit-v1``)
 CACHE_ENV = "MVGEN_CACHE"  # where the tiny checkpoint is built (read by entry points only)
 SEED = 20261122
 
@@ -66,6 +69,49 @@ _NO_CLIP = dict(image_dim=None, added_kv_proj_dim=None)
 _NO_IMAGE_ENCODER = {"image_encoder": [None, None], "image_processor": [None, None]}
 
 
+# HunyuanVideo-I2V ("latent_concat": 16 noisy + 16 first-frame + 1 mask channels), 2 heads x 24 = 48 wide, two
+# dual-stream and two single-stream blocks; RoPE bands per axis (t, h, w) sum to the head dim
+MMDIT_TRANSFORMER_CONFIG = dict(
+    in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=24, num_layers=2, num_single_layers=2,
+    num_refiner_layers=1, mlp_ratio=4.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=False,
+    text_embed_dim=32, pooled_projection_dim=32, rope_theta=256.0, rope_axes_dim=(8, 8, 8),
+    image_condition_type="latent_concat",
+)
+# HunyuanVideo's causal VAE at its real compression (space /8, time /4) and scaling factor, 8 channels wide
+MMDIT_VAE_CONFIG = dict(
+    latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+    scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+)
+# the Llama whose third-to-last hidden states are the text tokens (hidden_size = text_embed_dim); enough positions
+# for the prompt template plus 256 tokens in ByT5's bytes
+LLAMA_CONFIG = dict(
+    vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=2048,
+)
+# CLIP text, whose pooled output (hidden_size = pooled_projection_dim) is taken at ByT5's eos token (id 1)
+CLIP_TEXT_CONFIG = dict(
+    vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    max_position_embeddings=77, projection_dim=32, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+)
+MMDIT_SCHEDULER_CONFIG = dict(shift=7.0)  # HunyuanVideo's FlowMatchEulerDiscreteScheduler
+MMDIT_ADAPTER_MODULES = {  # the reference stream's LoRA targets: dual-stream blocks, then single-stream blocks
+    "ref_blocks": ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"),
+    "ref_single_blocks": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"),
+}
+# HunyuanVideoPipeline's components (Llama text encoder, no image processor), so that diffusers loads the directory
+# whole; HunyuanVideoImageToVideoPipeline's text encoder is a Llava reading the image too, which mvgen does not serve
+MMDIT_MODEL_INDEX = {
+    "_class_name": "HunyuanVideoPipeline",
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "LlamaModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "ByT5Tokenizer"],
+    "tokenizer_2": ["transformers", "ByT5Tokenizer"],
+    "transformer": ["diffusers", "HunyuanVideoTransformer3DModel"],
+    "vae": ["diffusers", "AutoencoderKLHunyuanVideo"],
+}
+
+
 @dataclass(frozen=True)
 class Variant:
     """One embedded model: how its transformer(s) and model index differ from ``tiny``'s."""
@@ -76,6 +122,7 @@ class Variant:
     image_encoder: bool = True
     experts: int = 1
     defaults: dict = field(default_factory=dict)  # changes to GENERATION_DEFAULTS
+    family: str = "wan"  # engine.config.FAMILIES: which writer builds it
 
 
 VARIANTS = {
@@ -87,6 +134,8 @@ VARIANTS = {
                           {**_NO_IMAGE_ENCODER, "transformer_2": ["diffusers", "WanTransformer3DModel"],
                            "boundary_ratio": 0.9, "expand_timesteps": False},
                           image_encoder=False, experts=2, defaults={"steps": 6}),
+    # HunyuanVideo-I2V (latent_concat) with true classifier-free guidance and HunyuanVideo's shift
+    "tiny-mmdit": Variant("tiny-mmdit-v1", {}, {}, image_encoder=False, defaults={"shift": 7.0}, family="mmdit"),
 }
 _COMPLETE_MARKER = "model_index.json"
 # an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``; "all"
@@ -148,8 +197,10 @@ def build_tiny(dest: Path | str, name: str = "tiny") -> Path:
     try:
         from .components import quiet_hub_progress
 
+        variant = VARIANTS[name]
+        writer = _write_mmdit_pipeline if variant.family == "mmdit" else _write_pipeline
         with torch.random.fork_rng(devices=[]), quiet_hub_progress():
-            _write_pipeline(staging, VARIANTS[name])
+            writer(staging, variant)
         try:
             os.rename(staging, dest)
         except OSError:
@@ -197,6 +248,44 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
     (out / _COMPLETE_MARKER).write_text(json.dumps({**MODEL_INDEX, **variant.model_index}, indent=2) + "\n")
 
 
+def _write_mmdit_pipeline(out: Path, variant: Variant) -> None:
+    """HunyuanVideo-I2V's diffusers layout: transformer, VAE, Llama + CLIP text encoders with their tokenizers,
+    the Euler scheduler, and the reference stream's adapter."""
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    config = {**MMDIT_TRANSFORMER_CONFIG, **variant.transformer}
+    _seeded(0)
+    HunyuanVideoTransformer3DModel(**config).save_pretrained(out / "transformer", safe_serialization=True,
+                                                             max_shard_size="200KB")
+    _seeded(1)
+    AutoencoderKLHunyuanVideo(**MMDIT_VAE_CONFIG).save_pretrained(out / "vae", safe_serialization=True)
+    _seeded(2)
+    LlamaModel(LlamaConfig(**LLAMA_CONFIG)).save_pretrained(out / "text_encoder")
+    _seeded(3)
+    CLIPTextModel(CLIPTextConfig(**CLIP_TEXT_CONFIG)).save_pretrained(out / "text_encoder_2")
+    for folder in ("tokenizer", "tokenizer_2"):
+        ByT5Tokenizer().save_pretrained(out / folder)
+    FlowMatchEulerDiscreteScheduler(**MMDIT_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    _write_mmdit_adapter(out / "adapter", config, SEED + 4)
+    defaults = {**GENERATION_DEFAULTS, **variant.defaults}
+    (out / "mvgen_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    (out / _COMPLETE_MARKER).write_text(json.dumps({**MMDIT_MODEL_INDEX, **variant.model_index}, indent=2) + "\n")
+
+
+def _write_mmdit_adapter(folder: Path, config: dict, seed: int) -> None:
+    """A random rank-4 LoRA on the MMDiT's reference stream (``ref_blocks``, ``ref_single_blocks``: the
+    dual- and single-stream blocks' reference copies, engine.mmdit) in PEFT names, with its ``mvgen_config.json``."""
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    ffn = int(dim * config["mlp_ratio"])
+    shapes = {"ff.net.0.proj": (ffn, dim), "ff.net.2": (dim, ffn), "proj_mlp": (ffn, dim), "proj_out": (dim, dim + ffn)}
+    layers = {"ref_blocks": config["num_layers"], "ref_single_blocks": config["num_single_layers"]}
+    targets = [(f"transformer.{stack}.{block}.{module}", shapes.get(module, (dim, dim)))
+               for stack, modules in MMDIT_ADAPTER_MODULES.items() for block in range(layers[stack])
+               for module in modules]
+    _save_lora(folder, targets, seed, ADAPTER_CONFIG)
+
+
 def _clip_image_processor():
     """CLIP's default image processor; the PIL backend where transformers has one (torchvision is optional)."""
     try:
@@ -212,22 +301,30 @@ def _write_adapter(folder: Path, config: dict, seed: int, mode: dict | None = No
     denoiser, random) and the mode's keys in the config."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(seed)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
-    ffn, rank = config["ffn_dim"], ADAPTER_CONFIG["lora_rank"]
+    ffn = config["ffn_dim"]
     shapes = {"ffn.net.0.proj": (ffn, dim), "ffn.net.2": (dim, ffn)}
-    tensors = {}
-    for block in range(config["num_layers"]):
-        for module in ADAPTER_MODULES:
-            out_dim, in_dim = shapes.get(module, (dim, dim))
-            prefix = f"transformer.blocks.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_dim, generator=generator) / in_dim**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=generator) * 0.1
-    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    targets = [(f"transformer.blocks.{block}.{module}", shapes.get(module, (dim, dim)))
+               for block in range(config["num_layers"]) for module in ADAPTER_MODULES]
+    _save_lora(folder, targets, seed, {**ADAPTER_CONFIG, **(mode or {})})
     if mode:
         save_file(_mode_tensors(config, mode, mode_seed), folder / "mode.safetensors", metadata={"format": "pt"})
-    (folder / "mvgen_config.json").write_text(json.dumps({**ADAPTER_CONFIG, **(mode or {})}, indent=2) + "\n")
+
+
+def _save_lora(folder: Path, targets: list[tuple[str, tuple[int, int]]], seed: int, mvgen_config: dict) -> None:
+    """A random rank-``lora_rank`` PEFT pair per (module prefix, (out, in)) in ``adapter_model.safetensors``, drawn
+    in ``targets``' order from one generator, and ``mvgen_config.json``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    rank = ADAPTER_CONFIG["lora_rank"]
+    tensors = {}
+    for prefix, (out_dim, in_dim) in targets:
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_dim, generator=generator) / in_dim**0.5
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=generator) * 0.1
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    (folder / "mvgen_config.json").write_text(json.dumps(mvgen_config, indent=2) + "\n")
 
 
 def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor]:

@@ -48,10 +48,10 @@ class DenoiserGraph(nn.Module):
         self.denoiser = denoiser
 
     def forward(self, latents, timestep, text, ref_latents, condition=None, image_context=None, frame_pose=None,
-                ref_pose=None, identity_context=None, view_omega=None):
+                ref_pose=None, identity_context=None, view_omega=None, text_mask=None, pooled_text=None):
         return self.denoiser(latents, condition, timestep, text, image_context, ref_latents=ref_latents,
                              frame_pose=frame_pose, ref_pose=ref_pose, identity_context=identity_context,
-                             view_omega=view_omega)
+                             view_omega=view_omega, text_mask=text_mask, pooled_text=pooled_text)
 
 
 def needs_references(config) -> bool:
@@ -64,12 +64,16 @@ def graph_specs(config) -> list[denoiser_io.TensorSpec]:
 
 
 def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: torch.Generator) -> dict:
-    """Random inputs for ``specs`` at axis ``sizes`` (timesteps in [0, 1000))."""
+    """Random inputs for ``specs`` at axis ``sizes`` (timesteps in [0, 1000); an MMDiT's text mask: each row's
+    prompt a random prefix of at least one token, the rest padding)."""
     out = {}
     for spec in specs:
         shape = spec.shape(sizes)
         if spec.name == "timestep":
             out[spec.name] = torch.rand(shape, generator=generator) * 1000
+        elif spec.name == "text_mask":
+            lengths = torch.randint(1, shape[1] + 1, (shape[0], 1), generator=generator)
+            out[spec.name] = (torch.arange(shape[1])[None] < lengths).to(spec.torch_dtype(dtype))
         else:
             out[spec.name] = torch.randn(shape, generator=generator).to(spec.torch_dtype(dtype))
     return out
@@ -100,14 +104,25 @@ def _floordiv(a, b):
 
 
 def _repeat_interleave(self, repeats, dim=None, output_size=None):
-    """``x.repeat_interleave(n)`` of a 1-D tensor with a (symbolic) int repeat count."""
+    """``x.repeat_interleave(n, dim)`` with a (symbolic) int repeat count: each slice along ``dim`` (the flattened
+    tensor when None) repeated n times, as Unsqueeze/Expand/Reshape over the input's own shape. Our per-view logit
+    scales repeat a 1-D tensor; diffusers' ``Attention.prepare_attention_mask`` (HunyuanVideo's token refiner)
+    repeats a mask along its batch or head dim."""
     from onnxscript import opset18 as op
 
-    flat = op.Reshape(self, op.Constant(value_ints=[-1]))
+    if dim is None:
+        self, dim = op.Reshape(self, op.Constant(value_ints=[-1])), 0
+    if dim < 0:
+        dim += len(self.shape)
     count = op.Constant(value_ints=[repeats]) if isinstance(repeats, int) else op.Reshape(
         op.Cast(repeats, to=onnx.TensorProto.INT64), op.Constant(value_ints=[1]))
-    tiled = op.Expand(op.Unsqueeze(flat, op.Constant(value_ints=[1])), op.Concat(op.Shape(flat), count, axis=0))
-    return op.Reshape(tiled, op.Constant(value_ints=[-1]))
+    shape = op.Shape(self)
+    before = op.Slice(shape, op.Constant(value_ints=[0]), op.Constant(value_ints=[dim]))
+    size = op.Slice(shape, op.Constant(value_ints=[dim]), op.Constant(value_ints=[dim + 1]))
+    after = op.Slice(shape, op.Constant(value_ints=[dim + 1]), op.Constant(value_ints=[2**62]))
+    tiled = op.Expand(op.Unsqueeze(self, op.Constant(value_ints=[dim + 1])),
+                      op.Concat(before, size, count, after, axis=0))
+    return op.Reshape(tiled, op.Concat(before, op.Mul(size, count), after, axis=0))
 
 
 def translation_table() -> dict:
@@ -134,6 +149,9 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     cfg = denoiser.config
     minimums = {}
+    if cfg.family == "mmdit" and attention == "plugin":
+        raise ValueError("an MMDiT exports with --attention native (the plugin node has no text stream and no key "
+                         "lengths: the text padding mask)")
     if cfg.ref_attention == "prototype" and attention == "plugin":
         raise ValueError("ref_attention='prototype' exports with --attention native (the plugin node has no "
                          "prototype mask; TensorRT fuses the native graph's masked attention itself)")

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from engine import generation
-from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, TextEncoder, Vae
-from engine.denoiser_io import denoiser_model_name, mode_specs
+from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, text_encoder_class, vae_class
+from engine.denoiser_io import config_specs, denoiser_model_name, mode_specs, text_outputs
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
 from engine.parallel import ParallelLayout
@@ -100,10 +100,14 @@ class _PerRequestModel:
 
 
 class TextEncoderModel(_PerRequestModel):
-    """``prompt`` BYTES [N] (prompt, then the negative prompt under guidance) -> ``text`` [N, 512, text_dim]."""
+    """``prompt`` BYTES [N] (prompt, then the negative prompt under guidance) -> the family's text inputs
+    (``denoiser_io.text_outputs``): ``text`` [N, 512, text_dim]; an MMDiT's ``text`` [N, 256, text_dim],
+    ``text_mask`` [N, 256] and ``pooled_text`` [N, pooled_projection_dim]."""
 
     name = "mvgen_text_encoder"
-    load = TextEncoder
+
+    def load(self, checkpoint):
+        return text_encoder_class(checkpoint)(checkpoint)
 
     def run(self, request, wanted):
         try:
@@ -112,7 +116,7 @@ class TextEncoderModel(_PerRequestModel):
             raise ValueError("'prompt' is not valid UTF-8 text") from None
         if len(texts) not in (1, 2):
             raise ValueError(f"'prompt' must hold 1 or 2 strings, got {len(texts)}")
-        return {"text": self.component(texts)}
+        return self.component(texts)
 
 
 class ImageEncoderModel(_PerRequestModel):
@@ -131,7 +135,9 @@ class VaeModel(_PerRequestModel):
     ``video`` UINT8 [F, H, W, 3]); the requested outputs choose."""
 
     name = "mvgen_vae"
-    load = Vae
+
+    def load(self, checkpoint):
+        return vae_class(checkpoint)(checkpoint)
 
     def run(self, request, wanted):
         pb, vae, out = self.pb, self.component, {}
@@ -238,8 +244,9 @@ class RemoteStages:
         return [torch.from_dlpack(pb.get_output_tensor_by_name(response, name).to_dlpack()).clone() for name in outputs]
 
     def encode_text(self, texts):
-        return self._call("mvgen_text_encoder", {"prompt": np.array([t.encode("utf-8") for t in texts], dtype=object)},
-                          ["text"])[0]
+        names = list(text_outputs(self.checkpoint.config))
+        prompts = np.array([t.encode("utf-8") for t in texts], dtype=object)
+        return dict(zip(names, self._call("mvgen_text_encoder", {"prompt": prompts}, names)))
 
     def encode_image(self, frame):
         return self._call("mvgen_image_encoder", {"frame": frame}, ["image_context"])[0]
@@ -264,12 +271,16 @@ class RemoteStages:
             cfg = spec.config
             if not cfg.caches_requests:
                 continue
+            specs = {spec.name: spec for spec in config_specs(cfg)}
             zeros = dict(
                 latents=torch.zeros(1, 16, 1, 2, 2, dtype=dtype),
                 condition=torch.zeros(1, cfg.condition_channels, 1, 2, 2, dtype=dtype) if cfg.condition_channels else None,
-                timestep=torch.zeros(1), text=torch.zeros(1, cfg.text_len, cfg.text_dim, dtype=dtype),
+                timestep=torch.zeros(1),
                 image_context=torch.zeros(1, 257, cfg.image_dim, dtype=dtype) if cfg.image_dim else None,
                 ref_latents=None,
+                # the family's text inputs (an MMDiT's mask and pooled text too), one row
+                **{name: torch.zeros(specs[name].shape({"batch": 1}), dtype=specs[name].torch_dtype(dtype))
+                   for name in text_outputs(cfg)},
             )
             self._call(denoiser_model_name(expert), self._wire(zeros), ["velocity"],
                        {CACHE_KEY: cache_key, RELEASE: True})

@@ -2,9 +2,9 @@
 
     mvgen                python, BLS: validate, encoders once, scheduler loop over mvgen_denoiser, decode
     mvgen_stream         the same model, decoupled: one ``progress`` response per step, then the video
-    mvgen_text_encoder   umT5 (prompt and negative prompt in one call)
-    mvgen_image_encoder  CLIP vision states of the conditioning frame
-    mvgen_vae            Wan VAE: I2V condition, reference latents, decode
+    mvgen_text_encoder   umT5, or an MMDiT's Llama + CLIP text (prompt and negative prompt in one call)
+    mvgen_image_encoder  CLIP vision states of the conditioning frame (checkpoints with CLIP only)
+    mvgen_vae            the family's VAE: I2V condition, reference latents, decode
     mvgen_denoiser       the multi-view DiT, dynamic batching across requests; or a TensorRT plan
     mvgen_denoiser_2     Wan2.2's low-noise expert (two-expert checkpoints only); the loop routes each step
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import protocol
 
-from engine.denoiser_io import denoiser_model_name
+from engine.denoiser_io import config_specs, denoiser_model_name, text_outputs
 from engine.parallel import ParallelLayout
 
 GENERATE_MODELS = ("mvgen", "mvgen_stream")
@@ -138,8 +138,11 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
+    # the text encoder answers the family's text inputs of the denoiser, each [N, ...] in the denoiser's type
+    text_specs = [spec for spec in config_specs(checkpoint.config) if spec.name in text_outputs(checkpoint.config)]
     _write_python_model(dest, "mvgen_text_encoder", _config(
-        "mvgen_text_encoder", [_tensor("prompt", "TYPE_STRING", [-1])], [_tensor("text", model_type, [-1, -1, -1])],
+        "mvgen_text_encoder", [_tensor("prompt", "TYPE_STRING", [-1])],
+        [_tensor(s.name, "TYPE_FP32" if s.dtype == "float32" else model_type, [-1] * len(s.dims)) for s in text_specs],
         params))
     if checkpoint.has_image_encoder:
         _write_python_model(dest, "mvgen_image_encoder", _config(
@@ -150,7 +153,8 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         [_tensor("frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("known", "TYPE_FP32", [-1, -1], True),
          _tensor("num_frames", "TYPE_INT32", [1], True), _tensor("references", "TYPE_UINT8", [-1, -1, -1, 3], True),
          _tensor("latents", "TYPE_FP32", [1, 16, -1, -1, -1], True)],
-        [_tensor("condition", "TYPE_FP32", [1, 20, -1, -1, -1]), _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
+        [_tensor("condition", "TYPE_FP32", [1, checkpoint.config.condition_channels or -1, -1, -1, -1]),
+         _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
          _tensor("video", "TYPE_UINT8", [-1, -1, -1, 3])], params))
     for expert, spec in enumerate(checkpoint.experts):
         _write_denoiser(dest, denoiser_model_name(expert), spec.config, {**params, "expert": str(expert)}, options)

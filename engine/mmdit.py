@@ -1,0 +1,346 @@
+"""MVI2V's triple stream on an MMDiT video backbone: video, references and text as three streams.
+
+The backbone is diffusers' ``HunyuanVideoTransformer3DModel``: dual-stream blocks (video and text, each with its
+own modulation, Q/K/V/out projections and FFN, meeting in one joint self-attention) followed by single-stream blocks
+(video and text concatenated through one set of weights). MVI2V (Sec. 4.2; App. B: "transforming its dual-stream
+design into a tri-stream architecture ... a reference token stream, whose modules were initialized with weights from
+the video token stream"; Sec. 5.1: "we extend their single-stream blocks and dual-stream blocks into dual-stream
+blocks and triplet-stream blocks") adds the clean reference views as a stream of their own:
+
+- each **dual-stream block** becomes triple-stream: the references get their own AdaLN-Zero modulation, Q/K/V/out
+  projections with per-head QK RMSNorm, and FFN (``ReferenceBlock``), initialised from the block's video modules;
+- each **single-stream block** becomes dual-stream: video and text keep sharing the block's weights (as in the base),
+  the references run through their own copy of the block (``ref_single_blocks``), initialised from it.
+
+The streams meet only in the joint self-attentions. Every block runs its streams as data (``_Stream`` with a
+``_StreamModules`` view per block) through one attention over ``[video | references | text]`` keys:
+``kernels.qk_prologue`` per stream (per-head RMSNorm, RoPE with HunyuanVideo's bands at the stream's positions: the
+video grid, the references' RD-RoPE placement, none for text) and ``kernels.attention`` with the streams given by
+offsets, text padding as per-row key lengths (diffusers' ``encoder_attention_mask``) and ``ref_attention``'s mask
+(``full``; ``isolated``: reference queries see reference keys only). With ``ref_mode="token_concat"`` the references
+run through the video stream's modules (MVI2V's Token-Concat baseline).
+
+Parameter names of the base follow diffusers key for key (the modules are diffusers' own: patch embedding, token
+refiner, condition embedding, the blocks' norms, attentions and FFNs, the output norm), so a ``save_pretrained``
+directory loads as it is; the reference stream lives in ``ref_blocks`` and ``ref_single_blocks``. The modules are
+diffusers'; the order of operations across streams is ours. With no reference the model is its base exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import FeedForward
+from diffusers.models.attention_processor import Attention
+from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero
+from diffusers.models.transformers.transformer_hunyuan_video import (
+    HunyuanVideoConditionEmbedding,
+    HunyuanVideoPatchEmbed,
+    HunyuanVideoSingleTransformerBlock,
+    HunyuanVideoTokenRefiner,
+    HunyuanVideoTransformerBlock,
+)
+from torch import nn
+
+from kernels import LOG2E, adaln_layernorm, attention, gated_residual, kernel_backend, prologue_rope_table, qk_prologue
+
+from .config import MvgenConfig
+from .denoiser import ROW_BLOCK, batch_invariant
+from .positions import grid_positions, rd_rope_positions
+
+EPS = 1e-6  # every LayerNorm and QK RMSNorm of HunyuanVideo
+
+
+class ReferenceBlock(nn.Module):
+    """The reference stream's modules of one dual-stream block, named as the block's video modules (``norm1``,
+    ``attn.to_q/to_k/to_v/norm_q/norm_k/to_out.0``, ``norm2``, ``ff``) so MVI2V's initialisation is a key copy."""
+
+    def __init__(self, cfg: MvgenConfig):
+        super().__init__()
+        dim = cfg.inner_dim
+        self.norm1 = AdaLayerNormZero(dim, norm_type="layer_norm")
+        # the projections of a diffusers Attention without added K/V (its processor is never called: the joint
+        # attention runs outside, over every stream)
+        self.attn = Attention(query_dim=dim, cross_attention_dim=None, dim_head=cfg.attention_head_dim,
+                              heads=cfg.num_attention_heads, out_dim=dim, bias=True, qk_norm="rms_norm", eps=EPS)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=EPS)
+        self.ff = FeedForward(dim, mult=cfg.mlp_ratio, activation_fn="gelu-approximate")
+
+
+@dataclass(frozen=True)
+class _StreamModules:
+    """One stream's modules in one block: its modulation linear (``chunks`` of shift/scale/gate), Q/K/V
+    projections, per-head QK RMSNorms, and either (dual-stream) an output projection and an FFN, or (single-stream)
+    the MLP branch and the output projection that reads [attention | MLP]."""
+
+    modulation: nn.Linear
+    chunks: int
+    to_q: nn.Module
+    to_k: nn.Module
+    to_v: nn.Module
+    norm_q: nn.Module
+    norm_k: nn.Module
+    to_out: nn.Module
+    ff: nn.Module | None = None
+    proj_mlp: nn.Module | None = None
+
+    @classmethod
+    def dual_video(cls, block: HunyuanVideoTransformerBlock | ReferenceBlock) -> "_StreamModules":
+        a = block.attn
+        return cls(block.norm1.linear, 6, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k, a.to_out[0], ff=block.ff)
+
+    @classmethod
+    def dual_text(cls, block: HunyuanVideoTransformerBlock) -> "_StreamModules":
+        a = block.attn
+        return cls(block.norm1_context.linear, 6, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.norm_added_q,
+                   a.norm_added_k, a.to_add_out, ff=block.ff_context)
+
+    @classmethod
+    def single(cls, block: HunyuanVideoSingleTransformerBlock) -> "_StreamModules":
+        a = block.attn
+        return cls(block.norm.linear, 3, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k, block.proj_out,
+                   proj_mlp=block.proj_mlp)
+
+
+@dataclass
+class _Stream:
+    """One stream's state through the blocks: tokens [B, N, D], the embedding that modulates it [B, D], its
+    positions [N, 3] and their RoPE table (None where the prologue kernel computes angles)."""
+
+    name: str
+    x: torch.Tensor
+    temb: torch.Tensor
+    pos: torch.Tensor
+    rope: tuple | None
+
+
+STREAMS = ("video", "reference", "text")  # the order of the joint attention's tokens (kernels: stream offsets)
+
+
+class MultiViewMMDiT(nn.Module):
+    """HunyuanVideo (T2V, or I2V with ``latent_concat``) with MVI2V's reference stream."""
+
+    def __init__(self, config: MvgenConfig):
+        super().__init__()
+        if config.family != "mmdit":
+            raise ValueError(f"MultiViewMMDiT takes an MMDiT config, got family {config.family!r}")
+        self.config = cfg = config
+        dim, heads, head_dim = cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim
+        pt, p, _ = cfg.patch_size
+        self.x_embedder = HunyuanVideoPatchEmbed((pt, p, p), cfg.in_channels, dim)
+        self.context_embedder = HunyuanVideoTokenRefiner(cfg.text_dim, heads, head_dim,
+                                                         num_layers=cfg.num_refiner_layers)
+        self.time_text_embed = HunyuanVideoConditionEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds,
+                                                              cfg.image_condition_type)
+        self.transformer_blocks = nn.ModuleList(
+            HunyuanVideoTransformerBlock(heads, head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm)
+            for _ in range(cfg.num_layers))
+        self.single_transformer_blocks = nn.ModuleList(
+            HunyuanVideoSingleTransformerBlock(heads, head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm)
+            for _ in range(cfg.num_single_layers))
+        self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=EPS)
+        self.proj_out = nn.Linear(dim, pt * p * p * cfg.out_channels)
+        own = cfg.ref_mode == "dual_stream"  # Token-Concat: the references go through the video modules
+        self.ref_blocks = nn.ModuleList(ReferenceBlock(cfg) for _ in range(cfg.num_layers)) if own else None
+        self.ref_single_blocks = (nn.ModuleList(
+            HunyuanVideoSingleTransformerBlock(heads, head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm)
+            for _ in range(cfg.num_single_layers)) if own else None)
+        self.sequence_parallel = None  # engine.parallel is Wan-only: parallelize refuses
+
+    def parallelize(self, sp) -> None:
+        if sp is not None:
+            raise ValueError("sequence parallel is implemented for the Wan family only; serve an MMDiT with --sp 1")
+
+    # ---- the reference stream's modules -------------------------------------------------------------------
+    def reference_state_from_base(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """MVI2V's initialisation as state-dict entries: every reference module's tensors copied from the video
+        stream's module of the same block (empty for Token-Concat)."""
+        if self.ref_blocks is None:
+            return {}
+        out = {}
+        for name in self.ref_blocks.state_dict():
+            out[f"ref_blocks.{name}"] = state[f"transformer_blocks.{name}"].clone()
+        for name in self.ref_single_blocks.state_dict():
+            out[f"ref_single_blocks.{name}"] = state[f"single_transformer_blocks.{name}"].clone()
+        return out
+
+    def init_reference_stream_from_base(self) -> None:
+        """Copy the video stream's weights into the reference stream (a model built here, not loaded)."""
+        if self.ref_blocks is not None:
+            state = self.state_dict()
+            self.load_state_dict({**state, **self.reference_state_from_base(state)})
+
+    def _dual_modules(self, i: int, stream: str) -> _StreamModules:
+        block = self.transformer_blocks[i]
+        if stream == "text":
+            return _StreamModules.dual_text(block)
+        if stream == "reference" and self.ref_blocks is not None:
+            return _StreamModules.dual_video(self.ref_blocks[i])
+        return _StreamModules.dual_video(block)
+
+    def _single_modules(self, i: int, stream: str) -> _StreamModules:
+        own = stream == "reference" and self.ref_single_blocks is not None
+        return _StreamModules.single(self.ref_single_blocks[i] if own else self.single_transformer_blocks[i])
+
+    # ---- forward ------------------------------------------------------------------------------------------
+    def forward(self, latents: torch.Tensor, condition: torch.Tensor | None, timestep: torch.Tensor,
+                text: torch.Tensor, image_context: torch.Tensor | None = None,
+                ref_latents: torch.Tensor | None = None, ref_cache=None, *, text_mask: torch.Tensor | None = None,
+                pooled_text: torch.Tensor | None = None, frame_pose=None, ref_pose=None, identity_context=None,
+                view_omega=None, context_cache=None, step_cache=None) -> torch.Tensor:
+        """Flow-matching velocity [B, 16, F, H, W].
+
+        latents [B, 16, F, H, W]; condition [B, 17, F, H, W] on I2V (HunyuanVideo-I2V's ``latent_concat``: the
+        first frame's latent in frame 0 then zeros, and a mask channel; None on T2V), so ``cat([latents,
+        condition])`` is diffusers' model input; timestep [B]; text [B, L, text_dim] (Llama states), text_mask
+        [B, L] (1 = token; the valid tokens come first), pooled_text [B, pooled_projection_dim] (CLIP);
+        ref_latents [B, R, 16, Hr, Wr] clean reference latents (R may be 0, or None). The Wan-only inputs
+        (``image_context``, the seed methods' inputs, caches) must be absent; a served call sends them empty.
+        """
+        cfg = self.config
+        exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+        for name, value in (("image_context", image_context), ("frame_pose", frame_pose), ("ref_pose", ref_pose),
+                            ("identity_context", identity_context), ("view_omega", view_omega),
+                            ("ref_cache", ref_cache), ("context_cache", context_cache), ("step_cache", step_cache)):
+            if value is not None and not (isinstance(value, torch.Tensor) and (exporting or value.numel() == 0)):
+                raise ValueError(f"{name} is not an input of the MMDiT denoiser (Wan-family only)")
+        if text_mask is None or pooled_text is None:
+            raise ValueError("the MMDiT denoiser needs text_mask [B, L] and pooled_text [B, pooled_projection_dim] "
+                             "beside text")
+        if (condition is None) != (cfg.condition_channels == 0):
+            raise ValueError(f"a {cfg.task} denoiser takes {'no' if cfg.condition_channels == 0 else 'a'} condition")
+        b, _, frames, height, width = latents.shape
+        pt, ph, pw = cfg.patch_size
+        f, h, w = frames // pt, height // ph, width // pw
+        dtype = self.proj_out.weight.dtype
+        video = latents if condition is None else torch.cat([latents, condition], dim=1)
+
+        # 1. conditioning: timestep + pooled CLIP text [B, D]; the refined text tokens [B, L, D]; video tokens
+        # (small-M layers on fixed row blocks, so a row's bits never depend on its batch: engine.denoiser's
+        # batch_invariant)
+        timestep = timestep.to(dtype)
+        temb = _row_blocks(lambda t, pooled: self.time_text_embed(t, pooled)[0], timestep, pooled_text.to(dtype))
+        tokens = _row_blocks(self.context_embedder, text.to(dtype), timestep, text_mask)
+        x = batch_invariant(self.x_embedder, video.to(dtype))
+        n_text = tokens.shape[1]
+        streams = [_Stream("video", x, temb, grid_positions(f, h, w, device=x.device), None)]
+        if ref_latents is not None and ref_latents.shape[1] > 0:
+            r, ref_pos = self._embed_references(ref_latents, (f, h, w))
+            ref_temb = temb if cfg.ref_timestep == "shared" else _row_blocks(
+                lambda t, pooled: self.time_text_embed(t, pooled)[0], torch.zeros_like(timestep), pooled_text.to(dtype))
+            streams.append(_Stream("reference", r, ref_temb, ref_pos, None))
+        no_rotation = torch.zeros(n_text, 3, dtype=torch.long, device=x.device)  # text tokens are not rotated
+        streams.append(_Stream("text", tokens, temb, no_rotation, None))
+        for s in streams:
+            s.rope = self._rope(s.pos, s.x)
+        # text padding: diffusers masks the keys past each row's prompt (encoder_attention_mask)
+        n_before_text = sum(s.x.shape[1] for s in streams[:-1])
+        key_lengths = n_before_text + text_mask.to(torch.int32).sum(1, dtype=torch.int32)
+
+        # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
+        for i in range(len(self.transformer_blocks)):
+            self._block(streams, [self._dual_modules(i, s.name) for s in streams], key_lengths)
+        for i in range(len(self.single_transformer_blocks)):
+            self._block(streams, [self._single_modules(i, s.name) for s in streams], key_lengths)
+
+        # 3. output head on the video tokens, unpatchify (diffusers' layout)
+        x = streams[0].x
+        scale, shift = batch_invariant(lambda t: self.norm_out.linear(F.silu(t)), temb).chunk(2, dim=1)
+        x = adaln_layernorm(x, shift[:, None], scale[:, None], eps=EPS, backend=self._backend)
+        x = self.proj_out(x)
+        x = x.reshape(b, f, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _embed_references(self, ref_latents: torch.Tensor, fhw: tuple[int, int, int]):
+        """[B, R, 16, hr*ph, wr*pw] clean latents -> tokens [B, R*hr*wr, D] and their positions. On I2V a reference
+        enters the video's patch embedding as a fully known frame: latent, first-frame condition = itself, mask 1
+        (what diffusers sees for a reference appended as a frame)."""
+        cfg = self.config
+        b, num_refs, c, height, width = ref_latents.shape
+        _, ph, pw = cfg.patch_size
+        z = ref_latents.reshape(b * num_refs, c, 1, height, width)
+        if cfg.condition_channels:
+            z = torch.cat([z, z, torch.ones_like(z[:, :1])], dim=1)
+        embed = self.x_embedder
+        tokens = batch_invariant(embed, z.to(self.proj_out.weight.dtype))  # [B*R, hr*wr, D]
+        ref_hw = (height // ph, width // pw)
+        pos = rd_rope_positions(cfg.ref_rope, num_refs, ref_hw, fhw, cfg.ref_t_stride, device=ref_latents.device)
+        return tokens.reshape(b, -1, tokens.shape[-1]).contiguous(), pos
+
+    @property
+    def _backend(self) -> str:
+        return kernel_backend(self.config.attention_backend)
+
+    def _rope(self, pos: torch.Tensor, like: torch.Tensor):
+        cfg = self.config
+        return prologue_rope_table(pos, cfg.attention_head_dim, like, cfg.rope_theta, self._backend,
+                                   rope_axes=cfg.rope_axes_dim)
+
+    def _block(self, streams: list[_Stream], modules: list[_StreamModules], key_lengths: torch.Tensor) -> None:
+        """One block over every stream, in place: each stream's modulated input and Q/K/V, one joint attention,
+        then each stream's output projection (and FFN, or MLP branch) with its gated residuals."""
+        backend, heads = self._backend, self.config.num_attention_heads
+        mods, inputs, qkv = [], [], []
+        for s, m in zip(streams, modules):
+            mod = batch_invariant(lambda t: m.modulation(F.silu(t)), s.temb).chunk(m.chunks, dim=1)
+            h = adaln_layernorm(s.x, mod[0][:, None], mod[1][:, None], eps=EPS, backend=backend)
+            mods.append(mod)
+            inputs.append(h)
+            qkv.append(tuple(proj(h).unflatten(2, (heads, -1)) for proj in (m.to_q, m.to_k, m.to_v)))
+        rows = self._attend(streams, modules, qkv, key_lengths).split([s.x.shape[1] for s in streams], dim=1)
+        for s, m, mod, h, out in zip(streams, modules, mods, inputs, rows):
+            out = out.flatten(2)
+            if m.ff is None:  # single-stream: proj_out([attention | gelu(proj_mlp(h))]), one gate
+                mlp = F.gelu(m.proj_mlp(h), approximate="tanh")
+                s.x = gated_residual(s.x, m.to_out(torch.cat([out, mlp], dim=2)), mod[2][:, None], backend=backend)
+            else:  # dual-stream: AdaLN-Zero's attention gate, then the modulated FFN and its gate
+                _, _, gate, shift_mlp, scale_mlp, gate_mlp = mod
+                x = gated_residual(s.x, m.to_out(out), gate[:, None], backend=backend)
+                h = adaln_layernorm(x, shift_mlp[:, None], scale_mlp[:, None], eps=EPS, backend=backend)
+                s.x = gated_residual(x, m.ff(h), gate_mlp[:, None], backend=backend)
+
+    def _attend(self, streams, modules, qkv, key_lengths) -> torch.Tensor:
+        """The joint self-attention over [video | references | text]: each stream through the QK prologue (its
+        per-head RMSNorm, RoPE at its positions, the softmax scale into Q) into its slice of the joint Q/K, then one
+        attention with the streams as offsets and the text padding as key lengths."""
+        cfg = self.config
+        q0 = qkv[0][0]
+        b, _, heads, head_dim = q0.shape
+        sizes = [s.x.shape[1] for s in streams]
+        n = sum(sizes)
+        q_all, k_all = q0.new_empty(b, n, heads, head_dim), q0.new_empty(b, n, heads, head_dim)
+        at = 0
+        for s, m, (q, k, _), size in zip(streams, modules, qkv, sizes):
+            qk_prologue(q, k, s.pos, s.pos, weight_q=m.norm_q.weight, weight_k=m.norm_k.weight, eps=EPS,
+                        q_scale=LOG2E / math.sqrt(head_dim), theta=cfg.rope_theta, out_q=q_all[:, at:at + size],
+                        out_k=k_all[:, at:at + size], backend=self._backend, q_rope=s.rope, k_rope=s.rope,
+                        norm="per_head", rope_axes=cfg.rope_axes_dim)
+            at += size
+        v_all = torch.cat([v for _, _, v in qkv], dim=1)
+        offsets = _stream_offsets([s.name for s in streams], sizes)
+        return self._rotated_attention(q_all, k_all, v_all, offsets, key_lengths)
+
+    def _rotated_attention(self, q, k, v, offsets: tuple[int, int], key_lengths: torch.Tensor) -> torch.Tensor:
+        """Attention on the prologue's outputs (``kernels.attention``); ``mask`` from ``ref_attention``."""
+        return attention(q, k, v, q_offsets=offsets, k_offsets=offsets, mask=self.config.ref_attention,
+                         key_lengths=key_lengths, backend=self.config.attention_backend)
+
+
+def _stream_offsets(names: list[str], sizes: list[int]) -> tuple[int, int]:
+    """Where the reference and the text streams start in the [video | references | text] sequence."""
+    count = dict(zip(names, sizes))
+    video, refs = count.get("video", 0), count.get("reference", 0)
+    return video, video + refs
+
+
+def _row_blocks(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn`` over the rows of ``tensors`` in blocks of ``ROW_BLOCK`` rows (padded by repeating row 0), as
+    ``engine.denoiser.batch_invariant`` does for one tensor: a row's bits do not depend on its batch."""
+    rows = tensors[0].shape[0]
+    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or rows == ROW_BLOCK:
+        return fn(*tensors)
+    pad = -rows % ROW_BLOCK
+    padded = [torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) if pad else t for t in tensors]
+    return torch.cat([fn(*(t[i:i + ROW_BLOCK] for t in padded)) for i in range(0, rows + pad, ROW_BLOCK)])[:rows]
