@@ -2,7 +2,8 @@
 
 Parameter names of the video stream follow diffusers' ``WanTransformer3DModel`` key for key, so a diffusers
 checkpoint loads without renaming; the reference stream lives in ``ref_blocks`` (dual-stream, MVI2V) or
-reuses ``blocks`` (Token-Concat). The streams meet only in the joint self-attention.
+reuses ``blocks`` (Token-Concat). The streams meet only in the joint self-attention, the [video, reference] case of
+``engine.joint_attention`` (a reference stream run alone, to build a cache, is its [reference] case).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import (LOG2E, adaln_layernorm, attention, gated_residual, kernel_backend, prologue_rope_table,
-                     qk_prologue)
+from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from .config import MvgenConfig
+from .joint_attention import JointAttention, StreamQKV
 from .modes.identity import IdentityCrossAttention
 from .modes.prototype import PrototypeAggregator, prototype_positions
 from .modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
@@ -142,24 +143,6 @@ def _sdpa(q, k, v):
 
 
 @dataclass
-class StreamQKV:
-    """One stream's share of a joint self-attention (``MultiViewWanTransformer._attend``): its Q/K/V
-    [B, N, H, Dh] (``q`` None: the stream gives keys only), positions [N, 3], per-key logit scales [N] or None,
-    and ``norm``, the attention whose RMSNorm across heads the QK prologue still applies (None: q/k are
-    normalised already). ``tokens``: under sequence parallel, the stream's token count over all ranks when this
-    rank holds a shard (``engine.parallel``); None when it holds the stream whole."""
-
-    q: torch.Tensor | None
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
-    norm: Attention | None = None
-    key_scale: torch.Tensor | None = None
-    tokens: int | None = None
-    rope: tuple | None = None  # the positions' (cos, sin), computed once per call for every layer (CPU path)
-
-
-@dataclass
 class Modulation:
     shift_msa: torch.Tensor
     scale_msa: torch.Tensor
@@ -207,12 +190,12 @@ class StreamBlock(nn.Module):
 
     def self_attention_stream(self, x: torch.Tensor, mod: Modulation, pos: torch.Tensor,
                               key_scale: torch.Tensor | None = None, tokens: int | None = None,
-                              rope: tuple | None = None) -> StreamQKV:
+                              rope: tuple | None = None, role: str = "video") -> StreamQKV:
         """This stream's raw Q/K projections and V: RMSNorm and RoPE happen in the QK prologue."""
         h = self.attention_input(x, mod)
         attn = self.attn1
         return StreamQKV(attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h)),
-                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens, rope)
+                         attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens, rope, role)
 
     def finish(self, x, attn: torch.Tensor, mod: Modulation, kv: CrossKV) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention; kv: this block's cross-attention keys and
@@ -423,7 +406,7 @@ class ReferenceCache:
         return cls(keys, values, *caches[0].layout)
 
 
-class MultiViewWanTransformer(nn.Module):
+class MultiViewWanTransformer(JointAttention, nn.Module):
     """A Wan DiT with a reference stream; with no references it is exactly its base model (T2V or I2V)."""
 
     def __init__(self, config: MvgenConfig):
@@ -525,77 +508,6 @@ class MultiViewWanTransformer(nn.Module):
 
     def _ref_timestep(self, timestep):
         return torch.zeros_like(timestep) if self.config.ref_timestep == "zero" else timestep
-
-    def _attend(self, streams: list[StreamQKV], n_video_q: int, n_video_k: int, *, mask=None, tokens_per_frame=1,
-                proto_tokens=1) -> torch.Tensor:
-        """The self-attentions' one dispatch point over the streams' tokens in order (queries of the streams
-        that have them); ``mask`` defaults to the config's ``ref_attention``; ``n_video_q``/``n_video_k`` count
-        the whole video stream. Each stream goes through the QK prologue (its RMSNorm, RoPE at its positions,
-        the softmax scale into Q, its key scales into K) straight into its slice of the joint Q/K, then the
-        attention runs on the rotated tensors. Streams this rank holds a shard of (``tokens`` set) go through
-        the Ulysses all-to-alls (``_attend_sharded``)."""
-        mask = mask or self.config.ref_attention
-        if self.sequence_parallel is not None and any(s.tokens is not None for s in streams):
-            return self._attend_sharded(streams, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens)
-        first = streams[0].k
-        b, _, heads, head_dim = first.shape
-        n_q = sum(s.q.shape[1] for s in streams if s.q is not None)
-        q_all = first.new_empty(b, n_q, heads, head_dim)
-        k_all = first.new_empty(b, sum(s.k.shape[1] for s in streams), heads, head_dim)
-        q_at = k_at = 0
-        for s in streams:
-            n_q_s, n_k_s = (0 if s.q is None else s.q.shape[1]), s.k.shape[1]
-            self._prologue(s, q_all[:, q_at:q_at + n_q_s], k_all[:, k_at:k_at + n_k_s])
-            q_at, k_at = q_at + n_q_s, k_at + n_k_s
-        v_all = torch.cat([s.v for s in streams], 1) if len(streams) > 1 else streams[0].v
-        return self._rotated_attention(q_all, k_all, v_all, n_video_q, n_video_k, mask, tokens_per_frame,
-                                       proto_tokens)
-
-    def _prologue(self, s: StreamQKV, out_q: torch.Tensor | None, out_k: torch.Tensor) -> None:
-        cfg, norm = self.config, s.norm
-        qk_prologue(s.q, s.k, s.pos, s.pos, weight_q=None if norm is None else norm.norm_q.weight,
-                    weight_k=None if norm is None else norm.norm_k.weight, eps=cfg.eps,
-                    q_scale=LOG2E / math.sqrt(s.k.shape[-1]), key_scale=s.key_scale, theta=cfg.rope_theta,
-                    out_q=out_q, out_k=out_k, backend=kernel_backend(cfg.attention_backend), q_rope=s.rope,
-                    k_rope=s.rope)
-
-    def _rope(self, pos: torch.Tensor, like: torch.Tensor):
-        """``pos``'s RoPE table for every layer of this call (None where the prologue kernel computes angles)."""
-        cfg = self.config
-        return prologue_rope_table(pos, cfg.attention_head_dim, like, cfg.rope_theta,
-                                   kernel_backend(cfg.attention_backend))
-
-    def _attend_sharded(self, streams, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens) -> torch.Tensor:
-        """Ulysses: each sharded stream's rotated Q/K and V [B, N/sp, H, D] become [B, N, H/sp, D] in one
-        all-to-all (a stream held whole gives its keys for this rank's heads), the attention runs over every
-        token on H/sp heads, and each query stream's rows go back to token shards [B, N/sp, H, D]."""
-        sp = self.sequence_parallel
-        queries, keys, values, rows = [], [], [], []
-        for s in streams:
-            q = None if s.q is None else torch.empty_like(s.q)
-            k = torch.empty_like(s.k)
-            self._prologue(s, q, k)
-            if s.tokens is None:
-                if q is not None:
-                    raise ValueError("under sequence parallel, a stream every rank holds whole gives keys only")
-                keys.append(sp.head_slice(k))
-                values.append(sp.head_slice(s.v))
-                continue
-            parts = sp.tokens_to_heads(torch.stack([k, s.v] if q is None else [q, k, s.v]), s.tokens).unbind(0)
-            if q is not None:
-                queries.append(parts[0])
-                rows.append(s.tokens)
-            keys.append(parts[-2])
-            values.append(parts[-1])
-        attn = self._rotated_attention(torch.cat(queries, 1), torch.cat(keys, 1), torch.cat(values, 1), n_video_q,
-                                       n_video_k, mask, tokens_per_frame, proto_tokens)
-        return torch.cat([sp.heads_to_tokens(part, n) for part, n in zip(attn.split(rows, 1), rows)], 1)
-
-    def _rotated_attention(self, q, k, v, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
-        """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this."""
-        return attention(q, k, v, q_offsets=(n_video_q, q.shape[1]), k_offsets=(n_video_k, k.shape[1]), mask=mask,
-                         tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
-                         backend=self.config.attention_backend)
 
     def _check_image_context(self, image_context) -> None:
         """CLIP states exactly when the checkpoint has an image embedder (Wan2.1-I2V; not T2V, not Wan2.2)."""
@@ -741,7 +653,7 @@ class MultiViewWanTransformer(nn.Module):
             for i, block in enumerate(self.blocks):
                 mod = block.modulation(tproj)
                 attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens,
-                                                                 rope=video_rope)], n_video, n_video)
+                                                                 rope=video_rope)])
                 x = block.finish(x, attn, mod, video_ctx.kv(i, block))
         return x
 
@@ -769,8 +681,9 @@ class MultiViewWanTransformer(nn.Module):
             ref_block = self.reference_block(i)
             mod_v, mod_r = block.modulation(tproj), ref_block.modulation(ref_tproj)
             video = block.self_attention_stream(x, mod_v, video_pos, tokens=tokens_v, rope=video_rope)
-            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale, tokens=tokens_r, rope=ref_rope)
-            attn = self._attend([video, ref], n_video, n_video)
+            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale, tokens=tokens_r, rope=ref_rope,
+                                                  role="reference")
+            attn = self._attend([video, ref])
             if views is None:
                 video_attn = attn[:, :n_local]
             else:  # Eq. 2 reads the normalised, unrotated video queries and reference keys
@@ -810,8 +723,9 @@ class MultiViewWanTransformer(nn.Module):
             mod = block.modulation(tproj)
             video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v, rope=video_rope)
             k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
-            attn = self._attend([video, StreamQKV(None, k_proto, v_proto, proto_pos, rope=proto_rope)], n_video, n_video,
-                                mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=proto_tokens)
+            prototypes = StreamQKV(None, k_proto, v_proto, proto_pos, rope=proto_rope, role="reference")
+            attn = self._attend([video, prototypes], mask="prototype", tokens_per_frame=fhw[1] * fhw[2],
+                                proto_tokens=proto_tokens)
             x = block.finish(x, attn, mod, video_ctx.kv(i, block))
         return x
 
@@ -831,7 +745,7 @@ class MultiViewWanTransformer(nn.Module):
             yield self.prototype.reference_features(z, block.attn1)
             if i < last:  # the reference stream's last output is never read
                 q, k, v = ref_block.attn1.project_qkv(z, z)
-                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale)], 0, 0, mask="full")
+                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale, role="reference")], mask="full")
                 r = ref_block.finish(r, attn, mod, ref_ctx.kv(i, ref_block))
 
     @torch.no_grad()
@@ -889,7 +803,7 @@ class MultiViewWanTransformer(nn.Module):
             keys.append(k)
             values.append(v)
             if i < last:
-                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale)], 0, 0)
+                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale, role="reference")])
                 r = ref_block.finish(r, attn, mod, ref_ctx.kv(i, ref_block))
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
 
@@ -911,8 +825,8 @@ class MultiViewWanTransformer(nn.Module):
         for i, (block, k_ref, v_ref) in enumerate(zip(self.blocks, cache.keys, cache.values)):
             mod = block.modulation(tproj)
             video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v, rope=video_rope)
-            attn = self._attend([video, StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale, rope=ref_rope)],
-                                n_video, n_video)
+            cached = StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale, rope=ref_rope, role="reference")
+            attn = self._attend([video, cached])
             if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
                 attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref, first_token)
             x = block.finish(x, attn, mod, video_ctx.kv(i, block))

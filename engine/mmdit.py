@@ -13,11 +13,11 @@ blocks and triplet-stream blocks") adds the clean reference views as a stream of
   the references run through their own copy of the block (``ref_single_blocks``), initialised from it.
 
 The streams meet only in the joint self-attentions. Every block runs its streams as data (``_Stream`` with a
-``_StreamModules`` view per block) through one attention over ``[video | references | text]`` keys:
-``kernels.qk_prologue`` per stream (per-head RMSNorm, RoPE with HunyuanVideo's bands at the stream's positions: the
-video grid, the references' RD-RoPE placement, none for text) and ``kernels.attention`` with the streams given by
-offsets, text padding as per-row key lengths (diffusers' ``encoder_attention_mask``) and ``ref_attention``'s mask
-(``full``; ``isolated``: reference queries see reference keys only). With ``ref_mode="token_concat"`` the references
+``_StreamModules`` view per block) through the one joint attention of every backbone (``engine.joint_attention``)
+over ``[video | references | text]``: per stream the QK prologue (per-head RMSNorm, RoPE with HunyuanVideo's bands at
+the stream's positions: the video grid, the references' RD-RoPE placement, none for text), then one attention with
+the streams given by offsets, the text padding as per-row key lengths (diffusers' ``encoder_attention_mask``) and
+``ref_attention``'s mask (``full``; ``isolated``: reference queries see reference keys only). With ``ref_mode="token_concat"`` the references
 run through the video stream's modules (MVI2V's Token-Concat baseline).
 
 Parameter names of the base follow diffusers key for key (the modules are diffusers' own: patch embedding, token
@@ -27,7 +27,6 @@ diffusers'; the order of operations across streams is ours. With no reference th
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -44,10 +43,11 @@ from diffusers.models.transformers.transformer_hunyuan_video import (
 )
 from torch import nn
 
-from kernels import LOG2E, adaln_layernorm, attention, gated_residual, kernel_backend, prologue_rope_table, qk_prologue
+from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from .config import MvgenConfig
 from .denoiser import ROW_BLOCK, batch_invariant
+from .joint_attention import JointAttention, QKNorm, StreamQKV
 from .positions import grid_positions, rd_rope_positions
 
 EPS = 1e-6  # every LayerNorm and QK RMSNorm of HunyuanVideo
@@ -106,8 +106,9 @@ class _StreamModules:
 
 @dataclass
 class _Stream:
-    """One stream's state through the blocks: tokens [B, N, D], the embedding that modulates it [B, D], its
-    positions [N, 3] and their RoPE table (None where the prologue kernel computes angles)."""
+    """One stream's state through the blocks: its role (``engine.joint_attention.STREAM_ROLES``), tokens [B, N, D],
+    the embedding that modulates it [B, D], its positions [N, 3] and their RoPE table (None where the prologue
+    kernel computes angles)."""
 
     name: str
     x: torch.Tensor
@@ -116,10 +117,7 @@ class _Stream:
     rope: tuple | None
 
 
-STREAMS = ("video", "reference", "text")  # the order of the joint attention's tokens (kernels: stream offsets)
-
-
-class MultiViewMMDiT(nn.Module):
+class MultiViewMMDiT(JointAttention, nn.Module):
     """HunyuanVideo (T2V, or I2V with ``latent_concat``) with MVI2V's reference stream."""
 
     def __init__(self, config: MvgenConfig):
@@ -273,11 +271,6 @@ class MultiViewMMDiT(nn.Module):
     def _backend(self) -> str:
         return kernel_backend(self.config.attention_backend)
 
-    def _rope(self, pos: torch.Tensor, like: torch.Tensor):
-        cfg = self.config
-        return prologue_rope_table(pos, cfg.attention_head_dim, like, cfg.rope_theta, self._backend,
-                                   rope_axes=cfg.rope_axes_dim)
-
     def _block(self, streams: list[_Stream], modules: list[_StreamModules], key_lengths: torch.Tensor) -> None:
         """One block over every stream, in place: each stream's modulated input and Q/K/V, one joint attention,
         then each stream's output projection (and FFN, or MLP branch) with its gated residuals."""
@@ -288,8 +281,9 @@ class MultiViewMMDiT(nn.Module):
             h = adaln_layernorm(s.x, mod[0][:, None], mod[1][:, None], eps=EPS, backend=backend)
             mods.append(mod)
             inputs.append(h)
-            qkv.append(tuple(proj(h).unflatten(2, (heads, -1)) for proj in (m.to_q, m.to_k, m.to_v)))
-        rows = self._attend(streams, modules, qkv, key_lengths).split([s.x.shape[1] for s in streams], dim=1)
+            q, k, v = (proj(h).unflatten(2, (heads, -1)) for proj in (m.to_q, m.to_k, m.to_v))
+            qkv.append(StreamQKV(q, k, v, s.pos, QKNorm(m.norm_q, m.norm_k), rope=s.rope, role=s.name))
+        rows = self._attend(qkv, key_lengths=key_lengths).split([s.x.shape[1] for s in streams], dim=1)
         for s, m, mod, h, out in zip(streams, modules, mods, inputs, rows):
             out = out.flatten(2)
             if m.ff is None:  # single-stream: proj_out([attention | gelu(proj_mlp(h))]), one gate
@@ -300,40 +294,6 @@ class MultiViewMMDiT(nn.Module):
                 x = gated_residual(s.x, m.to_out(out), gate[:, None], backend=backend)
                 h = adaln_layernorm(x, shift_mlp[:, None], scale_mlp[:, None], eps=EPS, backend=backend)
                 s.x = gated_residual(x, m.ff(h), gate_mlp[:, None], backend=backend)
-
-    def _attend(self, streams, modules, qkv, key_lengths) -> torch.Tensor:
-        """The joint self-attention over [video | references | text]: each stream through the QK prologue (its
-        per-head RMSNorm, RoPE at its positions, the softmax scale into Q) into its slice of the joint Q/K, then one
-        attention with the streams as offsets and the text padding as key lengths."""
-        cfg = self.config
-        q0 = qkv[0][0]
-        b, _, heads, head_dim = q0.shape
-        sizes = [s.x.shape[1] for s in streams]
-        n = sum(sizes)
-        q_all, k_all = q0.new_empty(b, n, heads, head_dim), q0.new_empty(b, n, heads, head_dim)
-        at = 0
-        for s, m, (q, k, _), size in zip(streams, modules, qkv, sizes):
-            qk_prologue(q, k, s.pos, s.pos, weight_q=m.norm_q.weight, weight_k=m.norm_k.weight, eps=EPS,
-                        q_scale=LOG2E / math.sqrt(head_dim), theta=cfg.rope_theta, out_q=q_all[:, at:at + size],
-                        out_k=k_all[:, at:at + size], backend=self._backend, q_rope=s.rope, k_rope=s.rope,
-                        norm="per_head", rope_axes=cfg.rope_axes_dim)
-            at += size
-        v_all = torch.cat([v for _, _, v in qkv], dim=1)
-        offsets = _stream_offsets([s.name for s in streams], sizes)
-        return self._rotated_attention(q_all, k_all, v_all, offsets, key_lengths)
-
-    def _rotated_attention(self, q, k, v, offsets: tuple[int, int], key_lengths: torch.Tensor) -> torch.Tensor:
-        """Attention on the prologue's outputs (``kernels.attention``); ``mask`` from ``ref_attention``."""
-        return attention(q, k, v, q_offsets=offsets, k_offsets=offsets, mask=self.config.ref_attention,
-                         key_lengths=key_lengths, backend=self.config.attention_backend)
-
-
-def _stream_offsets(names: list[str], sizes: list[int]) -> tuple[int, int]:
-    """Where the reference and the text streams start in the [video | references | text] sequence."""
-    count = dict(zip(names, sizes))
-    video, refs = count.get("video", 0), count.get("reference", 0)
-    return video, video + refs
-
 
 def _row_blocks(fn, *tensors: torch.Tensor) -> torch.Tensor:
     """``fn`` over the rows of ``tensors`` in blocks of ``ROW_BLOCK`` rows (padded by repeating row 0), as

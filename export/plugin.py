@@ -71,10 +71,12 @@ def plugin_attention(denoiser):
     if cfg.ref_attention not in EXPORTED_MASKS:
         raise ValueError(f"plugin attention exports ref_attention in {EXPORTED_MASKS}, got {cfg.ref_attention!r}")
 
-    def attend(self, q, k, v, n_video_q, n_video_k, mask, tokens_per_frame, proto_tokens):
-        if q.shape[1] != k.shape[1] or n_video_q != n_video_k:
+    def attend(self, q, k, v, q_offsets, k_offsets, mask, tokens_per_frame, proto_tokens, key_lengths):
+        if q.shape[1] != k.shape[1] or tuple(q_offsets) != tuple(k_offsets):
             raise ValueError("the plugin node is the joint *self*-attention (same tokens for queries and keys)")
-        n_video = torch.full((1,), n_video_k, dtype=torch.int64, device=q.device)
+        if key_lengths is not None or q_offsets[1] != q.shape[1]:
+            raise ValueError("the plugin node takes [video | reference] streams (no text stream, no key lengths)")
+        n_video = torch.full((1,), q_offsets[0], dtype=torch.int64, device=q.device)
         return joint_attention_node(q, k, v, n_video, mask)
 
     denoiser._rotated_attention = types.MethodType(attend, denoiser)
