@@ -4,8 +4,9 @@
 # 1. kernel correctness on the hardware (benchmarks/gpu_checks.py: prologue, attention on each backend, the
 # denoiser on triton/sdpa/auto vs the reference path), 2. kernel benchmarks (benchmarks/kernels.py: prologue
 # + Triton kernel, prologue + SDPA, RoPE-in-PyTorch + SDPA/flash_attn, bare SDPA), 3. the compile figures
-# (kernels.compile_check), 4. the TensorRT build/refit/plugin tests where TensorRT is installed.
-# Results: OUT_DIR/{gpu.txt,gpu_checks.*,kernels.*,compile_check.*,tensorrt.txt}. Exit status 1 if any step
+# (kernels.compile_check), 4. the MMDiT's triple stream vs diffusers' HunyuanVideo, one step, parity first
+# (benchmarks/bench_mmdit.py), 5. the TensorRT build/refit/plugin tests where TensorRT is installed.
+# Results: OUT_DIR/{gpu.txt,gpu_checks.*,kernels.*,compile_check.*,mmdit_cpu.*,tensorrt.txt}. Exit status 1 if any step
 # failed (each failure is named in the log).
 set -u -o pipefail  # a step piped into tee fails with its own status, not tee's
 OUT=${1:-${OUT:-out/gpu}}
@@ -22,6 +23,7 @@ step $PY -m benchmarks.gpu_checks --out "$OUT"
 step $PY -m benchmarks.kernels --out "$OUT"
 # the static figures of the kernels as launched, next to the measured ones
 step $PY -m kernels.compile_check --arch 90 80 --json "$OUT/compile_check.json" --markdown "$OUT/compile_check.md"
+step $PY -m benchmarks.bench_mmdit --config cpu --device cuda --repeats 20 --warmup 3 --out "$OUT"
 if $PY -c "import tensorrt" 2>/dev/null; then
     tensorrt_tests() { $PY -m pytest -q tests/export/test_tensorrt.py 2>&1 | tee "$OUT/tensorrt.txt"; }
     step tensorrt_tests

@@ -114,6 +114,9 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
                 raise FileNotFoundError(f"not found: {source}")
     for spec in checkpoint.experts:  # refused here, before a server starts, in the words the model would use
         options.parallel.check_heads(spec.config.num_attention_heads)
+        if options.parallel.parallel and spec.config.family != "wan":
+            raise ValueError("sequence/CFG parallel (--sp, --cfg-parallel) is implemented for the Wan family only; "
+                             "serve an MMDiT without them")
     if options.denoiser_plan and options.parallel.parallel:
         raise ValueError("a TensorRT plan runs on one GPU per instance; sequence/CFG parallel (--sp, --cfg-parallel) "
                          "serves the python denoiser: drop --denoiser-plan or --sp/--cfg-parallel")

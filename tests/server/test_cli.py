@@ -101,3 +101,7 @@ def test_client_unreachable_server(tmp_path, images):
 def test_parallel_options_refused(tiny_env, args, words):
     """Refused before tritonserver starts (the tiny model has 2 heads)."""
     assert words in _one_error_line(_serve("--model", "tiny", *args))
+
+
+def test_parallel_refused_for_the_mmdit(tiny_env):
+    assert "implemented for the Wan family only" in _one_error_line(_serve("--model", "tiny-mmdit", "--sp", "2"))
