@@ -220,7 +220,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         # batch_invariant)
         timestep = timestep.to(dtype)
         temb = _row_blocks(lambda t, pooled: self.time_text_embed(t, pooled)[0], timestep, pooled_text.to(dtype))
-        tokens = _row_blocks(self.context_embedder, text.to(dtype), timestep, text_mask)
+        tokens = self._refine_text(text.to(dtype), timestep, text_mask)
         x = batch_invariant(self.x_embedder, video.to(dtype))
         n_text = tokens.shape[1]
         streams = [_Stream("video", x, temb, grid_positions(f, h, w, device=x.device), None)]
@@ -250,6 +250,28 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         x = self.proj_out(x)
         x = x.reshape(b, f, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _refine_text(self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """diffusers' ``HunyuanVideoTokenRefiner`` (its modules, its order of operations) with only its M = B linears
+        (the timestep + pooled-text embedding, each block's gates) on fixed row blocks: the token-wise layers have
+        M = B x L rows, which no batch size changes the kernel of, so they run on the batch's own rows (blocking
+        the whole refiner cost 4x its time at batch 2)."""
+        refiner = self.context_embedder
+        weights = mask.float().unsqueeze(-1)
+        pooled = ((text * weights).sum(dim=1) / weights.sum(dim=1)).to(text.dtype)  # the prompt's mean state
+        temb = _row_blocks(refiner.time_text_embed, timestep, pooled)
+        h = refiner.proj_in(text)
+        # each token sees the prompt's tokens, a padding token its first one (diffusers' self_attn_mask)
+        b, n = mask.shape
+        keep = mask.bool().view(b, 1, 1, n).expand(b, 1, n, n)
+        self_mask = (keep & keep.transpose(2, 3)) | (torch.arange(n, device=mask.device) == 0)
+        for block in refiner.token_refiner.refiner_blocks:
+            attn = block.attn(hidden_states=block.norm1(h), encoder_hidden_states=None, attention_mask=self_mask)
+            gates = batch_invariant(lambda t: block.norm_out.linear(block.norm_out.nonlinearity(t)), temb)
+            gate_msa, gate_mlp = (g.unsqueeze(1) for g in gates.chunk(2, dim=1))
+            h = h + attn * gate_msa
+            h = h + block.ff(block.norm2(h)) * gate_mlp
+        return h
 
     def _embed_references(self, ref_latents: torch.Tensor, fhw: tuple[int, int, int]):
         """[B, R, 16, hr*ph, wr*pw] clean latents -> tokens [B, R*hr*wr, D] and their positions. On I2V a reference

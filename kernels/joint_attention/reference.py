@@ -68,8 +68,9 @@ def attention_mask(
     device=None,
     key_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Boolean mask (True = may attend) for ``mode``: [n_q, n_k], or [B, 1, n_q, n_k] with ``key_lengths``;
-    None for ``full`` without key lengths.
+    """Boolean mask (True = may attend) for ``mode``: [n_q, n_k], or [B, 1, n_q, n_k] with ``key_lengths``
+    ([B, 1, 1, n_k] for ``full``: the same for every query, SDPA broadcasts it); None for ``full`` without key
+    lengths.
 
     - ``isolated``: reference queries see only reference keys; video and context queries see every key.
     - ``prototype`` (no context stream): video query of frame ``i // tokens_per_frame`` sees all video keys
@@ -95,7 +96,7 @@ def attention_mask(
     if key_lengths is None:
         return allowed
     valid = kj < key_lengths.to(device)[:, None, None, None]  # [B, 1, 1, n_k]
-    return valid & (qi >= 0) if allowed is None else valid & allowed  # [B, 1, n_q, n_k]
+    return valid if allowed is None else valid & allowed  # [B, 1, 1, n_k] (broadcast over queries) or [B, 1, n_q, n_k]
 
 
 def joint_attention_reference(

@@ -306,7 +306,7 @@ def test_attention_mask_of_three_streams():
     assert mask[[0, 1, 2, 5, 6, 7, 8]].all() and mask[3:5].sum() == 4 and mask[3:5, 3:5].all()
     lengths = torch.tensor([9, 6, 5])
     full = attention_mask(9, 9, (3, 5), (3, 5), "full", key_lengths=lengths)
-    assert full.shape == (3, 1, 9, 9)
+    assert full.shape == (3, 1, 1, 9)  # the same for every query: broadcast
     assert [int(full[b, 0, 0].sum()) for b in range(3)] == [9, 6, 5]
     oracle_allowed = stream_oracle(torch.zeros(3, 9, 1, 1), torch.zeros(3, 9, 1, 1), torch.zeros(3, 9, 1, 1),
                                    q_sizes, k_sizes, "isolated", lengths)
