@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,17 @@ class Served:
         return tree_rss(self.process.pid)
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            return response.read().decode()
+        """The metrics page. A refused connection is retried for a few seconds: once, in a full suite on 2 busy
+        cores, tritonserver's metrics endpoint refused one scrape minutes after it had started (a scraper such as
+        Prometheus retries at its next interval); a server that stays unreachable still fails the test."""
+        for attempt in range(5):
+            try:
+                with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                    return response.read().decode()
+            except urllib.error.URLError as error:
+                if attempt == 4 or not isinstance(error.reason, ConnectionRefusedError):
+                    raise
+                time.sleep(1)
 
     def metric(self, name: str, **labels) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
