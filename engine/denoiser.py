@@ -266,8 +266,9 @@ class ConditionEmbedder(nn.Module):
 ROW_BLOCK = 8
 
 
-def batch_invariant(fn, x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
-    """``fn`` over the rows of ``x`` in zero-padded blocks of ``block`` rows.
+def batch_invariant(fn, *tensors: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
+    """``fn`` over the rows of ``tensors`` (the same rows of each: ``fn(*tensors)``) in zero-padded blocks of
+    ``block`` rows.
 
     GEMM libraries pick their kernel by the number of rows M, and for small M (here M = batch rows: the
     timestep MLP) the kernels differ in their last bits, so a request's velocity would depend on how many
@@ -275,11 +276,11 @@ def batch_invariant(fn, x: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor
     M a row's bits depend on its own values only. The token-wise layers have M = rows x tokens, where the
     kernel no longer changes with the batch. Skipped in graph export (TensorRT chooses its own kernels).
     """
-    rows = x.shape[0]
+    rows = tensors[0].shape[0]
     if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or rows == block:
-        return fn(x)
-    padded = torch.cat([x, x.new_zeros(-rows % block, *x.shape[1:])])
-    return torch.cat([fn(chunk) for chunk in padded.split(block)])[:rows]
+        return fn(*tensors)
+    padded = [torch.cat([t, t.new_zeros(-rows % block, *t.shape[1:])]) for t in tensors]
+    return torch.cat([fn(*chunk) for chunk in zip(*(t.split(block) for t in padded))])[:rows]
 
 
 @dataclass

@@ -46,7 +46,7 @@ from torch import nn
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from .config import MvgenConfig
-from .denoiser import ROW_BLOCK, batch_invariant
+from .denoiser import batch_invariant
 from .joint_attention import JointAttention, QKNorm, StreamQKV
 from .positions import grid_positions, rd_rope_positions
 
@@ -219,14 +219,14 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         # (small-M layers on fixed row blocks, so a row's bits never depend on its batch: engine.denoiser's
         # batch_invariant)
         timestep = timestep.to(dtype)
-        temb = _row_blocks(lambda t, pooled: self.time_text_embed(t, pooled)[0], timestep, pooled_text.to(dtype))
+        temb = batch_invariant(lambda t, pooled: self.time_text_embed(t, pooled)[0], timestep, pooled_text.to(dtype))
         tokens = self._refine_text(text.to(dtype), timestep, text_mask)
         x = batch_invariant(self.x_embedder, video.to(dtype))
         n_text = tokens.shape[1]
         streams = [_Stream("video", x, temb, grid_positions(f, h, w, device=x.device), None)]
         if ref_latents is not None and ref_latents.shape[1] > 0:
             r, ref_pos = self._embed_references(ref_latents, (f, h, w))
-            ref_temb = temb if cfg.ref_timestep == "shared" else _row_blocks(
+            ref_temb = temb if cfg.ref_timestep == "shared" else batch_invariant(
                 lambda t, pooled: self.time_text_embed(t, pooled)[0], torch.zeros_like(timestep), pooled_text.to(dtype))
             streams.append(_Stream("reference", r, ref_temb, ref_pos, None))
         no_rotation = torch.zeros(n_text, 3, dtype=torch.long, device=x.device)  # text tokens are not rotated
@@ -259,7 +259,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         refiner = self.context_embedder
         weights = mask.float().unsqueeze(-1)
         pooled = ((text * weights).sum(dim=1) / weights.sum(dim=1)).to(text.dtype)  # the prompt's mean state
-        temb = _row_blocks(refiner.time_text_embed, timestep, pooled)
+        temb = batch_invariant(refiner.time_text_embed, timestep, pooled)
         h = refiner.proj_in(text)
         # each token sees the prompt's tokens, a padding token its first one (diffusers' self_attn_mask)
         b, n = mask.shape
@@ -316,13 +316,3 @@ class MultiViewMMDiT(JointAttention, nn.Module):
                 x = gated_residual(s.x, m.to_out(out), gate[:, None], backend=backend)
                 h = adaln_layernorm(x, shift_mlp[:, None], scale_mlp[:, None], eps=EPS, backend=backend)
                 s.x = gated_residual(x, m.ff(h), gate_mlp[:, None], backend=backend)
-
-def _row_blocks(fn, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn`` over the rows of ``tensors`` in blocks of ``ROW_BLOCK`` rows (padded by repeating row 0), as
-    ``engine.denoiser.batch_invariant`` does for one tensor: a row's bits do not depend on its batch."""
-    rows = tensors[0].shape[0]
-    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or rows == ROW_BLOCK:
-        return fn(*tensors)
-    pad = -rows % ROW_BLOCK
-    padded = [torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) if pad else t for t in tensors]
-    return torch.cat([fn(*(t[i:i + ROW_BLOCK] for t in padded)) for i in range(0, rows + pad, ROW_BLOCK)])[:rows]

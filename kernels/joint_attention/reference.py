@@ -81,6 +81,11 @@ def attention_mask(
     exported graph; ``arange`` on the sizes keeps them symbolic under torch.export).
     """
     check_streams(n_q, n_k, q_offsets, k_offsets, mode, key_lengths)
+    return _allowed(n_q, n_k, q_offsets, k_offsets, mode, tokens_per_frame, proto_tokens, device, key_lengths)
+
+
+def _allowed(n_q, n_k, q_offsets, k_offsets, mode, tokens_per_frame, proto_tokens, device, key_lengths):
+    """``attention_mask`` on arguments already checked (each public entry checks them once per call)."""
     qi = torch.arange(n_q, device=device)[:, None]
     kj = torch.arange(n_k, device=device)[None, :]
     allowed = None
@@ -132,8 +137,8 @@ def joint_attention_reference(
         # scaling key j scales exactly the logits of key j
         k = (k.to(angle_dtype) * key_scale.to(angle_dtype)[None, :, None, None]).to(k.dtype)
     check_streams(q.shape[1], k.shape[1], q_offsets, k_offsets, mask, key_lengths, q.shape[0])
-    allowed = attention_mask(q.shape[1], k.shape[1], q_offsets, k_offsets, mask, tokens_per_frame, proto_tokens,
-                             q.device, key_lengths)
+    allowed = _allowed(q.shape[1], k.shape[1], q_offsets, k_offsets, mask, tokens_per_frame, proto_tokens, q.device,
+                       key_lengths)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed, scale=scale
@@ -151,16 +156,16 @@ def rotated_attention_reference(q, k, v, *, q_offsets, k_offsets, key_lengths=No
     ``q . k`` is the logit in base 2 (``2**x = e**(x ln 2)``: SDPA's scale is ln 2). Streams, masks and
     ``key_lengths`` as ``attention_mask``; a query with no allowed key gives NaN here (0 in the kernel)."""
     check_streams(q.shape[1], k.shape[1], q_offsets, k_offsets, mask, key_lengths, q.shape[0])
-    allowed = attention_mask(q.shape[1], k.shape[1], q_offsets, k_offsets, mask, tokens_per_frame, proto_tokens,
-                             q.device, key_lengths)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=allowed, scale=LN2)
-    return out.transpose(1, 2)
+    return _sdpa(q, k, v, _allowed(q.shape[1], k.shape[1], q_offsets, k_offsets, mask, tokens_per_frame,
+                                          proto_tokens, q.device, key_lengths))
 
 
-def _sdpa(q, k, v):
+
+
+def _sdpa(q, k, v, allowed=None):
+    """SDPA on [B, N, H, D] prologue outputs (base-2 logits: scale ln 2), with a boolean mask or none."""
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          scale=LN2).transpose(1, 2)
+                                          attn_mask=allowed, scale=LN2).transpose(1, 2)
 
 
 def rotated_attention_sdpa(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1,
@@ -172,9 +177,8 @@ def rotated_attention_sdpa(q, k, v, *, q_offsets, k_offsets, key_lengths=None, m
     n_q = q.shape[1]
     check_streams(n_q, k.shape[1], q_offsets, k_offsets, mask, key_lengths, q.shape[0])
     if mask == "prototype" or key_lengths is not None:
-        result = rotated_attention_reference(q, k, v, q_offsets=q_offsets, k_offsets=k_offsets,
-                                             key_lengths=key_lengths, mask=mask, tokens_per_frame=tokens_per_frame,
-                                             proto_tokens=proto_tokens)
+        result = _sdpa(q, k, v, _allowed(n_q, k.shape[1], q_offsets, k_offsets, mask, tokens_per_frame,
+                                                proto_tokens, q.device, key_lengths))
         return result if out is None else out.copy_(result)
     (q_ref, q_ctx), (k_ref, k_ctx) = q_offsets, k_offsets
     if mask == "full" or q_ref == q_ctx:
