@@ -10,7 +10,8 @@ Reads whichever of ``bench_denoiser.json``, ``bench_server.json`` and ``bench_pi
   lines, one panel per size, reference count and compile setting (rows marked approximate, step caching, are
   left to the table);
 - ``denoiser_ratio.png``: engine / diffusers step time per variant and token count (below 1: the engine is faster);
-- ``server_latency.png``: latency p50/p95/p99 and throughput against concurrency;
+- ``server_latency.png``: latency p50/p95/p99 and throughput (with the solo throughput) against concurrency,
+  and a lone request's p50 in process and served with their ratio;
 - ``pipeline_phases.png``: a generation's time split into encode, denoise, decode and the rest.
 
 Each plot's caption names the machine and revision of the JSON it came from; ``bench_plot.json``/``.md`` list
@@ -121,26 +122,57 @@ def plot_ratio(plt, payload: dict, path: Path) -> None:
     _save(plt, fig, path)
 
 
+def _server_series(rows: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The base row (a lone request compared with the in-process pipeline; None in older results) and the rows
+    drawn against concurrency: the solo row of the mix (else the base row) and the levels above 1."""
+    if not any("kind" in row for row in rows):  # results from before the in-process comparison: every row a level
+        return None, sorted(rows, key=lambda r: r["concurrency"])
+    base = next((row for row in rows if row["kind"] == "base"), None)
+    solo = [row for row in rows if row["kind"] == "solo"] or [base]
+    return base, sorted([*solo, *(row for row in rows if row["kind"] == "level")], key=lambda r: r["concurrency"])
+
+
 def plot_server(plt, payload: dict, path: Path) -> None:
-    rows = sorted(payload["rows"], key=lambda r: r["concurrency"])
+    base, rows = _server_series(payload["rows"])
+    compared = base is not None and base.get("served_over_in_process") is not None
     x = [r["concurrency"] for r in rows]
-    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3 if compared else 2, figsize=(16 if compared else 11, 4.2))
+    lat, thr = axes[:2]
     for key, label in (("p50_s", "p50"), ("p95_s", "p95"), ("p99_s", "p99")):
         lat.plot(x, [r[key] for r in rows], marker="o", label=label)
     lat.legend()
-    thr.plot(x, [r["throughput_rps"] for r in rows], marker="o", color="tab:green")
+    thr.plot(x, [r["throughput_rps"] for r in rows], marker="o", color="tab:green", label="served")
+    if rows and rows[0].get("solo_throughput_rps") is not None:
+        thr.axhline(rows[0]["solo_throughput_rps"], color="black", linestyle="--", linewidth=1,
+                    label="solo (one at a time)")
+        thr.legend()
     for axis, label in ((lat, "end-to-end latency (s)"), (thr, "throughput (requests/s)")):
-        axis.set_xlabel("concurrent requests")
+        shapes = rows[-1].get("shapes_label")
+        axis.set_xlabel("concurrent requests" + (f" ({shapes})" if shapes else ""))
         axis.set_ylabel(label)
         axis.set_xscale("log", base=2)
         axis.set_xticks(x, [str(c) for c in x])
         axis.set_ylim(bottom=0)
         axis.grid(True, alpha=0.3)
+    if compared:
+        _plot_in_process(axes[2], base)
     config = payload.get("config", {})
     what = (f"{config.get('model', '?')}: {config.get('frames', '?')} frames {config.get('width', '?')}x"
             f"{config.get('height', '?')}, {config.get('steps', '?')} steps, {config.get('refs', '?')} refs")
     fig.suptitle(f"Server latency and throughput ({what})\n{_caption(payload)}", fontsize=10)
     _save(plt, fig, path)
+
+
+def _plot_in_process(ax, base: dict) -> None:
+    """The lone request's p50 in process and served, with their ratio."""
+    values = (base["in_process_p50_s"], base["p50_s"])
+    ax.bar((0, 1), values, 0.6, color=("tab:gray", "tab:blue"))
+    ax.set_xticks((0, 1), ("in process\n(Python API)", "served\n(mvgen serve)"))
+    ax.set_ylabel("latency of one request, p50 (s)")
+    identical = "bit-identical" if base.get("served_equals_in_process") else "videos DIFFER"
+    ax.set_title(f"concurrency 1: served / in-process = {base['served_over_in_process']:.3g} ({identical})",
+                 fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
 
 
 def plot_pipeline(plt, payload: dict, path: Path) -> None:

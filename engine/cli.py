@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments, checkpoint_sources,
                        map_images, memory_options, parse_overrides, request_values, add_reference_cache_argument,
-                       add_step_cache_argument, step_cache_overrides)
+                       add_step_cache_argument, config_flag_overrides,
+                       add_deterministic_argument)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -46,6 +47,7 @@ def _add_generate(subparsers) -> None:
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable; VALUE is JSON or text)")
     add_reference_cache_argument(p)
     add_step_cache_argument(p)
+    add_deterministic_argument(p)
     p.add_argument("--out", type=Path, required=True, help="output .mp4 (a .png contact sheet is written beside it)")
     p.set_defaults(func=run_generate)
 
@@ -73,7 +75,7 @@ def run_generate(args) -> int:
         raise UsageError(f"--fps must be a positive integer, got {args.fps}")
     # every image is read before the (possibly slow) model load, so a typo fails at once
     values = map_images(request_values(args), lambda path, flag: load_image(path, flag))
-    overrides = step_cache_overrides(args, parse_overrides(args.overrides))
+    overrides = config_flag_overrides(args, parse_overrides(args.overrides))
     device = _device(args.device)
     try:
         check_offload(args.offload, device)

@@ -159,6 +159,24 @@ def step_cache_overrides(args, overrides: dict) -> dict:
     return {**overrides, "step_cache_threshold": args.step_cache}
 
 
+def add_deterministic_argument(p) -> None:
+    """``--deterministic``, shared by ``mvgen generate``, ``mvgen serve`` and the benchmarks: sets the config's
+    ``deterministic`` (``engine.batch_invariance``); an explicit ``--set deterministic=...`` wins."""
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant numerics: a request's video is bit-identical alone or batched with any "
+                        "other requests (per-row linears and convolutions on the CPU; fixed-tile Triton matmul and "
+                        "attention on CUDA)")
+
+
+def config_flag_overrides(args, overrides: dict) -> dict:
+    """``overrides`` with what the config flags of the command line set (``--step-cache``, ``--deterministic``),
+    unless ``--set`` gave those keys."""
+    overrides = step_cache_overrides(args, overrides)
+    if getattr(args, "deterministic", False) and "deterministic" not in overrides:
+        overrides = {**overrides, "deterministic": True}
+    return overrides
+
+
 def add_memory_arguments(p) -> None:
     """``--dtype``, ``--offload`` and ``--vae-tiling``, shared by ``mvgen generate`` and ``mvgen serve``."""
     from .components import DTYPES, NATIVE_BF16_FLAGS

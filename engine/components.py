@@ -20,9 +20,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .batch_invariance import batch_invariant_ops
 from .config import MvgenConfig
 from .denoiser import ContextCache, ReferenceCache
-from .denoiser_io import TEXT_OUTPUTS, text_outputs
+from .denoiser_io import STEP_INPUTS, TEXT_OUTPUTS, text_outputs
 from .offload import apply_offload, check_offload
 from .parallel import CollectiveError, ParallelRuntime
 from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
@@ -572,14 +573,16 @@ class Denoiser:
         return results
 
     def _resolve(self, index: int, call: "DenoiseCall") -> "_Item":
-        """The call's inputs and caches: its reference K/V (looked up, or built from this call's references) and
-        its per-request state (cross-attention K/V, step cache), built at its first step."""
+        """The call's inputs and caches: its per-request state (step-invariant inputs, cross-attention K/V, step
+        cache), built at its first step, which fills a later step's inputs (``inputs_once``: those carry the
+        latents and the timestep only); and its reference K/V (looked up, or built from the request's references)."""
         inputs = {name: value for name, value in call.inputs.items() if name not in self.foreign_inputs}
-        refs = inputs.pop("ref_latents", None)
-        refs = refs if refs is not None and refs.shape[1] > 0 else None
         if call.cache_key is None:
-            return _Item(index, {**inputs, "ref_latents": refs}, None, None)
+            return _Item(index, {**inputs, "ref_latents": _references(inputs)}, None, None)
         state = self._request_state(call.cache_key, inputs)
+        if state is not None and inputs.get("text") is None:  # a later step: the rest is the request's own
+            inputs = {**state.inputs, **{name: inputs[name] for name in STEP_INPUTS}}
+        refs = _references(inputs)
         if not (call.cache_references and self.caches_references):
             return _Item(index, {**inputs, "ref_latents": refs}, None, state)
         cache = self.caches.get(call.cache_key)
@@ -592,17 +595,28 @@ class Denoiser:
         return _Item(index, {**inputs, "ref_latents": None}, cache, state)
 
     def _request_state(self, key: str, inputs: dict) -> "RequestState | None":
+        """The request's state, built (or rebuilt, at other rows) from a call that carries every input; a call
+        that carries only the step's inputs needs it to exist (else a ``ReferenceCacheMiss``: the loop sends
+        everything again, as for an evicted reference cache)."""
         cfg = self.model.config
-        if not (cfg.context_cache or cfg.step_cache_threshold > 0):
+        if not cfg.caches_requests:
             return None
         state = self.requests.get(key)
+        if inputs.get("text") is None:
+            if state is None or not state.inputs:
+                raise ReferenceCacheMiss(key, "step-invariant inputs")
+            return state
         rows = inputs["latents"].shape[0]
-        if state is None or (state.context is not None and state.context.rows != rows):
-            context = None
-            if cfg.context_cache:  # the same states at every step of the request: their K/V once
+        if state is None or state.rows != rows or cfg.inputs_once:
+            context = state.context if state is not None and state.rows == rows else None
+            if context is None and cfg.caches_context:  # the same states at every step of the request: K/V once
                 context = self.model.precompute_context(inputs["text"], inputs["image_context"],
                                                         inputs.get("identity_context"))
-            state = RequestState(context, StepCache(cfg.step_cache_threshold) if cfg.step_cache_threshold > 0 else None)
+            step = state.step if state is not None and state.rows == rows else None
+            if step is None and cfg.step_cache_threshold > 0:
+                step = StepCache(cfg.step_cache_threshold)
+            kept = {name: value for name, value in inputs.items() if name not in STEP_INPUTS} if cfg.inputs_once else {}
+            state = RequestState(rows, context, step, kept)
             self.requests.put(key, state)
         return state
 
@@ -638,24 +652,35 @@ class Denoiser:
             step_cache=items[0].state.step if items[0].state is not None else None)  # step-cached: one request
         if caches["step_cache"] is not None:
             caches["step_cache"].real_rows = rows
-        if self.parallel is not None:
-            velocity = self.parallel.forward(self.model, batch, **caches)
-        else:
-            velocity = self.model(**batch, **caches)
+        with batch_invariant_ops(self.model.config.deterministic):
+            if self.parallel is not None:
+                velocity = self.parallel.forward(self.model, batch, **caches)
+            else:
+                velocity = self.model(**batch, **caches)
         return list(velocity[:rows].split(sizes))
 
 
 @dataclass
 class RequestState:
     """What a denoiser keeps of one request between its steps, besides its reference K/V: every block's
-    cross-attention K/V of its text/image/identity states, and its step cache."""
+    cross-attention K/V of its text/image/identity states, its step cache, and (``inputs_once``) its
+    step-invariant inputs as its first step sent them, by ``DENOISER_INPUTS`` name (``rows`` rows each)."""
 
+    rows: int
     context: ContextCache | None
     step: StepCache | None
+    inputs: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return sum(part.nbytes for part in (self.context, self.step) if part is not None)
+        kept = sum(t.numel() * t.element_size() for t in self.inputs.values() if t is not None)
+        return kept + sum(part.nbytes for part in (self.context, self.step) if part is not None)
+
+
+def _references(inputs: dict) -> torch.Tensor | None:
+    """A call's reference latents, None when it has none (absent, or R = 0 as the wire sends none)."""
+    refs = inputs.get("ref_latents")
+    return refs if refs is not None and refs.shape[1] > 0 else None
 
 
 @dataclass

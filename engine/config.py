@@ -113,6 +113,12 @@ class MvgenConfig:
     # TeaCache-style step caching (engine.step_cache): skip the block stack while the accumulated relative change of
     # the first block's modulated input stays under this threshold; 0 = off
     step_cache_threshold: float = 0.0
+    # a request's step-invariant inputs (text, image and identity states, condition, references, poses) reach the
+    # denoiser at its first step and are kept there (engine.components.RequestState); later steps carry the
+    # latents and the timestep only. False: every step carries every input (the loop's bytes before this option)
+    inputs_once: bool = True
+    # batch-invariant numerics (engine.batch_invariance): a request's bits do not depend on its batch companions
+    deterministic: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -201,11 +207,16 @@ class MvgenConfig:
                 and self.ref_timestep == "zero")
 
     @property
+    def caches_context(self) -> bool:
+        """Every block's cross-attention K/V of the request's text/image/identity states is computed once per
+        request (``context_cache``; an MMDiT has no cross-attention: its text is a stream of every step)."""
+        return self.context_cache and self.family == "wan"
+
+    @property
     def caches_requests(self) -> bool:
-        """The denoiser keeps something of a request between its steps: reference K/V, every block's
-        cross-attention K/V (``context_cache``; an MMDiT has no cross-attention) or a step cache."""
-        return (self.caches_reference or (self.context_cache and self.family == "wan")
-                or self.step_cache_threshold > 0)
+        """The denoiser keeps something of a request between its steps: its step-invariant inputs
+        (``inputs_once``), reference K/V, context K/V or a step cache."""
+        return self.inputs_once or self.caches_reference or self.caches_context or self.step_cache_threshold > 0
 
     def replace(self, **changes) -> "MvgenConfig":
         return dataclasses.replace(self, **changes)

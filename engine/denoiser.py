@@ -17,6 +17,7 @@ from torch import nn
 
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
+from .batch_invariance import batch_invariant
 from .config import MvgenConfig
 from .joint_attention import JointAttention, StreamQKV
 from .modes.identity import IdentityCrossAttention
@@ -261,26 +262,6 @@ class ConditionEmbedder(nn.Module):
         features = sinusoidal_embedding(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
         temb = batch_invariant(self.time_embedder, features).to(dtype)
         return temb, batch_invariant(lambda t: self.time_proj(F.silu(t)), temb).unflatten(1, (6, -1))
-
-
-ROW_BLOCK = 8
-
-
-def batch_invariant(fn, *tensors: torch.Tensor, block: int = ROW_BLOCK) -> torch.Tensor:
-    """``fn`` over the rows of ``tensors`` (the same rows of each: ``fn(*tensors)``) in zero-padded blocks of
-    ``block`` rows.
-
-    GEMM libraries pick their kernel by the number of rows M, and for small M (here M = batch rows: the
-    timestep MLP) the kernels differ in their last bits, so a request's velocity would depend on how many
-    rows share its batch (1 or 2 alone, 8 in the server's padded dynamic batch). With every call at the same
-    M a row's bits depend on its own values only. The token-wise layers have M = rows x tokens, where the
-    kernel no longer changes with the batch. Skipped in graph export (TensorRT chooses its own kernels).
-    """
-    rows = tensors[0].shape[0]
-    if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or rows == block:
-        return fn(*tensors)
-    padded = [torch.cat([t, t.new_zeros(-rows % block, *t.shape[1:])]) for t in tensors]
-    return torch.cat([fn(*chunk) for chunk in zip(*(t.split(block) for t in padded))])[:rows]
 
 
 @dataclass

@@ -134,6 +134,11 @@ def config_specs(config) -> list[TensorSpec]:
                        pooled_dim=values.get("pooled_projection_dim")) + mode_specs(values)
 
 
+# the denoiser inputs that change at every step; every other input is step-invariant and, under the config's
+# ``inputs_once``, reaches the denoiser once per request and expert (engine.generation.predict_velocity)
+STEP_INPUTS = ("latents", "timestep")
+
+
 OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

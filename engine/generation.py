@@ -91,6 +91,7 @@ class Generation:
     modes: dict = field(default_factory=dict)
     step_index: int = 0
     cache_built: set = field(default_factory=set)  # the experts that hold this request's reference cache
+    inputs_sent: set = field(default_factory=set)  # the experts that keep this request's step-invariant inputs
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -228,14 +229,18 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
     )
 
 
-def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool, rows: int | None = None) -> dict:
+def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool, rows: int | None = None,
+                    step_only: bool = False) -> dict:
     """One step's denoiser inputs with cond and uncond batched (the first ``rows`` rows: 1 = cond only);
-    references left out once the denoiser caches them."""
+    references left out once the denoiser caches them; ``step_only``: the ``STEP_INPUTS`` alone (the denoiser
+    keeps the request's others), every other name None."""
     rows = state.batch if rows is None else rows
     first = (lambda t: t[:rows] if t is not None else None)
+    step = dict(latents=state.latents.expand(rows, -1, -1, -1, -1).to(state.text.dtype), timestep=timestep.expand(rows))
+    if step_only:
+        return {name: step.get(name) for name in DENOISER_INPUTS}
     return dict(
-        latents=state.latents.expand(rows, -1, -1, -1, -1).to(state.text.dtype), condition=first(state.condition),
-        timestep=timestep.expand(rows), text=first(state.text), image_context=first(state.image_context),
+        **step, condition=first(state.condition), text=first(state.text), image_context=first(state.image_context),
         ref_latents=first(state.ref_latents) if with_references else None,
         **{name: first(state.modes.get(name)) for name in MODE_INPUTS},
     )
@@ -246,19 +251,26 @@ def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) 
     at that expert's scale: [1, 16, f, h, w]. An expert whose scale is at most 1 runs the cond row alone.
 
     A cached request sends its references at each expert's first step only (that expert builds its cache from
-    them), and again if the denoiser has dropped the cache in the meantime."""
+    them); a denoiser that keeps requests' step-invariant inputs (``inputs_once``) gets them at each expert's
+    first step only, later steps carrying the latents and the timestep. When the denoiser has dropped what it
+    kept in the meantime, the step is sent again with everything."""
     expert = state.checkpoint.expert_at(timestep)
+    config = state.checkpoint.experts[expert].config
     scale = state.guidance_scale(expert)
     rows = state.batch if scale > 1 else 1
     with_refs = state.ref_latents is not None and expert not in state.cache_built
+    keeps_inputs = state.cache_key is not None and stages.caches_requests and config.inputs_once
+    step_only = keeps_inputs and expert in state.inputs_sent
     try:
-        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs, rows), state.cache_key, expert,
-                                  state.cache_references)
+        velocity = stages.denoise(denoiser_inputs(state, timestep, with_refs, rows, step_only), state.cache_key,
+                                  expert, state.cache_references)
     except ReferenceCacheMiss:
         velocity = stages.denoise(denoiser_inputs(state, timestep, True, rows), state.cache_key, expert,
                                   state.cache_references)
-    if state.cache_key is not None and state.cache_references and state.checkpoint.experts[expert].config.caches_reference:
+    if state.cache_key is not None and state.cache_references and config.caches_reference:
         state.cache_built.add(expert)
+    if keeps_inputs:
+        state.inputs_sent.add(expert)
     return classifier_free_guidance(velocity.float(), scale)
 
 
@@ -298,10 +310,13 @@ def denoise(state: Generation, stages: Stages, on_step: StepCallback | None = No
 @torch.no_grad()
 def generate(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
              on_step: StepCallback | None = None, cancelled: Callable[[], bool] = lambda: False,
-             progress: bool = False) -> np.ndarray:
+             progress: bool = False, on_prepared: Callable[[], None] | None = None) -> np.ndarray:
     """A validated request -> frames uint8 [F, H, W, 3]. ``cancelled()`` is checked before every stage and
-    step: a cancelled request raises ``Cancelled`` within one step."""
+    step: a cancelled request raises ``Cancelled`` within one step. ``on_prepared()`` runs once the encoders are
+    done, before the first denoiser step (the server's queue gauge)."""
     state = prepare(checkpoint, request, stages, cancelled)
+    if on_prepared is not None:
+        on_prepared()
     latents = denoise(state, stages, on_step, cancelled, progress)
     _check(cancelled)
     return stages.decode(latents)

@@ -137,7 +137,11 @@ class JointAttention:
 
     def _rotated_attention(self, q, k, v, q_offsets, k_offsets, mask, tokens_per_frame, proto_tokens,
                            key_lengths) -> torch.Tensor:
-        """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this."""
+        """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this.
+        Deterministic on CUDA, ``auto`` takes the Triton kernel: its tiles never depend on the batch, while SDPA's
+        flash kernels may split the keys by batch size (``engine.batch_invariance``)."""
+        backend = self.config.attention_backend
+        if backend == "auto" and self.config.deterministic and q.is_cuda:
+            backend = "triton"
         return attention(q, k, v, q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
-                         tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens,
-                         backend=self.config.attention_backend)
+                         tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, backend=backend)

@@ -46,7 +46,7 @@ from torch import nn
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from .config import MvgenConfig
-from .denoiser import batch_invariant
+from .batch_invariance import batch_invariant
 from .joint_attention import JointAttention, QKNorm, StreamQKV
 from .positions import grid_positions, rd_rope_positions
 

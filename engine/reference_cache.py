@@ -17,10 +17,11 @@ MISS_PREFIX = "reference cache miss"
 
 
 class ReferenceCacheMiss(LookupError):
-    """No cache under this key (never built, or dropped to stay within the byte bound)."""
+    """No cache under this key (never built, or dropped to stay within the byte bound): the loop answers by
+    sending the request's every input again. ``what``: the reference K/V, or the request's kept inputs."""
 
-    def __init__(self, key: str):
-        super().__init__(f"{MISS_PREFIX}: no reference K/V for request {key!r} (dropped or never built)")
+    def __init__(self, key: str, what: str = "reference K/V"):
+        super().__init__(f"{MISS_PREFIX}: no {what} for request {key!r} (dropped or never built)")
 
 
 class ReferenceCacheStore:

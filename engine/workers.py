@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .components import Checkpoint, DenoiseCall, Denoiser
 from .parallel import CollectiveError, ParallelLayout, connect
+from .warmup import held_modules, make_resident
 
 POLL_S = 0.002  # how often an idle worker looks for the next batch in the store (a local round trip)
 DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)}
@@ -52,6 +53,7 @@ class WorkerSpec:
     port: int
     rank: int
     timeout_s: float
+    resident: bool = False  # read the weights in before serving (engine.warmup.make_resident)
 
     @property
     def layout(self) -> ParallelLayout:
@@ -69,7 +71,8 @@ class DistributedDenoiser:
 
     def __init__(self, checkpoint: Checkpoint, expert: int = 0, cache_bytes: int = 8 << 30,
                  layout: ParallelLayout = ParallelLayout(2), timeout_s: float = 120.0,
-                 on_lost: Callable[[str], None] = lambda reason: None, python: str = sys.executable):
+                 on_lost: Callable[[str], None] = lambda reason: None, python: str = sys.executable,
+                 resident_workers: bool = False):
         layout.check_heads(checkpoint.experts[expert].config.num_attention_heads)
         self.layout, self.timeout_s, self.on_lost = layout, timeout_s, on_lost
         self.lost: str | None = None
@@ -77,7 +80,7 @@ class DistributedDenoiser:
         self.store = dist.TCPStore("127.0.0.1", 0, layout.world_size, True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
         spec = WorkerSpec(checkpoint.load_arguments(), expert, cache_bytes, layout.sp, layout.cfg_parallel,
-                          self.store.port, 0, timeout_s)
+                          self.store.port, 0, timeout_s, resident_workers)
         self.workers = [_start_worker(WorkerSpec(**{**asdict(spec), "rank": rank}), python)
                         for rank in range(1, layout.world_size)]
         try:
@@ -231,6 +234,8 @@ def worker_main(spec: WorkerSpec) -> int:
                                     "dtype": getattr(torch, spec.checkpoint.get("dtype", "float32"))})
     runtime = connect(spec.layout, spec.rank, store, device, spec.timeout_s)
     denoiser = Denoiser(checkpoint, spec.expert, spec.cache_bytes, parallel=runtime)
+    if spec.resident:  # before the leader's warm-up call, which waits for every rank (engine.warmup)
+        make_resident(held_modules(denoiser))
     seq = 0
     while True:
         header = _next_op(store, seq, leader)

@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from .batch_invariant import batch_invariant_linear_reference
+from .batch_invariant.reference import check_linear
 from .fusions.reference import adaln_layernorm_reference, distribution_fusion_reference, gated_residual_reference
 from .joint_attention import (
     MASK_MODES,
@@ -40,7 +42,7 @@ __all__ = [
     "joint_attention", "prototype_aggregate", "adaln_layernorm", "gated_residual", "distribution_fusion",
     "joint_attention_reference", "rotated_attention_reference", "qk_prologue_reference",
     "prototype_aggregate_reference", "adaln_layernorm_reference", "gated_residual_reference",
-    "distribution_fusion_reference",
+    "distribution_fusion_reference", "batch_invariant_linear", "batch_invariant_linear_reference",
 ]
 
 
@@ -169,3 +171,17 @@ def distribution_fusion(za, zb, *, eps=1e-6, backend="auto"):
         from .fusions.kernel import distribution_fusion_triton
         return distribution_fusion_triton(za, zb, eps=eps)
     return distribution_fusion_reference(za, zb, eps=eps)
+
+
+def batch_invariant_linear(x, weight, bias=None, backend="auto", *, out=None):
+    """``x @ weight.T + bias`` (nn.Linear's layout: x [..., K], weight [N, K], bias [N] or None) whose rows' bits do
+    not depend on the other rows of x (``--deterministic``: a request alone or batched gives the same output); see
+    ``batch_invariant_linear_reference``. ``auto``: the kernel for CUDA tensors of one kernel dtype, unit-stride in
+    their last dim."""
+    check_linear(x, weight, bias)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    supported = x.dtype == weight.dtype and all(t.stride(-1) == 1 for t in tensors)
+    if _use_kernel(backend, tensors, supported):
+        from .batch_invariant.kernel import batch_invariant_linear_triton
+        return batch_invariant_linear_triton(x, weight, bias, out=out)
+    return batch_invariant_linear_reference(x, weight, bias, out=out)

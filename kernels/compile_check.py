@@ -2,7 +2,7 @@
 disassembly say.
 
     python -m kernels.compile_check [--arch 90 80] [--jobs 2] [--json out.json] [--markdown out.md]
-                                    [--tutorial PATH/TO/06-fused-attention.py]
+                                    [--tutorial PATH/TO/06-fused-attention.py] [--kernel NAME ...]
 
 Each variant is compiled through the kernel's own ``JITFunction.warmup`` on CPU tensors of a real geometry
 (Wan2.1 1.3B at 480p, 81 frames, three references: 32760 video + 4680 reference tokens, 12 heads of 128; the
@@ -145,6 +145,21 @@ def prologue(dtype, heads, norm="across_heads", rope_axes=None):
     return pro._qk_prologue_fwd, args, meta
 
 
+def batch_invariant_linear(dtype, n, k, major):
+    """``_batch_invariant_linear_fwd`` with a bias, as ``kernels.batch_invariant_linear`` launches it on a GPU of
+    compute capability ``major``.x (its ``tile_config``) for the video + reference tokens; M is not specialised
+    on, so every M compiles to this binary."""
+    import torch
+
+    from .batch_invariant import kernel as bil
+
+    t, m = _torch_dtype(dtype), VIDEO_TOKENS + REF_TOKENS
+    x, w, out = torch.empty(m, k, dtype=t), torch.empty(n, k, dtype=t), torch.empty(m, n, dtype=t)
+    args, meta = bil.launch_args(x, w, torch.empty(n, dtype=t), out, bil.tile_config(t, major))
+    del meta["num_warps"], meta["num_stages"]  # the variant's
+    return bil._batch_invariant_linear_fwd, args, meta
+
+
 def tutorial(path, BLOCK_M, BLOCK_N):
     """Triton's tutorial ``_attn_fwd_tma`` (non-causal: STAGE 1), fp16, head_dim 128, Z=1, H=12, N_CTX 37440,
     from a copy of the tutorial file the user supplies (its kernels only are loaded, undecorated of autotune)."""
@@ -275,8 +290,25 @@ def _signature_variants(archs) -> list[tuple[Variant, int]]:
             for arch in archs for spec, label, pointers, consts, floats, warps, stages in specs]
 
 
+def _linear_variants(archs) -> list[tuple[Variant, int]]:
+    """The batch-invariant linear at Wan 14B's shapes: K = 5120, N = 5120 (projections) or 13824 (the FFN). M, N
+    and K are runtime integers: both N compile to one binary (after N = 5120, N = 13824 hits the JIT cache)."""
+    from .batch_invariant.kernel import tile_config
+
+    out = []
+    for arch in archs:
+        for dtype in ("bf16", "fp32"):
+            c = tile_config(_torch_dtype(dtype), arch // 10)
+            out.append((Variant("_batch_invariant_linear_fwd",
+                                f"{dtype} N=5120/13824 K=5120 bias {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}",
+                                "kernels.compile_check:batch_invariant_linear",
+                                dict(dtype=dtype, n=5120, k=5120, major=arch // 10), c["num_warps"],
+                                c["num_stages"]), arch))
+    return out
+
+
 def jobs(archs, tutorial_path: str | None = None) -> list[tuple[Variant, int]]:
-    out = _attention_variants(archs) + _signature_variants(archs)
+    out = _attention_variants(archs) + _signature_variants(archs) + _linear_variants(archs)
     if tutorial_path:
         out.append((Variant("tutorial _attn_fwd_tma", "fp16 d128 non-causal 128x64", "kernels.compile_check:tutorial",
                             dict(path=tutorial_path, BLOCK_M=128, BLOCK_N=64), 8, 3), archs[0]))
@@ -504,6 +536,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--tutorial", help="a copy of Triton's python/tutorials/06-fused-attention.py to compare")
+    parser.add_argument("--kernel", nargs="+", help="compile only these kernels (e.g. _batch_invariant_linear_fwd)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mvgen-triton-cache-") as cache:
         _init_worker(cache)
@@ -511,7 +544,7 @@ def main(argv=None) -> int:
         if reason is not None:
             print(f"skipped: {reason}")
             return BACKEND_UNAVAILABLE
-        todo = jobs(args.arch, args.tutorial)
+        todo = [(v, arch) for v, arch in jobs(args.arch, args.tutorial) if not args.kernel or v.kernel in args.kernel]
         start = time.perf_counter()
         with ProcessPoolExecutor(max_workers=args.jobs, initializer=_init_worker, initargs=(cache,)) as pool:
             results = list(pool.map(compile_variant, *zip(*todo)))

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from engine.cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments,
                              checkpoint_sources, map_images, memory_options, parse_overrides, request_values,
-                             add_reference_cache_argument, add_step_cache_argument, step_cache_overrides)
+                             add_reference_cache_argument, add_step_cache_argument, config_flag_overrides,
+                             add_deterministic_argument)
+from engine.warmup import WARMUP_MODES
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -42,13 +44,15 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
     p.add_argument("--max-tokens", type=int, default=131_072, help="reject requests longer than this (tokens)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests generated at once per mvgen model")
-    p.add_argument("--pad-batch-to", type=int, help="denoiser batch rows to pad to (default: the max batch, "
-                   "which makes results independent of batch companions; 0: no padding)")
+    p.add_argument("--pad-batch-to", type=int, default=0, metavar="ROWS",
+                   help="pad every denoiser batch to ROWS rows (default 0: batches at their real size). A fallback "
+                        "only: --deterministic makes a request's bits independent of its batch without the padding")
     p.add_argument("--denoiser-plan", type=Path, help="serve this TensorRT plan as mvgen_denoiser")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="denoiser config override, e.g. ref_attention=isolated (repeatable)")
     add_reference_cache_argument(p)
     add_step_cache_argument(p)
+    add_deterministic_argument(p)
     p.add_argument("--reference-cache-mb", type=int, default=8192,
                    help="reference K/V the denoiser holds at once, over all requests (least recently used dropped)")
     p.add_argument("--sp", type=int, default=1, metavar="N",
@@ -59,6 +63,9 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--worker-timeout", type=float, default=120.0, metavar="S",
                    help="a denoiser worker silent this long fails the request; the server then reports not-ready "
                         "until it has restarted its workers (default 120)")
+    p.add_argument("--warmup", choices=WARMUP_MODES, default="full",
+                   help="before reporting ready, each model makes its weights resident and runs one call at the "
+                        "model's default request (full), only reads its weights in (weights), or neither (none)")
     p.add_argument("--log-file", type=Path, help="tritonserver log (default: in the temporary work dir)")
     p.set_defaults(func=run_serve)
 
@@ -106,11 +113,11 @@ def run_serve(args) -> int:
     options = RepositoryOptions(
         model=str(args.model), adapter=str(args.adapter) if args.adapter else None,
         sources=checkpoint_sources(args), cache_root=str(args.cache_dir), **memory_options(args), device=args.device,
-        scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=step_cache_overrides(args, parse_overrides(args.overrides)),
+        scheduler=args.scheduler, max_tokens=args.max_tokens, overrides=config_flag_overrides(args, parse_overrides(args.overrides)),
         max_concurrency=args.max_concurrency, pad_batch_to=args.pad_batch_to,
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
         reference_cache=args.reference_cache, reference_cache_mb=args.reference_cache_mb,
-        sp=args.sp, cfg_parallel=args.cfg_parallel, worker_timeout_s=args.worker_timeout,
+        sp=args.sp, cfg_parallel=args.cfg_parallel, worker_timeout_s=args.worker_timeout, warmup=args.warmup,
     )
     config = ServeConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                          metrics_port=args.metrics_port, repository=args.repository, log_file=args.log_file)

@@ -18,7 +18,8 @@ OUTCOMES = ("success", "rejected", "cancelled", "error")
 
 
 class LoopMetrics:
-    """``mvgen`` / ``mvgen_stream``: per-step latency, queue wait, active requests, outcomes."""
+    """``mvgen`` / ``mvgen_stream``: per-step latency, queue wait and length, active requests, outcomes, and the
+    bytes each denoiser call carries."""
 
     def __init__(self, pb, model: str):
         kind = pb.MetricFamily
@@ -29,12 +30,32 @@ class LoopMetrics:
             kind("mvgen_queue_wait_seconds", "Time a request waited for a free loop worker", kind.HISTOGRAM),
             kind("mvgen_active_requests", "Requests being generated now", kind.GAUGE),
             kind("mvgen_requests_total", "Finished requests by outcome", kind.COUNTER),
+            kind("mvgen_loop_queue_requests", "Requests accepted by the loop that have not reached the denoiser yet "
+                 "(waiting for a loop worker, or in the encoders): what grows when the server is short of capacity",
+                 kind.GAUGE),
+            kind("mvgen_denoiser_input_bytes_total", "Bytes of input tensors the loop sent to the denoiser models",
+                 kind.COUNTER),
+            kind("mvgen_denoiser_calls_total", "Denoiser calls the loop made (one per request and step)", kind.COUNTER),
         ]
-        step, wait, active, requests = self.families
+        step, wait, active, requests, queue, sent, calls = self.families
         self.step = step.Metric(labels=labels, buckets=STEP_BUCKETS)
         self.wait = wait.Metric(labels=labels, buckets=WAIT_BUCKETS)
         self.active = active.Metric(labels=labels)
         self.outcomes = {o: requests.Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+        self.queue, self.sent, self.calls = (f.Metric(labels=labels) for f in (queue, sent, calls))
+
+    def request_queued(self) -> None:
+        with _LOCK:
+            self.queue.increment(1)
+
+    def request_dequeued(self) -> None:
+        with _LOCK:
+            self.queue.increment(-1)
+
+    def observe_denoiser_call(self, nbytes: int) -> None:
+        with _LOCK:
+            self.sent.increment(nbytes)
+            self.calls.increment(1)
 
     def request_started(self, waited: float) -> None:
         with _LOCK:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from engine import generation
+from engine import generation, warmup
 from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, text_encoder_class, vae_class
 from engine.denoiser_io import config_specs, denoiser_model_name, mode_specs, text_outputs
 from engine.errors import RequestError
@@ -50,6 +50,15 @@ def load_checkpoint(model_config: dict) -> Checkpoint:
     )
 
 
+def _warm_up(pb, name: str, model_config: dict, warm, *args, **kwargs) -> None:
+    """Run ``warm`` (an ``engine.warmup`` function) as the repository's ``warmup`` parameter says, before the model
+    reports ready; one INFO line in the server log with what it did and the seconds it took."""
+    params = _parameters(model_config)
+    report = warm(*args, mode=params.get("warmup", "full"),
+                  budget_s=float(params.get("warmup_budget_s", warmup.DEFAULT_BUDGET_S)), **kwargs)
+    pb.Logger.log_info(f"{name}: {report.line()}")
+
+
 def _input(pb, request, name: str):
     tensor = pb.get_input_tensor_by_name(request, name)
     return None if tensor is None else tensor.as_numpy()
@@ -74,10 +83,13 @@ class _PerRequestModel:
     """A model that answers each request on its own; a bad request gets an error, the batch goes on."""
 
     name = ""
+    warm = None  # the component's ``engine.warmup`` function, run before the model reports ready
 
     def __init__(self, model_config: dict, pb):
         self.pb = pb
-        self.component = self.load(load_checkpoint(model_config))
+        checkpoint = load_checkpoint(model_config)
+        self.component = self.load(checkpoint)
+        _warm_up(pb, self.name, model_config, self.warm, self.component, checkpoint)
 
     def load(self, checkpoint: Checkpoint):
         raise NotImplementedError
@@ -105,6 +117,7 @@ class TextEncoderModel(_PerRequestModel):
     ``text_mask`` [N, 256] and ``pooled_text`` [N, pooled_projection_dim]."""
 
     name = "mvgen_text_encoder"
+    warm = staticmethod(warmup.warm_text_encoder)
 
     def load(self, checkpoint):
         return text_encoder_class(checkpoint)(checkpoint)
@@ -124,6 +137,7 @@ class ImageEncoderModel(_PerRequestModel):
 
     name = "mvgen_image_encoder"
     load = ImageEncoder
+    warm = staticmethod(warmup.warm_image_encoder)
 
     def run(self, request, wanted):
         return {"image_context": self.component(_input(self.pb, request, "frame"))}
@@ -135,6 +149,7 @@ class VaeModel(_PerRequestModel):
     ``video`` UINT8 [F, H, W, 3]); the requested outputs choose."""
 
     name = "mvgen_vae"
+    warm = staticmethod(warmup.warm_vae)
 
     def load(self, checkpoint):
         return vae_class(checkpoint)(checkpoint)
@@ -169,11 +184,14 @@ class DenoiserModel:
             self.denoiser = DistributedDenoiser(checkpoint, expert, cache_bytes, layout,
                                                 float(params.get("worker_timeout_s", "120")),
                                                 on_lost=self.health.lost,
-                                                python=params.get("python_executable") or sys.executable)
+                                                python=params.get("python_executable") or sys.executable,
+                                                resident_workers=params.get("warmup", "full") != "none")
             self.health.set(True)
         else:
             self.denoiser = Denoiser(checkpoint, expert, cache_bytes=cache_bytes)
         self.pad_to = int(params.get("pad_batch_to", "0"))
+        _warm_up(pb, self.name, model_config, warmup.warm_denoiser, self.denoiser, checkpoint, expert,
+                 pad_to=self.pad_to)
 
     def execute(self, requests):
         caches = self.denoiser.caches
@@ -223,8 +241,10 @@ class DenoiserModel:
 class RemoteStages:
     """``engine.generation.Stages`` over BLS calls to the encoder, VAE and denoiser models."""
 
-    def __init__(self, pb, checkpoint: Checkpoint, caches_references: bool, caches_requests: bool):
+    def __init__(self, pb, checkpoint: Checkpoint, caches_references: bool, caches_requests: bool,
+                 metrics: LoopMetrics | None = None):
         self.pb = pb
+        self.metrics = metrics  # the loop's: bytes sent to the denoiser per call
         self.checkpoint = checkpoint
         self.caches_references = caches_references
         self.caches_requests = caches_requests
@@ -260,30 +280,18 @@ class RemoteStages:
 
     def denoise(self, inputs, cache_key, expert, cache_references):
         inputs = self._wire(inputs)
+        if self.metrics is not None:
+            self.metrics.observe_denoiser_call(sum(t.numel() * t.element_size() for t in inputs.values() if t is not None))
         return self._call(denoiser_model_name(expert), inputs, ["velocity"],
                           {CACHE_KEY: cache_key, CACHE_REFERENCES: cache_references} if cache_key else None)[0]
 
     def release(self, cache_key):
-        """To each expert that caches: a one-row, one-cell request that only carries the release flag (the
-        denoiser answers it at once)."""
-        dtype = self.checkpoint.dtype
+        """To each expert that caches: a one-row, one-cell request that only carries the release flag and the
+        step inputs (the others are optional; the denoiser answers it at once)."""
         for expert, spec in enumerate(self.checkpoint.experts):
-            cfg = spec.config
-            if not cfg.caches_requests:
-                continue
-            specs = {spec.name: spec for spec in config_specs(cfg)}
-            zeros = dict(
-                latents=torch.zeros(1, 16, 1, 2, 2, dtype=dtype),
-                condition=torch.zeros(1, cfg.condition_channels, 1, 2, 2, dtype=dtype) if cfg.condition_channels else None,
-                timestep=torch.zeros(1),
-                image_context=torch.zeros(1, 257, cfg.image_dim, dtype=dtype) if cfg.image_dim else None,
-                ref_latents=None,
-                # the family's text inputs (an MMDiT's mask and pooled text too), one row
-                **{name: torch.zeros(specs[name].shape({"batch": 1}), dtype=specs[name].torch_dtype(dtype))
-                   for name in text_outputs(cfg)},
-            )
-            self._call(denoiser_model_name(expert), self._wire(zeros), ["velocity"],
-                       {CACHE_KEY: cache_key, RELEASE: True})
+            if spec.config.caches_requests:
+                zeros = {"latents": torch.zeros(1, 16, 1, 2, 2, dtype=self.checkpoint.dtype), "timestep": torch.zeros(1, 1)}
+                self._call(denoiser_model_name(expert), zeros, ["velocity"], {CACHE_KEY: cache_key, RELEASE: True})
 
     def decode(self, latents):
         return self._call("mvgen_vae", {"latents": latents.float()}, ["video"])[0].numpy()
@@ -291,7 +299,10 @@ class RemoteStages:
     def _wire(self, inputs: dict) -> dict:
         """R = 0 travels as an empty reference axis (Triton inputs keep one shape per batch), and so does a mode
         input the request lacks (the model declares it: ``denoiser_io.mode_specs``); the timestep as one value
-        per row."""
+        per row. A step that carries the ``STEP_INPUTS`` only (``inputs_once``; no text) sends those alone: the
+        other inputs are optional in the denoiser's config."""
+        if inputs.get("text") is None:
+            return {"latents": inputs["latents"], "timestep": inputs["timestep"].reshape(-1, 1).float()}
         inputs = dict(inputs)
         b, _, f, h, w = inputs["latents"].shape
         if inputs["ref_latents"] is None:
@@ -322,17 +333,20 @@ class GenerateModel:
         # import and build the scheduler once now: its first import (diffusers) costs ~180 MB and seconds that
         # would otherwise land on the first request
         self.checkpoint.make_scheduler(self.checkpoint.defaults["shift"]).set_timesteps(2)
+        # the loop's own first-request costs (image decoding, validation, scheduler steps), over stages answering zeros
+        _warm_up(pb, self.name, model_config, warmup.warm_loop, self.checkpoint)
         caches = params.get("reference_cache", "true") == "true" and any(
             e.config.caches_reference for e in self.checkpoint.experts)
         requests = params.get("request_cache", "true") == "true" and any(
             e.config.caches_requests for e in self.checkpoint.experts)
-        self.stages = RemoteStages(pb, self.checkpoint, caches, requests)
         self.metrics = LoopMetrics(pb, self.name)
+        self.stages = RemoteStages(pb, self.checkpoint, caches, requests, self.metrics)
         self.pool = ThreadPoolExecutor(max_workers=int(params.get("max_concurrency", "8")),
                                        thread_name_prefix=self.name)
 
     def execute(self, requests):
         for request in requests:
+            self.metrics.request_queued()
             future = self.pool.submit(self._serve, request, request.get_response_sender(), time.perf_counter())
             future.add_done_callback(self._log_crash)
         return None
@@ -345,6 +359,12 @@ class GenerateModel:
     def _serve(self, request, sender, arrived: float):
         pb = self.pb
         outcome = "error"
+        waiting = [True]  # counted in the loop's queue gauge until its first denoiser step (or its end)
+
+        def on_prepared():
+            waiting[0] = False
+            self.metrics.request_dequeued()
+
         try:
             self.metrics.request_started(time.perf_counter() - arrived)
             arguments = protocol.request_arguments(lambda name: _input(pb, request, name))
@@ -355,7 +375,8 @@ class GenerateModel:
                 if self.decoupled:
                     sender.send(pb.InferenceResponse(output_tensors=[_out(pb, "progress", np.array([step, total], np.int32))]))
 
-            video = generation.generate(self.checkpoint, generation_request, self.stages, on_step, request.is_cancelled)
+            video = generation.generate(self.checkpoint, generation_request, self.stages, on_step, request.is_cancelled,
+                                        on_prepared=on_prepared)
             outputs = [_out(pb, "video", video)]
             if self.decoupled:
                 steps = generation_request.steps
@@ -372,6 +393,8 @@ class GenerateModel:
             pb.Logger.log_error(f"{self.name}: {type(error).__name__}: {error}")
             self._fail(sender, f"internal error: {type(error).__name__}: {error}", pb.TritonError.INTERNAL)
         finally:
+            if waiting[0]:
+                self.metrics.request_dequeued()
             self.metrics.request_finished(outcome)
 
     def _fail(self, sender, message: str, code) -> None:

@@ -19,6 +19,7 @@ from . import protocol
 
 from engine.denoiser_io import config_specs, denoiser_model_name, text_outputs
 from engine.parallel import ParallelLayout
+from engine.warmup import DEFAULT_BUDGET_S, check_mode
 
 GENERATE_MODELS = ("mvgen", "mvgen_stream")
 DENOISER = denoiser_model_name(0)
@@ -75,7 +76,9 @@ class RepositoryOptions:
     overrides: dict = field(default_factory=dict)
     max_concurrency: int = 8  # requests one mvgen instance generates at once
     max_batch_rows: int = MAX_BATCH_ROWS
-    pad_batch_to: int | None = None  # None: pad every denoiser batch to max_batch_rows (bit-reproducible)
+    # > 0: pad every denoiser batch to this many rows (the old reproducibility fallback; --deterministic gets it from
+    # batch-invariant kernels instead); 0: batches at their real size; None: max_batch_rows
+    pad_batch_to: int | None = 0
     batch_delay_us: int = 2000  # how long the dynamic batcher waits for companions
     denoiser_plan: str | None = None  # a TensorRT plan replaces the python denoiser
     reference_cache: bool = True  # the denoiser keeps each request's reference K/V (isolated + zero configs)
@@ -84,6 +87,10 @@ class RepositoryOptions:
     sp: int = 1  # sequence-parallel ranks of each denoiser (Ulysses; engine.parallel): a worker process per other rank
     cfg_parallel: bool = False  # cond and uncond rows on two groups of sp ranks (world = 2 x sp)
     worker_timeout_s: float = 120.0  # a worker silent this long fails the batch; the denoiser is then restarted
+    # what each model does at load, before the server reports ready (engine.warmup): "full" (weights resident + one
+    # call at the default request), "weights" (resident only) or "none"; bounded by warmup_budget_s per model
+    warmup: str = "full"
+    warmup_budget_s: float = DEFAULT_BUDGET_S
 
     @property
     def parallel(self) -> ParallelLayout:
@@ -117,6 +124,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         if options.parallel.parallel and spec.config.family != "wan":
             raise ValueError("sequence/CFG parallel (--sp, --cfg-parallel) is implemented for the Wan family only; "
                              "serve an MMDiT without them")
+    check_mode(options.warmup)
     if options.denoiser_plan and options.parallel.parallel:
         raise ValueError("a TensorRT plan runs on one GPU per instance; sequence/CFG parallel (--sp, --cfg-parallel) "
                          "serves the python denoiser: drop --denoiser-plan or --sp/--cfg-parallel")
@@ -138,6 +146,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "sources": json.dumps(checkpoint.sources()), "offload": checkpoint.offload,
         "vae_tiling": json.dumps(checkpoint.vae_tiling.to_dict()) if checkpoint.vae_tiling else "",
         "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.workers)
+        "warmup": options.warmup, "warmup_budget_s": str(options.warmup_budget_s),
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
@@ -172,10 +181,13 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
 
 def _write_denoiser(dest: Path, name: str, config, params: dict, options: RepositoryOptions) -> None:
     """The denoiser's I/O comes from ``engine.denoiser_io`` (shared with the ONNX exporter and TensorRT builder)."""
-    from engine.denoiser_io import OUTPUT, config_specs
+    from engine.denoiser_io import OUTPUT, STEP_INPUTS, config_specs
 
     io_dtype = _model_type(params["dtype"])
     inputs = [_spec_tensor(s, io_dtype) for s in config_specs(config)]
+    # the python denoiser keeps a request's step-invariant inputs (inputs_once): its later steps send the
+    # STEP_INPUTS alone, so the others are optional there (a TensorRT plan takes every input at every call)
+    kept = [_spec_tensor(s, io_dtype, optional=s.name not in STEP_INPUTS) for s in config_specs(config)]
     outputs = [_spec_tensor(OUTPUT, io_dtype)]
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
     if options.denoiser_plan:
@@ -187,7 +199,7 @@ def _write_denoiser(dest: Path, name: str, config, params: dict, options: Reposi
         return
     pad = options.max_batch_rows if options.pad_batch_to is None else options.pad_batch_to
     _write_python_model(dest, name, _config(
-        name, inputs, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20),
+        name, kept, outputs, {**params, "pad_batch_to": str(pad), "cache_bytes": str(options.reference_cache_mb << 20),
                                 "sp": str(options.sp), "cfg_parallel": "true" if options.cfg_parallel else "false",
                                 "worker_timeout_s": str(options.worker_timeout_s)},
         max_batch_size=options.max_batch_rows,
@@ -215,12 +227,12 @@ def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str
     return _config(name, inputs, outputs, {**params, **loop}, extra=extra)
 
 
-def _spec_tensor(spec, io_dtype: str) -> str:
+def _spec_tensor(spec, io_dtype: str, optional: bool = False) -> str:
     dtype = "TYPE_FP32" if spec.dtype == "float32" else io_dtype
     dims = [d if isinstance(d, int) else -1 for d in spec.dims[1:]]  # the batch axis is Triton's
     if not dims:  # a per-row scalar ([batch]): one element per row on the wire
-        return _tensor(spec.name, dtype, [1], reshape=[])
-    return _tensor(spec.name, dtype, dims)
+        return _tensor(spec.name, dtype, [1], optional, reshape=[])
+    return _tensor(spec.name, dtype, dims, optional)
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False, reshape: list[int] | None = None) -> str:

@@ -28,8 +28,11 @@ def _denoiser_rows() -> list[dict]:
 
 RESULTS = {
     "bench_denoiser": _denoiser_rows(),
-    "bench_server": [{"concurrency": c, "p50_s": 1.0 + c / 10, "p95_s": 1.2 + c / 8, "p99_s": 1.3 + c / 6,
-                      "throughput_rps": c / (1.0 + c / 10)} for c in (1, 2, 4, 8)],
+    "bench_server": [{"kind": "base" if c == 0 else "solo" if c == 1 else "level", "concurrency": max(c, 1),
+                      "shapes_label": "base, short, wide", "p50_s": 1.0 + c / 10, "p95_s": 1.2 + c / 8,
+                      "p99_s": 1.3 + c / 6, "throughput_rps": max(c, 1) / (1.0 + c / 10), "solo_throughput_rps": 1.0,
+                      **({"in_process_p50_s": 0.96, "served_over_in_process": 1.04, "served_equals_in_process": True}
+                         if c == 0 else {})} for c in (0, 1, 2, 4, 8)],
     "bench_pipeline": [{"config": "tiny", "frames": 17, "size": "128x128", "steps": 10, "encode_s": 0.2,
                         "denoise_s": 1.5, "decode_s": 0.3, "other_s": 0.05}],
 }
@@ -57,3 +60,17 @@ def test_no_results_is_a_usage_error(tmp_path, capsys):
     assert main(["bench", "plot", "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mvgen: error: ") and "bench_denoiser.json" in err and err.count("\n") == 1
+
+
+def test_server_rows_drawn_against_concurrency():
+    """The solo row and the levels make the concurrency series, the base row the in-process comparison; results
+    from before that comparison (rows without a kind) are every one a level."""
+    from benchmarks.bench_plot import _server_series
+
+    rows = RESULTS["bench_server"]
+    base, series = _server_series(rows)
+    assert base is rows[0] and [r["kind"] for r in series] == ["solo", "level", "level", "level"]
+    base, series = _server_series([{"concurrency": c} for c in (4, 1, 2)])
+    assert base is None and [r["concurrency"] for r in series] == [1, 2, 4]
+    base, series = _server_series([{**row, "kind": "level" if row["concurrency"] > 1 else "base"} for row in rows[1:]])
+    assert base is not None and [r["kind"] for r in series] == ["base", "level", "level", "level"]  # --no-mixed

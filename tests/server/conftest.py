@@ -81,8 +81,9 @@ def _tritonserver_available() -> str | None:
 
 @pytest.fixture(scope="session")
 def served(tiny_cache, tmp_path_factory):
-    """``mvgen serve --model tiny`` on free loopback ports; SIGINT at the end must stop it with exit code 0."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served"))
+    """``mvgen serve --model tiny --deterministic`` on free loopback ports (a request's bits do not depend on its
+    batch companions: test_load); SIGINT at the end must stop it with exit code 0."""
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served"), "--deterministic")
 
 
 # `--set` overrides that make the tiny model's reference stream cacheable (MvgenConfig.caches_reference)
