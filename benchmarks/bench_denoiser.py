@@ -93,6 +93,9 @@ def features(args) -> list[Feature]:
     return [
         Feature("context_cache", "engine, context cache off", {"context_cache": False}),
         Feature("ref_weights", "engine, merged reference weights", {"ref_weights": "merged"}),
+        Feature("deterministic", "engine, deterministic", {"deterministic": True},
+                note="batch-invariant numerics (engine.batch_invariance): per-row linears on the CPU, the fixed-tile "
+                     "Triton matmul and attention on CUDA"),
         Feature("step_cache_threshold", "engine, step cache", {"step_cache_threshold": args.step_cache_threshold},
                 cache="cycle", approximate=True,
                 note="first call checked; later steps approximate by design, and the skip rate on these fixed "

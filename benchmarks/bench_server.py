@@ -11,7 +11,7 @@
    request (prompt, first frame, references, seed, ...) ``--warmup`` then ``--repeats`` times at concurrency 1:
    the ``base`` row, with served p50 / in-process p50 and ``served_equals_in_process`` (every served video equal,
    bit for bit, to the in-process one: the project's contract; the run fails when they differ).
-3. With ``--mixed`` (the default) requests cycle through ``SHAPES``: the base request, one with about half the
+3. With ``--mixed`` (the default) requests cycle through ``shapes``: the base request, one with about half the
    frames and one wider with another reference count, each with its own seed, so the denoiser sees batches of
    mixed shapes. The ``solo`` row runs the mix one request at a time (each shape ``--repeats`` times); each
    level of ``--concurrency`` above 1 fires ``--requests`` (at least the level, rounded up to whole mixes) from
@@ -100,28 +100,29 @@ def request_values(args, shape: Shape, seed: int) -> dict:
                 width=shape.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=seed)
 
 
-def in_process(args, values: dict):
+def in_process(args, values: dict) -> tuple[dict, object]:
     """``--warmup`` then ``--repeats`` generations of one request by ``MultiViewPipeline`` in this process (torch's
-    default threads): the timed latencies and the last video. The pipeline is freed before returning."""
+    default threads): the base row's in-process fields, and the last video. The pipeline is freed on return."""
     import gc
 
     import torch
 
     from engine.pipeline import MultiViewPipeline
 
-    from .common import time_call
+    from .common import median, time_call
 
-    pipe = MultiViewPipeline.from_pretrained(str(args.model), args.adapter, dtype=args.dtype, device=args.device,
+    pipe = MultiViewPipeline.from_pretrained(args.model, args.adapter, dtype=args.dtype, device=args.device,
                                              cache_root=args.cache_dir, **parse_overrides(args.overrides))
     request = pipe.make_request(**values)
-    videos = []
-    latencies = time_call(lambda: videos.append(pipe.generate(request)), args.repeats, args.warmup)
-    video = videos[-1]
-    del pipe, videos
+    last = {}
+    latencies = time_call(lambda: last.update(video=pipe.generate(request)), args.repeats, args.warmup)
+    del pipe
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return latencies, video
+    fields = {"in_process_latencies_s": latencies, "in_process_p50_s": median(latencies),
+              "in_process_threads": torch.get_num_threads()}
+    return fields, last["video"]
 
 
 @dataclass
@@ -238,7 +239,8 @@ class QueuePeaks(threading.Thread):
 
 def optional_fields(before: dict[str, float], after: dict[str, float], peaks: dict[str, float]) -> dict:
     """A row's optional server metrics (None where the server lacks them): each loop-queue metric's change and
-    peak, and the bytes the loop sent to the denoiser over BLS per call."""
+    peak (``loop_queue_peak``: the largest, for the table), and the bytes the loop sent to the denoiser over BLS
+    per call."""
     change = {name: value - before.get(name, 0.0) for name, value in after.items()}
 
     def total(prefix: str) -> float | None:
@@ -248,7 +250,9 @@ def optional_fields(before: dict[str, float], after: dict[str, float], peaks: di
     loop_queue = {name: {"change": change[name], "peak": peaks.get(name)}
                   for name in sorted(change) if name.startswith(LOOP_QUEUE)}
     sent, calls = total(INPUT_BYTES), total(BLS_CALLS)
-    return {"loop_queue": loop_queue or None, "denoiser_input_bytes": sent, "denoiser_bls_calls": calls,
+    tops = [entry["peak"] for entry in loop_queue.values() if entry["peak"] is not None]
+    return {"loop_queue": loop_queue or None, "loop_queue_peak": max(tops) if tops else None,
+            "denoiser_input_bytes": sent, "denoiser_bls_calls": calls,
             "input_bytes_per_call": sent / calls if sent is not None and calls else None}
 
 
@@ -308,22 +312,15 @@ def compare(local_video, served_videos: list) -> dict:
     return {"served_equals_in_process": worst == 0, "served_max_abs_diff": worst}
 
 
-def serve_rows(served: Served, args, mix: list[Shape], base: dict, local: tuple[list[float], object]) -> list[dict]:
-    """The ``base`` row (compared with the in-process run ``local``: latencies, video), then, unless the videos
+def serve_rows(served: Served, args, mix: list[Shape], base: dict, local: tuple[dict, object]) -> list[dict]:
+    """The ``base`` row (compared with ``local``: ``in_process``'s fields and video), then, unless the videos
     differ, the ``solo`` row of the mix and one ``level`` row per concurrency above 1."""
-    import torch
-
-    from .common import median
-
     warm = [base] + [request_values(args, shape, seed=10 + i) for i, shape in enumerate(mix[1:])]
     for values in warm * args.warmup:
         timed_generate(served.url, values, args.stream)
     row, videos = measure_row(served, args, "base", 1, [(mix[0], base)] * args.repeats)
-    local_latencies, local_video = local
-    in_process_p50 = median(local_latencies)
-    row.update(in_process_latencies_s=local_latencies, in_process_p50_s=in_process_p50,
-               in_process_threads=torch.get_num_threads(), served_over_in_process=row["p50_s"] / in_process_p50,
-               **compare(local_video, videos))
+    fields, local_video = local
+    row.update(fields, served_over_in_process=row["p50_s"] / fields["in_process_p50_s"], **compare(local_video, videos))
     rows = [row]
     _report(row)
     if not row["served_equals_in_process"]:
@@ -429,11 +426,12 @@ COLUMNS = [("concurrency", "concurrency"), ("shapes_label", "shapes"), ("request
            ("vs_solo", "vs solo"), ("beats_solo", ">= solo"), ("in_process_p50_s", "in-process p50 (s)"),
            ("served_over_in_process", "served / in-process"), ("calls_per_execution", "denoiser calls per execution"),
            ("compute_share", "denoiser compute"), ("queue_share", "denoiser queue"),
-           ("outside_share", "outside the denoiser"), ("input_bytes_per_call", "bytes per denoiser call")]
+           ("outside_share", "outside the denoiser"), ("loop_queue_peak", "loop queue (peak)"),
+           ("input_bytes_per_call", "bytes per denoiser call")]
 
 
 def run(args) -> int:
-    from .common import median, write_results
+    from .common import write_results
 
     check(args)
     args.model = checkpoint(args)
@@ -441,7 +439,7 @@ def run(args) -> int:
     mix = shapes(args)
     base = request_values(args, mix[0], seed=0)
     local = in_process(args, base)  # before the server starts: the two never share the cores
-    print(f"  in process: p50 {median(local[0]):.3g} s", file=sys.stderr, flush=True)
+    print(f"  in process: p50 {local[0]['in_process_p50_s']:.3g} s", file=sys.stderr, flush=True)
     served = start_server(args, (args.out / f"{RESULTS}.tritonserver.log").resolve())
     try:
         rows = serve_rows(served, args, mix, base, local)

@@ -200,13 +200,24 @@ def test_service_routes_grpc_http_and_metrics_to_the_pods():
         == {"grpc": (8001, 8001), "http": (8000, 8000), "metrics": (8002, 8002)}
 
 
+def test_hpa_scales_on_the_loop_queue_the_server_exports():
+    """The loop's queue gauge is a metric ``server.metrics.LoopMetrics`` declares, served by the adapter."""
+    resources = build(BASE)
+    loop, _ = one(resources, "HorizontalPodAutoscaler")["spec"]["metrics"]
+    name = loop["pods"]["metric"]["name"]
+    assert loop["type"] == "Pods" and name == "mvgen_loop_queue_requests"
+    assert f'"{name}"' in (ROOT / "server" / "metrics.py").read_text()
+    rules = load_yaml(DEPLOY / "prometheus-adapter-values.yaml")[0]["rules"]["custom"]
+    assert any(rule["seriesQuery"].startswith(name + "{") and rule["name"]["as"] == name for rule in rules)
+
+
 def test_hpa_scales_on_a_queue_gauge_that_tritonserver_exports_for_the_served_denoisers():
     from engine.denoiser_io import denoiser_model_name
 
     resources = build(BASE)
     hpa = one(resources, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"]["name"] == one(resources, "Deployment")["metadata"]["name"]
-    (metric,) = hpa["metrics"]
+    _, metric = hpa["metrics"]
     assert metric["type"] == "Pods"
     name = metric["pods"]["metric"]["name"]
     (expression,) = metric["pods"]["metric"]["selector"]["matchExpressions"]

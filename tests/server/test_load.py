@@ -162,11 +162,30 @@ def test_eight_clients_five_requests_each(served, images):
           f"wall {wall:.1f} s, {40 / wall:.2f} requests/s")
 
 
+def test_later_steps_send_the_denoiser_only_the_latents_and_the_timestep(served, images):
+    """``inputs_once``: text, CLIP states, condition and references travel at a request's first step; two more
+    steps add exactly two (latents, timestep) payloads of the request's rows to the loop's byte counter."""
+    sent = []
+    for steps in (2, 4):
+        before = served.metric("mvgen_denoiser_input_bytes_total"), served.metric("mvgen_denoiser_calls_total")
+        generate(served.url, _request(images, steps=steps), stream=False)
+        after = served.metric("mvgen_denoiser_input_bytes_total"), served.metric("mvgen_denoiser_calls_total")
+        assert after[1] - before[1] == steps
+        sent.append(after[0] - before[0])
+    frames = (SMALL["num_frames"] - 1) // 4 + 1
+    rows = 2  # cond + uncond
+    step = rows * 16 * frames * (SMALL["height"] // 8) * (SMALL["width"] // 8) * 4 + rows * 4  # float32 both
+    assert sent[1] - sent[0] == 2 * step
+    assert sent[0] > 20 * step, "the first step should carry the request's text and image states"
+    assert served.metric("mvgen_loop_queue_requests") == 0  # nothing waits once every request is answered
+
+
 def test_metrics_endpoint_has_triton_and_custom_series(served, images):
     generate(served.url, _request(images), stream=True)
     text = served.metrics()
     for series in ("nv_inference_count", "nv_inference_queue_duration_us", "mvgen_step_duration_seconds_bucket",
                    "mvgen_queue_wait_seconds_bucket", "mvgen_active_requests", "mvgen_requests_total",
-                   "mvgen_denoiser_batch_rows_bucket"):
+                   "mvgen_denoiser_batch_rows_bucket", "mvgen_loop_queue_requests", "mvgen_denoiser_input_bytes_total",
+                   "mvgen_denoiser_calls_total"):
         assert series in text, f"{series} missing from /metrics"
     assert served.metric("mvgen_requests_total", outcome="success") > 0
