@@ -27,6 +27,7 @@ from engine.workers import DistributedDenoiser, WorkersLost
 from engine.request import make_request
 
 from . import protocol
+from .compute_lock import ComputeLock
 from .metrics import BatchMetrics, LoopMetrics, WorkerHealth
 
 # BLS request parameters of the denoiser model: the request's reference-cache key, and "drop it now"
@@ -87,6 +88,7 @@ class _PerRequestModel:
 
     def __init__(self, model_config: dict, pb):
         self.pb = pb
+        self.lock = ComputeLock(_parameters(model_config).get("compute_lock") or None)
         checkpoint = load_checkpoint(model_config)
         self.component = self.load(checkpoint)
         _warm_up(pb, self.name, model_config, self.warm, self.component, checkpoint)
@@ -98,7 +100,8 @@ class _PerRequestModel:
         responses = []
         for request in requests:
             try:
-                outputs = self.run(request, set(request.requested_output_names()))
+                with self.lock:
+                    outputs = self.run(request, set(request.requested_output_names()))
                 responses.append(self.pb.InferenceResponse(output_tensors=[_out(self.pb, k, v) for k, v in outputs.items()]))
             except (RequestError, ValueError) as error:
                 responses.append(self.pb.InferenceResponse(error=self.pb.TritonError(f"{self.name}: {error}")))
@@ -109,6 +112,7 @@ class _PerRequestModel:
 
     def finalize(self):
         self.component = None
+        self.lock.close()
 
 
 class TextEncoderModel(_PerRequestModel):
@@ -190,6 +194,7 @@ class DenoiserModel:
         else:
             self.denoiser = Denoiser(checkpoint, expert, cache_bytes=cache_bytes)
         self.pad_to = int(params.get("pad_batch_to", "0"))
+        self.lock = ComputeLock(params.get("compute_lock") or None)
         _warm_up(pb, self.name, model_config, warmup.warm_denoiser, self.denoiser, checkpoint, expert,
                  pad_to=self.pad_to)
 
@@ -219,7 +224,8 @@ class DenoiserModel:
         if calls:
             self.metrics.observe_batch(sum(c.inputs["latents"].shape[0] for c in calls), len(calls))
         try:
-            results = self.denoiser.run(calls, self.pad_to) if calls else []
+            with self.lock:
+                results = self.denoiser.run(calls, self.pad_to) if calls else []
         except WorkersLost as error:  # every request of the batch fails with it; the server reloads this model
             results = [error] * len(calls)
         for i, result in zip(steps, results):
@@ -236,6 +242,7 @@ class DenoiserModel:
         if isinstance(self.denoiser, DistributedDenoiser):
             self.denoiser.close()
         self.denoiser = None
+        self.lock.close()
 
 
 class RemoteStages:

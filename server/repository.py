@@ -32,6 +32,7 @@ MODEL_CLASSES = {
     DENOISER: "DenoiserModel",
     denoiser_model_name(1): "DenoiserModel",
 }
+COMPUTE_LOCK = "compute.lock"  # the file the CPU models of a served tree take turns on (server.compute_lock)
 # rows per denoiser batch: 4 requests with classifier-free guidance (cond + uncond each)
 MAX_BATCH_ROWS = 8
 
@@ -147,6 +148,8 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "vae_tiling": json.dumps(checkpoint.vae_tiling.to_dict()) if checkpoint.vae_tiling else "",
         "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.workers)
         "warmup": options.warmup, "warmup_budget_s": str(options.warmup_budget_s),
+        # on a CPU the models take turns on the cores (server.compute_lock)
+        "compute_lock": str((dest / COMPUTE_LOCK).resolve()) if checkpoint.device.type == "cpu" else "",
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))

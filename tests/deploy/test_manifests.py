@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.warmup import DEFAULT_BUDGET_S
+from server.launcher import READY_TIMEOUT_S
+
 kv = pytest.importorskip("kubernetes_validate",
                          reason="kubernetes-validate is not installed (the `test` extra: pip install -e '.[test]')")
 
@@ -175,7 +178,8 @@ def test_pod_serves_the_checkpoint_volume_on_its_ports(folder):
                         ("livenessProbe", "/v2/health/live")]:
         assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     startup = container["startupProbe"]
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, "a 14B checkpoint loads for minutes"
+    # a 14B checkpoint loads for minutes, then every model warms up (engine.warmup) within its budget
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= READY_TIMEOUT_S + DEFAULT_BUDGET_S
     annotations = pod["metadata"]["annotations"]
     assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"], annotations["prometheus.io/path"]) \
         == ("true", str(args.metrics_port), "/metrics")
