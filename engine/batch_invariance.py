@@ -58,10 +58,24 @@ class BatchInvariantOps(TorchFunctionMode):
             if func is F.linear and x.is_cuda:
                 # one launch: the kernel's tiles and K order depend on N and K only (kernels.batch_invariant)
                 return batch_invariant_linear(x, *args[1:], **kwargs)
-            # [B, tokens, ...] (a convolution's input always has its batch first): one call per row, M = its tokens
-            if (func is not F.linear or x.dim() >= 3) and x.shape[0] > 1:
+            if func is F.linear and x.dim() >= 3 and x.shape[0] > 1:  # [B, tokens, K]: one GEMM per row
+                return _rowwise_linear(x, *args[1:], **kwargs)
+            if func is not F.linear and x.shape[0] > 1:  # a convolution's batch: one call per row
                 return torch.cat([func(row, *args[1:], **kwargs) for row in x.split(1)])
         return func(*args, **kwargs)
+
+
+def _rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with each row of x [B, ..., K] its own GEMM (M = that row's tokens), written in place."""
+    k, n = x.shape[-1], weight.shape[0]
+    out = x.new_empty(*x.shape[:-1], n)
+    for row, dest in zip(x, out):
+        rows, target = row.reshape(-1, k), dest.view(-1, n)
+        if bias is None:
+            torch.mm(rows, weight.t(), out=target)
+        else:
+            torch.addmm(bias, rows, weight.t(), out=target)
+    return out
 
 
 def batch_invariant_ops(enabled: bool):
