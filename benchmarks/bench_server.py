@@ -100,29 +100,49 @@ def request_values(args, shape: Shape, seed: int) -> dict:
                 width=shape.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=seed)
 
 
-def in_process(args, values: dict) -> tuple[dict, object]:
-    """``--warmup`` then ``--repeats`` generations of one request by ``MultiViewPipeline`` in this process (torch's
-    default threads): the base row's in-process fields, and the last video. The pipeline is freed on return."""
-    import gc
+class InProcess:
+    """``MultiViewPipeline`` in this process on the same checkpoint, dtype, device and overrides as the server
+    (torch's default threads, as a user of the Python API runs it). Its timed runs alternate with the served ones
+    (``measure_row``'s ``before_each``), one at a time, so the two never share the cores and a drift of the
+    machine's speed during the run (other tenants, thermal) falls on both alike."""
 
-    import torch
+    def __init__(self, args, values: dict):
+        import torch
 
-    from engine.pipeline import MultiViewPipeline
+        from engine.pipeline import MultiViewPipeline
 
-    from .common import median, time_call
+        self.pipe = MultiViewPipeline.from_pretrained(args.model, args.adapter, dtype=args.dtype, device=args.device,
+                                                      cache_root=args.cache_dir, **parse_overrides(args.overrides))
+        self.request = self.pipe.make_request(**values)
+        self.latencies: list[float] = []
+        self.video = None
+        self.threads = torch.get_num_threads()
+        for _ in range(args.warmup):
+            self.video = self.pipe.generate(self.request)
 
-    pipe = MultiViewPipeline.from_pretrained(args.model, args.adapter, dtype=args.dtype, device=args.device,
-                                             cache_root=args.cache_dir, **parse_overrides(args.overrides))
-    request = pipe.make_request(**values)
-    last = {}
-    latencies = time_call(lambda: last.update(video=pipe.generate(request)), args.repeats, args.warmup)
-    del pipe
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    fields = {"in_process_latencies_s": latencies, "in_process_p50_s": median(latencies),
-              "in_process_threads": torch.get_num_threads()}
-    return fields, last["video"]
+    def run(self) -> float:
+        """One timed generation of the base request; its seconds (also kept in ``latencies``)."""
+        from .common import time_call
+
+        (seconds,) = time_call(lambda: setattr(self, "video", self.pipe.generate(self.request)), 1, 0)
+        self.latencies.append(seconds)
+        return seconds
+
+    def fields(self) -> dict:
+        from .common import median
+
+        return {"in_process_latencies_s": self.latencies, "in_process_p50_s": median(self.latencies),
+                "in_process_threads": self.threads}
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        self.pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @dataclass
@@ -266,19 +286,28 @@ def timed_generate(url: str, values: dict, stream: bool):
     return time.perf_counter() - start, video
 
 
-def measure_row(served: Served, args, kind: str, concurrency: int, batch: list[tuple[Shape, dict]]):
+def measure_row(served: Served, args, kind: str, concurrency: int, batch: list[tuple[Shape, dict]],
+                before_each=None):
     """``batch`` (shape, request fields) from ``concurrency`` client threads: the row (latencies, throughput,
-    denoiser time shares, the optional server metrics) and the videos, in ``batch``'s order."""
+    denoiser time shares, the optional server metrics) and the videos, in ``batch``'s order. ``before_each()``
+    (concurrency 1 only) runs before each request, its seconds left out of the row's wall time."""
     import numpy as np
 
     before, optional_before = read_metrics(served.metrics_url)
     peaks = QueuePeaks(served.metrics_url, optional_before)
     if peaks.peaks:
         peaks.start()
+    between = []
+
+    def one(item):
+        if before_each is not None:
+            between.append(before_each())
+        return timed_generate(served.url, item[1], args.stream)
+
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda item: timed_generate(served.url, item[1], args.stream), batch))
-    wall = time.perf_counter() - start
+        results = list(pool.map(one, batch))
+    wall = time.perf_counter() - start - sum(between)
     after, optional_after = read_metrics(served.metrics_url)
     delta = {key: after[key] - before[key] for key in TRITON_METRICS}
     latencies = [seconds for seconds, _ in results]
@@ -312,14 +341,16 @@ def compare(local_video, served_videos: list) -> dict:
     return {"served_equals_in_process": worst == 0, "served_max_abs_diff": worst}
 
 
-def serve_rows(served: Served, args, mix: list[Shape], base: dict, local: tuple[dict, object]) -> list[dict]:
-    """The ``base`` row (compared with ``local``: ``in_process``'s fields and video), then, unless the videos
-    differ, the ``solo`` row of the mix and one ``level`` row per concurrency above 1."""
+def serve_rows(served: Served, args, mix: list[Shape], base: dict, local: InProcess) -> list[dict]:
+    """The ``base`` row (its served runs alternating with ``local``'s, whose video they must equal), then, unless
+    the videos differ, the ``solo`` row of the mix and one ``level`` row per concurrency above 1."""
     warm = [base] + [request_values(args, shape, seed=10 + i) for i, shape in enumerate(mix[1:])]
     for values in warm * args.warmup:
         timed_generate(served.url, values, args.stream)
-    row, videos = measure_row(served, args, "base", 1, [(mix[0], base)] * args.repeats)
-    fields, local_video = local
+    row, videos = measure_row(served, args, "base", 1, [(mix[0], base)] * args.repeats, before_each=local.run)
+    fields = local.fields()
+    local_video = local.video
+    local.close()  # the levels above run the server alone
     row.update(fields, served_over_in_process=row["p50_s"] / fields["in_process_p50_s"], **compare(local_video, videos))
     rows = [row]
     _report(row)
@@ -438,8 +469,7 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     mix = shapes(args)
     base = request_values(args, mix[0], seed=0)
-    local = in_process(args, base)  # before the server starts: the two never share the cores
-    print(f"  in process: p50 {local[0]['in_process_p50_s']:.3g} s", file=sys.stderr, flush=True)
+    local = InProcess(args, base)  # loaded and warmed before the server starts; timed alternately with it
     served = start_server(args, (args.out / f"{RESULTS}.tritonserver.log").resolve())
     try:
         rows = serve_rows(served, args, mix, base, local)
@@ -452,8 +482,9 @@ def run(args) -> int:
               "requests_per_level": args.requests, "repeats": args.repeats, "warmup": args.warmup,
               "stream": args.stream, "device": args.device, "dtype": args.dtype,
               "pad_batch_to": args.pad_batch_to, "server_exit_code": code,
-              "in_process": "engine.MultiViewPipeline in the benchmark's process before the server starts, torch's "
-                            "default threads (in_process_threads); the served denoiser keeps torch's default too",
+              "in_process": "engine.MultiViewPipeline in the benchmark's process, torch's default threads "
+                            "(in_process_threads), its timed runs alternating with the served base row's, one at a "
+                            "time; the served denoiser keeps torch's default threads too",
               "solo": "the mix's shapes served one at a time (the solo row; the base row without --mixed); "
                       "vs_solo = throughput / its throughput",
               "shares": "Triton's per-request denoiser compute / queue time over the sum of end-to-end latencies",

@@ -28,6 +28,7 @@ from engine.request import make_request
 
 from . import protocol
 from .compute_lock import ComputeLock
+from .freed_memory import return_freed_memory
 from .metrics import BatchMetrics, LoopMetrics, WorkerHealth
 
 # BLS request parameters of the denoiser model: the request's reference-cache key, and "drop it now"
@@ -167,6 +168,7 @@ class VaeModel(_PerRequestModel):
             out["ref_latents"] = vae.encode_references(_input(pb, request, "references"))
         if "video" in wanted:
             out["video"] = vae.decode(_torch_input(pb, request, "latents"))
+            return_freed_memory()  # a request's last VAE call: its activations go back (server.freed_memory)
         return out
 
 
@@ -213,6 +215,7 @@ class DenoiserModel:
             if params.get(RELEASE):
                 try:
                     self.denoiser.release(key)
+                    return_freed_memory()  # a request ended: its steps' activations go back (server.freed_memory)
                     responses[i] = self._answer(_torch_input(self.pb, request, "latents").new_zeros(0))
                 except WorkersLost as error:
                     responses[i] = self._answer(error)
