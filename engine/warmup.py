@@ -115,13 +115,16 @@ def default_request(checkpoint: Checkpoint):
     denoiser's two rows when they guide), a grey PNG first frame where the model takes one, and ``max_references``
     grey PNG references at the video's size. At most references, because a request may send that many: the first
     such request then meets no larger reference stream than the warm-up built (and a GPU's caching allocator has
-    already reserved its peak); the seed methods' inputs (poses, identity, omega) stay unset, as in a default
-    request."""
-    _, height, width = default_size(checkpoint)
+    already reserved its peak); a prototype (PPA) model, which needs them, gets a grey pose image per frame and per
+    reference; the optional seed-method inputs (identity, omega) stay unset, as in a default request."""
+    frames, height, width = default_size(checkpoint)
     grey = _png(np.full((height, width, 3), 128, np.uint8))
-    images = {"references": [grey] * checkpoint.config.max_references}
+    refs = checkpoint.config.max_references
+    images = {"references": [grey] * refs}
     if checkpoint.limits.first_frame:
         images["first_frame"] = grey
+    if checkpoint.limits.prototype and refs:
+        images.update(frame_pose=[grey] * frames, reference_poses=[grey] * refs)
     return make_request(checkpoint.defaults, checkpoint.limits, prompt=WARMUP_PROMPT, **images)
 
 
@@ -143,7 +146,13 @@ def _warm(component: str, modules: list[torch.nn.Module], calls: list[tuple[str,
             skipped.append(label)
             continue
         began = time.perf_counter()
-        call()
+        try:
+            call()
+        except Exception as error:  # a warm-up is an optimisation: the model still loads, its first request pays
+            log.warning("warm-up of the %s: %s failed (%s: %s); the first request will pay for it", component, label,
+                        type(error).__name__, error)
+            skipped.append(f"{label} (failed: {type(error).__name__})")
+            continue
         done.append(f"{label} ({time.perf_counter() - began:.2f} s)")
     report = WarmupReport(component, mode, resident, tuple(done), tuple(skipped), time.perf_counter() - start)
     if skipped:
