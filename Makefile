@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-fast venv bench clean
 
 $(BIN)/mvgen: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# the iteration tier: everything but the tests that start a real tritonserver (tests/server, the served benchmark)
+test-fast: venv
+	$(BIN)/python -m pytest -q -x tests --ignore=tests/server --deselect tests/benchmarks/test_bench_server.py
 
 bench: venv
 	$(BIN)/python -m benchmarks.reference_cache --out $(OUT)/benchmarks
