@@ -23,7 +23,7 @@ import torch
 from .batch_invariance import batch_invariant_ops
 from .config import MvgenConfig
 from .denoiser import ContextCache, ReferenceCache
-from .denoiser_io import STEP_INPUTS, TEXT_OUTPUTS, text_outputs
+from .denoiser_io import STEP_INPUTS, TEXT_OUTPUTS, step_only, text_outputs
 from .offload import apply_offload, check_offload
 from .parallel import CollectiveError, ParallelRuntime
 from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
@@ -580,7 +580,7 @@ class Denoiser:
         if call.cache_key is None:
             return _Item(index, {**inputs, "ref_latents": _references(inputs)}, None, None)
         state = self._request_state(call.cache_key, inputs)
-        if state is not None and inputs.get("text") is None:  # a later step: the rest is the request's own
+        if state is not None and step_only(inputs):  # a later step: the rest is the request's own
             inputs = {**state.inputs, **{name: inputs[name] for name in STEP_INPUTS}}
         refs = _references(inputs)
         if not (call.cache_references and self.caches_references):
@@ -602,7 +602,7 @@ class Denoiser:
         if not cfg.caches_requests:
             return None
         state = self.requests.get(key)
-        if inputs.get("text") is None:
+        if step_only(inputs):
             if state is None or not state.inputs:
                 raise ReferenceCacheMiss(key, "step-invariant inputs")
             return state

@@ -139,6 +139,12 @@ def config_specs(config) -> list[TensorSpec]:
 STEP_INPUTS = ("latents", "timestep")
 
 
+def step_only(inputs: dict) -> bool:
+    """Does a call carry only its ``STEP_INPUTS`` (a later step of a request whose denoiser keeps the rest)? Every
+    full call carries ``text``, which every family takes."""
+    return inputs.get("text") is None
+
+
 OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

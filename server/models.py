@@ -18,7 +18,7 @@ import torch
 
 from engine import generation, warmup
 from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, text_encoder_class, vae_class
-from engine.denoiser_io import config_specs, denoiser_model_name, mode_specs, text_outputs
+from engine.denoiser_io import denoiser_model_name, mode_specs, step_only, text_outputs
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
 from engine.parallel import ParallelLayout
@@ -311,7 +311,7 @@ class RemoteStages:
         input the request lacks (the model declares it: ``denoiser_io.mode_specs``); the timestep as one value
         per row. A step that carries the ``STEP_INPUTS`` only (``inputs_once``; no text) sends those alone: the
         other inputs are optional in the denoiser's config."""
-        if inputs.get("text") is None:
+        if step_only(inputs):
             return {"latents": inputs["latents"], "timestep": inputs["timestep"].reshape(-1, 1).float()}
         inputs = dict(inputs)
         b, _, f, h, w = inputs["latents"].shape
