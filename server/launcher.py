@@ -19,19 +19,23 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import re
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .metrics import HEALTH_METRIC
-from .repository import RepositoryOptions, build_repository
+from .health import HealthEndpoint, fetch_text, http_ok
+from .metrics import SupervisionMetrics
+from .repository import GENERATE_MODELS, RepositoryOptions, build_repository
+from .serving_state import ServingState, StateDirectory
+from .supervisor import ModelSupervisor
 
 READY_TIMEOUT_S = 600.0
+# after SIGTERM, how long requests in flight may take to finish (--shutdown-grace); deploy/'s
+# terminationGracePeriodSeconds covers it plus tritonserver's own exit (TRITON_EXIT_TIMEOUT_S)
+SHUTDOWN_GRACE_S = 120.0
+TRITON_EXIT_TIMEOUT_S = 30
 # glibc's allocator in the served processes: every block from the heap, which is never trimmed on free, so a call's
 # activations reuse the pages the previous call faulted in (measured on this project's AMD EPYC, the CPU-sized
 # checkpoint's VAE at 17 frames of 128x128: condition + decode 0.5 + 0.9 s against 0.85 + 1.5 s with glibc's
@@ -125,13 +129,17 @@ class ServeConfig:
     grpc_port: int = 8001
     http_port: int = 8000
     metrics_port: int = 8002
+    health_port: int | None = None  # mvgen serve's own readiness, liveness and metrics (server.health); None: off
     repository: Path | None = None  # default: a temporary directory, removed on exit
     log_file: Path | None = None  # default: tritonserver.log in the work directory
     ready_timeout_s: float = READY_TIMEOUT_S  # for loading; each model's warm-up budget comes on top
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S  # after SIGTERM, how long requests in flight may take to finish
+    restore_deadline_s: float | None = None  # a model down longer fails liveness; None: the server's ready timeout
 
 
 class Server:
-    """One ``tritonserver`` process over a freshly built repository; a context manager."""
+    """One ``tritonserver`` process over a freshly built repository, its models supervised (``server.supervisor``)
+    once ready; a context manager."""
 
     def __init__(self, options: RepositoryOptions, config: ServeConfig):
         self.options = options
@@ -139,19 +147,30 @@ class Server:
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
         self.log_path: Path | None = None
-        self.supervisor: WorkerSupervisor | None = None
+        self.repository: Path | None = None
+        self.state: StateDirectory | None = None
+        self.supervisor: ModelSupervisor | None = None
+        self.health: HealthEndpoint | None = None
+        self.metrics: SupervisionMetrics | None = None
+        self.restarting = False  # tritonserver is being restarted (ModelSupervisor): its exit is no failure
+        self.stopping = False
+        self._lifecycle = threading.Lock()  # a restart's kill and launch, apart from stop()
 
     def start(self) -> "Server":
         cfg = self.config
         server = find_tritonserver()
         ports = {"--grpc-port": cfg.grpc_port, "--http-port": cfg.http_port, "--metrics-port": cfg.metrics_port}
+        if cfg.health_port is not None:
+            ports["--health-port"] = cfg.health_port
         if len(set(ports.values())) != len(ports):
-            raise LaunchError(f"the gRPC, HTTP and metrics ports must differ, got {sorted(ports.values())}")
+            raise LaunchError(f"the {', '.join(ports)} ports must differ, got {sorted(ports.values())}")
         for flag, port in ports.items():
             check_port_free(cfg.host, port, flag)
         self.workdir = Path(tempfile.mkdtemp(prefix="mvgen-serve-"))
+        self.state = StateDirectory(self.workdir / "state").create()
+        options = replace(self.options, state_dir=str(self.state.path))
         try:
-            repository = build_repository(cfg.repository or self.workdir / "repository", self.options)
+            self.repository = build_repository(cfg.repository or self.workdir / "repository", options)
             backends = assemble_backends(server, self.workdir / "backends")
         except ValueError as error:  # options the checkpoint refuses (e.g. heads not divisible by --sp)
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -160,26 +179,55 @@ class Server:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.log_path = cfg.log_file or self.workdir / "tritonserver.log"
-        command = [
-            str(server.binary), f"--model-repository={repository}", f"--grpc-port={cfg.grpc_port}",
+        # explicit model control (every model still loaded at start): a lost model is unloaded and loaded again
+        # through the repository API (server.supervisor)
+        self._command = [
+            str(server.binary), f"--model-repository={self.repository}", f"--grpc-port={cfg.grpc_port}",
             f"--http-port={cfg.http_port}", f"--metrics-port={cfg.metrics_port}", f"--grpc-address={cfg.host}",
             f"--http-address={cfg.host}", f"--metrics-address={cfg.host}", "--disable-auto-complete-config",
-            "--exit-timeout-secs=30", "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
+            f"--exit-timeout-secs={TRITON_EXIT_TIMEOUT_S}", "--pinned-memory-pool-byte-size=0", "--log-verbose=0",
+            "--model-control-mode=explicit", "--load-model=*",
         ]
         if backends is not None:
-            command.append(f"--backend-directory={backends}")
-        if self.options.parallel.parallel:
-            # a parallel denoiser that lost a worker is reloaded through the repository API (WorkerSupervisor),
-            # which explicit model control allows; every model is still loaded at start
-            command += ["--model-control-mode=explicit", "--load-model=*"]
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_environment(server),
-                                        start_new_session=True)
-        log.close()
-        if self.options.parallel.parallel:
-            self.supervisor = WorkerSupervisor(self)
-            self.supervisor.start()
+            self._command.append(f"--backend-directory={backends}")
+        self._environment = server_environment(server)
+        self._launch()
+        self.metrics = SupervisionMetrics(served_models(self.repository))
+        if cfg.health_port is not None:
+            self.health = HealthEndpoint(cfg.host, cfg.health_port, self.not_ready_reasons, self.not_live_reasons,
+                                         self.metrics_page).start()
         return self
+
+    def _launch(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT, env=self._environment,
+                                            start_new_session=True)
+
+    def restart(self) -> str | None:
+        """Kill tritonserver and every stub, start it again and wait until it is ready: what releases the requests
+        a lost loop model stranded (``server.supervisor``). None, or why it failed (one line)."""
+        self.restarting = True
+        try:
+            with self._lifecycle:  # stop() waits for this, so it never misses the new process
+                if self.stopping:
+                    return "mvgen serve is stopping"
+                self.kill()
+                self.process.wait()
+                self._launch()
+            deadline = time.monotonic() + self.ready_timeout_s
+            while not self.ready():
+                if self.process.poll() is not None:
+                    return f"tritonserver exited with code {self.process.returncode}: {self.failure_reason()}"
+                if time.monotonic() > deadline:
+                    return f"tritonserver not ready after {self.ready_timeout_s:.0f} s"
+                time.sleep(0.5)
+            return None
+        finally:
+            self.restarting = False
+
+    def running(self) -> bool:
+        """tritonserver runs, or is being restarted on purpose."""
+        return self.restarting or self.process.poll() is None
 
     @property
     def http_url(self) -> str:
@@ -190,20 +238,22 @@ class Server:
         return f"{_url_host(self.config.host)}:{self.config.grpc_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.config.host)}:{self.config.metrics_port}/metrics"
+
+    @property
     def ready_timeout_s(self) -> float:
         """Loading, then the models' warm-up at load (``engine.warmup``; they load and warm up side by side)."""
         warming = self.options.warmup_budget_s if self.options.warmup != "none" else 0.0
         return self.config.ready_timeout_s + warming
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        """Triton's own readiness (every model loaded)."""
+        return http_ok(f"{self.http_url}/v2/health/ready")
 
     def wait_ready(self, should_stop=lambda: False) -> bool:
-        """Block until ready (True) or until ``should_stop()`` (False); ``LaunchError`` if the server dies."""
+        """Block until ready (True; supervision starts) or until ``should_stop()`` (False); ``LaunchError`` if the
+        server dies."""
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if should_stop():
@@ -212,9 +262,53 @@ class Server:
                 raise LaunchError(f"tritonserver exited with code {self.process.returncode} before it was ready: "
                                   f"{self.failure_reason()} (log: {self.log_path})")
             if self.ready():
+                self.supervisor = ModelSupervisor(
+                    self, served_models(self.repository), load_timeout_s=self.ready_timeout_s, metrics=self.metrics,
+                    restore_deadline_s=self.config.restore_deadline_s or self.ready_timeout_s).start()
                 return True
             time.sleep(0.5)
         raise LaunchError(f"tritonserver not ready after {self.ready_timeout_s:.0f} s (log: {self.log_path})")
+
+    # --- health (server.health) ---------------------------------------------------------------------------------
+    def not_ready_reasons(self) -> list[str]:
+        if self.supervisor is None:
+            return ["starting: the models are loading"]
+        reasons = self.supervisor.not_ready_reasons()
+        if not reasons and not self.ready():
+            reasons.append("tritonserver is not ready")
+        return reasons
+
+    def not_live_reasons(self) -> list[str]:
+        if not self.running():
+            return [f"tritonserver exited with code {self.process.returncode}"]
+        if self.supervisor is None:  # starting: Triton's endpoints open once its models have loaded
+            return []
+        if self.restarting:
+            return self.supervisor.not_live_reasons()
+        if not http_ok(f"{self.http_url}/v2/health/live", timeout_s=5.0):
+            return ["tritonserver does not answer its liveness"]
+        return self.supervisor.not_live_reasons()
+
+    def metrics_page(self) -> str:
+        return fetch_text(self.metrics_url) + self.metrics.render()
+
+    # --- shutdown -------------------------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Refuse new requests (the loop models read the state) and report not-ready; requests in flight go on."""
+        if self.supervisor is not None:
+            self.supervisor.drain()
+        elif self.state is not None:
+            self.state.write_state(ServingState(draining=True))
+
+    def in_flight(self) -> int:
+        """Requests the loop models have accepted and not answered (``server.serving_state``)."""
+        down = self.supervisor.down() if self.supervisor is not None else {}
+        return sum(self.state.in_flight(model) for model in GENERATE_MODELS if model not in down)
+
+    def kill(self) -> None:
+        """At once: tritonserver and every stub (its process group)."""
+        if self.process is not None:
+            _kill_leftovers(self.process.pid)
 
     def failure_reason(self) -> str:
         """The most telling line of the server log (its first error), for a one-line message."""
@@ -225,9 +319,20 @@ class Server:
         errors = [line for line in lines if line.startswith("E") or "error:" in line.lower()]
         return (errors or lines or ["empty log"])[0].strip()[:400]
 
+    def last_error(self) -> str:
+        """The last error line of the server log."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "no log"
+        errors = [line for line in lines if line.startswith("E")]
+        return (errors or ["no error logged"])[-1].strip()[:400]
+
     def stop(self) -> int:
         """SIGTERM (Triton drains in-flight requests), SIGKILL after ``STOP_TIMEOUT_S``; the exit code."""
         code = 0
+        with self._lifecycle:
+            self.stopping = True
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.process is not None and self.process.poll() is None:
@@ -241,6 +346,9 @@ class Server:
             code = self.process.returncode
         if self.process is not None:
             _kill_leftovers(self.process.pid)
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
         if self.workdir is not None and self.config.log_file is None and code == 0:
             shutil.rmtree(self.workdir, ignore_errors=True)
         return code
@@ -258,46 +366,8 @@ class Server:
         self.stop()
 
 
-class WorkerSupervisor(threading.Thread):
-    """Restarts a parallel denoiser whose workers are lost (``server.metrics.WorkerHealth`` reads 0): unload the
-    model, so the server reports not-ready (Triton's strict readiness) and no request reaches it, then load it
-    again, which starts new workers; ready again once they have joined. Polls the metrics endpoint."""
-
-    INTERVAL_S = 0.5
-    PATTERN = re.compile(rf'^{HEALTH_METRIC}{{[^}}]*model="([^"]+)"[^}}]*}} 0(?:\.0)?$', re.M)
-
-    def __init__(self, server: Server):
-        super().__init__(daemon=True, name="mvgen-worker-supervisor")
-        self.server = server
-        self.restarts: list[tuple[str, bool]] = []  # (model, reloaded) in order
-        self._stopped = threading.Event()
-
-    def stop(self) -> None:
-        self._stopped.set()
-
-    def run(self) -> None:
-        while not self._stopped.wait(self.INTERVAL_S):
-            for model in self.lost_models():
-                self.restarts.append((model, self.reload(model)))
-
-    def lost_models(self) -> list[str]:
-        url = f"http://{_url_host(self.server.config.host)}:{self.server.config.metrics_port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return self.PATTERN.findall(response.read().decode("utf-8", "replace"))
-        except (urllib.error.URLError, OSError):
-            return []
-
-    def reload(self, model: str) -> bool:
-        base = f"{self.server.http_url}/v2/repository/models/{model}"
-        for action, timeout in (("unload", STOP_TIMEOUT_S), ("load", self.server.ready_timeout_s)):
-            request = urllib.request.Request(f"{base}/{action}", data=b"{}", method="POST")
-            try:
-                urllib.request.urlopen(request, timeout=timeout).close()
-            except (urllib.error.URLError, OSError) as error:
-                print(f"mvgen serve: restarting {model}'s workers: {action} failed: {error}", file=sys.stderr)
-                return False
-        return True
+def served_models(repository: Path) -> list[str]:
+    return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
 
 
 def _kill_leftovers(group: int) -> None:
@@ -315,30 +385,65 @@ def _url_host(host: str) -> str:
 
 
 def serve_forever(options: RepositoryOptions, config: ServeConfig, announce=print) -> int:
-    """Start, wait for readiness, then run until SIGINT/SIGTERM or until the server dies; the exit code."""
-    stop_requested = []
+    """Start, wait for readiness, then run until SIGINT/SIGTERM or until the server dies; the exit code.
+
+    The first signal drains: new requests are refused and readiness goes false, requests in flight get
+    ``config.shutdown_grace_s`` to finish, then tritonserver stops and the exit code is 0 (tritonserver's own exit
+    code, when it is not, is announced: it fails to unload an instance a restored model left). A second signal kills
+    tritonserver and its models at once (exit code 128 + the signal). tritonserver dying on its own is a
+    ``LaunchError`` (exit code 2), so a container restarts.
+    """
+    signals = []
+    server = Server(options, config)
 
     def on_signal(signum, frame):
-        stop_requested.append(signum)
+        signals.append(signum)
+        if len(signals) > 1:
+            server.kill()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    server = Server(options, config)
     try:
         server.start()
-        if not server.wait_ready(lambda: bool(stop_requested)):
+        if not server.wait_ready(lambda: bool(signals)):
             announce("mvgen serve: interrupted before the server was ready")
             server.stop()
             return 130
+        health = f", health http://{_url_host(config.host)}:{config.health_port}/health/ready" \
+            if config.health_port is not None else ""
         announce(f"mvgen serve: ready: gRPC {server.grpc_url}, HTTP {server.http_url}, "
-                 f"metrics http://{_url_host(config.host)}:{config.metrics_port}/metrics (log: {server.log_path})")
-        while not stop_requested and server.process.poll() is None:
+                 f"metrics {server.metrics_url}{health} (log: {server.log_path})")
+        while not signals and server.running():
             time.sleep(0.2)
-        if not stop_requested:
+        if not signals:
             raise LaunchError(f"tritonserver exited with code {server.process.returncode}: {server.failure_reason()}")
+        _drain(server, config.shutdown_grace_s, signals, announce)
+        if len(signals) > 1:
+            announce("mvgen serve: second signal: stopped at once")
+            return 128 + signals[-1]
         announce("mvgen serve: shutting down")
         code = server.stop()
-        return 0 if code in (0, -signal.SIGTERM) else code
+        if len(signals) > 1:
+            return 128 + signals[-1]
+        if code not in (0, -signal.SIGTERM):
+            # the drain is done; what remains is Triton's own unloading, which waits out its exit timeout and fails
+            # when a model instance whose stub died mid-request was left behind (Triton 2.51 never frees those)
+            announce(f"mvgen serve: tritonserver exited with code {code} while stopping: {server.last_error()}")
+        return 0
     finally:
         server.stop()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _drain(server: Server, grace_s: float, signals: list, announce) -> None:
+    """Stop admission, then wait (at most ``grace_s``) until no request is in flight or a second signal comes."""
+    server.drain()
+    deadline = time.monotonic() + grace_s
+    left = server.in_flight()
+    announce(f"mvgen serve: draining: new requests are refused; {left} in flight get up to {grace_s:.0f} s "
+             "(a second signal stops at once)")
+    while left and len(signals) == 1 and time.monotonic() < deadline and server.running():
+        time.sleep(0.2)
+        left = server.in_flight()
+    if left and len(signals) == 1:
+        announce(f"mvgen serve: {left} request(s) still in flight after {grace_s:.0f} s are cut off")

@@ -62,6 +62,11 @@ class LoopMetrics:
             self.wait.observe(waited)
             self.active.increment(1)
 
+    def request_refused(self) -> None:
+        """Refused on arrival (the server drains, or a model it needs is being restored): never started."""
+        with _LOCK:
+            self.outcomes["rejected"].increment(1)
+
     def request_finished(self, outcome: str) -> None:
         with _LOCK:
             self.active.increment(-1)
@@ -105,8 +110,8 @@ HEALTH_METRIC = "mvgen_denoiser_workers_healthy"
 
 
 class WorkerHealth:
-    """A sequence/CFG-parallel denoiser's workers: 1 while they answer, 0 once one is lost. The launcher watches
-    it and reloads the model (``server.launcher.WorkerSupervisor``); Prometheus sees it too."""
+    """A sequence/CFG-parallel denoiser's workers: 1 while they answer, 0 once one is lost (for Prometheus; the
+    model also reports the loss to ``server.supervisor``, which reloads it)."""
 
     def __init__(self, pb, model: str):
         kind = pb.MetricFamily
@@ -120,3 +125,47 @@ class WorkerHealth:
 
     def lost(self, reason: str) -> None:
         self.set(False)
+
+
+class SupervisionMetrics:
+    """``mvgen serve``'s own metrics (``server.supervisor``): restorations per model and how many models can serve.
+    They live in the launcher, not in a model (a model's counters would die with it), and are served on the health
+    port's ``/metrics`` after Triton's page (``server.health``), so one scrape has both."""
+
+    RESTARTS = "mvgen_model_restarts_total"
+    SERVER_RESTARTS = "mvgen_tritonserver_restarts_total"
+    HEALTHY = "mvgen_models_healthy"
+    SERVED = "mvgen_models_served"
+
+    def __init__(self, models: list[str]):
+        self._lock = threading.Lock()
+        self.restarts = {model: 0 for model in models}
+        self.server_restarts = 0
+        self.healthy = len(models)
+
+    def restarted(self, model: str) -> None:
+        with self._lock:
+            self.restarts[model] = self.restarts.get(model, 0) + 1
+
+    def server_restarted(self) -> None:
+        with self._lock:
+            self.server_restarts += 1
+
+    def set_healthy(self, count: int) -> None:
+        with self._lock:
+            self.healthy = count
+
+    def render(self) -> str:
+        """Prometheus text exposition format (version 0.0.4)."""
+        with self._lock:
+            lines = [f"# HELP {self.RESTARTS} Times a served model was restored after its process died or hung",
+                     f"# TYPE {self.RESTARTS} counter"]
+            lines += [f'{self.RESTARTS}{{model="{model}"}} {count}' for model, count in sorted(self.restarts.items())]
+            lines += [f"# HELP {self.SERVER_RESTARTS} Times tritonserver was restarted to release the requests a lost "
+                      "loop model stranded", f"# TYPE {self.SERVER_RESTARTS} counter",
+                      f"{self.SERVER_RESTARTS} {self.server_restarts}"]
+            lines += [f"# HELP {self.HEALTHY} Served models that can serve now (not down or being restored)",
+                      f"# TYPE {self.HEALTHY} gauge", f"{self.HEALTHY} {self.healthy}",
+                      f"# HELP {self.SERVED} Models this server serves", f"# TYPE {self.SERVED} gauge",
+                      f"{self.SERVED} {len(self.restarts)}"]
+        return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import protocol
+from .call_bounds import CallBounds
 
 from engine.denoiser_io import config_specs, denoiser_model_name, text_outputs
 from engine.parallel import ParallelLayout
@@ -92,6 +93,12 @@ class RepositoryOptions:
     # call at the default request), "weights" (resident only) or "none"; bounded by warmup_budget_s per model
     warmup: str = "full"
     warmup_budget_s: float = DEFAULT_BUDGET_S
+    # where mvgen serve's supervisor and the models exchange state and fault reports (server.serving_state);
+    # None: no supervisor (a repository for a plain tritonserver)
+    state_dir: str | None = None
+    call_timeout_s: float = 60.0  # the loop's bound on one sub-model call: this base ... (server.call_bounds)
+    call_timeout_per_ktoken_s: float = 1.0  # ... plus this per 1000 rows x tokens of the request x requests in flight
+    test_hooks: bool = False  # honour the fault-injection request parameter (server.fault_injection): tests only
 
     @property
     def parallel(self) -> ParallelLayout:
@@ -126,6 +133,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
             raise ValueError("sequence/CFG parallel (--sp, --cfg-parallel) is implemented for the Wan family only; "
                              "serve an MMDiT without them")
     check_mode(options.warmup)
+    CallBounds(options.call_timeout_s, options.call_timeout_per_ktoken_s)  # refused here, in its own words
     if options.denoiser_plan and options.parallel.parallel:
         raise ValueError("a TensorRT plan runs on one GPU per instance; sequence/CFG parallel (--sp, --cfg-parallel) "
                          "serves the python denoiser: drop --denoiser-plan or --sp/--cfg-parallel")
@@ -150,6 +158,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "warmup": options.warmup, "warmup_budget_s": str(options.warmup_budget_s),
         # on a CPU the models take turns on the cores (server.compute_lock)
         "compute_lock": str((dest / COMPUTE_LOCK).resolve()) if checkpoint.device.type == "cpu" else "",
+        "state_dir": options.state_dir or "", "test_hooks": "true" if options.test_hooks else "false",
     }
     for name in GENERATE_MODELS:
         _write_python_model(dest, name, _generate_config(name, params, options))
@@ -223,7 +232,8 @@ def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str
     outputs = [_tensor(f.name, f.triton_type, list(f.dims)) for f in protocol.OUTPUTS
                if f.name != "progress" or name == "mvgen_stream"]
     extra = "model_transaction_policy { decoupled: true }" if name == "mvgen_stream" else ""
-    loop = {"max_concurrency": str(options.max_concurrency),
+    loop = {"max_concurrency": str(options.max_concurrency), "call_timeout_s": str(options.call_timeout_s),
+            "call_timeout_per_ktoken_s": str(options.call_timeout_per_ktoken_s),
             "reference_cache": "true" if options.reference_cache and not options.denoiser_plan else "false",
             # a TensorRT plan keeps nothing between calls
             "request_cache": "false" if options.denoiser_plan else "true"}

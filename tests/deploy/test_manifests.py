@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from engine.warmup import DEFAULT_BUDGET_S
-from server.launcher import READY_TIMEOUT_S
+from server.launcher import READY_TIMEOUT_S, TRITON_EXIT_TIMEOUT_S
 
 kv = pytest.importorskip("kubernetes_validate",
                          reason="kubernetes-validate is not installed (the `test` extra: pip install -e '.[test]')")
@@ -172,17 +172,21 @@ def test_pod_serves_the_checkpoint_volume_on_its_ports(folder):
     args = serve_args(container)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args.host == "0.0.0.0", "in a pod the server must listen on every interface"
-    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port} \
-        == {"http": 8000, "grpc": 8001, "metrics": 8002}
-    for probe, path in [("startupProbe", "/v2/health/ready"), ("readinessProbe", "/v2/health/ready"),
-                        ("livenessProbe", "/v2/health/live")]:
-        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
+    assert ports == {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port,
+                     "health": args.health_port} == {"http": 8000, "grpc": 8001, "metrics": 8002, "health": 8003}
+    # the probes read mvgen serve's truthful health (server.health), not Triton's /v2/health/*
+    for probe, path in [("startupProbe", "/health/ready"), ("readinessProbe", "/health/ready"),
+                        ("livenessProbe", "/health/live")]:
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"}
     startup = container["startupProbe"]
     # a 14B checkpoint loads for minutes, then every model warms up (engine.warmup) within its budget
     assert startup["periodSeconds"] * startup["failureThreshold"] >= READY_TIMEOUT_S + DEFAULT_BUDGET_S
+    # the health port's /metrics: Triton's page and mvgen serve's own (restarts, models healthy)
     annotations = pod["metadata"]["annotations"]
     assert (annotations["prometheus.io/scrape"], annotations["prometheus.io/port"], annotations["prometheus.io/path"]) \
-        == ("true", str(args.metrics_port), "/metrics")
+        == ("true", str(args.health_port), "/metrics")
+    # SIGTERM: the requests in flight get --shutdown-grace, then tritonserver its own exit timeout, before the kill
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= args.shutdown_grace + TRITON_EXIT_TIMEOUT_S
     mounts = {m["name"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     claim = volumes[mounts["models"]["name"]]["persistentVolumeClaim"]["claimName"]
@@ -192,6 +196,35 @@ def test_pod_serves_the_checkpoint_volume_on_its_ports(folder):
     assert mounts["dshm"]["mountPath"] == "/dev/shm" and volumes["dshm"]["emptyDir"]["medium"] == "Memory"
     assert "nvidia.com/gpu.product" in pod["spec"]["nodeSelector"]
     assert any(t["key"] == "nvidia.com/gpu" for t in pod["spec"]["tolerations"])
+
+
+@pytest.mark.parametrize("folder", KUSTOMIZATIONS, ids=_ids(KUSTOMIZATIONS))
+def test_probe_paths_are_what_the_health_endpoint_answers(folder):
+    """Each probe's path, asked of the real ``server.health`` endpoint: 200 while its check passes, 503 when it fails
+    (a path it does not serve would answer 404 both times)."""
+    import urllib.error
+    import urllib.request
+
+    from server.health import HealthEndpoint
+    from server.launcher import free_port
+
+    container = one(build(folder), "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    failing = {"ready": [], "live": []}
+    port = free_port()
+    endpoint = HealthEndpoint("127.0.0.1", port, lambda: failing["ready"], lambda: failing["live"], str).start()
+    try:
+        for probe, check in [("startupProbe", "ready"), ("readinessProbe", "ready"), ("livenessProbe", "live")]:
+            url = f"http://127.0.0.1:{port}{container[probe]['httpGet']['path']}"
+            for reasons, status in (([], 200), (["a model is down"], 503)):
+                failing[check] = reasons
+                try:
+                    code = urllib.request.urlopen(url, timeout=5).status
+                except urllib.error.HTTPError as error:
+                    code = error.code
+                assert code == status, f"{probe} {url}: {code}, expected {status}"
+            failing[check] = []
+    finally:
+        endpoint.stop()
 
 
 def test_service_routes_grpc_http_and_metrics_to_the_pods():
