@@ -10,6 +10,8 @@ from engine.cli_args import (UsageError, add_memory_arguments, add_model_argumen
                              add_deterministic_argument)
 from engine.warmup import WARMUP_MODES
 
+from .api import cli as api_cli
+
 
 def user_errors() -> tuple[type[Exception], ...]:
     """The server's exceptions that are the user's mistake: a refused or unreachable request, a failed start."""
@@ -22,6 +24,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 def add_parser(subparsers) -> None:
     _add_serve(subparsers)
     _add_repository(subparsers)
+    api_cli.add_parser(subparsers)
     client = subparsers.add_parser("client", help="talk to a running mvgen server (gRPC)")
     commands = client.add_subparsers(dest="client_command", metavar="COMMAND", parser_class=type(client))
     commands.required = True
@@ -67,7 +70,33 @@ def _add_serve(subparsers) -> None:
                    help="before reporting ready, each model makes its weights resident and runs one call at the "
                         "model's default request (full), only reads its weights in (weights), or neither (none)")
     p.add_argument("--log-file", type=Path, help="tritonserver log (default: in the temporary work dir)")
+    _add_supervision_arguments(p)
+    api_cli.add_serve_arguments(p)
     p.set_defaults(func=run_serve)
+
+
+def _add_supervision_arguments(p) -> None:
+    """Health, supervision and shutdown (server.supervisor, server.health, server.call_bounds)."""
+    from .launcher import SHUTDOWN_GRACE_S
+
+    p.add_argument("--health-port", type=int, metavar="P",
+                   help="serve readiness (/health/ready), liveness (/health/live) and the metrics page with mvgen "
+                        "serve's own metrics (/metrics) on this port: the readiness that is false while a model is "
+                        "restored or the server drains (deploy/'s probes read it; default: off)")
+    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S, metavar="S",
+                   help="after SIGTERM/SIGINT new requests are refused and those in flight get S seconds to finish "
+                        f"before tritonserver stops (default {SHUTDOWN_GRACE_S:.0f}); a second signal stops at once")
+    p.add_argument("--restore-deadline", type=float, metavar="S",
+                   help="liveness fails once a model has stayed down this long (its restoration keeps failing; "
+                        "default: the time allowed to start, loading plus warm-up)")
+    p.add_argument("--call-timeout", type=float, default=60.0, metavar="S",
+                   help="the loop waits at most S seconds plus --call-timeout-per-ktoken per 1000 tokens of the "
+                        "request for one call to a model before it takes the model for hung (default 60)")
+    p.add_argument("--call-timeout-per-ktoken", type=float, default=1.0, metavar="S",
+                   help="seconds per 1000 rows x tokens of the request, times the requests in flight (default 1)")
+    p.add_argument("--test-hooks", action="store_true",
+                   help="tests only: honour the mvgen_fault request parameter (an out-of-memory error or a hang in a "
+                        "chosen model, server/fault_injection.py)")
 
 
 def _add_repository(subparsers) -> None:
@@ -108,6 +137,14 @@ def run_serve(args) -> int:
         raise UsageError(f"--sp must be a positive number of ranks, got {args.sp}")
     if not args.worker_timeout > 0:
         raise UsageError(f"--worker-timeout must be a positive number of seconds, got {args.worker_timeout}")
+    if args.health_port is not None and not 0 < args.health_port < 65536:
+        raise UsageError(f"--health-port must be a port in 1..65535, got {args.health_port}")
+    for flag, value in (("--shutdown-grace", args.shutdown_grace), ("--restore-deadline", args.restore_deadline),
+                        ("--call-timeout", args.call_timeout)):
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} must be a positive number of seconds, got {value}")
+    if not args.call_timeout_per_ktoken >= 0:
+        raise UsageError(f"--call-timeout-per-ktoken must be >= 0 seconds, got {args.call_timeout_per_ktoken}")
     if args.denoiser_plan is not None and not args.denoiser_plan.is_file():
         raise UsageError(f"--denoiser-plan: file not found: {args.denoiser_plan}")
     options = RepositoryOptions(
@@ -118,13 +155,21 @@ def run_serve(args) -> int:
         denoiser_plan=str(args.denoiser_plan) if args.denoiser_plan else None,
         reference_cache=args.reference_cache, reference_cache_mb=args.reference_cache_mb,
         sp=args.sp, cfg_parallel=args.cfg_parallel, worker_timeout_s=args.worker_timeout, warmup=args.warmup,
+        call_timeout_s=args.call_timeout, call_timeout_per_ktoken_s=args.call_timeout_per_ktoken,
+        test_hooks=args.test_hooks,
     )
     config = ServeConfig(host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                         metrics_port=args.metrics_port, repository=args.repository, log_file=args.log_file)
+                         metrics_port=args.metrics_port, repository=args.repository, log_file=args.log_file,
+                         health_port=args.health_port, shutdown_grace_s=args.shutdown_grace,
+                         restore_deadline_s=args.restore_deadline)
+    api = api_cli.start_beside_serve(args) if args.api_port is not None else None
     try:
         return serve_forever(options, config, announce=lambda line: print(line, file=sys.stderr, flush=True))
     except LaunchError as error:
         raise UsageError(str(error)) from None
+    finally:
+        if api is not None:
+            api.stop()
 
 
 def run_repository(args) -> int:
