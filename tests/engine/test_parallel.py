@@ -20,6 +20,7 @@ from engine.denoiser import MultiViewWanTransformer
 from engine.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
 from engine.step_cache import StepCache
 from server.launcher import free_port
+from tests.goldens import check_golden
 
 from .conftest import SMALL_WAN, inputs, rel_err
 
@@ -160,11 +161,13 @@ def parallel_outputs(tmp_path_factory):
     return want, load_file(str(folder / "got.safetensors"))
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallel_equals_one_process(parallel_outputs, layout, case):
     want, got = parallel_outputs
     out = got[f"{layout}/{case}"]
+    check_golden(f"parallel_{layout}_{case}", {"parallel": out, "one_process": want[case]})
     if case.startswith("step_cached"):  # the same decisions, and some steps skipped
         decisions = want[case][-len(STEP_TIMESTEPS):]
         assert torch.equal(out[-len(STEP_TIMESTEPS):], decisions) and 0 < decisions.sum() < len(STEP_TIMESTEPS) - 1
