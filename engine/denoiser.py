@@ -26,6 +26,8 @@ from .modes.view_attention import ViewAttention, fill_paper_omega, paper_view_om
 from .parallel import ParallelLayout, SequenceParallel
 from .positions import grid_positions, rd_rope_positions
 from .step_cache import StepCache
+from .streams.driver import (CachedReference, IsolatedReference, LiveReference, PrototypeReference, VideoRows,
+                             ViewAttentionHook, run_layers)
 
 
 class FP32LayerNorm(nn.LayerNorm):
@@ -618,117 +620,84 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
 
     def _blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache, frame_pose, ref_pose,
                 fhw, view_omega):
-        """The block stack over this rank's video tokens x [B, n_local, D]: with the reference stream joint,
-        cached, as PPA prototypes, or absent."""
-        video_tokens = n_video if self.sequence_parallel is not None else None
-        video_rope = self._rope(video_pos, x)
-        if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
-            x = self._prototype_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, ref_cache,
-                                       frame_pose, ref_pose, fhw, video_rope=video_rope)
-        elif ref_cache is not None:
-            x = self._video_blocks_with_cache(x, n_video, video_pos, tproj, video_ctx, ref_cache, fhw,
-                                              view_omega=view_omega, video_rope=video_rope)
-        elif ref_latents is not None:
-            x = self._joint_blocks(x, n_video, video_pos, timestep, tproj, video_ctx, ref_latents, fhw,
-                                   view_omega=view_omega, video_rope=video_rope)
-        else:
-            for i, block in enumerate(self.blocks):
-                mod = block.modulation(tproj)
-                attn = self._attend([block.self_attention_stream(x, mod, video_pos, tokens=video_tokens,
-                                                                 rope=video_rope)])
-                x = block.finish(x, attn, mod, video_ctx.kv(i, block))
-        return x
-
-    def _joint_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, fhw, *,
-                      view_omega=None, video_rope=None):
-        # x [B, n_local, D]: the video tokens this rank holds (all of them without sequence parallel)
-        r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
-        ref_ctx = video_ctx.for_references()
-        n_local, n_ref = x.shape[1], r.shape[1]
-        num_refs, ref_hw = self._reference_grid(ref_latents)
-        pos, key_scale = self._keys_layout(video_pos, num_refs, ref_hw, fhw)
-        ref_pos, ref_scale = pos[n_local:], key_scale[n_local:]
+        """The block stack over this rank's video tokens x [B, n_local, D], with the reference stream joint, cached,
+        as PPA prototypes, or absent: one driver (``engine.streams.driver``) over the streams of this call."""
+        if ref_cache is not None and ref_cache.video_fhw != fhw:
+            raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has {fhw}")
         sp = self.sequence_parallel
-        if sp is not None:  # the reference stream is sharded like the video
-            r, ref_pos, ref_scale = sp.shard(r, 1), sp.shard(ref_pos, 0), sp.shard(ref_scale, 0)
-        tokens_v, tokens_r = (n_video, n_ref) if sp is not None else (None, None)
-        first_token = sp.first_token(n_video) if sp is not None else 0
-        ref_rope = self._rope(ref_pos, r)
-        # MVAnimate Eq. 2 on the video rows (engine.modes.view_attention); None: the joint attention alone
+        video = VideoRows(x, video_pos, self._rope(video_pos, x), n_video if sp is not None else None, tproj, video_ctx)
+        if self.prototype is not None and (ref_cache is not None or ref_latents is not None):
+            reference, hooks = self._prototype_source(video, timestep, ref_latents, ref_cache, frame_pose, ref_pose,
+                                                      fhw), ()
+        else:
+            reference, hooks = self._reference_source(video, n_video, timestep, ref_latents, ref_cache, fhw,
+                                                      view_omega)
+        for _ in run_layers(self, video, reference, hooks):
+            pass
+        return video.x
+
+    def _reference_source(self, video: VideoRows, n_video, timestep, ref_latents, ref_cache, fhw, view_omega):
+        """The reference stream beside the video (live, or its cached K/V) and MVAnimate's Eq. 2 hook on the video
+        rows where the model has it; (None, ()) without references."""
+        sp, x = self.sequence_parallel, video.x
+        n_local = x.shape[1]
+        if ref_cache is not None:  # held whole by every rank under sequence parallel
+            num_refs, ref_hw = ref_cache.num_refs, ref_cache.ref_hw
+            pos, key_scale = self._keys_layout(video.pos, num_refs, ref_hw, fhw)
+            ref_pos, ref_scale = pos[n_local:], key_scale[n_local:]
+            reference = CachedReference(ref_cache.keys, ref_cache.values, ref_pos, ref_scale, self._rope(ref_pos, x))
+        elif ref_latents is not None:
+            r = self.embed_references(ref_latents)  # [B, R*hr*wr, D]
+            num_refs, ref_hw = self._reference_grid(ref_latents)
+            pos, key_scale = self._keys_layout(video.pos, num_refs, ref_hw, fhw)
+            n_ref, ref_pos, ref_scale = r.shape[1], pos[n_local:], key_scale[n_local:]
+            if sp is not None:  # the reference stream is sharded like the video
+                r, ref_pos, ref_scale = sp.shard(r, 1), sp.shard(ref_pos, 0), sp.shard(ref_scale, 0)
+            _, ref_tproj = self.condition_embedder.time(self._ref_timestep(timestep), x.dtype)
+            reference = LiveReference(self.reference_block, r, ref_pos, ref_scale, self._rope(ref_pos, r),
+                                      n_ref if sp is not None else None, ref_tproj, video.context.for_references(),
+                                      len(self.blocks), sp)
+        else:
+            return None, ()
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
                                        fhw, ref_hw, x.device)
-        _, ref_tproj = self.condition_embedder.time(self._ref_timestep(timestep), x.dtype)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            ref_block = self.reference_block(i)
-            mod_v, mod_r = block.modulation(tproj), ref_block.modulation(ref_tproj)
-            video = block.self_attention_stream(x, mod_v, video_pos, tokens=tokens_v, rope=video_rope)
-            ref = ref_block.self_attention_stream(r, mod_r, ref_pos, ref_scale, tokens=tokens_r, rope=ref_rope,
-                                                  role="reference")
-            attn = self._attend([video, ref])
-            if views is None:
-                video_attn = attn[:, :n_local]
-            else:  # Eq. 2 reads the normalised, unrotated video queries and reference keys
-                qv, _ = block.attn1.normed(video.q, video.k)
-                _, kr = ref_block.attn1.normed(ref.q, ref.k)
-                vr = ref.v
-                if sp is not None:  # every view's keys and values, for this rank's video tokens
-                    kr, vr = sp.gather(kr, n_ref), sp.gather(vr, n_ref)
-                video_attn = views(attn[:, :n_local], qv, kr, vr, first_token)
-            x = block.finish(x, video_attn, mod_v, video_ctx.kv(i, block))
-            if i < last:  # the reference stream's last output is never read; it takes no identity (video only)
-                r = ref_block.finish(r, attn[:, n_local:], mod_r, ref_ctx.kv(i, ref_block))
-        return x
+        first_token = sp.first_token(n_video) if sp is not None else 0
+        return reference, (() if views is None else (ViewAttentionHook(views, first_token),))
 
-    def _prototype_blocks(self, x, n_video, video_pos, timestep, tproj, video_ctx: Context, ref_latents, ref_cache,
-                          frame_pose, ref_pose, fhw, *, video_rope=None):
-        """ProFashion PPA (``engine.modes.prototype``): video queries of frame i attend to every video key plus
-        the T tokens of frame i's prototype, aggregated per layer from the isolated reference stream (run here
-        layer by layer, or read from ``ref_cache``)."""
-        cfg = self.config
+    def _prototype_source(self, video: VideoRows, timestep, ref_latents, ref_cache, frame_pose, ref_pose, fhw):
+        """ProFashion PPA (``engine.modes.prototype``): video queries of frame i attend to every video key plus the
+        T tokens of frame i's prototype, aggregated per layer from the isolated reference stream (run beside the
+        video layer by layer, or read from ``ref_cache``); every rank holds the prototypes whole."""
         if ref_cache is not None:
-            if ref_cache.video_fhw != fhw:
-                raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has {fhw}")
             num_refs, ref_hw = ref_cache.num_refs, ref_cache.ref_hw
-            ref_features = zip(ref_cache.keys, ref_cache.values)
+            features = zip(ref_cache.keys, ref_cache.values)
         else:
             num_refs, ref_hw = self._reference_grid(ref_latents)
-            ref_features = self._prototype_reference_features(
-                ref_latents, self._ref_timestep(timestep), video_ctx.for_references(), fhw)
+            features = self._reference_features(ref_latents, self._ref_timestep(timestep),
+                                                video.context.for_references(), fhw)
         poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
-        proto_tokens = ref_hw[0] * ref_hw[1]
-        proto_pos = prototype_positions(cfg.ref_rope, fhw, ref_hw, device=x.device)
-        # the prototypes are held whole by every rank under sequence parallel (computed from the whole references)
-        tokens_v = n_video if self.sequence_parallel is not None else None
-        proto_rope = self._rope(proto_pos, x)
-        for i, (block, (k_ref, v_ref)) in enumerate(zip(self.blocks, ref_features)):
-            mod = block.modulation(tproj)
-            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v, rope=video_rope)
-            k_proto, v_proto = self.prototype.prototype_kv(i, poses, k_ref, v_ref, block.attn1)  # [B, F*T, H, Dh]
-            prototypes = StreamQKV(None, k_proto, v_proto, proto_pos, rope=proto_rope, role="reference")
-            attn = self._attend([video, prototypes], mask="prototype", tokens_per_frame=fhw[1] * fhw[2],
-                                proto_tokens=proto_tokens)
-            x = block.finish(x, attn, mod, video_ctx.kv(i, block))
-        return x
+        proto_pos = prototype_positions(self.config.ref_rope, fhw, ref_hw, device=video.x.device)
+        mask = dict(mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=ref_hw[0] * ref_hw[1])
+        return PrototypeReference(self.prototype, poses, iter(features), proto_pos, self._rope(proto_pos, video.x),
+                                  mask)
 
-    def _prototype_reference_features(self, ref_latents, ref_timestep, ref_ctx: Context, fhw):
-        """Per layer, the isolated reference stream's attention input projected by the video block's K/V weights
-        (``PrototypeAggregator.reference_features``), yielded as the stream advances layer by layer."""
+    def _isolated_reference(self, ref_latents, ref_timestep, ref_ctx: Context, fhw, attention: dict,
+                            keep_last: bool) -> IsolatedReference:
+        """The reference stream to run alone (video-independent: ``isolated`` or PPA's), at its own positions."""
         num_refs, ref_hw = self._reference_grid(ref_latents)
         r = self.embed_references(ref_latents)  # [B, R*T, D]
         no_video = torch.zeros(0, 3, dtype=torch.long, device=r.device)
         pos, key_scale = self._keys_layout(no_video, num_refs, ref_hw, fhw)
         _, ref_tproj = self.condition_embedder.time(ref_timestep, r.dtype)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            ref_block = self.reference_block(i)
-            mod = ref_block.modulation(ref_tproj)
-            z = ref_block.attention_input(r, mod)
-            yield self.prototype.reference_features(z, block.attn1)
-            if i < last:  # the reference stream's last output is never read
-                q, k, v = ref_block.attn1.project_qkv(z, z)
-                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale, role="reference")], mask="full")
-                r = ref_block.finish(r, attn, mod, ref_ctx.kv(i, ref_block))
+        return IsolatedReference(self.reference_block, r, pos, key_scale, ref_tproj, ref_ctx, len(self.blocks),
+                                 keep_last, attention)
+
+    def _reference_features(self, ref_latents, ref_timestep, ref_ctx: Context, fhw):
+        """Per layer, the isolated reference stream's attention input projected by the video block's K/V weights
+        (``PrototypeAggregator.reference_features``), yielded as the stream advances layer by layer."""
+        source = self._isolated_reference(ref_latents, ref_timestep, ref_ctx, fhw, {"mask": "full"}, keep_last=False)
+        for i in run_layers(self, None, source):
+            yield self.prototype.reference_features(source.z, self.blocks[i].attn1)
 
     @torch.no_grad()
     def precompute_context(self, text: torch.Tensor, image_context: torch.Tensor | None,
@@ -757,59 +726,21 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         every step reuses the cache.
         """
         cfg = self.config
+        fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
+        num_refs, ref_hw = self._reference_grid(ref_latents)
+        ref_ctx = Context(*self._contexts(text, image_context), stream="reference")
+        zero = torch.zeros(ref_latents.shape[0], device=ref_latents.device)
         if self.prototype is not None and cfg.ref_timestep == "zero":  # PPA's isolated reference stream
-            num_refs, ref_hw = self._reference_grid(ref_latents)
-            fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
-            ref_ctx = Context(*self._contexts(text, image_context), stream="reference")
-            zero = torch.zeros(ref_latents.shape[0], device=ref_latents.device)
-            keys, values = zip(*self._prototype_reference_features(ref_latents, zero, ref_ctx, fhw))
+            keys, values = zip(*self._reference_features(ref_latents, zero, ref_ctx, fhw))
             return ReferenceCache(list(keys), list(values), num_refs, ref_hw, fhw)
         if not cfg.caches_reference:
             raise ValueError(
                 "reference K/V caching needs ref_attention='isolated' and ref_timestep='zero', "
                 f"got ref_attention={cfg.ref_attention!r}, ref_timestep={cfg.ref_timestep!r}"
             )
-        num_refs, ref_hw = self._reference_grid(ref_latents)
-        r = self.embed_references(ref_latents)
-        ref_ctx = Context(*self._contexts(text, image_context), stream="reference")
-        _, ref_tproj = self.condition_embedder.time(torch.zeros(r.shape[0], device=r.device), r.dtype)
-        fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
-        no_video = torch.zeros(0, 3, dtype=torch.long, device=r.device)
-        pos, key_scale = self._keys_layout(no_video, num_refs, ref_hw, fhw)
+        source = self._isolated_reference(ref_latents, zero, ref_ctx, fhw, {}, keep_last=True)
         keys, values = [], []
-        last = len(self.blocks) - 1
-        for i in range(len(self.blocks)):
-            ref_block = self.reference_block(i)
-            mod = ref_block.modulation(ref_tproj)
-            q, k, v = ref_block.self_attention_inputs(r, mod)
-            keys.append(k)
-            values.append(v)
-            if i < last:
-                attn = self._attend([StreamQKV(q, k, v, pos, key_scale=key_scale, role="reference")])
-                r = ref_block.finish(r, attn, mod, ref_ctx.kv(i, ref_block))
+        for _ in run_layers(self, None, source):
+            keys.append(source.kept[0])
+            values.append(source.kept[1])
         return ReferenceCache(keys, values, num_refs, ref_hw, fhw)
-
-    def _video_blocks_with_cache(self, x, n_video, video_pos, tproj, video_ctx: Context, cache: ReferenceCache, fhw,
-                                 *, view_omega=None, video_rope=None):
-        if cache.video_fhw != fhw:
-            raise ValueError(f"reference cache was built for video grid {cache.video_fhw}, this call has {fhw}")
-        n_local = x.shape[1]
-        # the cached reference K/V are held whole by every rank under sequence parallel
-        sp = self.sequence_parallel
-        tokens_v = n_video if sp is not None else None
-        first_token = sp.first_token(n_video) if sp is not None else 0
-        k_pos, key_scale = self._keys_layout(video_pos, cache.num_refs, cache.ref_hw, fhw)
-        # the cache holds each layer's reference K/V before RoPE: exactly what Eq. 2 reads
-        views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0],
-                                       cache.num_refs, fhw, cache.ref_hw, x.device)
-        ref_pos, ref_scale = k_pos[n_local:], key_scale[n_local:]
-        ref_rope = self._rope(ref_pos, x)
-        for i, (block, k_ref, v_ref) in enumerate(zip(self.blocks, cache.keys, cache.values)):
-            mod = block.modulation(tproj)
-            video = block.self_attention_stream(x, mod, video_pos, tokens=tokens_v, rope=video_rope)
-            cached = StreamQKV(None, k_ref, v_ref, ref_pos, key_scale=ref_scale, rope=ref_rope, role="reference")
-            attn = self._attend([video, cached])
-            if views is not None:  # Eq. 2 reads the normalised, unrotated video queries
-                attn = views(attn, block.attn1.normed(video.q, video.k)[0], k_ref, v_ref, first_token)
-            x = block.finish(x, attn, mod, video_ctx.kv(i, block))
-        return x
