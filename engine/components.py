@@ -23,7 +23,8 @@ import torch
 from .batch_invariance import batch_invariant_ops
 from .config import MvgenConfig
 from .denoiser import ContextCache, ReferenceCache
-from .denoiser_io import STEP_INPUTS, TEXT_OUTPUTS, step_only, text_outputs
+from .backbones.families import ALL_TEXT_OUTPUTS, family_of
+from .denoiser_io import STEP_INPUTS, step_only, text_outputs
 from .offload import apply_offload, check_offload
 from .parallel import CollectiveError, ParallelRuntime
 from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
@@ -31,11 +32,6 @@ from .step_cache import StepCache
 from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 
 SCHEDULERS = ("unipc", "euler")
-# diffusers' WanImageToVideoPipeline defaults (480p checkpoint); a checkpoint may ship mvgen_defaults.json
-WAN_DEFAULTS = {"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0}
-# diffusers' HunyuanVideoImageToVideoPipeline defaults (720p; true_cfg_scale 1: no guidance) and its scheduler's shift
-MMDIT_DEFAULTS = {"num_frames": 129, "height": 720, "width": 1280, "steps": 50, "guidance_scale": 1.0, "shift": 7.0}
-FAMILY_DEFAULTS = {"wan": WAN_DEFAULTS, "mmdit": MMDIT_DEFAULTS}
 
 
 @contextlib.contextmanager
@@ -240,8 +236,9 @@ class Checkpoint:
         if len({e.config.max_references for e in experts}) > 1:
             raise CheckpointError(f"the experts of {path} take different max_references: "
                                   f"{[e.config.max_references for e in experts]}")
-        family_defaults = FAMILY_DEFAULTS[config.family]
-        vae = _vae_layout(config.family, _read_json(path / "vae" / "config.json", "VAE config"))
+        family = family_of(config)
+        family_defaults = family.defaults  # a checkpoint may ship mvgen_defaults.json
+        vae = family.vae_layout(_read_json(path / "vae" / "config.json", "VAE config"))
         scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
         shift = scheduler_config.get("flow_shift", scheduler_config.get("shift", family_defaults["shift"]))
         temporal, spatial, z_dim = vae["temporal"], vae["spatial"], vae["channels"]
@@ -250,7 +247,7 @@ class Checkpoint:
         _, patch_h, patch_w = config.patch_size
         return cls(
             path=path, experts=experts, boundary_ratio=float(boundary) if boundary is not None else None, dtype=dtype,
-            device=device, scheduler="euler" if config.family == "mmdit" else scheduler,
+            device=device, scheduler=family.scheduler or scheduler,
             scheduler_config=scheduler_config,
             defaults={**family_defaults, "shift": float(shift),
                       **_read_json(path / "mvgen_defaults.json", "generation defaults")},
@@ -341,7 +338,7 @@ class Checkpoint:
     def set_timesteps(self, scheduler, steps: int) -> None:
         """The request's ``steps`` timesteps on ``scheduler``: an MMDiT takes HunyuanVideo's pipelines' sigmas
         (1 down to 1/steps, before the shift); Wan's pipelines leave the spacing to the scheduler."""
-        if self.config.family == "mmdit":
+        if family_of(self.config).explicit_sigmas:
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=self.device)
         else:
             scheduler.set_timesteps(steps, device=self.device)
@@ -351,21 +348,6 @@ class Checkpoint:
         shape = (1, self.latent_channels, 1, 1, 1)
         as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device).view(shape)  # noqa: E731
         return as_tensor(self.latents_mean), as_tensor(self.latents_std)
-
-
-def _vae_layout(family: str, vae: dict) -> dict:
-    """A VAE config.json's compression, latent channels and latent normalisation ``(latent - mean) / std``:
-    ``AutoencoderKLWan``'s per-channel statistics, or ``AutoencoderKLHunyuanVideo``'s one ``scaling_factor`` as
-    mean 0 and std 1 / scaling_factor (``latent * scaling_factor``, as its pipelines scale)."""
-    if family == "mmdit":
-        channels, scale = vae.get("latent_channels", 16), vae.get("scaling_factor", 0.476986)
-        return {"temporal": vae.get("temporal_compression_ratio") or 4,
-                "spatial": vae.get("spatial_compression_ratio") or 8, "channels": channels,
-                "mean": (0.0,) * channels, "std": (1.0 / scale,) * channels}
-    channels = vae.get("z_dim", 16)
-    return {"temporal": vae.get("scale_factor_temporal") or 4, "spatial": vae.get("scale_factor_spatial") or 8,
-            "channels": channels, "mean": vae.get("latents_mean", (0.0,) * channels),
-            "std": vae.get("latents_std", (1.0,) * channels)}
 
 
 def prompt_clean(text: str) -> str:
@@ -513,7 +495,7 @@ class Denoiser:
         # the text encoders' entries this family's denoiser does not take (Wan: an MMDiT's mask and pooled text),
         # which a call may carry as None (the loop and the server send every DENOISER_INPUTS name)
         family_text = text_outputs(checkpoint.experts[expert].config)
-        self.foreign_inputs = {name for names in TEXT_OUTPUTS.values() for name in names} - set(family_text)
+        self.foreign_inputs = set(ALL_TEXT_OUTPUTS) - set(family_text)
 
     @property
     def caches_references(self) -> bool:

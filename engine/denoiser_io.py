@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .backbones.families import family_of
+
 DENOISER_MODEL_NAME = "mvgen_denoiser"
 ONNX_FILE = "denoiser.onnx"
 ONNX_DATA_FILE = "denoiser.onnx.data"
@@ -77,9 +79,8 @@ def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image
     """The denoiser's inputs, in the order of its ``forward``: T2V checkpoints (``condition_channels`` 0) have no
     ``condition``, checkpoints without CLIP (``image_dim`` None: T2V, Wan2.2, MMDiT) no ``image_context``; an MMDiT
     (``family`` "mmdit") takes its text encoder's token mask and pooled CLIP text (``pooled_dim`` wide) too."""
-    mmdit = family == "mmdit"
-    condition_doc = "16 first-frame + 1 mask channels" if mmdit else "4 mask + 16 first-frame channels"
-    text_doc = "Llama states after the prompt template, 256 tokens" if mmdit else "umT5 states padded to 512 tokens"
+    described = family_of(family)
+    condition_doc, text_doc = described.condition_doc, described.text_doc
     specs = [
         TensorSpec("latents", ("batch", 16, "frames", "height", "width"), doc="noisy video latents"),
         TensorSpec("condition", ("batch", condition_channels, "frames", "height", "width"),
@@ -89,21 +90,18 @@ def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image
         TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states") if image_dim else None,
         TensorSpec("ref_latents", ("batch", "refs", 16, "ref_height", "ref_width"), doc="clean reference latents"),
     ]
-    if mmdit:
-        specs += [TensorSpec("text_mask", ("batch", text_len), "float32", doc="1 = a real text token, 0 = padding"),
-                  TensorSpec("pooled_text", ("batch", pooled_dim), doc="CLIP text pooled output")]
+    text_specs = {"text_mask": TensorSpec("text_mask", ("batch", text_len), "float32",
+                                          doc="1 = a real text token, 0 = padding"),
+                  "pooled_text": TensorSpec("pooled_text", ("batch", pooled_dim), doc="CLIP text pooled output")}
+    specs += [text_specs[name] for name in described.text_outputs if name != "text"]
     return [spec for spec in specs if spec is not None]
 
 
 # what a family's text encoder returns for N prompts, each entry a denoiser input of the same name ([N, ...]): Wan's
 # umT5 states; an MMDiT's Llama states, their token mask and the pooled CLIP text (HunyuanVideo's encode_prompt)
-TEXT_OUTPUTS = {"wan": ("text",), "mmdit": ("text", "text_mask", "pooled_text")}
-
-
 def text_outputs(config) -> tuple[str, ...]:
-    """``TEXT_OUTPUTS`` of a denoiser config's family (an ``MvgenConfig`` or its ``to_dict()``)."""
-    values = config if isinstance(config, dict) else config.to_dict()
-    return TEXT_OUTPUTS[values.get("family", "wan")]
+    """What the text encoder of a denoiser config's family returns (an ``MvgenConfig`` or its ``to_dict()``)."""
+    return family_of(config).text_outputs
 
 
 def mode_specs(values: dict) -> list[TensorSpec]:

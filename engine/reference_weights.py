@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones.families import family_of
 from .lora import LowRankDelta, ReferenceAdapter, few_names
 
 
@@ -104,7 +105,7 @@ def share_reference_stream(model: nn.Module, own: Collection[str] = ()) -> None:
 def holds_shared_weights(model: nn.Module) -> bool:
     """Whether the reference stream shares a tensor with the video stream or applies a LoRA unmerged (a Wan
     denoiser's: the MMDiT's reference stream always holds its own merged weights, ``engine.mmdit_loading``)."""
-    if getattr(model, "ref_blocks", None) is None or model.config.family != "wan":
+    if getattr(model, "ref_blocks", None) is None or not family_of(model.config).shared_reference_weights:
         return False
     video = {id(p) for p in model.blocks.parameters()}
     return any(id(p) in video for p in model.ref_blocks.parameters()) or \

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from engine import denoiser_io
+from engine.backbones.families import family_of
 from engine.components import Checkpoint, load_expert
 from engine.reference_weights import merged_reference_stream
 
@@ -149,7 +150,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     cfg = denoiser.config
     minimums = {}
-    if cfg.family == "mmdit" and attention == "plugin":
+    if not family_of(cfg).plugin_attention and attention == "plugin":
         raise ValueError("an MMDiT exports with --attention native (the plugin node has no text stream and no key "
                          "lengths: the text padding mask)")
     if cfg.ref_attention == "prototype" and attention == "plugin":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import protocol
 
+from engine.backbones.families import family_of
 from engine.denoiser_io import config_specs, denoiser_model_name, text_outputs
 from engine.parallel import ParallelLayout
 from engine.warmup import DEFAULT_BUDGET_S, check_mode
@@ -122,7 +123,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
                 raise FileNotFoundError(f"not found: {source}")
     for spec in checkpoint.experts:  # refused here, before a server starts, in the words the model would use
         options.parallel.check_heads(spec.config.num_attention_heads)
-        if options.parallel.parallel and spec.config.family != "wan":
+        if options.parallel.parallel and not family_of(spec.config).parallel:
             raise ValueError("sequence/CFG parallel (--sp, --cfg-parallel) is implemented for the Wan family only; "
                              "serve an MMDiT without them")
     check_mode(options.warmup)
