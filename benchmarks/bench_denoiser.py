@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 
 from .configs import CONFIGS, BenchConfig, latent_grid, pixel_size
 
@@ -94,7 +94,7 @@ def features(args) -> list[Feature]:
         Feature("context_cache", "engine, context cache off", {"context_cache": False}),
         Feature("ref_weights", "engine, merged reference weights", {"ref_weights": "merged"}),
         Feature("deterministic", "engine, deterministic", {"deterministic": True},
-                note="batch-invariant numerics (engine.batch_invariance): per-row linears on the CPU, the fixed-tile "
+                note="batch-invariant numerics (engine.runtime.batch_invariance): per-row linears on the CPU, the fixed-tile "
                      "Triton matmul and attention on CUDA"),
         Feature("step_cache_threshold", "engine, step cache", {"step_cache_threshold": args.step_cache_threshold},
                 cache="cycle", approximate=True,

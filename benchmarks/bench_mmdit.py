@@ -1,4 +1,4 @@
-"""``mvgen bench mmdit``: one denoiser step of the MMDiT (``engine.mmdit``, HunyuanVideo with MVI2V's triple stream)
+"""``mvgen bench mmdit``: one denoiser step of the MMDiT (``engine.backbones.mmdit.model``, HunyuanVideo with MVI2V's triple stream)
 beside diffusers' ``HunyuanVideoTransformer3DModel`` on the same saved weights and seeded inputs (batch 2: cond +
 uncond, prompts of different lengths so the text padding is masked).
 

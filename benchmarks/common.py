@@ -113,7 +113,7 @@ def standalone_main(module, argv=None, cache_dir: bool = False) -> int:
     import argparse
     import os
 
-    from engine.cli_args import UsageError
+    from engine.errors import UsageError
     from engine.tiny import default_cache_root
 
     parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.HELP)
@@ -132,7 +132,7 @@ def standalone_main(module, argv=None, cache_dir: bool = False) -> int:
 def bench_device(name: str) -> str:
     """A benchmark's ``--device``: ``auto`` resolved as the engine does (``engine.components.resolve_device``), a
     CUDA device refused, naming the flag, where there is none."""
-    from engine.cli_args import UsageError
+    from engine.errors import UsageError
     from engine.components import resolve_device
 
     device = str(resolve_device(name))

@@ -1,8 +1,8 @@
 """mvgen engine: the multi-view reference denoiser, the checkpoint's components, the one generation loop."""
-from .base_lora import LoraSpec
+from .adapters.base_lora import LoraSpec
 from .components import Checkpoint, Denoiser, Expert, ImageEncoder, TextEncoder, Vae
 from .config import MvgenConfig
-from .denoiser import MultiViewWanTransformer, ReferenceCache
+from .backbones.wan.model import MultiViewWanTransformer, ReferenceCache
 from .errors import RequestError
 from .generation import generate
 from .loading import load_denoiser

@@ -4,7 +4,7 @@
 latent layout, the scheduler, generation defaults and request limits, read from the JSON files of a
 diffusers Wan or HunyuanVideo (MMDiT) directory, plus where and in what dtype the parts run. The generation loop
 needs nothing else, so the server's loop model loads no weights at all. ``TextEncoder``, ``ImageEncoder``, ``Vae``
-and ``Denoiser`` each load one sub-folder; an MMDiT's text encoders and VAE are ``engine.mmdit_components``'
+and ``Denoiser`` each load one sub-folder; an MMDiT's text encoders and VAE are ``engine.backbones.mmdit.components``'
 (``text_encoder_class``, ``vae_class`` pick the family's).
 """
 from __future__ import annotations
@@ -20,15 +20,17 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .batch_invariance import batch_invariant_ops
+from .runtime.batch_invariance import batch_invariant_ops
 from .config import MvgenConfig
-from .denoiser import ContextCache, ReferenceCache
+from .backbones.wan.model import ContextCache, ReferenceCache
 from .backbones.families import ALL_TEXT_OUTPUTS, family_of
 from .denoiser_io import STEP_INPUTS, step_only, text_outputs
-from .offload import apply_offload, check_offload
-from .parallel import CollectiveError, ParallelRuntime
-from .reference_cache import ReferenceCacheMiss, ReferenceCacheStore
-from .step_cache import StepCache
+from .runtime.offload import apply_offload, check_offload
+from .runtime.parallel import ParallelRuntime
+from .errors import CollectiveError
+from .runtime.reference_cache import ReferenceCacheStore
+from .errors import ReferenceCacheMiss
+from .runtime.step_cache import StepCache
 from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 
 SCHEDULERS = ("unipc", "euler")
@@ -153,7 +155,7 @@ class Expert:
     config: MvgenConfig
     adapter: Path | None = None  # the reference stream's LoRA / full tensors
     weights_file: Path | None = None  # a single-file transformer (original Wan / ComfyUI names)
-    loras: tuple = ()  # base-model LoRAs (engine.base_lora.LoraSpec), merged in order
+    loras: tuple = ()  # base-model LoRAs (engine.adapters.base_lora.LoraSpec), merged in order
     lora_reference: bool = False  # merge the base LoRAs into the reference stream too
 
 
@@ -164,7 +166,7 @@ class Checkpoint:
     ``experts`` are its denoisers (Wan2.2: two, switched at ``boundary_ratio`` of the training timesteps);
     ``latents_mean``/``latents_std`` are the VAE's per-channel normalisation, ``defaults`` the generation
     defaults (``mvgen_defaults.json`` over Wan's), ``limits`` what a request may ask for. ``offload``
-    (``engine.offload.OFFLOAD_MODES``) keeps the denoiser in host memory between uses; ``vae_tiling`` decodes and
+    (``engine.runtime.offload.OFFLOAD_MODES``) keeps the denoiser in host memory between uses; ``vae_tiling`` decodes and
     encodes in tiles (None: whole frames).
     """
 
@@ -200,8 +202,9 @@ class Checkpoint:
         model's own). An MMDiT runs its own ``FlowMatchEulerDiscreteScheduler`` whatever ``scheduler`` says (its
         pipelines know no other; ``"unipc"`` is every command's default, so it cannot be told from a choice here).
         Raises ``CheckpointError``/``AdapterError`` naming what is wrong."""
-        from .base_lora import LoraSpec
-        from .loading import CheckpointError, denoiser_config
+        from .adapters.base_lora import LoraSpec
+        from .loading import denoiser_config
+        from .errors import CheckpointError
         from .tiny import is_tiny, resolve_experts
 
         if scheduler not in SCHEDULERS:
@@ -272,7 +275,7 @@ class Checkpoint:
 
     @property
     def weights_device(self) -> torch.device:
-        """Where the denoiser's weights are loaded: host memory when offloaded (``engine.offload``), else the device."""
+        """Where the denoiser's weights are loaded: host memory when offloaded (``engine.runtime.offload``), else the device."""
         return self.device if self.offload == "none" else torch.device("cpu")
 
     def sources(self) -> dict:
@@ -411,7 +414,7 @@ class Vae:
     """The Wan VAE (``vae/``) in float32: the I2V condition, reference latents, and decoding. With the checkpoint's
     ``vae_tiling`` diffusers' tiling is on, which tiles encoding as well as decoding (one switch in diffusers)."""
 
-    model_class = "AutoencoderKLWan"  # the diffusers class of ``vae/`` (engine.mmdit_components.MMDiTVae: another)
+    model_class = "AutoencoderKLWan"  # the diffusers class of ``vae/`` (engine.backbones.mmdit.components.MMDiTVae: another)
 
     def __init__(self, checkpoint: Checkpoint):
         import diffusers
@@ -488,7 +491,7 @@ class Denoiser:
         self.offload = apply_offload(self.model, checkpoint.offload, checkpoint.device)
         self.caches = ReferenceCacheStore(cache_bytes)  # reference K/V per request (isolated + zero streams)
         self.requests = ReferenceCacheStore(cache_bytes)  # RequestState per request (same byte bound)
-        # one rank of a sequence/CFG-parallel world (engine.parallel, engine.workers); None: the whole call here
+        # one rank of a sequence/CFG-parallel world (engine.runtime.parallel, engine.runtime.workers); None: the whole call here
         self.parallel = parallel
         if parallel is not None:
             self.model.parallelize(parallel.sp)
@@ -512,7 +515,7 @@ class Denoiser:
 
     def weight_bytes(self) -> int:
         """Bytes of the denoiser's weights, each storage once (a shared reference stream's are the video's)."""
-        from .reference_weights import weight_bytes
+        from .adapters.reference_weights import weight_bytes
 
         return weight_bytes(self.model)
 
@@ -696,18 +699,18 @@ class DenoiseCall:
 
 
 def text_encoder_class(checkpoint: Checkpoint) -> type:
-    """The family's text encoder: umT5 (Wan) or HunyuanVideo's Llama + CLIP (``engine.mmdit_components``)."""
+    """The family's text encoder: umT5 (Wan) or HunyuanVideo's Llama + CLIP (``engine.backbones.mmdit.components``)."""
     if checkpoint.config.family == "mmdit":
-        from .mmdit_components import MMDiTTextEncoder
+        from .backbones.mmdit.components import MMDiTTextEncoder
 
         return MMDiTTextEncoder
     return TextEncoder
 
 
 def vae_class(checkpoint: Checkpoint) -> type:
-    """The family's VAE: Wan's or HunyuanVideo's (``engine.mmdit_components``)."""
+    """The family's VAE: Wan's or HunyuanVideo's (``engine.backbones.mmdit.components``)."""
     if checkpoint.config.family == "mmdit":
-        from .mmdit_components import MMDiTVae
+        from .backbones.mmdit.components import MMDiTVae
 
         return MMDiTVae
     return Vae
@@ -715,7 +718,8 @@ def vae_class(checkpoint: Checkpoint) -> type:
 
 def component_folder(checkpoint: Checkpoint, name: str, weights: bool = True) -> Path:
     """A sub-folder of the checkpoint, its safetensors checked before a loader sees them."""
-    from .loading import CheckpointError, check_component
+    from .loading import check_component
+    from .errors import CheckpointError
 
     folder = checkpoint.path / name
     if not folder.is_dir():

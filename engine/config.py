@@ -8,13 +8,14 @@ from pathlib import Path
 from kernels import ATTENTION_BACKENDS
 
 from .backbones.families import WAN_KEYS, family_of, family_of_class
-from .files import CheckpointError, read_json
+from .files import read_json
+from .errors import CheckpointError
 
 REF_MODES = ("dual_stream", "token_concat")
 REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
 REF_ATTENTIONS = ("full", "isolated", "prototype")
-REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.reference_weights)
+REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.adapters.reference_weights)
 VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
 @dataclass(frozen=True)
 class MvgenConfig:
@@ -70,7 +71,7 @@ class MvgenConfig:
     view_lambda: float = 1.0  # weight of the multi-view attention: (A_joint + lambda * A_mv) / (1 + lambda)
     pose_channels: int = 3  # ProFashion PPA (ref_attention="prototype"): channels of a rendered pose image
     identity: bool = False  # M2HVideo's distribution-aware identity adapter (engine.modes)
-    # the scale of the adapter's LoRA pairs (engine.lora.ScaleRule): "alpha_over_rank" (PEFT, kohya: alpha / r) or
+    # the scale of the adapter's LoRA pairs (engine.adapters.lora.ScaleRule): "alpha_over_rank" (PEFT, kohya: alpha / r) or
     # "mvi2v" (MVI2V's W + alpha * B @ A); lora_alpha, when set, is every pair's alpha (else the files' own);
     # lora_rank, when set, must be every pair's rank
     lora_convention: str = "alpha_over_rank"
@@ -83,14 +84,14 @@ class MvgenConfig:
     # step-invariant work once per request (engine.components.Denoiser): every block's cross-attention K/V of the
     # text, CLIP image and identity states; False recomputes them at every step
     context_cache: bool = True
-    # TeaCache-style step caching (engine.step_cache): skip the block stack while the accumulated relative change of
+    # TeaCache-style step caching (engine.runtime.step_cache): skip the block stack while the accumulated relative change of
     # the first block's modulated input stays under this threshold; 0 = off
     step_cache_threshold: float = 0.0
     # a request's step-invariant inputs (text, image and identity states, condition, references, poses) reach the
     # denoiser at its first step and are kept there (engine.components.RequestState); later steps carry the
     # latents and the timestep only. False: every step carries every input (the loop's bytes before this option)
     inputs_once: bool = True
-    # batch-invariant numerics (engine.batch_invariance): a request's bits do not depend on its batch companions
+    # batch-invariant numerics (engine.runtime.batch_invariance): a request's bits do not depend on its batch companions
     deterministic: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 

@@ -36,10 +36,6 @@ _FOREIGN_MAGIC = (
 )
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded (names what is wrong)."""
-
-
 def check_file(path: str | Path, error_cls: type[ValueError], what: str = "file") -> int:
     """The size in bytes of ``path``, which must be an existing regular file."""
     path = Path(path)

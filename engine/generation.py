@@ -30,7 +30,7 @@ from .backbones.families import family_of
 from .components import Checkpoint
 from .denoiser_io import config_specs
 from .media import fit_image
-from .reference_cache import ReferenceCacheMiss
+from .errors import ReferenceCacheMiss
 from .request import GenerationRequest
 
 GREY = 128

@@ -1,7 +1,7 @@
 """Load a denoiser (one expert) from a diffusers Wan checkpoint (or a single-file transformer), with an adapter's
-tensors and LoRAs (``engine.lora``: the reference stream, the video stream where MVI2V's training changed it, a
+tensors and LoRAs (``engine.adapters.lora``: the reference stream, the video stream where MVI2V's training changed it, a
 mode's modules) and base-model LoRAs merged once; the reference stream shares the video stream's weights where it
-can (``engine.reference_weights``)."""
+can (``engine.adapters.reference_weights``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,14 +12,16 @@ from typing import Sequence
 import torch
 
 from .config import MvgenConfig
-from .denoiser import MultiViewWanTransformer
-from .files import CheckpointError, check_checkpoint_component, load_safetensors, read_json, safetensors_files
-from .base_lora import LoraSpec, merge_base_loras
-from .lora import (AdapterError, ReferenceAdapter, ScaleRule, adapter_deltas, describe_scales, few_names, merge_deltas,
-                   read_adapter)
-from .reference_weights import share_reference_stream, why_not_shared, wrap_low_rank
+from .backbones.wan.model import MultiViewWanTransformer
+from .files import check_checkpoint_component, load_safetensors, read_json, safetensors_files
+from .errors import CheckpointError
+from .adapters.base_lora import LoraSpec, merge_base_loras
+from .adapters.lora import (ReferenceAdapter, ScaleRule, adapter_deltas, describe_scales, few_names, merge_deltas,
+                            read_adapter)
+from .errors import AdapterError
+from .adapters.reference_weights import share_reference_stream, why_not_shared, wrap_low_rank
 from .modes.view_attention import paper_view_omega
-from .single_file import read_single_file_transformer
+from .backbones.wan.single_file import read_single_file_transformer
 
 log = logging.getLogger("mvgen.loading")
 
@@ -188,7 +190,7 @@ def load_denoiser(
     ``weights_file`` replaces the folder's weights by a single-file transformer (original Wan / ComfyUI key
     names, converted by diffusers); the folder still gives the config. Without an adapter the reference stream
     is a copy of the base blocks (MVI2V's initialisation). ``adapter`` (a ``.safetensors`` file or a folder;
-    format in ``engine.lora``) then replaces tensors by its full ones (the reference stream, the video stream,
+    format in ``engine.adapters.lora``) then replaces tensors by its full ones (the reference stream, the video stream,
     a mode's modules) and merges its LoRA pairs on top, ``W + scale * B @ A`` with the scale its convention gives
     (``lora_scale``: that scale outright), and its ``video_lora`` into the video stream; one INFO line on logger
     ``mvgen.loading`` says what it merged at which scale. ``loras`` (base-model LoRAs, any spelling diffusers
@@ -198,14 +200,14 @@ def load_denoiser(
 
     With ``ref_weights="shared"`` (the config's default) the reference stream holds no copy: it shares the video
     stream's final weights, owns what the adapter gives in full, and applies the LoRA pairs on shared weights
-    unmerged (``engine.reference_weights``). Where that is not exact (the video stream changes and the reference
+    unmerged (``engine.adapters.reference_weights``). Where that is not exact (the video stream changes and the reference
     stream does not) the reference stream is merged as with ``"merged"``, the model's config says so, and one INFO
     line on ``mvgen.loading`` says why.
     """
     transformer_dir = find_transformer_dir(path, folder)
     config = denoiser_config(path, adapter, folder, **config_overrides)
-    if config.family == "mmdit":  # HunyuanVideo: its own module (engine.mmdit_loading)
-        from .mmdit_loading import load_mmdit
+    if config.family == "mmdit":  # HunyuanVideo: its own module (engine.backbones.mmdit.loading)
+        from .backbones.mmdit.loading import load_mmdit
 
         refused = [name for name, value in (("weights_file", weights_file), ("loras", loras),
                                             ("lora_reference", lora_reference)) if value]

@@ -88,7 +88,7 @@ class MultiViewPipeline:
         modulation tables stay float32); the VAE and CLIP image encoder stay float32 as in diffusers' Wan
         example. ``config_overrides`` go to the denoiser's ``MvgenConfig``. ``reference_cache`` False recomputes
         the reference stream at every step even where its K/V could be kept. Memory: ``offload`` ``"model"`` or
-        ``"block"`` keeps the denoiser in host memory between calls (``engine.offload``; needs an accelerator),
+        ``"block"`` keeps the denoiser in host memory between calls (``engine.runtime.offload``; needs an accelerator),
         ``vae_tiling`` (True or a ``VaeTiling``) encodes and decodes in spatial tiles.
         """
         if cache_root is None:  # the environment is read by entry points only (the command line)

@@ -275,7 +275,7 @@ def _write_mmdit_pipeline(out: Path, variant: Variant) -> None:
 
 def _write_mmdit_adapter(folder: Path, config: dict, seed: int) -> None:
     """A random rank-4 LoRA on the MMDiT's reference stream (``ref_blocks``, ``ref_single_blocks``: the
-    dual- and single-stream blocks' reference copies, engine.mmdit) in PEFT names, with its ``mvgen_config.json``."""
+    dual- and single-stream blocks' reference copies, engine.backbones.mmdit.model) in PEFT names, with its ``mvgen_config.json``."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     ffn = int(dim * config["mlp_ratio"])
     shapes = {"ff.net.0.proj": (ffn, dim), "ff.net.2": (dim, ffn), "proj_mlp": (ffn, dim), "proj_out": (dim, dim + ffn)}
@@ -331,7 +331,7 @@ def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor
     """Random values for the parameters a seed method's mode adds to the denoiser (those a plain dual-stream
     model of the same transformer lacks), found by building both on the meta device."""
     from .config import MvgenConfig
-    from .denoiser import MultiViewWanTransformer
+    from .backbones.wan.model import MultiViewWanTransformer
 
     with torch.device("meta"):
         plain = MultiViewWanTransformer(MvgenConfig.from_dict({**config, **ADAPTER_CONFIG}))

@@ -3,7 +3,7 @@
 The graph's reference stream is always merged: plain weights named ``ref_blocks.N.*``, no LoRA ops, so a TensorRT
 refit swaps whole merged reference weights. ``load_for_export`` loads with ``ref_weights="merged"``;
 ``export_denoiser`` given a model whose reference stream shares the video stream's weights traces a merged copy of
-the reference blocks (``engine.reference_weights.merged_reference_stream``).
+the reference blocks (``engine.adapters.reference_weights.merged_reference_stream``).
 
 Exporter choice: ``torch.onnx.export(dynamo=True)``. It keeps every size symbolic (positions and RoPE angles
 are computed in-graph from ``Shape``), so R = 0 and R > 0 are the same graph with a dynamic ``refs`` axis.
@@ -31,7 +31,7 @@ from torch import nn
 from engine import denoiser_io
 from engine.backbones.families import family_of
 from engine.components import Checkpoint, load_expert
-from engine.reference_weights import merged_reference_stream
+from engine.adapters.reference_weights import merged_reference_stream
 
 from .plugin import plugin_attention
 

@@ -21,9 +21,10 @@ from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, t
 from engine.denoiser_io import denoiser_model_name, mode_specs, step_only, text_outputs
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
-from engine.parallel import ParallelLayout
-from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss
-from engine.workers import DistributedDenoiser, WorkersLost
+from engine.runtime.parallel import ParallelLayout
+from engine.errors import MISS_PREFIX, ReferenceCacheMiss
+from engine.runtime.workers import DistributedDenoiser
+from engine.errors import WorkersLost
 from engine.request import make_request
 
 from . import protocol

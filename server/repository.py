@@ -19,7 +19,7 @@ from . import protocol
 
 from engine.backbones.families import family_of
 from engine.denoiser_io import config_specs, denoiser_model_name, text_outputs
-from engine.parallel import ParallelLayout
+from engine.runtime.parallel import ParallelLayout
 from engine.warmup import DEFAULT_BUDGET_S, check_mode
 
 GENERATE_MODELS = ("mvgen", "mvgen_stream")
@@ -71,7 +71,7 @@ class RepositoryOptions:
     sources: dict = field(default_factory=dict)
     dtype: str = "float32"  # or "auto" (engine.components.default_dtype on this machine's device)
     device: str = "cpu"
-    offload: str = "none"  # the denoiser in host memory between batches (engine.offload.OFFLOAD_MODES)
+    offload: str = "none"  # the denoiser in host memory between batches (engine.runtime.offload.OFFLOAD_MODES)
     vae_tiling: bool | dict = False  # True or VaeTiling's fields: mvgen_vae encodes and decodes in tiles
     scheduler: str = "unipc"
     max_tokens: int = 131_072
@@ -86,7 +86,7 @@ class RepositoryOptions:
     reference_cache: bool = True  # the denoiser keeps each request's reference K/V (isolated + zero configs)
     reference_cache_mb: int = 8192  # bound on the reference K/V the denoiser holds at once
     cache_root: str | None = None  # where the embedded tiny checkpoint is built
-    sp: int = 1  # sequence-parallel ranks of each denoiser (Ulysses; engine.parallel): a worker process per other rank
+    sp: int = 1  # sequence-parallel ranks of each denoiser (Ulysses; engine.runtime.parallel): a worker process per other rank
     cfg_parallel: bool = False  # cond and uncond rows on two groups of sp ranks (world = 2 x sp)
     worker_timeout_s: float = 120.0  # a worker silent this long fails the batch; the denoiser is then restarted
     # what each model does at load, before the server reports ready (engine.warmup): "full" (weights resident + one
@@ -147,7 +147,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
         "sources": json.dumps(checkpoint.sources()), "offload": checkpoint.offload,
         "vae_tiling": json.dumps(checkpoint.vae_tiling.to_dict()) if checkpoint.vae_tiling else "",
-        "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.workers)
+        "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.runtime.workers)
         "warmup": options.warmup, "warmup_budget_s": str(options.warmup_budget_s),
         # on a CPU the models take turns on the cores (server.compute_lock)
         "compute_lock": str((dest / COMPUTE_LOCK).resolve()) if checkpoint.device.type == "cpu" else "",

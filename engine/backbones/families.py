@@ -88,7 +88,7 @@ def _check_wan(config) -> None:
 
 
 def _check_mmdit(config) -> None:
-    """What the MMDiT denoiser (``engine.mmdit``) implements; everything else is refused by name."""
+    """What the MMDiT denoiser (``engine.backbones.mmdit.model``) implements; everything else is refused by name."""
     if config.qk_norm != "rms_norm":
         raise ValueError(f"an MMDiT (HunyuanVideo) takes qk_norm 'rms_norm', got {config.qk_norm!r}")
     if config.image_condition_type not in (None, "latent_concat"):

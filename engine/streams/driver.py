@@ -19,14 +19,14 @@ from typing import Iterator, Protocol
 
 import torch
 
-from ..joint_attention import StreamQKV
+from .joint_attention import StreamQKV
 
 
 @dataclass
 class VideoRows:
     """The video tokens a rank holds [B, n_local, D] and what their blocks read: positions [n_local, 3], their RoPE
     table, the whole stream's token count under sequence parallel (None: held whole), the modulation input
-    ``tproj`` [B, 6, D] and the cross-attention context (``engine.denoiser.Context``)."""
+    ``tproj`` [B, 6, D] and the cross-attention context (``engine.backbones.wan.model.Context``)."""
 
     x: torch.Tensor
     pos: torch.Tensor

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.config import MvgenConfig
-from engine.denoiser import ContextCache, MultiViewWanTransformer
+from engine.backbones.wan.model import ContextCache, MultiViewWanTransformer
 
 from .conftest import FAMILIES, SMALL_WAN, inputs, rel_err
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine.loading import load_denoiser
-from engine.positions import grid_positions, rd_rope_positions
+from engine.streams.positions import grid_positions, rd_rope_positions
 
 from .conftest import inputs, rel_err
 

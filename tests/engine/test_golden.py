@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.loading import load_denoiser
-from engine.step_cache import StepCache
+from engine.runtime.step_cache import StepCache
 from engine.tiny import ensure_tiny
 from tests.goldens import check_golden
 

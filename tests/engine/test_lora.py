@@ -8,8 +8,10 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-from engine.lora import BLOCK_LINEARS, AdapterError
-from engine.loading import CheckpointError, load_denoiser
+from engine.adapters.lora import BLOCK_LINEARS
+from engine.errors import AdapterError
+from engine.loading import load_denoiser
+from engine.errors import CheckpointError
 
 from .conftest import inputs, rel_err
 

@@ -1,4 +1,4 @@
-"""Memory options: ``--offload`` (engine.offload), ``--vae-tiling``, ``--dtype`` (auto, and which tensors stay fp32).
+"""Memory options: ``--offload`` (engine.runtime.offload), ``--vae-tiling``, ``--dtype`` (auto, and which tensors stay fp32).
 
 What a CPU can show and what it cannot. Offloading moves weights between host memory and an accelerator; here both
 are the CPU, so no byte moves and no memory is saved: the peak-memory saving is for a GPU run (the bench) to
@@ -22,7 +22,7 @@ import torch
 
 from engine import components
 from engine.components import Checkpoint, Denoiser, VaeTiling, default_dtype, resolve_dtype
-from engine.offload import OFFLOAD_MODES, WINDOW, Offload, OffloadedBlocks, apply_offload
+from engine.runtime.offload import OFFLOAD_MODES, WINDOW, Offload, OffloadedBlocks, apply_offload
 from engine.pipeline import LocalStages, MultiViewPipeline
 from engine.tiny import TINY_VERSION
 

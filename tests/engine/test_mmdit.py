@@ -1,4 +1,4 @@
-"""The MMDiT denoiser (engine.mmdit) against diffusers' HunyuanVideoTransformer3DModel, the oracle we did not write:
+"""The MMDiT denoiser (engine.backbones.mmdit.model) against diffusers' HunyuanVideoTransformer3DModel, the oracle we did not write:
 the base without references, and MVI2V's reference stream with a zero LoRA against references appended as frames."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from diffusers import HunyuanVideoTransformer3DModel
 from safetensors.torch import save_file
 
 from engine.loading import load_denoiser
-from engine.mmdit import MultiViewMMDiT
+from engine.backbones.mmdit.model import MultiViewMMDiT
 
 from .conftest import rel_err
 

@@ -1,4 +1,4 @@
-"""Ulysses sequence parallel and CFG parallel (``engine.parallel``) on CPU over gloo equal one process.
+"""Ulysses sequence parallel and CFG parallel (``engine.runtime.parallel``) on CPU over gloo equal one process.
 
 One spawn of four processes runs every layout in turn (sp=2, sp=3, sp=2 with CFG parallel), each over its own
 groups; each rank loads the same weights and inputs and rank 0 writes what it got. Token counts are chosen
@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
-from engine.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
-from engine.step_cache import StepCache
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.runtime.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
+from engine.runtime.step_cache import StepCache
 from server.launcher import free_port
 from tests.goldens import check_golden
 
@@ -48,7 +48,7 @@ CASES = {
     "multiview": ("multiview", {}, 2, 2, False),
     "multiview_cached": ("multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
     "wan22_isolated_cached": ("wan22", dict(ref_attention="isolated", ref_timestep="zero"), 1, 2, True),
-    # TeaCache over 4 steps (engine.step_cache): every rank takes the one-process decisions (sums over all ranks)
+    # TeaCache over 4 steps (engine.runtime.step_cache): every rank takes the one-process decisions (sums over all ranks)
     "step_cached": ("joint", {}, 2, 2, False),
     "step_cached_odd_batch": ("joint", {}, 1, 3, False),
 }

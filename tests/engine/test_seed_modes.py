@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.lora import AdapterError
+from engine.errors import AdapterError
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import TINY_VERSION
 

@@ -10,7 +10,7 @@ import torch
 
 from engine.components import Checkpoint
 from engine.errors import RequestError
-from engine.files import CheckpointError
+from engine.errors import CheckpointError
 from engine.loading import load_denoiser
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import ensure_tiny

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine.base_lora import LoraSpec
+from engine.adapters.base_lora import LoraSpec
 from engine.components import Checkpoint, load_expert
 from engine.loading import load_denoiser
 from engine.pipeline import MultiViewPipeline

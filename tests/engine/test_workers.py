@@ -1,4 +1,4 @@
-"""``engine.workers.DistributedDenoiser``: a leader and its worker processes (gloo on CPU) answer as one process
+"""``engine.runtime.workers.DistributedDenoiser``: a leader and its worker processes (gloo on CPU) answer as one process
 would; a hung worker fails the batch within the timeout, and the leader refuses calls from then on."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from engine.components import Checkpoint, DenoiseCall, Denoiser
-from engine.parallel import ParallelLayout
-from engine.workers import DistributedDenoiser, WorkersLost
+from engine.runtime.parallel import ParallelLayout
+from engine.runtime.workers import DistributedDenoiser
+from engine.errors import WorkersLost
 
 TIMEOUT_S = 6
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from engine import denoiser_io
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 from mvgen.cli import build_parser
 
 

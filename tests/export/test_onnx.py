@@ -9,7 +9,7 @@ import torch
 
 from engine import denoiser_io
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 from export.onnx_export import EXPORT_SIZES, export_denoiser
 from export.plugin import DOMAIN, OP_TYPE, OP_VERSION, count_nodes
 from export.verify import verify_onnx

@@ -1,4 +1,4 @@
-"""The MMDiT denoiser (engine.mmdit) exported to ONNX against the unmerged PyTorch model (PEFT LoRA on the
+"""The MMDiT denoiser (engine.backbones.mmdit.model) exported to ONNX against the unmerged PyTorch model (PEFT LoRA on the
 reference stream), through polygraphy and onnxruntime; and the repeat_interleave translation its token refiner
 needs (diffusers' attention mask repeated along a dim)."""
 from __future__ import annotations

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.config import MvgenConfig
-from engine.denoiser import Attention, MultiViewWanTransformer
+from engine.backbones.wan.model import Attention, MultiViewWanTransformer
 from engine.loading import load_denoiser
 from engine.modes.identity import IdentityCrossAttention
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.modes.prototype import POSE_DIM, PrototypeAggregator, attention_flops
 from kernels import prototype_aggregate
 from kernels.joint_attention.reference import attention_mask

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.loading import load_denoiser
 from engine.modes.view_attention import ViewAttention, aligned_cells, multiview_attention
-from engine.positions import grid_positions
+from engine.streams.positions import grid_positions
 from kernels.joint_attention.reference import joint_attention_reference
 
 from ..conftest import SMALL_WAN, inputs, rel_err

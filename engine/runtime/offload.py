@@ -11,7 +11,7 @@ at it, so nothing is copied back and no bit changes.
 
 Why not ``diffusers.hooks.apply_group_offloading``: its hooks wrap each block's ``forward``, and our blocks are
 never called through ``forward`` (the model calls ``block.modulation``, ``self_attention_stream`` and ``finish``
-around the joint attention of several streams, ``engine.denoiser``). Applied to the tiny model, diffusers
+around the joint attention of several streams, ``engine.backbones.wan.model``). Applied to the tiny model, diffusers
 onloaded its top-level group only; every layer's group stayed on the host, which on a GPU is a device mismatch
 at the first layer. So a layer is onloaded here when the model *reaches* it: ``blocks`` and ``ref_blocks`` are
 swapped for ``OffloadedBlocks`` (an object swap, not a patched method), a ModuleList that onloads layer i when
@@ -49,7 +49,7 @@ def check_offload(mode: str, device: str | torch.device) -> None:
 
 class TensorGroup:
     """The parameters and buffers of some modules, each storage once (a shared reference stream's tensors are the
-    video stream's, ``engine.reference_weights``), movable together between host and device.
+    video stream's, ``engine.adapters.reference_weights``), movable together between host and device.
 
     ``host`` holds each tensor's host copy; ``parked`` what a tensor points at while offloaded (its host copy;
     CPU tests point it at poison to catch a weight used while offloaded).

@@ -31,8 +31,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from .files import load_safetensors, read_json
-from .lora import AdapterError
+from ..files import load_safetensors, read_json
+from ..errors import LoraError
 
 _PEFT_PREFIX, _DIFFUSERS_PREFIX = "base_model.model.", "transformer."
 _SPELLINGS = ("transformer.<module>.lora_A/lora_B (diffusers), lora_unet_* (kohya/musubi) or diffusion_model.* "
@@ -44,10 +44,6 @@ _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 _SHOWN = 6  # keys named in one error
 # how a converter reads a tensor as a number (diffusers reads alphas with .item() and folds them into A and B)
 _READS = (torch.Tensor.item, torch.Tensor.__float__, torch.Tensor.tolist)
-
-
-class LoraError(AdapterError):
-    """A base-model LoRA that cannot be merged whole (names the offending keys)."""
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from .denoiser import ReferenceCache
+from ..backbones.wan.model import ReferenceCache
 
-MISS_PREFIX = "reference cache miss"
-
-
-class ReferenceCacheMiss(LookupError):
-    """No cache under this key (never built, or dropped to stay within the byte bound): the loop answers by
-    sending the request's every input again. ``what``: the reference K/V, or the request's kept inputs."""
-
-    def __init__(self, key: str, what: str = "reference K/V"):
-        super().__init__(f"{MISS_PREFIX}: no {what} for request {key!r} (dropped or never built)")
 
 
 class ReferenceCacheStore:

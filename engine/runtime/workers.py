@@ -1,7 +1,7 @@
 """One denoiser over several processes: a leader (rank 0, in the serving process) and a worker per other rank.
 
-The leader starts its workers (``python -m engine.workers SPEC``: one per GPU, gloo processes on CPU), each loads
-the same expert and joins the process groups of ``engine.parallel``. Every batch the leader gets, it hands to
+The leader starts its workers (``python -m engine.runtime.workers SPEC``: one per GPU, gloo processes on CPU), each loads
+the same expert and joins the process groups of ``engine.runtime.parallel``. Every batch the leader gets, it hands to
 all ranks: a small JSON header through the store (which workers poll while idle, so an idle server never
 times out) and the tensors by broadcast; every rank then runs the same ``Denoiser.run`` in lockstep (same
 calls, same reference caches) and the leader answers with its own result.
@@ -28,16 +28,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .components import Checkpoint, DenoiseCall, Denoiser
-from .parallel import CollectiveError, ParallelLayout, connect
-from .warmup import held_modules, make_resident
+from ..components import Checkpoint, DenoiseCall, Denoiser
+from .parallel import ParallelLayout, connect
+from ..warmup import held_modules, make_resident
+from ..errors import CollectiveError, WorkersLost
 
 POLL_S = 0.002  # how often an idle worker looks for the next batch in the store (a local round trip)
 DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)}
-
-
-class WorkersLost(RuntimeError):
-    """A worker died or stopped answering: this denoiser refuses calls until it is restarted."""
 
 
 @dataclass(frozen=True)
@@ -187,7 +184,7 @@ def _start_worker(spec: WorkerSpec, python: str) -> subprocess.Popen:
     # this package's root on the path: a python-backend stub imports it from a path it was told, not site-packages
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    command = [python, "-m", "engine.workers", json.dumps(asdict(spec))]
+    command = [python, "-m", "engine.runtime.workers", json.dumps(asdict(spec))]
     return subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
 

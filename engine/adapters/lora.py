@@ -24,14 +24,14 @@ key; then the key is exactly one of:
    a pose encoder; identity projections; ...). It replaces the value the base checkpoint (or, in the reference
    stream, its copy) would give; a name the built model lacks, or a shape it does not have, is refused.
 LoRA pairs merge on top of whatever full weight their target ends with; with ``ref_weights="shared"`` (the default,
-``engine.reference_weights``) a reference-stream pair on a weight the reference stream shares with the video stream
+``engine.adapters.reference_weights``) a reference-stream pair on a weight the reference stream shares with the video stream
 stays unmerged, applied with the same scale. Every parameter the base checkpoint
 lacks (its copy in the reference stream aside; ``view_logit_scales``, which the config gives otherwise) must come
 from the adapter, or the load is refused naming the tensors and the mode that adds them (``engine.loading``).
 
 ``mvgen_config.json`` keys about the adapter (its other keys configure the model: ``MvgenConfig``):
 - ``"video_lora": "video_delta.safetensors"``: a file of the adapter folder holding the video stream's changes as
-  a base-model LoRA in any spelling ``engine.base_lora`` reads (diffusers, kohya/musubi, original Wan, ComfyUI,
+  a base-model LoRA in any spelling ``engine.adapters.base_lora`` reads (diffusers, kohya/musubi, original Wan, ComfyUI,
   LightX2V with bias deltas, LoRAs on any module), merged by ``merge_base_loras`` at diffusers' scale for that
   file (its alpha / r; 1 without alphas, which is MVI2V's alpha 1); ``lora_convention`` does not apply to it;
 - ``"blocks_lora": "reference" | "video"``, above;
@@ -60,7 +60,8 @@ from pathlib import Path
 
 import torch
 
-from .files import load_safetensors, read_json
+from ..files import load_safetensors, read_json
+from ..errors import AdapterError
 
 # our (diffusers) module names inside a block, and the original Wan names for them
 BLOCK_LINEARS = {
@@ -83,10 +84,6 @@ _DOTTED_ALPHA = re.compile(r"^(ref_)?blocks\.(\d+)\.(.+)\.alpha$")
 _KOHYA = re.compile(r"^lora_unet_blocks_(\d+)_(.+?)\.(lora_down|lora_up|alpha)(?:\.weight)?$")
 _LORA_LIKE = re.compile(r"lora")  # a key of some LoRA spelling, never a full tensor's
 _SHOWN = 6  # names listed in one error
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be loaded as it is (names the offending keys)."""
 
 
 @dataclass
@@ -321,7 +318,7 @@ def _check_peft_config_applies(file: Path, new_pairs: set[str]) -> None:
 @dataclass(frozen=True)
 class LowRankDelta:
     """One adapter pair, checked and scaled: ``W + scale * B @ A``. Merged into a weight at load, or applied unmerged
-    on a weight the reference stream shares with the video stream (``engine.reference_weights``)."""
+    on a weight the reference stream shares with the video stream (``engine.adapters.reference_weights``)."""
 
     down: torch.Tensor  # A [rank, in]
     up: torch.Tensor  # B [out, rank]

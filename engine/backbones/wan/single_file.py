@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .files import CheckpointError, load_safetensors
+from ...files import load_safetensors
+from ...errors import CheckpointError
 
 # ComfyUI's prefixes for the diffusion model inside a checkpoint, longest first
 COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")

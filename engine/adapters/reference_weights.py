@@ -1,6 +1,6 @@
 """The reference stream's weights (``MvgenConfig.ref_weights``): shared with the video stream, or a merged copy.
 
-MVI2V's reference stream is the video stream's blocks plus a LoRA, ``W + scale * B @ A`` (``engine.lora``).
+MVI2V's reference stream is the video stream's blocks plus a LoRA, ``W + scale * B @ A`` (``engine.adapters.lora``).
 ``"merged"`` gives every reference block its own copy of every tensor with the LoRA merged: 1.88x the base model's
 parameters (Wan 14B: ~26B, ~52 GB in bf16). ``"shared"`` (the default) makes each reference block hold the video
 block's parameters themselves (the same ``nn.Parameter`` objects, one storage) and turns each Linear whose LoRA
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones.families import family_of
+from ..backbones.families import family_of
 from .lora import LowRankDelta, ReferenceAdapter, few_names
 
 
@@ -104,7 +104,7 @@ def share_reference_stream(model: nn.Module, own: Collection[str] = ()) -> None:
 
 def holds_shared_weights(model: nn.Module) -> bool:
     """Whether the reference stream shares a tensor with the video stream or applies a LoRA unmerged (a Wan
-    denoiser's: the MMDiT's reference stream always holds its own merged weights, ``engine.mmdit_loading``)."""
+    denoiser's: the MMDiT's reference stream always holds its own merged weights, ``engine.backbones.mmdit.loading``)."""
     if getattr(model, "ref_blocks", None) is None or not family_of(model.config).shared_reference_weights:
         return False
     video = {id(p) for p in model.blocks.parameters()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .components import Checkpoint, Vae, component_folder, quiet_hub_progress
+from ...components import Checkpoint, Vae, component_folder, quiet_hub_progress
 
 # Llama-3's chat header tokens: diffusers' fixed crop of the prompt template (95) counts Llama-3's tokens
 LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
@@ -43,7 +43,8 @@ class MMDiTTextEncoder:
         from diffusers import HunyuanVideoPipeline
         from transformers import AutoTokenizer, CLIPTextModel, LlamaModel
 
-        from .loading import CheckpointError, read_checkpoint_json
+        from ...loading import read_checkpoint_json
+        from ...errors import CheckpointError
 
         self.checkpoint = checkpoint
         folder = component_folder(checkpoint, "text_encoder")

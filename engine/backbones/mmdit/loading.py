@@ -1,9 +1,9 @@
-"""Load the MMDiT denoiser (``engine.mmdit``) from a diffusers ``HunyuanVideoTransformer3DModel`` directory, with
+"""Load the MMDiT denoiser (``engine.backbones.mmdit.model``) from a diffusers ``HunyuanVideoTransformer3DModel`` directory, with
 MVI2V's reference stream initialised from the video stream and an adapter's LoRA merged into it.
 
 An MMDiT adapter is PEFT-named: LoRA pairs ``[transformer.]ref_blocks.N.<module>.lora_A/lora_B[.default].weight``
 (or ``ref_single_blocks.N...``) on any linear of the reference stream, scaled by the config's
-``lora_convention``/``lora_alpha``/``lora_rank`` like Wan adapters (``engine.lora.ScaleRule``); any other tensor is a
+``lora_convention``/``lora_alpha``/``lora_rank`` like Wan adapters (``engine.adapters.lora.ScaleRule``); any other tensor is a
 full tensor named as the denoiser's parameter it replaces. Pairs on the video or text stream are refused: MVI2V
 trains the reference stream. The reference stream always holds its own weights with the LoRA merged (Wan's
 ``ref_weights="shared"`` is Wan-only: an MMDiT block's reference modules are a third of the block, and the
@@ -18,10 +18,12 @@ from typing import Sequence
 
 import torch
 
-from .config import MvgenConfig
-from .files import CheckpointError, load_safetensors
-from .lora import AdapterError, LoraPair, LowRankDelta, ScaleRule, few_names, merge_deltas
-from .mmdit import MultiViewMMDiT
+from ...config import MvgenConfig
+from ...files import load_safetensors
+from ...errors import CheckpointError
+from ...adapters.lora import LoraPair, LowRankDelta, ScaleRule, few_names, merge_deltas
+from ...errors import AdapterError
+from .model import MultiViewMMDiT
 
 log = logging.getLogger("mvgen.loading")
 

@@ -3,7 +3,7 @@
 Parameter names of the video stream follow diffusers' ``WanTransformer3DModel`` key for key, so a diffusers
 checkpoint loads without renaming; the reference stream lives in ``ref_blocks`` (dual-stream, MVI2V) or
 reuses ``blocks`` (Token-Concat). The streams meet only in the joint self-attention, the [video, reference] case of
-``engine.joint_attention`` (a reference stream run alone, to build a cache, is its [reference] case).
+``engine.streams.joint_attention`` (a reference stream run alone, to build a cache, is its [reference] case).
 """
 from __future__ import annotations
 
@@ -17,16 +17,16 @@ from torch import nn
 
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
-from .batch_invariance import batch_invariant
-from .config import MvgenConfig
-from .joint_attention import JointAttention, StreamQKV
-from .modes.identity import IdentityCrossAttention
-from .modes.prototype import PrototypeAggregator, prototype_positions
-from .modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
-from .parallel import ParallelLayout, SequenceParallel
-from .positions import grid_positions, rd_rope_positions
-from .step_cache import StepCache
-from .streams.driver import (CachedReference, IsolatedReference, LiveReference, PrototypeReference, VideoRows,
+from ...runtime.batch_invariance import batch_invariant
+from ...config import MvgenConfig
+from ...streams.joint_attention import JointAttention, StreamQKV
+from ...modes.identity import IdentityCrossAttention
+from ...modes.prototype import PrototypeAggregator, prototype_positions
+from ...modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
+from ...runtime.parallel import ParallelLayout, SequenceParallel
+from ...streams.positions import grid_positions, rd_rope_positions
+from ...runtime.step_cache import StepCache
+from ...streams.driver import (CachedReference, IsolatedReference, LiveReference, PrototypeReference, VideoRows,
                              ViewAttentionHook, run_layers)
 
 
@@ -403,7 +403,7 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         self.blocks = nn.ModuleList(StreamBlock(cfg, identity=cfg.identity) for _ in range(cfg.num_layers))
         # the reference stream has no identity adapter: identity conditions the generated video only. Built here as
         # blocks of their own; load_denoiser makes them hold the video blocks' parameters where they are the same
-        # (ref_weights="shared", engine.reference_weights)
+        # (ref_weights="shared", engine.adapters.reference_weights)
         self.ref_blocks = (
             nn.ModuleList(StreamBlock(cfg) for _ in range(cfg.num_layers)) if cfg.ref_mode == "dual_stream" else None
         )
@@ -421,7 +421,7 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
             self.view_omega = None
         # ProFashion PPA's pose encoder and per-layer pose selectors (engine.modes.prototype)
         self.prototype = PrototypeAggregator(cfg) if cfg.ref_attention == "prototype" else None
-        # this rank's token shards and the Ulysses all-to-alls (engine.parallel); None: one process holds all
+        # this rank's token shards and the Ulysses all-to-alls (engine.runtime.parallel); None: one process holds all
         self.sequence_parallel: SequenceParallel | None = None
 
     @property
@@ -453,7 +453,7 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
 
     def init_reference_stream_from_base(self) -> None:
         """MVI2V initialisation: the reference stream starts as a copy of the video stream's weights (a model built
-        here; ``load_denoiser`` shares them instead, ``engine.reference_weights``)."""
+        here; ``load_denoiser`` shares them instead, ``engine.adapters.reference_weights``)."""
         if self.ref_blocks is not None:
             base = self.blocks.state_dict()
             self.ref_blocks.load_state_dict({k: v for k, v in base.items() if ".attn2.identity." not in k})
@@ -546,9 +546,9 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         image (M2HVideo, ``identity``), ``view_omega`` [B, R] per-view weights of MVAnimate's Eq. 2
         (``view_attention="multiview"``; None: the adapter's). ``context_cache`` from ``precompute_context`` holds
         every block's cross-attention keys and values of these rows' text/image/identity states (then only their
-        shapes are read). ``step_cache`` (``engine.step_cache``): this request's TeaCache state; on a step it
+        shapes are read). ``step_cache`` (``engine.runtime.step_cache``): this request's TeaCache state; on a step it
         finds redundant the block stack is skipped and its last residual reused. ``text_mask`` and
-        ``pooled_text`` are the MMDiT's text inputs (``engine.mmdit``): a Wan denoiser takes neither.
+        ``pooled_text`` are the MMDiT's text inputs (``engine.backbones.mmdit.model``): a Wan denoiser takes neither.
         """
         if text_mask is not None or pooled_text is not None:
             raise ValueError("text_mask and pooled_text are inputs of the MMDiT denoiser; a Wan denoiser takes "

@@ -13,7 +13,7 @@ blocks and triplet-stream blocks") adds the clean reference views as a stream of
   the references run through their own copy of the block (``ref_single_blocks``), initialised from it.
 
 The streams meet only in the joint self-attentions. Every block runs its streams as data (``_Stream`` with a
-``_StreamModules`` view per block) through the one joint attention of every backbone (``engine.joint_attention``)
+``_StreamModules`` view per block) through the one joint attention of every backbone (``engine.streams.joint_attention``)
 over ``[video | references | text]``: per stream the QK prologue (per-head RMSNorm, RoPE with HunyuanVideo's bands at
 the stream's positions: the video grid, the references' RD-RoPE placement, none for text), then one attention with
 the streams given by offsets, the text padding as per-row key lengths (diffusers' ``encoder_attention_mask``) and
@@ -45,10 +45,10 @@ from torch import nn
 
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
-from .config import MvgenConfig
-from .batch_invariance import batch_invariant
-from .joint_attention import JointAttention, QKNorm, StreamQKV
-from .positions import grid_positions, rd_rope_positions
+from ...config import MvgenConfig
+from ...runtime.batch_invariance import batch_invariant
+from ...streams.joint_attention import JointAttention, QKNorm, StreamQKV
+from ...streams.positions import grid_positions, rd_rope_positions
 
 EPS = 1e-6  # every LayerNorm and QK RMSNorm of HunyuanVideo
 
@@ -106,7 +106,7 @@ class _StreamModules:
 
 @dataclass
 class _Stream:
-    """One stream's state through the blocks: its role (``engine.joint_attention.STREAM_ROLES``), tokens [B, N, D],
+    """One stream's state through the blocks: its role (``engine.streams.joint_attention.STREAM_ROLES``), tokens [B, N, D],
     the embedding that modulates it [B, D], its positions [N, 3] and their RoPE table (None where the prologue
     kernel computes angles)."""
 
@@ -145,7 +145,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         self.ref_single_blocks = (nn.ModuleList(
             HunyuanVideoSingleTransformerBlock(heads, head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm)
             for _ in range(cfg.num_single_layers)) if own else None)
-        self.sequence_parallel = None  # engine.parallel is Wan-only: parallelize refuses
+        self.sequence_parallel = None  # engine.runtime.parallel is Wan-only: parallelize refuses
 
     def parallelize(self, sp) -> None:
         if sp is not None:
@@ -216,7 +216,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         video = latents if condition is None else torch.cat([latents, condition], dim=1)
 
         # 1. conditioning: timestep + pooled CLIP text [B, D]; the refined text tokens [B, L, D]; video tokens
-        # (small-M layers on fixed row blocks, so a row's bits never depend on its batch: engine.denoiser's
+        # (small-M layers on fixed row blocks, so a row's bits never depend on its batch: engine.backbones.wan.model's
         # batch_invariant)
         timestep = timestep.to(dtype)
         temb = batch_invariant(lambda t, pooled: self.time_text_embed(t, pooled)[0], timestep, pooled_text.to(dtype))

@@ -6,13 +6,13 @@ norm its weights carry, and a ``role``: ``video``, ``reference`` or ``text``. Ro
 ``[video | reference | text]``, give the kernels' stream offsets (``kernels.attention``) and with them the mask
 relations: ``ref_attention="isolated"`` lets reference queries see reference keys only, ``prototype`` gives each
 video frame its own prototype keys, the text's padding is masked by per-row key lengths. Wan's dual stream is the
-[video, reference] case (engine.denoiser), HunyuanVideo's triple stream the [video, reference, text] one
-(engine.mmdit); a reference stream run alone (a cache being built) is the [reference] case.
+[video, reference] case (engine.backbones.wan.model), HunyuanVideo's triple stream the [video, reference, text] one
+(engine.backbones.mmdit.model); a reference stream run alone (a cache being built) is the [reference] case.
 
 Each stream goes through the QK prologue (its RMSNorm: Wan's across heads or HunyuanVideo's per head, RoPE at its
 positions with the config's bands, the softmax scale into Q, its key scales into K) straight into its slice of the
 joint Q/K; then one attention runs on the rotated tensors. Streams a rank holds a shard of (``tokens`` set) go
-through the Ulysses all-to-alls of ``engine.parallel`` first.
+through the Ulysses all-to-alls of ``engine.runtime.parallel`` first.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class StreamQKV:
     """One stream's share of a joint self-attention: its Q/K/V [B, N, H, Dh] (``q`` None: the stream gives keys
     only), positions [N, 3], per-key logit scales [N] or None, and ``norm``, the module (``norm_q``/``norm_k``) whose
     RMSNorm the QK prologue still applies (None: q/k are normalised already). ``tokens``: under sequence parallel,
-    the stream's token count over all ranks when this rank holds a shard (``engine.parallel``); None when it holds
+    the stream's token count over all ranks when this rank holds a shard (``engine.runtime.parallel``); None when it holds
     the stream whole. ``rope``: the positions' (cos, sin), computed once per call for every layer (CPU path)."""
 
     q: torch.Tensor | None
@@ -139,7 +139,7 @@ class JointAttention:
                            key_lengths) -> torch.Tensor:
         """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this.
         Deterministic on CUDA, ``auto`` takes the Triton kernel: its tiles never depend on the batch, while SDPA's
-        flash kernels may split the keys by batch size (``engine.batch_invariance``)."""
+        flash kernels may split the keys by batch size (``engine.runtime.batch_invariance``)."""
         backend = self.config.attention_backend
         if backend == "auto" and self.config.deterministic and q.is_cuda:
             backend = "triton"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from ..errors import CollectiveError
 
 
 @dataclass(frozen=True)
@@ -44,11 +45,6 @@ class ParallelLayout:
             raise ValueError(f"sequence parallel over sp={self.sp} ranks needs the head count to be divisible by "
                              f"sp; this model has {heads} heads (choose sp among "
                              f"{[d for d in range(1, heads + 1) if heads % d == 0]})")
-
-
-class CollectiveError(RuntimeError):
-    """A collective failed (a peer died, hung past the timeout, or its connection broke): not one request's
-    fault, so callers that answer requests one by one must not retry it per request."""
 
 
 class Collectives:
