@@ -10,7 +10,7 @@ engine) on the same saved ``WanTransformer3DModel`` weights and the same seeded 
 rows of classifier-free guidance):
 
 - ``diffusers``: ``WanTransformer3DModel`` eager, references appended as known frames (R > 0);
-- ``engine``: ``engine.components.Denoiser`` (one ``DenoiseCall`` per step, as the pipeline and the served model
+- ``engine``: ``engine.checkpoint.Denoiser`` (one ``DenoiseCall`` per step, as the pipeline and the served model
   call it) for each ``--backend``, configured as the frame-append model (``ref_rope=shared``,
   ``ref_timestep=shared``, ``ref_attention=full``; with no adapter its reference stream has the base weights),
   so its output must equal diffusers';

@@ -73,7 +73,7 @@ def _diffusers_call(model, x, with_refs: bool):
 def run(args) -> int:
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from engine.loading import load_denoiser
+    from engine.backbones.registry import load_denoiser
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -130,10 +130,10 @@ def standalone_main(module, argv=None, cache_dir: bool = False) -> int:
 
 
 def bench_device(name: str) -> str:
-    """A benchmark's ``--device``: ``auto`` resolved as the engine does (``engine.components.resolve_device``), a
+    """A benchmark's ``--device``: ``auto`` resolved as the engine does (``engine.checkpoint.resolve_device``), a
     CUDA device refused, naming the flag, where there is none."""
     from engine.errors import UsageError
-    from engine.components import resolve_device
+    from engine.devices import resolve_device
 
     device = str(resolve_device(name))
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -61,7 +61,7 @@ def _device(name: str) -> str:
 
 
 def run_generate(args) -> int:
-    from .components import Checkpoint
+    from .checkpoint import Checkpoint
     from .media import load_image, write_contact_sheet, write_mp4
     from .runtime.offload import check_offload
     from .pipeline import MultiViewPipeline

@@ -176,7 +176,8 @@ def config_flag_overrides(args, overrides: dict) -> dict:
 
 def add_memory_arguments(p) -> None:
     """``--dtype``, ``--offload`` and ``--vae-tiling``, shared by ``mvgen generate`` and ``mvgen serve``."""
-    from .components import DTYPES, NATIVE_BF16_FLAGS
+    from .devices import NATIVE_BF16_FLAGS
+    from .devices import DTYPES
     from .runtime.offload import OFFLOAD_MODES
 
     p.add_argument("--dtype", choices=DTYPES, default="auto",

@@ -81,14 +81,14 @@ class MvgenConfig:
     # parameters); "merged": its own copy of every block with the LoRA merged (about 1.9x the base's parameters)
     ref_weights: str = "shared"
     attention_backend: str = "auto"
-    # step-invariant work once per request (engine.components.Denoiser): every block's cross-attention K/V of the
+    # step-invariant work once per request (engine.checkpoint.Denoiser): every block's cross-attention K/V of the
     # text, CLIP image and identity states; False recomputes them at every step
     context_cache: bool = True
     # TeaCache-style step caching (engine.runtime.step_cache): skip the block stack while the accumulated relative change of
     # the first block's modulated input stays under this threshold; 0 = off
     step_cache_threshold: float = 0.0
     # a request's step-invariant inputs (text, image and identity states, condition, references, poses) reach the
-    # denoiser at its first step and are kept there (engine.components.RequestState); later steps carry the
+    # denoiser at its first step and are kept there (engine.checkpoint.RequestState); later steps carry the
     # latents and the timestep only. False: every step carries every input (the loop's bytes before this option)
     inputs_once: bool = True
     # batch-invariant numerics (engine.runtime.batch_invariance): a request's bits do not depend on its batch companions

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones.families import family_of
-from .components import Checkpoint
+from .checkpoint import Checkpoint
 from .denoiser_io import config_specs
 from .media import fit_image
 from .errors import ReferenceCacheMiss

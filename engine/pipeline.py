@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from . import generation
-from .components import (Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae, VaeTiling, text_encoder_class,
-                         vae_class)
+from .checkpoint import Checkpoint, VaeTiling
+from .runtime.denoiser import Denoiser
+from .backbones.wan.components import ImageEncoder, TextEncoder, Vae
+from .backbones.registry import text_encoder_class, vae_class
 from .generation import Generation
 from .tiny import default_cache_root
 from .request import GenerationRequest, make_request

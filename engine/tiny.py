@@ -22,6 +22,8 @@ from typing import Mapping
 
 import torch
 
+from .backbones.families import family_of
+
 TINY_VERSION = "tiny-v2"  # the directory of ``tiny``; the others are ``<name>-v2`` (``tiny-mmdit-v1``)
 CACHE_ENV = "MVGEN_CACHE"  # where the tiny checkpoint is built (read by entry points only)
 SEED = 20261122
@@ -122,7 +124,7 @@ class Variant:
     image_encoder: bool = True
     experts: int = 1
     defaults: dict = field(default_factory=dict)  # changes to GENERATION_DEFAULTS
-    family: str = "wan"  # engine.config.FAMILIES: which writer builds it
+    family: str = "wan"  # engine.backbones.families: which writer (``_WRITERS``) builds it
 
 
 VARIANTS = {
@@ -195,10 +197,10 @@ def build_tiny(dest: Path | str, name: str = "tiny") -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        from .components import quiet_hub_progress
+        from .files import quiet_hub_progress
 
         variant = VARIANTS[name]
-        writer = _write_mmdit_pipeline if variant.family == "mmdit" else _write_pipeline
+        writer = _WRITERS[family_of(variant.family).name]
         with torch.random.fork_rng(devices=[]), quiet_hub_progress():
             writer(staging, variant)
         try:
@@ -343,3 +345,7 @@ def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor
     if "view_omega" in tensors:  # MVAnimate's weights are positive (a trained one stays near the paper's 0.1-0.25)
         tensors["view_omega"] = tensors["view_omega"].abs() + 0.1
     return tensors
+
+
+# each family's tiny checkpoint writer
+_WRITERS = {"wan": _write_pipeline, "mmdit": _write_mmdit_pipeline}

@@ -30,7 +30,8 @@ from torch import nn
 
 from engine import denoiser_io
 from engine.backbones.families import family_of
-from engine.components import Checkpoint, load_expert
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import load_expert
 from engine.adapters.reference_weights import merged_reference_stream
 
 from .plugin import plugin_attention

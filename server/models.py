@@ -2,7 +2,7 @@
 
 Each ``1/model.py`` of the generated repository builds one of these classes with the backend's
 ``triton_python_backend_utils`` module (``pb``), which only exists inside the stub process. Each model
-loads only its own component of the checkpoint (``engine.components``); the loop model loads none and runs
+loads only its own component of the checkpoint (``engine.checkpoint``); the loop model loads none and runs
 ``engine.generation.generate`` over ``RemoteStages``, which turn each stage into a BLS call. Nothing here
 computes: it parses, calls, and answers.
 """
@@ -17,7 +17,10 @@ import numpy as np
 import torch
 
 from engine import generation, warmup
-from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, text_encoder_class, vae_class
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
+from engine.backbones.wan.components import ImageEncoder
+from engine.backbones.registry import text_encoder_class, vae_class
 from engine.denoiser_io import denoiser_model_name, mode_specs, step_only, text_outputs
 from engine.errors import RequestError
 from engine.generation import DENOISER_INPUTS, Cancelled
@@ -174,7 +177,7 @@ class VaeModel(_PerRequestModel):
 
 
 class DenoiserModel:
-    """One expert's denoiser call per dynamic batch (``engine.components.Denoiser.run``), and the reference
+    """One expert's denoiser call per dynamic batch (``engine.checkpoint.Denoiser.run``), and the reference
     caches of the requests in flight, keyed by the ``mvgen_cache_key`` request parameter. A Wan2.2 checkpoint
     is served as two of these (``mvgen_denoiser``, ``mvgen_denoiser_2``): each expert batches on its own."""
 

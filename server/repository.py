@@ -69,7 +69,7 @@ class RepositoryOptions:
     adapter: str | None = None
     # the rest of ``Checkpoint.load``'s sources: adapter_2, loras, loras_2, lora_reference, transformer_file, ...
     sources: dict = field(default_factory=dict)
-    dtype: str = "float32"  # or "auto" (engine.components.default_dtype on this machine's device)
+    dtype: str = "float32"  # or "auto" (engine.checkpoint.default_dtype on this machine's device)
     device: str = "cpu"
     offload: str = "none"  # the denoiser in host memory between batches (engine.runtime.offload.OFFLOAD_MODES)
     vae_tiling: bool | dict = False  # True or VaeTiling's fields: mvgen_vae encodes and decodes in tiles
@@ -106,7 +106,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     """
     import json
 
-    from engine.components import Checkpoint
+    from engine.checkpoint import Checkpoint
     from engine.loading import find_transformer_dir, transformer_weight_files
 
     # the whole checkpoint description is read (and refused, in one line) before a server starts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..backbones.wan.model import ReferenceCache
+from .caches import ReferenceCache
 
 
 

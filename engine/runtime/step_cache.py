@@ -13,7 +13,7 @@ What is adapted: TeaCache rescales the raw distance with a polynomial fitted per
 polynomial is monotone; the threshold absorbs the scale) and says so rather than reuse a fit made for other
 weights. The decision is one per call over all its rows and tokens (cond and uncond of a request decide
 together), so a request decides the same alone, under sequence/CFG parallel (the sums are reduced over every
-rank; padding rows and tokens are left out) and in any batch (``engine.components.Denoiser`` gives every
+rank; padding rows and tokens are left out) and in any batch (``engine.checkpoint.Denoiser`` gives every
 step-cached request its own call). Each expert of Wan2.2 keeps its own state (one ``StepCache`` per denoiser).
 """
 from __future__ import annotations

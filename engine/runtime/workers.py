@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from ..components import Checkpoint, DenoiseCall, Denoiser
+from ..checkpoint import Checkpoint
+from .denoiser import DenoiseCall, Denoiser
 from .parallel import ParallelLayout, connect
 from ..warmup import held_modules, make_resident
 from ..errors import CollectiveError, WorkersLost
@@ -63,7 +64,7 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 class DistributedDenoiser:
-    """``engine.components.Denoiser``'s interface (``run``, ``release``) over ``layout.world_size`` processes;
+    """``engine.checkpoint.Denoiser``'s interface (``run``, ``release``) over ``layout.world_size`` processes;
     ``python`` is the interpreter the workers run (a python-backend stub's ``sys.executable`` is not one)."""
 
     def __init__(self, checkpoint: Checkpoint, expert: int = 0, cache_bytes: int = 8 << 30,

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 import engine.loading
 from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.errors import AdapterError
-from engine.loading import denoiser_config, load_denoiser
+from engine.loading import denoiser_config
+from engine.backbones.registry import load_denoiser
 
 from .conftest import inputs, rel_err
 from .test_base_lora import Writer, diffusers_merged, diffusers_tensors

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.runtime.batch_invariance import BatchInvariantOps, batch_invariant_ops
-from engine.components import Checkpoint, DenoiseCall, Denoiser
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
 
 from .conftest import inputs
 

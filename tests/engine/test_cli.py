@@ -107,12 +107,12 @@ def test_bad_arguments_in_process(demo, tiny_env, tmp_path, capsys, extra, words
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "p", "--out", "v.mp4"], ["serve"]])
 def test_memory_options_share_one_declaration(command):
-    """``--dtype``/``--offload`` choices are ``engine.components.DTYPES``/``engine.runtime.offload.OFFLOAD_MODES``, the
+    """``--dtype``/``--offload`` choices are ``engine.checkpoint.DTYPES``/``engine.runtime.offload.OFFLOAD_MODES``, the
     defaults auto/none, and ``--help`` says what auto does on a CPU."""
     import argparse
 
     from engine.cli_args import add_memory_arguments
-    from engine.components import DTYPES
+    from engine.devices import DTYPES
     from engine.runtime.offload import OFFLOAD_MODES
     from mvgen.cli import build_parser
 

@@ -1,4 +1,4 @@
-"""``engine.components.Denoiser.run``: calls of equal shapes share a batch, yet each call's answer is its own.
+"""``engine.checkpoint.Denoiser.run``: calls of equal shapes share a batch, yet each call's answer is its own.
 
 Two oracles: the model itself on one call's rows (``MultiViewWanTransformer.forward``, references
 recomputed), which every answer must match to float rounding; and the same call run in a batch of its own at
@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.components import Checkpoint, DenoiseCall, Denoiser
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
 from engine.errors import ReferenceCacheMiss
 
 from .conftest import inputs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.streams.positions import grid_positions, rd_rope_positions
 
 from .conftest import inputs, rel_err

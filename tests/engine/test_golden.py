@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.runtime.step_cache import StepCache
 from engine.tiny import ensure_tiny
 from tests.goldens import check_golden

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from engine.adapters.lora import BLOCK_LINEARS
 from engine.errors import AdapterError
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.errors import CheckpointError
 
 from .conftest import inputs, rel_err

@@ -21,7 +21,9 @@ import pytest
 import torch
 
 from engine import components
-from engine.components import Checkpoint, Denoiser, VaeTiling, default_dtype, resolve_dtype
+from engine.checkpoint import Checkpoint, VaeTiling
+from engine.runtime.denoiser import Denoiser
+from engine.devices import default_dtype, resolve_dtype
 from engine.runtime.offload import OFFLOAD_MODES, WINDOW, Offload, OffloadedBlocks, apply_offload
 from engine.pipeline import LocalStages, MultiViewPipeline
 from engine.tiny import TINY_VERSION
@@ -177,7 +179,7 @@ def test_bfloat16_keeps_norms_and_modulation_tables_float32(tiny, adapter):
     too. Everything else floating is bfloat16."""
     from diffusers import WanTransformer3DModel
 
-    from engine.components import load_expert
+    from engine.runtime.denoiser import load_expert
 
     keep = WanTransformer3DModel._keep_in_fp32_modules
 
@@ -212,7 +214,7 @@ def test_tiled_decode_is_diffusers_tiled_decode_and_close_to_whole_frames(tiny):
     at diffusers' 256/192). A frame no larger than a tile is decoded whole, bit for bit."""
     from diffusers import AutoencoderKLWan
 
-    from engine.components import Vae
+    from engine.backbones.wan.components import Vae
 
     tiled = Vae(Checkpoint.load(tiny, dtype=torch.float32, vae_tiling=TILES))
     whole = Vae(Checkpoint.load(tiny, dtype=torch.float32))
@@ -234,7 +236,7 @@ def test_tiled_decode_is_diffusers_tiled_decode_and_close_to_whole_frames(tiny):
 
 _PEAK = """
 import re, sys, torch
-from engine.components import Checkpoint, Vae
+from engine.checkpoint import Checkpoint, Vae
 torch.set_num_threads(1)
 
 

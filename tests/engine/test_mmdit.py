@@ -9,7 +9,7 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from safetensors.torch import save_file
 
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.backbones.mmdit.model import MultiViewMMDiT
 
 from .conftest import rel_err

@@ -17,7 +17,8 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from engine import generation
-from engine.components import Checkpoint, quiet_hub_progress
+from engine.checkpoint import Checkpoint
+from engine.files import quiet_hub_progress
 from engine.denoiser_io import config_specs, text_outputs
 from engine.backbones.mmdit.components import MMDiTTextEncoder, MMDiTVae, prompt_template
 from engine.pipeline import LocalStages

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backbones.wan.model import ReferenceCache
+from engine.runtime.caches import ReferenceCache
 from engine.runtime.reference_cache import ReferenceCacheStore
 from engine.errors import MISS_PREFIX, ReferenceCacheMiss
 

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from engine.adapters.base_lora import LoraSpec
 from engine.config import MvgenConfig
 from engine.backbones.wan.model import MultiViewWanTransformer
-from engine.loading import denoiser_config, load_denoiser
+from engine.loading import denoiser_config
+from engine.backbones.registry import load_denoiser
 from engine.adapters.lora import BLOCK_LINEARS
 from engine.adapters.reference_weights import (LowRankLinear, holds_shared_weights, merged_reference_stream,
                                       share_reference_stream, weight_bytes, wrap_low_rank)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.components import Checkpoint
+from engine.checkpoint import Checkpoint
 from engine.errors import RequestError
 from engine.errors import CheckpointError
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import ensure_tiny
 

@@ -13,8 +13,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from engine.adapters.base_lora import LoraSpec
-from engine.components import Checkpoint, load_expert
-from engine.loading import load_denoiser
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import load_expert
+from engine.backbones.registry import load_denoiser
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import TINY_VERSION, ensure_tiny
 

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from engine.components import Checkpoint, DenoiseCall, Denoiser
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
 from engine.runtime.parallel import ParallelLayout
 from engine.runtime.workers import DistributedDenoiser
 from engine.errors import WorkersLost

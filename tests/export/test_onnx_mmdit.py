@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import save_file
 
 from engine import denoiser_io
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from export.onnx_export import EXPORT_SIZES, export_denoiser, translation_table
 from export.verify import verify_onnx
 from tests.engine.test_mmdit import make_hunyuan

@@ -1,4 +1,4 @@
-"""The MMDiT family's (HunyuanVideo's) text encoders and VAE, with the interfaces of ``engine.components``' Wan ones.
+"""The MMDiT family's (HunyuanVideo's) text encoders and VAE, with the interfaces of ``engine.checkpoint``' Wan ones.
 
 The prompt goes through diffusers' own ``HunyuanVideoPipeline.encode_prompt`` built on the two text encoders alone
 (its template, Llama's third-to-last hidden states cropped to the prompt, CLIP's pooled output), so the text
@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...components import Checkpoint, Vae, component_folder, quiet_hub_progress
+from ...checkpoint import Checkpoint, component_folder
+from ..wan.components import Vae
+from ...files import quiet_hub_progress
 
 # Llama-3's chat header tokens: diffusers' fixed crop of the prompt template (95) counts Llama-3's tokens
 LLAMA3_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")

@@ -23,6 +23,7 @@ from ...files import load_safetensors
 from ...errors import CheckpointError
 from ...adapters.lora import LoraPair, LowRankDelta, ScaleRule, few_names, merge_deltas
 from ...errors import AdapterError
+from ...loading import transformer_weight_files
 from .model import MultiViewMMDiT
 
 log = logging.getLogger("mvgen.loading")
@@ -32,10 +33,17 @@ _PREFIX = re.compile(r"^(?:base_model\.model\.|transformer\.)")
 _REFERENCE = ("ref_blocks.", "ref_single_blocks.")
 
 
-def load_mmdit(transformer_dir: Path, config: MvgenConfig, weight_files: Sequence[Path], adapter: str | Path | None,
-               dtype: torch.dtype, device: str | torch.device, lora_scale: float | None = None) -> MultiViewMMDiT:
-    """The MMDiT of ``transformer_dir`` (its checked ``weight_files``) with its reference stream: a copy of the
-    video stream's modules (MVI2V's initialisation) plus the adapter's LoRA, ``W + scale * B @ A``."""
+def load_mmdit(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | None, dtype: torch.dtype,
+               device: str | torch.device, lora_scale: float | None = None, *, weights_file: str | Path | None = None,
+               loras: Sequence = (), lora_reference: bool = False) -> MultiViewMMDiT:
+    """The MMDiT of ``transformer_dir`` with its reference stream: a copy of the video stream's modules (MVI2V's
+    initialisation) plus the adapter's LoRA, ``W + scale * B @ A``."""
+    refused = [name for name, value in (("weights_file", weights_file), ("loras", loras),
+                                        ("lora_reference", lora_reference)) if value]
+    if refused:
+        raise CheckpointError(f"{', '.join(refused)}: Wan-only (single-file transformers and base-model LoRAs "
+                              "are not implemented for the MMDiT)")
+    weight_files = transformer_weight_files(transformer_dir)
     if config.ref_weights == "shared":
         log.info("MMDiT: the reference stream holds its own weights with the LoRA merged (ref_weights 'merged')")
         config = config.replace(ref_weights="merged")

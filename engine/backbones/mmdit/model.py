@@ -46,6 +46,7 @@ from torch import nn
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from ...config import MvgenConfig
+from ..families import MMDIT, family_of
 from ...runtime.batch_invariance import batch_invariant
 from ...streams.joint_attention import JointAttention, QKNorm, StreamQKV
 from ...streams.positions import grid_positions, rd_rope_positions
@@ -122,7 +123,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
 
     def __init__(self, config: MvgenConfig):
         super().__init__()
-        if config.family != "mmdit":
+        if family_of(config) is not MMDIT:
             raise ValueError(f"MultiViewMMDiT takes an MMDiT config, got family {config.family!r}")
         self.config = cfg = config
         dim, heads, head_dim = cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim

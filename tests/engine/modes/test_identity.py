@@ -16,7 +16,7 @@ import torch
 
 from engine.config import MvgenConfig
 from engine.backbones.wan.model import Attention, MultiViewWanTransformer
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.modes.identity import IdentityCrossAttention
 
 from ..conftest import inputs, rel_err

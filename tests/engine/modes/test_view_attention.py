@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import MvgenConfig
 from engine.backbones.wan.model import MultiViewWanTransformer
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.modes.view_attention import ViewAttention, aligned_cells, multiview_attention
 from engine.streams.positions import grid_positions
 from kernels.joint_attention.reference import joint_attention_reference
