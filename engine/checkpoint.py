@@ -1,11 +1,10 @@
-"""A checkpoint's parts, loaded one by one: each served model (and the in-process pipeline) holds only its own.
+"""The weightless description every served part starts from.
 
-``Checkpoint`` is the weightless description every part starts from: the denoiser's config, the VAE's
-latent layout, the scheduler, generation defaults and request limits, read from the JSON files of a
-diffusers Wan or HunyuanVideo (MMDiT) directory, plus where and in what dtype the parts run. The generation loop
-needs nothing else, so the server's loop model loads no weights at all. ``TextEncoder``, ``ImageEncoder``, ``Vae``
-and ``Denoiser`` each load one sub-folder; an MMDiT's text encoders and VAE are ``engine.backbones.mmdit.components``'
-(``text_encoder_class``, ``vae_class`` pick the family's).
+``Checkpoint`` reads the JSON files of a diffusers Wan or HunyuanVideo (MMDiT) directory: the denoiser's config per
+expert, the VAE's latent layout, the scheduler, generation defaults and request limits, plus where and in what dtype
+the parts run. The generation loop needs nothing else, so the server's loop model loads no weights at all. Each part
+then loads one sub-folder: the family's encoders and VAE (``engine.backbones.registry``), the denoiser
+(``engine.runtime.denoiser``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-import engine.loading
+import engine.backbones.wan.loading
 from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.errors import AdapterError
 from engine.loading import denoiser_config
@@ -234,7 +234,7 @@ class WithModeGate(MultiViewWanTransformer):
 
 
 def test_a_modes_tensors_come_from_the_adapter_or_the_load_is_refused(wan_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.loading, "MultiViewWanTransformer", WithModeGate)
+    monkeypatch.setattr(engine.backbones.wan.loading, "MultiViewWanTransformer", WithModeGate)
     load_denoiser(wan_dir[0])  # without the mode the model has no such parameter and needs nothing
     # what the mode adds to the model: the gate, and whatever identity modules the model itself has
     config = denoiser_config(wan_dir[0])

@@ -34,6 +34,7 @@ def _generate_args(demo, out, *extra):
             "--prompt", "a person turns around", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_generate_end_to_end_writes_mp4_and_contact_sheet(demo, tiny_cache, tmp_path):
     import imageio.v3 as iio
 
@@ -47,6 +48,7 @@ def test_generate_end_to_end_writes_mp4_and_contact_sheet(demo, tiny_cache, tmp_
         assert sheet.size == (3 * 64 + 2 * 2, 3 * 64 + 2 * 2)
 
 
+@pytest.mark.slow
 def test_references_at_their_own_size_end_to_end(demo, tiny_cache, tmp_path):
     import imageio.v3 as iio
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import components
+from engine import devices
 from engine.checkpoint import Checkpoint, VaeTiling
 from engine.runtime.denoiser import Denoiser
 from engine.devices import default_dtype, resolve_dtype
@@ -161,7 +161,7 @@ def test_offload_is_refused_on_the_cpu_and_kept_for_an_accelerator(tiny_cache):
     (set(), torch.float32),  # no /proc/cpuinfo
 ])
 def test_auto_dtype_on_the_cpu_follows_native_bf16_matmul(monkeypatch, flags, expected):
-    monkeypatch.setattr(components, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
     assert default_dtype("cpu") == resolve_dtype("auto", "cpu") == expected
     assert default_dtype("cuda") == resolve_dtype("auto", "cuda:1") == torch.bfloat16
 
@@ -236,7 +236,8 @@ def test_tiled_decode_is_diffusers_tiled_decode_and_close_to_whole_frames(tiny):
 
 _PEAK = """
 import re, sys, torch
-from engine.checkpoint import Checkpoint, Vae
+from engine.backbones.wan.components import Vae
+from engine.checkpoint import Checkpoint
 torch.set_num_threads(1)
 
 
@@ -259,6 +260,7 @@ print(peak(tiled, latents), peak(whole, latents))
 """
 
 
+@pytest.mark.slow
 def test_tiled_decode_peaks_lower(tiny):
     """Peak resident memory above the start (KiB) of decoding 5 frames at 256 x 256, in a fresh process, the
     kernel's high-water mark reset before each decode (``/proc/self/clear_refs``) and glibc's mmap threshold fixed

@@ -24,6 +24,8 @@ from tests.goldens import check_golden
 
 from .conftest import SMALL_WAN, inputs, rel_err
 
+pytestmark = pytest.mark.slow  # spawns four gloo processes
+
 LAYOUTS = {"sp2": ParallelLayout(2), "sp3": ParallelLayout(3), "sp2_cfg": ParallelLayout(2, cfg_parallel=True)}
 WORLD = max(layout.world_size for layout in LAYOUTS.values())
 VIDEO = (5, 2, 10)  # latent frames, height, width: 5 x 1 x 5 = 25 tokens

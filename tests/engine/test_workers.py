@@ -16,6 +16,8 @@ from engine.runtime.parallel import ParallelLayout
 from engine.runtime.workers import DistributedDenoiser
 from engine.errors import WorkersLost
 
+pytestmark = pytest.mark.slow  # worker processes, a hung one waited out
+
 TIMEOUT_S = 6
 
 

@@ -7,6 +7,8 @@ from engine import denoiser_io
 from engine.errors import UsageError
 from mvgen.cli import build_parser
 
+pytestmark = pytest.mark.slow  # exports every family and mode through the command line
+
 
 def _run(argv):
     """The handler of ``mvgen ARGV`` called directly, so a usage error arrives as the exception."""

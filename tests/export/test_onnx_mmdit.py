@@ -18,6 +18,8 @@ from export.onnx_export import EXPORT_SIZES, export_denoiser, translation_table
 from export.verify import verify_onnx
 from tests.engine.test_mmdit import make_hunyuan
 
+pytestmark = pytest.mark.slow  # exports and runs MMDiT graphs in onnxruntime
+
 RANK, ALPHA = 4, 8.0
 PATTERN = (r"ref_blocks\.\d+\.(attn\.to_q|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
            r"|ref_single_blocks\.\d+\.(attn\.to_k|proj_mlp|proj_out)")

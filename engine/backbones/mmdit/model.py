@@ -239,10 +239,10 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         key_lengths = n_before_text + text_mask.to(torch.int32).sum(1, dtype=torch.int32)
 
         # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
-        for i in range(len(self.transformer_blocks)):
-            self._block(streams, [self._dual_modules(i, s.name) for s in streams], key_lengths)
-        for i in range(len(self.single_transformer_blocks)):
-            self._block(streams, [self._single_modules(i, s.name) for s in streams], key_lengths)
+        layers = [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
+            [(self._single_modules, i) for i in range(len(self.single_transformer_blocks))]
+        for modules, i in layers:
+            self._block(streams, [modules(i, s.name) for s in streams], key_lengths)
 
         # 3. output head on the video tokens, unpatchify (diffusers' layout)
         x = streams[0].x
