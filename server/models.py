@@ -22,12 +22,10 @@ from engine.runtime.denoiser import DenoiseCall, Denoiser
 from engine.backbones.wan.components import ImageEncoder
 from engine.backbones.registry import text_encoder_class, vae_class
 from engine.denoiser_io import denoiser_model_name, mode_specs, step_only, text_outputs
-from engine.errors import RequestError
+from engine.errors import MISS_PREFIX, ReferenceCacheMiss, RequestError, WorkersLost
 from engine.generation import DENOISER_INPUTS, Cancelled
 from engine.runtime.parallel import ParallelLayout
-from engine.errors import MISS_PREFIX, ReferenceCacheMiss
 from engine.runtime.workers import DistributedDenoiser
-from engine.errors import WorkersLost
 from engine.request import make_request
 
 from . import protocol

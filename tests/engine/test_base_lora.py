@@ -14,8 +14,7 @@ from diffusers import WanPipeline
 from safetensors.torch import save_file
 
 from engine.adapters.base_lora import LoraSpec, merge_base_loras
-from engine.errors import LoraError
-from engine.errors import AdapterError
+from engine.errors import AdapterError, LoraError
 
 from .conftest import make_wan
 

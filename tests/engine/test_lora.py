@@ -9,9 +9,8 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
 from engine.adapters.lora import BLOCK_LINEARS
-from engine.errors import AdapterError
+from engine.errors import AdapterError, CheckpointError
 from engine.backbones.registry import load_denoiser
-from engine.errors import CheckpointError
 
 from .conftest import inputs, rel_err
 

@@ -20,9 +20,8 @@ import torch
 
 from ...config import MvgenConfig
 from ...files import load_safetensors
-from ...errors import CheckpointError
+from ...errors import AdapterError, CheckpointError
 from ...adapters.lora import LoraPair, LowRankDelta, ScaleRule, few_names, merge_deltas
-from ...errors import AdapterError
 from ...loading import transformer_weight_files
 from .model import MultiViewMMDiT
 
