@@ -119,8 +119,9 @@ class Denoiser:
         if cache is None:
             if refs is None:
                 raise ReferenceCacheMiss(call.cache_key)
+            text_extras = {name: inputs[name] for name in text_outputs(self.model.config) if name != "text"}
             cache = self.model.precompute_reference(refs, inputs["text"], inputs["image_context"],
-                                                    latent_fhw=tuple(inputs["latents"].shape[2:]))
+                                                    latent_fhw=tuple(inputs["latents"].shape[2:]), **text_extras)
             self.caches.put(call.cache_key, cache)
         return _Item(index, {**inputs, "ref_latents": None}, cache, state)
 

@@ -55,6 +55,7 @@ CASES = {
     "mmdit_full": ("tiny-mmdit", "transformer", "adapter", {}, 2, "forward"),
     "mmdit_isolated": ("tiny-mmdit", "transformer", "adapter", dict(ref_attention="isolated"), 2, "forward"),
     "mmdit_shared_rope": ("tiny-mmdit", "transformer", "adapter", dict(ref_rope="shared"), 1, "forward"),
+    "mmdit_isolated_cached": ("tiny-mmdit", "transformer", "adapter", _ISOLATED_CACHED, 2, "ref_cache"),
 }
 STEP_TIMESTEPS = (990.0, 985.0, 980.0, 600.0)
 
@@ -95,8 +96,9 @@ def case_inputs(name: str, cfg) -> dict:
 def run_case(model, name: str, x: dict) -> dict[str, torch.Tensor]:
     runs = CASES[name][5]
     if runs == "ref_cache":
+        text_extras = {k: x[k] for k in ("text_mask", "pooled_text") if k in x}
         cache = model.precompute_reference(x["ref_latents"], x["text"], x.get("image_context"),
-                                           (FRAMES, HEIGHT, WIDTH))
+                                           (FRAMES, HEIGHT, WIDTH), **text_extras)
         out = {f"ref_k{i}": k for i, k in enumerate(cache.keys)}
         out["velocity"] = model(**{**x, "ref_latents": None}, ref_cache=cache)
         return out

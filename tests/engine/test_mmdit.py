@@ -184,3 +184,31 @@ def test_wan_only_inputs_and_options_are_refused(mmdit_dir):
         load_denoiser(path, ref_attention="prototype")
     with pytest.raises(ValueError, match="Wan family only"):
         den.parallelize(object())
+
+
+@pytest.mark.parametrize("ref_rope", ["decoupled", "shared"])
+@pytest.mark.parametrize("num_refs", [1, 3])
+def test_reference_cache_equals_recomputation(mmdit_dir, tmp_path, ref_rope, num_refs):
+    """``isolated`` + ``zero``: the reference stream's per-layer K/V, built once from the references and the pooled
+    prompt, give every step the velocity of the stream recomputed in the call; the cache is of the call's rows
+    (the prompt reaches the references through their timestep embedding) and of its video grid."""
+    path, task, _ = mmdit_dir
+    den = load_denoiser(path, zero_lora_adapter(tmp_path / "a", SMALL_MMDIT, 4, scale_b=0.1),
+                        ref_attention="isolated", ref_timestep="zero", ref_rope=ref_rope)
+    assert den.config.caches_reference
+    x = mmdit_inputs(53 + num_refs, task, 3, 4, 6, refs=num_refs, batch=3)
+    with torch.no_grad():
+        cache = den.precompute_reference(x["ref_latents"], x["text"], None, (3, 4, 6), text_mask=x["text_mask"],
+                                         pooled_text=x["pooled_text"])
+        layers = SMALL_MMDIT["num_layers"] + SMALL_MMDIT["num_single_layers"]
+        assert len(cache.keys) == len(cache.values) == layers and cache.rows == 3
+        for step, t in enumerate((937.0, 400.0)):  # one cache, every step
+            call = {**x, "timestep": torch.full((3,), t), "latents": x["latents"] * (1 + step)}
+            want = den(**call)
+            got = den(**{**call, "ref_latents": None}, ref_cache=cache)
+            assert rel_err(got, want) < 1e-5
+        assert rel_err(want, den(**{**call, "ref_latents": None})) > 1e-3  # the references reach the video
+        with pytest.raises(ValueError, match="video grid"):
+            den(**{**mmdit_inputs(1, task, 2, 4, 6, batch=3), "ref_latents": None}, ref_cache=cache)
+    with pytest.raises(ValueError, match="needs pooled_text"):
+        den.precompute_reference(x["ref_latents"], x["text"], None, (3, 4, 6))

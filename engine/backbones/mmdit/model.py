@@ -48,6 +48,7 @@ from kernels import adaln_layernorm, gated_residual, kernel_backend
 from ...config import MvgenConfig
 from ..families import MMDIT, family_of
 from ...runtime.batch_invariance import batch_invariant
+from ...runtime.caches import ReferenceCache
 from ...streams.joint_attention import JointAttention, QKNorm, StreamQKV
 from ...streams.positions import grid_positions, rd_rope_positions
 
@@ -116,6 +117,20 @@ class _Stream:
     temb: torch.Tensor
     pos: torch.Tensor
     rope: tuple | None
+
+
+@dataclass
+class _CachedStream:
+    """The reference stream as keys and values only, per layer [B, n_ref, H, Dh] (normalised, before RoPE) of a
+    ``ReferenceCache`` (``isolated`` + ``zero`` timestep: it reads neither the video, the text nor the step);
+    ``layer`` advances with the blocks."""
+
+    name: str
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pos: torch.Tensor
+    rope: tuple | None
+    layer: int = 0
 
 
 class MultiViewMMDiT(JointAttention, nn.Module):
@@ -202,7 +217,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
         for name, value in (("image_context", image_context), ("frame_pose", frame_pose), ("ref_pose", ref_pose),
                             ("identity_context", identity_context), ("view_omega", view_omega),
-                            ("ref_cache", ref_cache), ("context_cache", context_cache), ("step_cache", step_cache)):
+                            ("context_cache", context_cache), ("step_cache", step_cache)):
             if value is not None and not (isinstance(value, torch.Tensor) and (exporting or value.numel() == 0)):
                 raise ValueError(f"{name} is not an input of the MMDiT denoiser (Wan-family only)")
         if text_mask is None or pooled_text is None:
@@ -225,7 +240,14 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         x = batch_invariant(self.x_embedder, video.to(dtype))
         n_text = tokens.shape[1]
         streams = [_Stream("video", x, temb, grid_positions(f, h, w, device=x.device), None)]
-        if ref_latents is not None and ref_latents.shape[1] > 0:
+        if ref_cache is not None:
+            if ref_cache.video_fhw != (f, h, w):
+                raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has "
+                                 f"{(f, h, w)}")
+            pos = rd_rope_positions(cfg.ref_rope, ref_cache.num_refs, ref_cache.ref_hw, (f, h, w), cfg.ref_t_stride,
+                                    device=x.device)
+            streams.append(_CachedStream("reference", ref_cache.keys, ref_cache.values, pos, None))
+        elif ref_latents is not None and ref_latents.shape[1] > 0:
             r, ref_pos = self._embed_references(ref_latents, (f, h, w))
             ref_temb = temb if cfg.ref_timestep == "shared" else batch_invariant(
                 lambda t, pooled: self.time_text_embed(t, pooled)[0], torch.zeros_like(timestep), pooled_text.to(dtype))
@@ -233,15 +255,13 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         no_rotation = torch.zeros(n_text, 3, dtype=torch.long, device=x.device)  # text tokens are not rotated
         streams.append(_Stream("text", tokens, temb, no_rotation, None))
         for s in streams:
-            s.rope = self._rope(s.pos, s.x)
+            s.rope = self._rope(s.pos, x)
         # text padding: diffusers masks the keys past each row's prompt (encoder_attention_mask)
-        n_before_text = sum(s.x.shape[1] for s in streams[:-1])
+        n_before_text = x.shape[1] + (streams[1].pos.shape[0] if len(streams) > 2 else 0)
         key_lengths = n_before_text + text_mask.to(torch.int32).sum(1, dtype=torch.int32)
 
         # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
-        layers = [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
-            [(self._single_modules, i) for i in range(len(self.single_transformer_blocks))]
-        for modules, i in layers:
+        for modules, i in self._layers():
             self._block(streams, [modules(i, s.name) for s in streams], key_lengths)
 
         # 3. output head on the video tokens, unpatchify (diffusers' layout)
@@ -251,6 +271,43 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         x = self.proj_out(x)
         x = x.reshape(b, f, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _layers(self):
+        """(modules of stream, layer index) of every block in order: the dual-stream blocks, then the single ones."""
+        return [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
+            [(self._single_modules, i) for i in range(len(self.single_transformer_blocks))]
+
+    @torch.no_grad()
+    def precompute_reference(self, ref_latents: torch.Tensor, text: torch.Tensor | None,
+                             image_context: torch.Tensor | None, latent_fhw: tuple[int, int, int], *,
+                             text_mask: torch.Tensor | None = None,
+                             pooled_text: torch.Tensor | None = None) -> ReferenceCache:
+        """Run the reference stream alone once and keep each layer's normalised K/V [B, n_ref, H, Dh] (dual-stream
+        blocks, then single-stream ones). Valid when the reference stream reads neither the video nor the text
+        (``isolated``) nor the step (``ref_timestep='zero'``): it still reads the prompt's pooled CLIP text through
+        its timestep embedding, so the cache belongs to its rows (``pooled_text`` [B, pooled_projection_dim])."""
+        cfg = self.config
+        if not cfg.caches_reference:
+            raise ValueError("reference K/V caching needs ref_attention='isolated' and ref_timestep='zero', "
+                             f"got ref_attention={cfg.ref_attention!r}, ref_timestep={cfg.ref_timestep!r}")
+        if pooled_text is None:
+            raise ValueError("the MMDiT's reference cache needs pooled_text: the reference stream's timestep "
+                             "embedding reads the prompt's pooled CLIP text")
+        fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
+        dtype = self.proj_out.weight.dtype
+        r, pos = self._embed_references(ref_latents, fhw)
+        zero = torch.zeros(r.shape[0], device=r.device, dtype=dtype)
+        temb = batch_invariant(lambda t, pooled: self.time_text_embed(t, pooled)[0], zero, pooled_text.to(dtype))
+        stream = _Stream("reference", r, temb, pos, self._rope(pos, r))
+        keys, values = [], []
+        for modules, i in self._layers():
+            kept = []
+            self._block([stream], [modules(i, "reference")], None, kept=kept)
+            keys.append(kept[0][0])
+            values.append(kept[0][1])
+        _, _, _, height, width = ref_latents.shape
+        _, ph, pw = cfg.patch_size
+        return ReferenceCache(keys, values, ref_latents.shape[1], (height // ph, width // pw), fhw)
 
     def _refine_text(self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """diffusers' ``HunyuanVideoTokenRefiner`` (its modules, its order of operations) with only its M = B linears
@@ -294,20 +351,32 @@ class MultiViewMMDiT(JointAttention, nn.Module):
     def _backend(self) -> str:
         return kernel_backend(self.config.attention_backend)
 
-    def _block(self, streams: list[_Stream], modules: list[_StreamModules], key_lengths: torch.Tensor) -> None:
-        """One block over every stream, in place: each stream's modulated input and Q/K/V, one joint attention,
-        then each stream's output projection (and FFN, or MLP branch) with its gated residuals."""
+    def _block(self, streams: list, modules: list[_StreamModules], key_lengths: torch.Tensor | None,
+               kept: list | None = None) -> None:
+        """One block over every stream, in place: each stream's modulated input and Q/K/V (a cached stream: its
+        layer's keys and values), one joint attention, then each live stream's output projection (and FFN, or MLP
+        branch) with its gated residuals. ``kept``: each live stream's normalised K and V are appended to it (a
+        reference cache being built)."""
         backend, heads = self._backend, self.config.num_attention_heads
         mods, inputs, qkv = [], [], []
         for s, m in zip(streams, modules):
+            if isinstance(s, _CachedStream):
+                qkv.append(StreamQKV(None, s.keys[s.layer], s.values[s.layer], s.pos, None, rope=s.rope, role=s.name))
+                s.layer += 1
+                mods.append(None)
+                inputs.append(None)
+                continue
             mod = batch_invariant(lambda t: m.modulation(F.silu(t)), s.temb).chunk(m.chunks, dim=1)
             h = adaln_layernorm(s.x, mod[0][:, None], mod[1][:, None], eps=EPS, backend=backend)
             mods.append(mod)
             inputs.append(h)
             q, k, v = (proj(h).unflatten(2, (heads, -1)) for proj in (m.to_q, m.to_k, m.to_v))
             qkv.append(StreamQKV(q, k, v, s.pos, QKNorm(m.norm_q, m.norm_k), rope=s.rope, role=s.name))
-        rows = self._attend(qkv, key_lengths=key_lengths).split([s.x.shape[1] for s in streams], dim=1)
-        for s, m, mod, h, out in zip(streams, modules, mods, inputs, rows):
+            if kept is not None:
+                kept.append((m.norm_k(k), v))
+        live = [(s, m, mod, h) for s, m, mod, h in zip(streams, modules, mods, inputs) if mod is not None]
+        rows = self._attend(qkv, key_lengths=key_lengths).split([s.x.shape[1] for s, *_ in live], dim=1)
+        for (s, m, mod, h), out in zip(live, rows):
             out = out.flatten(2)
             if m.ff is None:  # single-stream: proj_out([attention | gelu(proj_mlp(h))]), one gate
                 mlp = F.gelu(m.proj_mlp(h), approximate="tanh")
