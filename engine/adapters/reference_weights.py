@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbones.families import family_of
 from .lora import LowRankDelta, ReferenceAdapter, few_names
 
 
@@ -90,26 +89,34 @@ def wrap_low_rank(model: nn.Module, targets: Mapping[str, tuple[int, float]]) ->
         parent.register_module(leaf, LowRankLinear(getattr(parent, leaf), rank, scale))
 
 
+def reference_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(video blocks, reference blocks) attribute names of the model's block lists whose modules share names
+    (Wan: ``blocks``/``ref_blocks``; the MMDiT adds ``single_transformer_blocks``/``ref_single_blocks``); none for a
+    model without a reference stream of its own (Token-Concat)."""
+    return [(video, ref) for video, ref in model.REFERENCE_BLOCKS if getattr(model, ref, None) is not None]
+
+
 def share_reference_stream(model: nn.Module, own: Collection[str] = ()) -> None:
     """Make every parameter of the reference blocks the video block's parameter of the same name (the same object:
     ``parameters()`` lists it once), except the names in ``own`` (``ref_blocks.N.*``) and those the video block
     lacks (a ``LowRankLinear``'s A and B)."""
-    for i, (block, ref_block) in enumerate(zip(model.blocks, model.ref_blocks)):
-        video = dict(block.named_parameters())
-        for name, _ in list(ref_block.named_parameters()):
-            if name in video and f"ref_blocks.{i}.{name}" not in own:
-                module, _, leaf = name.rpartition(".")
-                setattr(ref_block.get_submodule(module), leaf, video[name])
+    for video_name, ref_name in reference_pairs(model):
+        for i, (block, ref_block) in enumerate(zip(getattr(model, video_name), getattr(model, ref_name))):
+            video = dict(block.named_parameters())
+            for name, _ in list(ref_block.named_parameters()):
+                if name in video and f"{ref_name}.{i}.{name}" not in own:
+                    module, _, leaf = name.rpartition(".")
+                    setattr(ref_block.get_submodule(module), leaf, video[name])
 
 
 def holds_shared_weights(model: nn.Module) -> bool:
-    """Whether the reference stream shares a tensor with the video stream or applies a LoRA unmerged (a Wan
-    denoiser's: the MMDiT's reference stream always holds its own merged weights, ``engine.backbones.mmdit.loading``)."""
-    if getattr(model, "ref_blocks", None) is None or not family_of(model.config).shared_reference_weights:
-        return False
-    video = {id(p) for p in model.blocks.parameters()}
-    return any(id(p) in video for p in model.ref_blocks.parameters()) or \
-        any(isinstance(m, LowRankLinear) for m in model.ref_blocks.modules())
+    """Whether the reference stream shares a tensor with the video stream or applies a LoRA unmerged."""
+    for video_name, ref_name in reference_pairs(model):
+        video = {id(p) for p in getattr(model, video_name).parameters()}
+        ref = getattr(model, ref_name)
+        if any(id(p) in video for p in ref.parameters()) or any(isinstance(m, LowRankLinear) for m in ref.modules()):
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -121,12 +128,14 @@ def merged_reference_stream(model: nn.Module):
     if not holds_shared_weights(model):
         yield model
         return
-    shared = model.ref_blocks
-    model.ref_blocks = nn.ModuleList(_merged_block(block) for block in shared)
+    shared = {ref_name: getattr(model, ref_name) for _, ref_name in reference_pairs(model)}
+    for ref_name, blocks in shared.items():
+        setattr(model, ref_name, nn.ModuleList(_merged_block(block) for block in blocks))
     try:
         yield model
     finally:
-        model.ref_blocks = shared
+        for ref_name, blocks in shared.items():
+            setattr(model, ref_name, blocks)
 
 
 def _merged_block(block: nn.Module) -> nn.Module:

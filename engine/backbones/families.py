@@ -37,7 +37,6 @@ class Family:
     # what it implements beyond the base model
     reference_cache: bool = False  # the isolated reference stream's K/V computed once per request
     context_cache: bool = False  # cross-attention K/V of the text/image states once per request
-    shared_reference_weights: bool = False  # the reference stream shares the video stream's weights
     parallel: bool = False  # sequence/CFG parallel
     plugin_attention: bool = False  # the ONNX attention plugin node (no text stream, no key lengths)
     extra: dict = field(default_factory=dict)
@@ -138,7 +137,7 @@ WAN = Family(
     defaults={"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0},
     text_outputs=("text",), condition_doc="4 mask + 16 first-frame channels",
     text_doc="umT5 states padded to 512 tokens",
-    reference_cache=True, context_cache=True, shared_reference_weights=True, parallel=True, plugin_attention=True,
+    reference_cache=True, context_cache=True, parallel=True, plugin_attention=True,
 )
 # a dual-stream MMDiT with single-stream blocks after (HunyuanVideo; MVI2V makes its dual-stream blocks triple-stream)
 MMDIT = Family(

@@ -56,6 +56,14 @@ CASES = {
     "mmdit_isolated": ("tiny-mmdit", "transformer", "adapter", dict(ref_attention="isolated"), 2, "forward"),
     "mmdit_shared_rope": ("tiny-mmdit", "transformer", "adapter", dict(ref_rope="shared"), 1, "forward"),
     "mmdit_isolated_cached": ("tiny-mmdit", "transformer", "adapter", _ISOLATED_CACHED, 2, "ref_cache"),
+    # the reference stream as a merged copy (the MMDiT's only layout before it shared the video stream's weights)
+    "mmdit_full+merged": ("tiny-mmdit", "transformer", "adapter", dict(ref_weights="merged"), 2, "forward"),
+    "mmdit_isolated+merged": ("tiny-mmdit", "transformer", "adapter", dict(ref_attention="isolated",
+                                                                           ref_weights="merged"), 2, "forward"),
+    "mmdit_shared_rope+merged": ("tiny-mmdit", "transformer", "adapter", dict(ref_rope="shared", ref_weights="merged"),
+                                 1, "forward"),
+    "mmdit_isolated_cached+merged": ("tiny-mmdit", "transformer", "adapter",
+                                     dict(_ISOLATED_CACHED, ref_weights="merged"), 2, "ref_cache"),
 }
 STEP_TIMESTEPS = (990.0, 985.0, 980.0, 600.0)
 
@@ -66,7 +74,7 @@ def golden_cache(tmp_path_factory):
 
 
 def case_inputs(name: str, cfg) -> dict:
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    gen = torch.Generator().manual_seed(sum(map(ord, name.removesuffix("+merged"))))  # a layout's twin: same inputs
     refs = CASES[name][4]
 
     def r(*shape):

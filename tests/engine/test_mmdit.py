@@ -138,7 +138,7 @@ def test_zero_lora_reference_stream_equals_hunyuan_video_with_appended_frames(mm
 def test_lora_changes_only_the_reference_stream_by_its_delta(mmdit_dir, tmp_path):
     path, task, model = mmdit_dir
     adapter = zero_lora_adapter(tmp_path / "adapter", SMALL_MMDIT, 9, scale_b=0.1)
-    den = load_denoiser(path, adapter)
+    den = load_denoiser(path, adapter, ref_weights="merged")  # the merged copy's weights, inspected
     plain = load_denoiser(path)
     state, base = den.state_dict(), model.state_dict()
     from safetensors.torch import load_file
@@ -212,3 +212,50 @@ def test_reference_cache_equals_recomputation(mmdit_dir, tmp_path, ref_rope, num
             den(**{**mmdit_inputs(1, task, 2, 4, 6, batch=3), "ref_latents": None}, ref_cache=cache)
     with pytest.raises(ValueError, match="needs pooled_text"):
         den.precompute_reference(x["ref_latents"], x["text"], None, (3, 4, 6))
+
+
+def test_hunyuan_video_with_a_rank64_lora_holds_at_most_1_05x_the_base():
+    """HunyuanVideo's widths (diffusers' defaults: 20 dual + 40 single blocks of 24 x 128), rank 64 on every
+    reference linear the adapter trains (``engine.tiny.MMDIT_ADAPTER_MODULES``), built on the meta device as
+    ``load_mmdit`` builds it: the shared stream holds the video stream's weights plus the pairs (1.016x), a merged
+    one a copy of every block's video modules (1.707x; the text stream's modules are not copied)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from engine.adapters.reference_weights import share_reference_stream, wrap_low_rank
+    from engine.backbones.families import MMDIT
+    from engine.config import MvgenConfig
+    from engine.tiny import MMDIT_ADAPTER_MODULES
+
+    config = MvgenConfig.from_dict(MMDIT.config_values({"guidance_embeds": False}))  # HunyuanVideo-I2V: true CFG
+    with torch.device("meta"):
+        base = sum(p.numel() for p in HunyuanVideoTransformer3DModel(**config.mmdit_dict()).parameters())
+        merged = sum(p.numel() for p in MultiViewMMDiT(config).parameters())
+        model = MultiViewMMDiT(config)
+        counts = {"ref_blocks": config.num_layers, "ref_single_blocks": config.num_single_layers}
+        wrap_low_rank(model, {f"{blocks}.{i}.{m}": (64, 1.0) for blocks, modules in MMDIT_ADAPTER_MODULES.items()
+                              for i in range(counts[blocks]) for m in modules})
+    share_reference_stream(model)
+    shared = sum(p.numel() for p in model.parameters())
+    print(f"\nHunyuanVideo {base / 1e9:.2f} B parameters: shared reference stream {shared / base:.3f}x, merged "
+          f"{merged / base:.3f}x")
+    assert shared / base <= 1.05 and merged / base > 1.65, (shared / base, merged / base)
+
+
+@pytest.mark.parametrize("ref_attention", ["full", "isolated"])
+def test_shared_reference_stream_equals_the_merged_copy(mmdit_dir, tmp_path, ref_attention):
+    """The default (``ref_weights="shared"``): the reference modules hold the video modules' tensors themselves and
+    apply the adapter's pairs unmerged; the velocity is the merged copy's within float32 rounding."""
+    from engine.adapters.reference_weights import holds_shared_weights, weight_bytes
+
+    path, task, _ = mmdit_dir
+    adapter = zero_lora_adapter(tmp_path / "adapter", SMALL_MMDIT, 13, scale_b=0.1)
+    shared = load_denoiser(path, adapter, ref_attention=ref_attention)
+    merged = load_denoiser(path, adapter, ref_attention=ref_attention, ref_weights="merged")
+    assert shared.config.ref_weights == "shared" and holds_shared_weights(shared)
+    assert merged.config.ref_weights == "merged" and not holds_shared_weights(merged)
+    assert weight_bytes(shared) < 0.75 * weight_bytes(merged)
+    x = mmdit_inputs(61, task, 2, 4, 6, refs=2)
+    with torch.no_grad():
+        got, want = shared(**x), merged(**x)
+        assert rel_err(got, want) < PARITY_RTOL
+        assert rel_err(got, shared(**{**x, "ref_latents": None})) > 1e-3

@@ -22,6 +22,7 @@ from ...config import MvgenConfig
 from ...files import load_safetensors
 from ...errors import AdapterError, CheckpointError
 from ...adapters.lora import LoraPair, LowRankDelta, ScaleRule, few_names, merge_deltas
+from ...adapters.reference_weights import share_reference_stream, wrap_low_rank
 from ...loading import transformer_weight_files
 from .model import MultiViewMMDiT
 
@@ -35,17 +36,24 @@ _REFERENCE = ("ref_blocks.", "ref_single_blocks.")
 def load_mmdit(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | None, dtype: torch.dtype,
                device: str | torch.device, lora_scale: float | None = None, *, weights_file: str | Path | None = None,
                loras: Sequence = (), lora_reference: bool = False) -> MultiViewMMDiT:
-    """The MMDiT of ``transformer_dir`` with its reference stream: a copy of the video stream's modules (MVI2V's
-    initialisation) plus the adapter's LoRA, ``W + scale * B @ A``."""
+    """The MMDiT of ``transformer_dir`` with its reference stream: the video stream's modules (MVI2V's
+    initialisation) plus the adapter's LoRA, ``W + scale * B @ A``. With ``ref_weights="shared"`` (the default) the
+    reference modules hold the video modules' weights themselves and apply the LoRA unmerged
+    (``engine.adapters.reference_weights``); where the adapter changes a video-stream tensor the reference stream
+    would share, it gets a merged copy instead, and one INFO line says why."""
     refused = [name for name, value in (("weights_file", weights_file), ("loras", loras),
                                         ("lora_reference", lora_reference)) if value]
     if refused:
         raise CheckpointError(f"{', '.join(refused)}: Wan-only (single-file transformers and base-model LoRAs "
                               "are not implemented for the MMDiT)")
     weight_files = transformer_weight_files(transformer_dir)
-    if config.ref_weights == "shared":
-        log.info("MMDiT: the reference stream holds its own weights with the LoRA merged (ref_weights 'merged')")
+    pairs, tensors = read_mmdit_adapter(adapter) if adapter is not None else ({}, {})
+    changed_video = [k for k in tensors if not k.startswith(_REFERENCE)]
+    if config.ref_weights == "shared" and config.ref_mode == "dual_stream" and changed_video:
+        log.info("MMDiT: the reference stream holds a merged copy: the adapter changes the video stream's %s, not "
+                 "the reference stream's", few_names(changed_video))
         config = config.replace(ref_weights="merged")
+    shared = config.ref_weights == "shared" and config.ref_mode == "dual_stream"
     with torch.device("meta"):
         model = MultiViewMMDiT(config)
     expected = model.state_dict()
@@ -59,9 +67,10 @@ def load_mmdit(transformer_dir: Path, config: MvgenConfig, adapter: str | Path |
                  if unexpected else ""]
         raise CheckpointError(f"{transformer_dir}: not a HunyuanVideoTransformer3DModel of this config: "
                               f"{'; '.join(p for p in parts if p)}")
-    state.update(model.reference_state_from_base(state))
+    if not shared:
+        state.update(model.reference_state_from_base(state))
+    unmerged = {}
     if adapter is not None:
-        pairs, tensors = read_mmdit_adapter(adapter)
         shapes = {k: v.shape for k, v in expected.items()}
         bad = [k for k, v in tensors.items() if k not in shapes or tuple(v.shape) != tuple(shapes[k])]
         if bad:
@@ -70,11 +79,25 @@ def load_mmdit(transformer_dir: Path, config: MvgenConfig, adapter: str | Path |
         state.update(tensors)
         rule = ScaleRule.from_config(config, lora_scale)
         deltas = {target: _delta(target, pair, shapes, rule, model) for target, pair in sorted(pairs.items())}
-        merge_deltas(state, deltas)
-        log.info("adapter %s: %d LoRA pair(s) merged into the MMDiT's reference stream, %d full tensor(s)",
-                 adapter, len(deltas), len(tensors))
-    model.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                           for k, v in state.items()}, strict=True, assign=True)
+        # a weight the reference stream shares is no entry of the state: its pair stays unmerged
+        unmerged = {target: delta for target, delta in deltas.items() if f"{target}.weight" not in state}
+        merge_deltas(state, {target: delta for target, delta in deltas.items() if target not in unmerged})
+        log.info("adapter %s: %d LoRA pair(s) on the MMDiT's reference stream (%d applied unmerged on shared "
+                 "weights), %d full tensor(s)", adapter, len(deltas), len(unmerged), len(tensors))
+    wrap_low_rank(model, {target: (delta.rank, delta.scale) for target, delta in unmerged.items()})
+    for target, delta in unmerged.items():
+        state[f"{target}.lora_A.weight"], state[f"{target}.lora_B.weight"] = delta.down, delta.up
+    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    own = {k for k in state if k.startswith(_REFERENCE)}
+    if shared:  # each shared tensor under its reference name too (the same tensor, no copy), for the strict load
+        video_of = dict(zip(_REFERENCE, (f"{video}." for video, _ in model.REFERENCE_BLOCKS)))
+        for key in model.state_dict():
+            prefix = next((p for p in _REFERENCE if key.startswith(p)), None)
+            if prefix is not None and key not in own:
+                state[key] = state[video_of[prefix] + key.removeprefix(prefix)]
+    model.load_state_dict(state, strict=True, assign=True)
+    if shared:
+        share_reference_stream(model, own)
     return model.eval().requires_grad_(False)
 
 

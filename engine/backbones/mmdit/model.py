@@ -136,6 +136,10 @@ class _CachedStream:
 class MultiViewMMDiT(JointAttention, nn.Module):
     """HunyuanVideo (T2V, or I2V with ``latent_concat``) with MVI2V's reference stream."""
 
+    # (video blocks, reference blocks) whose modules share names: the reference stream may hold the video stream's
+    # weights (engine.adapters.reference_weights)
+    REFERENCE_BLOCKS = (("transformer_blocks", "ref_blocks"), ("single_transformer_blocks", "ref_single_blocks"))
+
     def __init__(self, config: MvgenConfig):
         super().__init__()
         if family_of(config) is not MMDIT:

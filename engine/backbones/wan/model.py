@@ -275,6 +275,10 @@ class Context:
 class MultiViewWanTransformer(JointAttention, nn.Module):
     """A Wan DiT with a reference stream; with no references it is exactly its base model (T2V or I2V)."""
 
+    # (video blocks, reference blocks): module lists whose blocks name their modules alike (the reference stream
+    # may share the video stream's weights: engine.adapters.reference_weights)
+    REFERENCE_BLOCKS = (("blocks", "ref_blocks"),)
+
     def __init__(self, config: MvgenConfig):
         super().__init__()
         self._config = cfg = config
