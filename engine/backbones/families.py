@@ -100,12 +100,11 @@ def _check_mmdit(config) -> None:
         ("ref_attention", config.ref_attention, config.ref_attention in ("full", "isolated")),
         ("view_attention", config.view_attention, config.view_attention == "none"),
         ("identity", config.identity, not config.identity),
-        ("step_cache_threshold", config.step_cache_threshold, config.step_cache_threshold == 0),
         ("view_logit_scales", config.view_logit_scales, config.view_logit_scales is None)) if not plain]
     if unsupported:
         name, value = unsupported[0]
         raise ValueError(f"{name}={value!r} is not implemented on the MMDiT backbone (ref_attention 'full' or "
-                         "'isolated', no seed-method modes, no step cache)")
+                         "'isolated', no seed-method modes)")
 
 
 def _wan_vae(vae: dict) -> dict:

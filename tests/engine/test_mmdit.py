@@ -259,3 +259,26 @@ def test_shared_reference_stream_equals_the_merged_copy(mmdit_dir, tmp_path, ref
         got, want = shared(**x), merged(**x)
         assert rel_err(got, want) < PARITY_RTOL
         assert rel_err(got, shared(**{**x, "ref_latents": None})) > 1e-3
+
+
+def test_step_cache_reuses_the_video_residual_on_redundant_steps(mmdit_dir):
+    """TeaCache (``engine.runtime.step_cache``) on the MMDiT: the first dual-stream block's modulated video input
+    decides; a computed step is the plain forward bit for bit, a skipped one adds the last residual of the video
+    tokens, near the plain forward while the input barely moves."""
+    from engine.runtime.step_cache import StepCache
+
+    path, task, _ = mmdit_dir
+    den = load_denoiser(path)
+    x = mmdit_inputs(71, task, 2, 4, 6, refs=1)
+    cache, skipped = StepCache(0.2), []
+    with torch.no_grad():
+        for i, t in enumerate((990.0, 985.0, 980.0, 600.0)):
+            call = {**x, "timestep": torch.full((2,), t), "latents": x["latents"] * (1 + 0.01 * i)}
+            before = cache.skipped
+            got, plain = den(**call, step_cache=cache), den(**call)
+            skipped.append(cache.skipped > before)
+            if skipped[-1]:
+                assert 0 < rel_err(got, plain) < 0.25  # random weights move more per step than trained ones
+            else:
+                assert torch.equal(got, plain)
+    assert not skipped[0] and any(skipped) and not all(skipped[1:]), skipped

@@ -221,7 +221,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
         for name, value in (("image_context", image_context), ("frame_pose", frame_pose), ("ref_pose", ref_pose),
                             ("identity_context", identity_context), ("view_omega", view_omega),
-                            ("context_cache", context_cache), ("step_cache", step_cache)):
+                            ("context_cache", context_cache)):
             if value is not None and not (isinstance(value, torch.Tensor) and (exporting or value.numel() == 0)):
                 raise ValueError(f"{name} is not an input of the MMDiT denoiser (Wan-family only)")
         if text_mask is None or pooled_text is None:
@@ -265,8 +265,15 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         key_lengths = n_before_text + text_mask.to(torch.int32).sum(1, dtype=torch.int32)
 
         # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
-        for modules, i in self._layers():
-            self._block(streams, [modules(i, s.name) for s in streams], key_lengths)
+        # skipped on the steps the step cache finds redundant (engine.runtime.step_cache: the first block's
+        # modulated video input barely moved, so the stack's last residual on the video tokens is reused)
+        if step_cache is None or not step_cache.skip(self._first_modulated_input(streams[0]), x.shape[1]):
+            for modules, i in self._layers():
+                self._block(streams, [modules(i, s.name) for s in streams], key_lengths)
+            if step_cache is not None:
+                step_cache.computed_residual(streams[0].x - x)
+        else:
+            streams[0].x = x + step_cache.residual
 
         # 3. output head on the video tokens, unpatchify (diffusers' layout)
         x = streams[0].x
@@ -275,6 +282,12 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         x = self.proj_out(x)
         x = x.reshape(b, f, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
+
+    def _first_modulated_input(self, video: _Stream) -> torch.Tensor:
+        """TeaCache's indicator: the first dual-stream block's AdaLN-modulated video input [B, N, D]."""
+        m = self._dual_modules(0, "video")
+        shift, scale = batch_invariant(lambda t: m.modulation(F.silu(t)), video.temb).chunk(m.chunks, dim=1)[:2]
+        return adaln_layernorm(video.x, shift[:, None], scale[:, None], eps=EPS, backend=self._backend)
 
     def _layers(self):
         """(modules of stream, layer index) of every block in order: the dual-stream blocks, then the single ones."""
