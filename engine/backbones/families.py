@@ -150,7 +150,7 @@ MMDIT = Family(
     defaults={"num_frames": 129, "height": 720, "width": 1280, "steps": 50, "guidance_scale": 1.0, "shift": 7.0},
     text_outputs=("text", "text_mask", "pooled_text"), condition_doc="16 first-frame + 1 mask channels",
     text_doc="Llama states after the prompt template, 256 tokens",
-    scheduler="euler", explicit_sigmas=True, i2v_noise_weight=0.999, reference_cache=True,
+    scheduler="euler", explicit_sigmas=True, i2v_noise_weight=0.999, reference_cache=True, parallel=True,
 )
 FAMILIES = {family.name: family for family in (WAN, MMDIT)}
 # every text-encoder output any family's denoiser takes

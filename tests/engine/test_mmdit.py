@@ -182,8 +182,10 @@ def test_wan_only_inputs_and_options_are_refused(mmdit_dir):
         den(**{**x, "text_mask": None})
     with pytest.raises(ValueError, match="not implemented on the MMDiT"):
         load_denoiser(path, ref_attention="prototype")
-    with pytest.raises(ValueError, match="Wan family only"):
-        den.parallelize(object())
+    from engine.runtime.parallel import Collectives, SequenceParallel
+
+    with pytest.raises(ValueError, match="divisible by sp; this model has 2 heads"):
+        den.parallelize(SequenceParallel(Collectives(None, 0, 3)))
 
 
 @pytest.mark.parametrize("ref_rope", ["decoupled", "shared"])

@@ -49,6 +49,7 @@ from ...config import MvgenConfig
 from ..families import MMDIT, family_of
 from ...runtime.batch_invariance import batch_invariant
 from ...runtime.caches import ReferenceCache
+from ...runtime.parallel import ParallelLayout, SequenceParallel
 from ...streams.joint_attention import JointAttention, QKNorm, StreamQKV
 from ...streams.positions import grid_positions, rd_rope_positions
 
@@ -117,6 +118,7 @@ class _Stream:
     temb: torch.Tensor
     pos: torch.Tensor
     rope: tuple | None
+    tokens: int | None = None  # under sequence parallel: the whole stream's tokens (this rank holds a shard)
 
 
 @dataclass
@@ -165,11 +167,15 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         self.ref_single_blocks = (nn.ModuleList(
             HunyuanVideoSingleTransformerBlock(heads, head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm)
             for _ in range(cfg.num_single_layers)) if own else None)
-        self.sequence_parallel = None  # engine.runtime.parallel is Wan-only: parallelize refuses
+        # this rank's token shards and the Ulysses all-to-alls (engine.runtime.parallel); None: one process holds all
+        self.sequence_parallel: SequenceParallel | None = None
 
-    def parallelize(self, sp) -> None:
+    def parallelize(self, sp: SequenceParallel | None) -> None:
+        """Run every later call as one rank of a sequence-parallel group (None: alone again): the video, reference
+        and text streams are sharded by tokens (a cached reference stream is held whole by every rank)."""
         if sp is not None:
-            raise ValueError("sequence parallel is implemented for the Wan family only; serve an MMDiT with --sp 1")
+            ParallelLayout(sp.size).check_heads(self.config.num_attention_heads)
+        self.sequence_parallel = sp
 
     # ---- the reference stream's modules -------------------------------------------------------------------
     def reference_state_from_base(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -261,25 +267,36 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         for s in streams:
             s.rope = self._rope(s.pos, x)
         # text padding: diffusers masks the keys past each row's prompt (encoder_attention_mask)
-        n_before_text = x.shape[1] + (streams[1].pos.shape[0] if len(streams) > 2 else 0)
+        n_video = x.shape[1]
+        n_before_text = n_video + (streams[1].pos.shape[0] if len(streams) > 2 else 0)
         key_lengths = n_before_text + text_mask.to(torch.int32).sum(1, dtype=torch.int32)
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's share of every live stream's tokens (the attention sees them all)
+            for s in streams:
+                if isinstance(s, _Stream):
+                    s.tokens, s.x, s.pos = s.x.shape[1], sp.shard(s.x, 1), sp.shard(s.pos, 0)
+                    s.rope = self._rope(s.pos, x)
+        start = streams[0].x
 
         # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
         # skipped on the steps the step cache finds redundant (engine.runtime.step_cache: the first block's
         # modulated video input barely moved, so the stack's last residual on the video tokens is reused)
-        if step_cache is None or not step_cache.skip(self._first_modulated_input(streams[0]), x.shape[1]):
+        real = n_video if sp is None else max(0, min(start.shape[1], n_video - sp.first_token(n_video)))
+        if step_cache is None or not step_cache.skip(self._first_modulated_input(streams[0]), real):
             for modules, i in self._layers():
                 self._block(streams, [modules(i, s.name) for s in streams], key_lengths)
             if step_cache is not None:
-                step_cache.computed_residual(streams[0].x - x)
+                step_cache.computed_residual(streams[0].x - start)
         else:
-            streams[0].x = x + step_cache.residual
+            streams[0].x = start + step_cache.residual
 
         # 3. output head on the video tokens, unpatchify (diffusers' layout)
         x = streams[0].x
         scale, shift = batch_invariant(lambda t: self.norm_out.linear(F.silu(t)), temb).chunk(2, dim=1)
         x = adaln_layernorm(x, shift[:, None], scale[:, None], eps=EPS, backend=self._backend)
         x = self.proj_out(x)
+        if sp is not None:  # every rank's tokens, padding cut
+            x = sp.gather(x, n_video)
         x = x.reshape(b, f, h, w, -1, pt, ph, pw).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return x.reshape(b, -1, f * pt, h * ph, w * pw)
 
@@ -388,7 +405,8 @@ class MultiViewMMDiT(JointAttention, nn.Module):
             mods.append(mod)
             inputs.append(h)
             q, k, v = (proj(h).unflatten(2, (heads, -1)) for proj in (m.to_q, m.to_k, m.to_v))
-            qkv.append(StreamQKV(q, k, v, s.pos, QKNorm(m.norm_q, m.norm_k), rope=s.rope, role=s.name))
+            qkv.append(StreamQKV(q, k, v, s.pos, QKNorm(m.norm_q, m.norm_k), tokens=s.tokens, rope=s.rope,
+                                 role=s.name))
             if kept is not None:
                 kept.append((m.norm_k(k), v))
         live = [(s, m, mod, h) for s, m, mod, h in zip(streams, modules, mods, inputs) if mod is not None]
