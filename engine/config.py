@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels import ATTENTION_BACKENDS
+from kernels import ATTENTION_BACKENDS, MASK_MODES
 
 from .backbones.families import WAN_KEYS, family_of, family_of_class
 from .files import read_json
@@ -14,7 +14,7 @@ from .errors import CheckpointError
 REF_MODES = ("dual_stream", "token_concat")
 REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
-REF_ATTENTIONS = ("full", "isolated", "prototype")
+REF_ATTENTIONS = MASK_MODES  # the joint attention's masks (kernels.joint_attention)
 REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.adapters.reference_weights)
 VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
 @dataclass(frozen=True)
