@@ -162,6 +162,10 @@ class Checkpoint:
             if value and len(experts) == 1:
                 raise CheckpointError(f"{name} is for a two-expert (Wan2.2) checkpoint; {path} has one transformer")
         config = experts[0].config
+        if config.task == "ti2v":  # its transformer loads (load_denoiser); the pipeline around it does not yet
+            raise CheckpointError(f"{path}: Wan2.2-TI2V-5B's pipeline (its 48-channel VAE, the first frame replacing "
+                                  f"latents) is not served yet, only its denoiser loads; served: "
+                                  f"{family_of(config).supported.split('; Wan2.2-TI2V')[0]}")
         if len({e.config.max_references for e in experts}) > 1:
             raise CheckpointError(f"the experts of {path} take different max_references: "
                                   f"{[e.config.max_references for e in experts]}")

@@ -141,14 +141,21 @@ class MvgenConfig:
 
     @property
     def task(self) -> str:
-        """``"t2v"`` (no first frame: text- or reference-to-video) or ``"i2v"`` (a first frame is required)."""
+        """``"t2v"`` (no first frame: text- or reference-to-video), ``"i2v"`` (a first frame is required) or ``"ti2v"``
+        (Wan2.2-TI2V-5B: a first frame is optional and replaces the noisy latents where it is known)."""
         return family_of(self.family).tasks[(self.in_channels, self.out_channels)]
 
     @property
     def condition_channels(self) -> int:
         """Channels of the first-frame condition beside the latents: 0 on T2V; on I2V 20 on Wan (4 mask + 16),
-        17 on an MMDiT (16 + 1 mask)."""
-        return self.in_channels - self.out_channels
+        17 on an MMDiT (16 + 1 mask); on TI2V 1 + 48 (a known mask, then the first frame's latent), which replace
+        the latents rather than join them."""
+        return self.out_channels + 1 if self.task == "ti2v" else self.in_channels - self.out_channels
+
+    @property
+    def condition_optional(self) -> bool:
+        """Whether the denoiser runs with and without a condition (TI2V: text- and image-to-video alike)."""
+        return self.task == "ti2v"
 
     @property
     def caches_reference(self) -> bool:

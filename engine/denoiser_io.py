@@ -75,20 +75,22 @@ class TensorSpec:
 
 
 def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image_len: int = 257,
-                condition_channels: int = 20, family: str = "wan", pooled_dim: int | None = None) -> list[TensorSpec]:
+                condition_channels: int = 20, family: str = "wan", pooled_dim: int | None = None,
+                latent_channels: int = 16) -> list[TensorSpec]:
     """The denoiser's inputs, in the order of its ``forward``: T2V checkpoints (``condition_channels`` 0) have no
     ``condition``, checkpoints without CLIP (``image_dim`` None: T2V, Wan2.2, MMDiT) no ``image_context``; an MMDiT
     (``family`` "mmdit") takes its text encoder's token mask and pooled CLIP text (``pooled_dim`` wide) too."""
     described = family_of(family)
     condition_doc, text_doc = described.condition_doc, described.text_doc
     specs = [
-        TensorSpec("latents", ("batch", 16, "frames", "height", "width"), doc="noisy video latents"),
+        TensorSpec("latents", ("batch", latent_channels, "frames", "height", "width"), doc="noisy video latents"),
         TensorSpec("condition", ("batch", condition_channels, "frames", "height", "width"),
                    doc=condition_doc) if condition_channels else None,
         TensorSpec("timestep", ("batch",), "float32", doc="flow-matching timestep (0..1000)"),
         TensorSpec("text", ("batch", text_len, text_dim), doc=text_doc),
         TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states") if image_dim else None,
-        TensorSpec("ref_latents", ("batch", "refs", 16, "ref_height", "ref_width"), doc="clean reference latents"),
+        TensorSpec("ref_latents", ("batch", "refs", latent_channels, "ref_height", "ref_width"),
+                   doc="clean reference latents"),
     ]
     text_specs = {"text_mask": TensorSpec("text_mask", ("batch", text_len), "float32",
                                           doc="1 = a real text token, 0 = padding"),
@@ -127,9 +129,23 @@ def config_specs(config) -> list[TensorSpec]:
     then its modes' inputs."""
     values = config if isinstance(config, dict) else config.to_dict()
     return input_specs(values["text_dim"], values["image_dim"], values["text_len"],
-                       condition_channels=values["in_channels"] - values["out_channels"],
-                       family=values.get("family", "wan"),
-                       pooled_dim=values.get("pooled_projection_dim")) + mode_specs(values)
+                       condition_channels=_condition_channels(values), family=values.get("family", "wan"),
+                       pooled_dim=values.get("pooled_projection_dim"),
+                       latent_channels=values["out_channels"]) + mode_specs(values)
+
+
+def _condition_channels(values: dict) -> int:
+    """``MvgenConfig.condition_channels`` of a config's ``to_dict()`` (export metadata holds no config object)."""
+    from .config import MvgenConfig
+
+    return MvgenConfig.from_dict(values).condition_channels
+
+
+def output_spec(config) -> TensorSpec:
+    """The velocity of a denoiser config (an ``MvgenConfig`` or its ``to_dict()``): its latent channels."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return TensorSpec("velocity", ("batch", values["out_channels"], "frames", "height", "width"),
+                      doc="flow-matching velocity")
 
 
 # the denoiser inputs that change at every step; every other input is step-invariant and, under the config's
@@ -143,7 +159,7 @@ def step_only(inputs: dict) -> bool:
     return inputs.get("text") is None
 
 
-OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")
+OUTPUT = output_spec({"out_channels": 16})  # Wan2.1/2.2-A14B's and HunyuanVideo's 16 latent channels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRITON_DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16"}

@@ -134,7 +134,7 @@ def translation_table() -> dict:
 def _name_axes(path: Path, specs) -> None:
     """Give the graph's dynamic input/output dims the axis names of ``names`` (weights stay external)."""
     model = onnx.load(str(path), load_external_data=False)
-    by_name = {s.name: s for s in [*specs, denoiser_io.OUTPUT]}
+    by_name = {s.name: s for s in specs}
     for value in [*model.graph.input, *model.graph.output]:
         spec = by_name[value.name]
         for dim, axis in zip(value.type.tensor_type.shape.dim, spec.dims):
@@ -170,6 +170,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     path = out_dir / denoiser_io.ONNX_FILE
     dtype = denoiser.proj_out.weight.dtype
     specs = graph_specs(cfg)
+    output = denoiser_io.output_spec(cfg)
     example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
     denoiser = denoiser.eval().requires_grad_(False)
 
@@ -186,7 +187,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         for stale in (path, out_dir / denoiser_io.ONNX_DATA_FILE):
             stale.unlink(missing_ok=True)
         program.save(str(path), external_data=True)
-    _name_axes(path, specs)
+    _name_axes(path, [*specs, output])
     meta = {
         "model_name": denoiser_io.DENOISER_MODEL_NAME,
         "onnx": denoiser_io.ONNX_FILE,
@@ -195,7 +196,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         "opset": denoiser_io.OPSET,
         "profile": (profile or denoiser_io.Profile()).to_dict(),
         "inputs": [{"name": s.name, "dims": list(s.dims), "dtype": s.dtype} for s in specs],
-        "output": {"name": denoiser_io.OUTPUT.name, "dims": list(denoiser_io.OUTPUT.dims)},
+        "output": {"name": output.name, "dims": list(output.dims)},
         "config": cfg.replace(ref_weights="merged").to_dict(),  # the graph's reference stream is merged
         "source": source or {},
     }

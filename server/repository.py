@@ -168,9 +168,9 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "mvgen_vae",
         [_tensor("frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("known", "TYPE_FP32", [-1, -1], True),
          _tensor("num_frames", "TYPE_INT32", [1], True), _tensor("references", "TYPE_UINT8", [-1, -1, -1, 3], True),
-         _tensor("latents", "TYPE_FP32", [1, 16, -1, -1, -1], True)],
+         _tensor("latents", "TYPE_FP32", [1, checkpoint.latent_channels, -1, -1, -1], True)],
         [_tensor("condition", "TYPE_FP32", [1, checkpoint.config.condition_channels or -1, -1, -1, -1]),
-         _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
+         _tensor("ref_latents", "TYPE_FP32", [1, -1, checkpoint.latent_channels, -1, -1]),
          _tensor("video", "TYPE_UINT8", [-1, -1, -1, 3])], params))
     for expert, spec in enumerate(checkpoint.experts):
         _write_denoiser(dest, denoiser_model_name(expert), spec.config, {**params, "expert": str(expert)}, options)
@@ -185,14 +185,14 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
 
 def _write_denoiser(dest: Path, name: str, config, params: dict, options: RepositoryOptions) -> None:
     """The denoiser's I/O comes from ``engine.denoiser_io`` (shared with the ONNX exporter and TensorRT builder)."""
-    from engine.denoiser_io import OUTPUT, STEP_INPUTS, config_specs
+    from engine.denoiser_io import STEP_INPUTS, config_specs, output_spec
 
     io_dtype = _model_type(params["dtype"])
     inputs = [_spec_tensor(s, io_dtype) for s in config_specs(config)]
     # the python denoiser keeps a request's step-invariant inputs (inputs_once): its later steps send the
     # STEP_INPUTS alone, so the others are optional there (a TensorRT plan takes every input at every call)
     kept = [_spec_tensor(s, io_dtype, optional=s.name not in STEP_INPUTS) for s in config_specs(config)]
-    outputs = [_spec_tensor(OUTPUT, io_dtype)]
+    outputs = [_spec_tensor(output_spec(config), io_dtype)]
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
     if options.denoiser_plan:
         folder = _fresh(dest / name)

@@ -160,7 +160,9 @@ class StreamBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
 
     def modulation(self, timestep_proj: torch.Tensor) -> Modulation:
-        # timestep_proj [B, 6, D] -> six [B, 1, D] float32 tensors
+        # timestep_proj [B, 6, D] -> six [B, 1, D] float32 tensors; per token (TI2V) [B, N, 6, D] -> six [B, N, D]
+        if timestep_proj.dim() == 4:
+            return Modulation(*(self.scale_shift_table.unsqueeze(0) + timestep_proj.float()).unbind(2))
         return Modulation(*(self.scale_shift_table + timestep_proj.float()).chunk(6, dim=1))
 
     def attention_input(self, x: torch.Tensor, mod: Modulation) -> torch.Tensor:
@@ -241,10 +243,12 @@ class ConditionEmbedder(nn.Module):
         self.image_embedder = ImageEmbedding(cfg.image_dim, dim) if cfg.image_dim is not None else None
 
     def time(self, timestep: torch.Tensor, dtype: torch.dtype):
-        """temb [B, D] (output head) and timestep_proj [B, 6, D] (block modulation)."""
-        features = sinusoidal_embedding(timestep, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        """temb [B, D] (output head) and timestep_proj [B, 6, D] (block modulation) of timesteps [B]; of per-token
+        timesteps [B, N] (TI2V), temb [B, N, D] and timestep_proj [B, N, 6, D]."""
+        features = sinusoidal_embedding(timestep.flatten(), self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
         temb = batch_invariant(self.time_embedder, features).to(dtype)
-        return temb, batch_invariant(lambda t: self.time_proj(F.silu(t)), temb).unflatten(1, (6, -1))
+        tproj = batch_invariant(lambda t: self.time_proj(F.silu(t)), temb)
+        return temb.unflatten(0, timestep.shape), tproj.unflatten(0, timestep.shape).unflatten(-1, (6, -1))
 
 
 @dataclass
@@ -453,10 +457,16 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
 
         # 1. video tokens [B, Nv, D] and their (t, h, w) positions [Nv, 3]
         # the convolution's algorithm depends on the batch, so it runs on fixed row blocks (see batch_invariant)
-        if (condition is None) != (cfg.condition_channels == 0):
+        if (condition is None) != (cfg.condition_channels == 0) and not cfg.condition_optional:
             raise ValueError(f"a {cfg.task} denoiser takes {'no' if cfg.condition_channels == 0 else 'a'} condition")
         self._check_image_context(image_context)
-        video = latents if condition is None else torch.cat([latents, condition], dim=1)
+        token_known = None
+        if cfg.condition_optional and condition is not None:  # TI2V: the known latents replace the noisy ones
+            known, first = condition[:, :1], condition[:, 1:]
+            video = known * first + (1 - known) * latents
+            token_known = known[:, 0, ::pt, ::ph, ::pw].flatten(1)  # [B, Nv]: 1 where the token is a known frame
+        else:
+            video = latents if condition is None else torch.cat([latents, condition], dim=1)
         x = batch_invariant(self.patch_embedding, video.to(self.patch_embedding.weight.dtype))
         x = x.flatten(2).transpose(1, 2).contiguous()
         n_video = x.shape[1]
@@ -465,8 +475,12 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         if sp is not None:  # this rank's share of the video tokens and their positions
             x, video_pos = sp.shard(x, 1), sp.shard(video_pos, 0)
 
-        # 2. timestep and context embeddings
-        temb, tproj = self.condition_embedder.time(timestep, x.dtype)
+        # 2. timestep and context embeddings (TI2V with a first frame: per token, 0 on the known tokens, as diffusers'
+        # expand_timesteps; every rank keeps its tokens' share)
+        temb, tproj = self.condition_embedder.time(
+            timestep if token_known is None else timestep[:, None] * (1 - token_known), x.dtype)
+        if token_known is not None and sp is not None:
+            temb, tproj = sp.shard(temb, 1), sp.shard(tproj, 1)
         if context_cache is not None:
             if context_cache.rows != b:
                 raise ValueError(f"context cache holds {context_cache.rows} rows, this call has {b}")
@@ -496,7 +510,10 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
                 step_cache.computed_residual(x - start)
 
         # 4. output head on video tokens, unpatchify
-        shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        if temb.dim() == 3:  # per token (TI2V): [B, n_local, D] each
+            shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
+        else:
+            shift, scale = (self.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
         x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)  # [B, Nv, 16*pt*ph*pw]
         if sp is not None:  # every rank's tokens, padding cut
