@@ -162,10 +162,6 @@ class Checkpoint:
             if value and len(experts) == 1:
                 raise CheckpointError(f"{name} is for a two-expert (Wan2.2) checkpoint; {path} has one transformer")
         config = experts[0].config
-        if config.task == "ti2v":  # its transformer loads (load_denoiser); the pipeline around it does not yet
-            raise CheckpointError(f"{path}: Wan2.2-TI2V-5B's pipeline (its 48-channel VAE, the first frame replacing "
-                                  f"latents) is not served yet, only its denoiser loads; served: "
-                                  f"{family_of(config).supported.split('; Wan2.2-TI2V')[0]}")
         if len({e.config.max_references for e in experts}) > 1:
             raise CheckpointError(f"the experts of {path} take different max_references: "
                                   f"{[e.config.max_references for e in experts]}")
@@ -185,7 +181,8 @@ class Checkpoint:
             defaults={**family_defaults, "shift": float(shift),
                       **_read_json(path / "mvgen_defaults.json", "generation defaults")},
             limits=RequestLimits(config.max_references, max_tokens, spatial * max(patch_h, patch_w), temporal,
-                                 first_frame=config.task == "i2v", experts=len(experts),
+                                 first_frame=config.task in ("i2v", "ti2v"),
+                                 first_frame_optional=config.condition_optional, experts=len(experts),
                                  prototype=config.ref_attention == "prototype", identity=config.identity,
                                  multiview=config.view_attention == "multiview"),
             vae_scale_temporal=temporal, vae_scale_spatial=spatial, latent_channels=z_dim,

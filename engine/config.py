@@ -106,7 +106,7 @@ class MvgenConfig:
         _choice("view_attention", self.view_attention, VIEW_ATTENTIONS)
         family.check(self)
         if (self.in_channels, self.out_channels) not in family.tasks:
-            hint = " (Wan2.2-TI2V-5B's 48-channel VAE latents?)" if 48 in (self.in_channels, self.out_channels) else ""
+            hint = " (Wan2.2-TI2V-5B takes 48 channels in and out)" if 48 in (self.in_channels, self.out_channels) else ""
             raise ValueError(
                 f"unsupported {self.family} transformer: in_channels={self.in_channels}, "
                 f"out_channels={self.out_channels}{hint}; supported: {family.supported}"

@@ -305,7 +305,17 @@ def denoise(state: Generation, stages: Stages, on_step: StepCallback | None = No
     finally:
         if state.cache_key is not None:
             stages.release(state.cache_key)
-    return state.latents
+    return _with_known_frames(state)
+
+
+def _with_known_frames(state: Generation) -> torch.Tensor:
+    """TI2V (``MvgenConfig.condition_optional``): the known first-frame latents replace the sample's, as diffusers'
+    TI2V pipelines end (the denoiser read them in place of the noisy ones at every step)."""
+    if state.condition is None or not state.checkpoint.config.condition_optional:
+        return state.latents
+    condition = state.condition[:1].to(state.latents)
+    known = condition[:, :1]
+    return known * condition[:, 1:] + (1 - known) * state.latents
 
 
 @torch.no_grad()

@@ -69,6 +69,10 @@ MODEL_INDEX = {
 }
 _NO_CLIP = dict(image_dim=None, added_kv_proj_dim=None)
 _NO_IMAGE_ENCODER = {"image_encoder": [None, None], "image_processor": [None, None]}
+# Wan2.2's VAE (AutoencoderKLWan with is_residual, 12 = 3 x 2 x 2 patched pixel channels, 48 latent channels)
+_TI2V_VAE = dict(base_dim=16, decoder_base_dim=16, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                 latents_std=[1.0] * 48)
 
 
 # HunyuanVideo-I2V ("latent_concat": 16 noisy + 16 first-frame + 1 mask channels), 2 heads x 24 = 48 wide, two
@@ -125,6 +129,7 @@ class Variant:
     experts: int = 1
     defaults: dict = field(default_factory=dict)  # changes to GENERATION_DEFAULTS
     family: str = "wan"  # engine.backbones.families: which writer (``_WRITERS``) builds it
+    vae: dict = field(default_factory=dict)  # changes to VAE_CONFIG
 
 
 VARIANTS = {
@@ -137,6 +142,11 @@ VARIANTS = {
                            "boundary_ratio": 0.9, "expand_timesteps": False},
                           image_encoder=False, experts=2, defaults={"steps": 6}),
     # HunyuanVideo-I2V (latent_concat) with true classifier-free guidance and HunyuanVideo's shift
+    # Wan2.2-TI2V-5B: 48 latent channels in and out (its VAE compresses 16x in space, 4x in time: a residual
+    # AutoencoderKLWan over 2x2-patched pixels), text- or image-to-video from one checkpoint, per-token timesteps
+    "tiny-ti2v": Variant("tiny-ti2v-v1", {"in_channels": 48, "out_channels": 48, **_NO_CLIP},
+                         {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER, "expand_timesteps": True},
+                         image_encoder=False, vae=_TI2V_VAE),
     "tiny-mmdit": Variant("tiny-mmdit-v1", {}, {}, image_encoder=False, defaults={"shift": 7.0}, family="mmdit"),
 }
 _COMPLETE_MARKER = "model_index.json"
@@ -227,7 +237,7 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
     # small shards so that loading goes through the safetensors index, as real checkpoints do
     transformer.save_pretrained(out / "transformer", safe_serialization=True, max_shard_size="200KB")
     _seeded(1)
-    AutoencoderKLWan(**VAE_CONFIG).save_pretrained(out / "vae", safe_serialization=True)
+    AutoencoderKLWan(**{**VAE_CONFIG, **variant.vae}).save_pretrained(out / "vae", safe_serialization=True)
     _seeded(2)
     UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).save_pretrained(out / "text_encoder")
     ByT5Tokenizer().save_pretrained(out / "tokenizer")

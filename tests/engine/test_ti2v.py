@@ -3,6 +3,7 @@ where it is known and those tokens run at timestep 0): equal to diffusers' ``Wan
 diffusers' TI2V pipelines feed it (``expand_timesteps``: per-token timesteps), with no references."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,52 @@ def test_references_and_sequence_parallel_layout(ti2v_dir):
         without = den(x["latents"], condition, x["timestep"], x["text"], None)
     assert rel_err(cached, live) < 1e-5
     assert rel_err(live, without) > 1e-3
+
+
+# ---- the pipeline: the embedded tiny-ti2v (its 48-channel VAE compresses 16x in space) against diffusers -----------
+SIZE = dict(num_frames=9, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def ti2v_pipe(tiny_cache):
+    from engine.pipeline import MultiViewPipeline
+    from engine.tiny import ensure_tiny
+
+    root = ensure_tiny(tiny_cache, "tiny-ti2v")
+    return root, MultiViewPipeline.from_pretrained(root, cache_root=tiny_cache)
+
+
+def test_text_to_video_generation_equals_diffusers_wan_pipeline(ti2v_pipe):
+    from diffusers import WanPipeline
+
+    root, pipe = ti2v_pipe
+    assert pipe.checkpoint.latent_channels == 48 and pipe.checkpoint.vae_scale_spatial == 16
+    ours = pipe(None, [], "a person turns", "blurry", seed=5, steps=3, **SIZE)
+    oracle = WanPipeline.from_pretrained(root)
+    assert oracle.config.expand_timesteps
+    oracle.set_progress_bar_config(disable=True)
+    want = oracle(prompt="a person turns", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0,
+                  generator=torch.Generator().manual_seed(5), output_type="np", **SIZE).frames[0]
+    assert ours.shape == want.shape
+    assert np.abs(ours.astype(int) - np.round(want * 255)).max() <= 1
+
+
+def test_image_to_video_generation_equals_diffusers_wan_i2v_pipeline(ti2v_pipe):
+    """The same checkpoint with a first frame: diffusers' WanImageToVideoPipeline with ``expand_timesteps`` (no
+    image encoder), which replaces the first latent frame by the frame's latent and runs it at timestep 0."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    root, pipe = ti2v_pipe
+    frame = np.random.default_rng(11).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    ours = pipe(frame, [], "a person turns", "blurry", seed=6, steps=3, **SIZE)
+    oracle = WanImageToVideoPipeline.from_pretrained(root, image_encoder=None, image_processor=None,
+                                                     expand_timesteps=True)
+    oracle.set_progress_bar_config(disable=True)
+    want = oracle(image=Image.fromarray(frame), prompt="a person turns", negative_prompt="blurry",
+                  num_inference_steps=3, guidance_scale=5.0, generator=torch.Generator().manual_seed(6),
+                  output_type="np", **SIZE).frames[0]
+    assert ours.shape == want.shape
+    assert np.abs(ours.astype(int) - np.round(want * 255)).max() <= 1
+    t2v = pipe(None, [], "a person turns", "blurry", seed=6, steps=3, **SIZE)
+    assert np.abs(ours.astype(int) - t2v.astype(int)).mean() > 1  # the first frame reaches the video

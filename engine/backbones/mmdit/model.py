@@ -283,8 +283,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         # modulated video input barely moved, so the stack's last residual on the video tokens is reused)
         real = n_video if sp is None else max(0, min(start.shape[1], n_video - sp.first_token(n_video)))
         if step_cache is None or not step_cache.skip(self._first_modulated_input(streams[0]), real):
-            for modules, i in self._layers():
-                self._block(streams, [modules(i, s.name) for s in streams], key_lengths)
+            self._run_blocks(streams, key_lengths)
             if step_cache is not None:
                 step_cache.computed_residual(streams[0].x - start)
         else:
@@ -306,10 +305,12 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         shift, scale = batch_invariant(lambda t: m.modulation(F.silu(t)), video.temb).chunk(m.chunks, dim=1)[:2]
         return adaln_layernorm(video.x, shift[:, None], scale[:, None], eps=EPS, backend=self._backend)
 
-    def _layers(self):
-        """(modules of stream, layer index) of every block in order: the dual-stream blocks, then the single ones."""
-        return [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
+    def _run_blocks(self, streams: list, key_lengths: torch.Tensor | None, kept: list | None = None) -> None:
+        """Every block in order over the streams, in place: the dual-stream blocks, then the single-stream ones."""
+        layers = [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
             [(self._single_modules, i) for i in range(len(self.single_transformer_blocks))]
+        for modules, i in layers:
+            self._block(streams, [modules(i, s.name) for s in streams], key_lengths, kept)
 
     @torch.no_grad()
     def precompute_reference(self, ref_latents: torch.Tensor, text: torch.Tensor | None,
@@ -333,12 +334,9 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         zero = torch.zeros(r.shape[0], device=r.device, dtype=dtype)
         temb = batch_invariant(lambda t, pooled: self.time_text_embed(t, pooled)[0], zero, pooled_text.to(dtype))
         stream = _Stream("reference", r, temb, pos, self._rope(pos, r))
-        keys, values = [], []
-        for modules, i in self._layers():
-            kept = []
-            self._block([stream], [modules(i, "reference")], None, kept=kept)
-            keys.append(kept[0][0])
-            values.append(kept[0][1])
+        kept = []  # one (K, V) per layer: the stream is alone
+        self._run_blocks([stream], None, kept)
+        keys, values = (list(t) for t in zip(*kept))
         _, _, _, height, width = ref_latents.shape
         _, ph, pw = cfg.patch_size
         return ReferenceCache(keys, values, ref_latents.shape[1], (height // ph, width // pw), fhw)

@@ -95,6 +95,13 @@ class Vae:
         """Wan's I2V condition [1, 20, f, h, w]: 4 mask channels (1 = known) + the latent of
         [first frame, zeros x (num_frames - 1)]; ``known`` [h, w] marks the latent cells of frame 0 that are known."""
         pixels = self._pixels(frame[None])[:, :, None]  # [1, 3, 1, H, W]
+        if self.checkpoint.config.condition_optional:  # TI2V: the first frame alone, replacing latent frame 0
+            latent = self._encode(pixels)  # [1, C, 1, h, w]
+            frames = (num_frames - 1) // self.checkpoint.vae_scale_temporal + 1
+            condition = latent.new_zeros(1, 1 + latent.shape[1], frames, *latent.shape[-2:])
+            condition[:, 0, 0] = torch.as_tensor(known, dtype=latent.dtype, device=latent.device)
+            condition[:, 1:, :1] = latent
+            return condition
         video = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, *pixels.shape[-2:])], dim=2)
         latent = self._encode(video)  # [1, 16, f, h, w]
         # diffusers builds a per-pixel-frame mask (first frame x4, then one per frame) viewed as 4 channels;
