@@ -27,13 +27,19 @@ demo: venv
 	# Wan2.2-I2V-A14B's layout: high-noise then low-noise expert, each with its own guidance scale
 	$(BIN)/mvgen generate --model tiny-wan22 --first-frame $(OUT)/inputs/first_frame.png --reference $(OUT)/inputs/back.png \
 		--guidance-scale 4 --guidance-scale-2 3 --prompt "a person turns around" --out $(OUT)/demo_wan22.mp4
+	# Wan2.2-TI2V-5B's layout (48-channel VAE, 16x spatial): the first frame is optional, references as on every Wan
+	$(BIN)/mvgen generate --model tiny-ti2v --first-frame $(OUT)/inputs/first_frame.png --reference $(OUT)/inputs/back.png \
+		--prompt "a person turns around" --out $(OUT)/demo_ti2v.mp4
 
+# two processes (xdist) for what does not time itself, then the timing and memory measurements alone
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(BIN)/python -m pytest -q -m serial tests
 
-# the iteration tier: everything but the tests that start a real tritonserver (tests/server, the served benchmark)
+# the iteration tier (a few minutes): no tritonserver, nothing marked slow (compilation for GPU targets, exports of
+# every family, CLI subprocesses, sequence-parallel spawns)
 test-fast: venv
-	$(BIN)/python -m pytest -q -x tests --ignore=tests/server --deselect tests/benchmarks/test_bench_server.py
+	$(BIN)/python -m pytest -q -x -n 2 -m "not server and not slow and not serial" tests
 
 bench: venv
 	$(BIN)/python -m benchmarks.reference_cache --out $(OUT)/benchmarks

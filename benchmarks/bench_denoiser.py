@@ -10,7 +10,7 @@ engine) on the same saved ``WanTransformer3DModel`` weights and the same seeded 
 rows of classifier-free guidance):
 
 - ``diffusers``: ``WanTransformer3DModel`` eager, references appended as known frames (R > 0);
-- ``engine``: ``engine.components.Denoiser`` (one ``DenoiseCall`` per step, as the pipeline and the served model
+- ``engine``: ``engine.checkpoint.Denoiser`` (one ``DenoiseCall`` per step, as the pipeline and the served model
   call it) for each ``--backend``, configured as the frame-append model (``ref_rope=shared``,
   ``ref_timestep=shared``, ``ref_attention=full``; with no adapter its reference stream has the base weights),
   so its output must equal diffusers';
@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 
 from .configs import CONFIGS, BenchConfig, latent_grid, pixel_size
 
@@ -94,7 +94,7 @@ def features(args) -> list[Feature]:
         Feature("context_cache", "engine, context cache off", {"context_cache": False}),
         Feature("ref_weights", "engine, merged reference weights", {"ref_weights": "merged"}),
         Feature("deterministic", "engine, deterministic", {"deterministic": True},
-                note="batch-invariant numerics (engine.batch_invariance): per-row linears on the CPU, the fixed-tile "
+                note="batch-invariant numerics (engine.runtime.batch_invariance): per-row linears on the CPU, the fixed-tile "
                      "Triton matmul and attention on CUDA"),
         Feature("step_cache_threshold", "engine, step cache", {"step_cache_threshold": args.step_cache_threshold},
                 cache="cycle", approximate=True,

@@ -1,4 +1,4 @@
-"""``mvgen bench mmdit``: one denoiser step of the MMDiT (``engine.mmdit``, HunyuanVideo with MVI2V's triple stream)
+"""``mvgen bench mmdit``: one denoiser step of the MMDiT (``engine.backbones.mmdit.model``, HunyuanVideo with MVI2V's triple stream)
 beside diffusers' ``HunyuanVideoTransformer3DModel`` on the same saved weights and seeded inputs (batch 2: cond +
 uncond, prompts of different lengths so the text padding is masked).
 
@@ -73,7 +73,7 @@ def _diffusers_call(model, x, with_refs: bool):
 def run(args) -> int:
     from diffusers import HunyuanVideoTransformer3DModel
 
-    from engine.loading import load_denoiser
+    from engine.backbones.registry import load_denoiser
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,7 +22,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from engine.cli_args import UsageError, add_memory_arguments, memory_options, parse_overrides
+from engine.cli_args import add_memory_arguments, memory_options, parse_overrides
+from engine.errors import UsageError
 
 NAME = "pipeline"
 HELP = "a generation's time split into encode / denoise / decode (in-process pipeline, stages timed)"

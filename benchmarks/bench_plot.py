@@ -24,7 +24,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 
 NAME = "plot"
 HELP = "PNG plots from the JSON results of bench denoiser / server / pipeline"

@@ -42,7 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.cli_args import UsageError, parse_overrides
+from engine.cli_args import parse_overrides
+from engine.errors import UsageError
 
 NAME = "server"
 HELP = ("a lone request served vs in process (same request, bit-identical), and latency/throughput of the real "

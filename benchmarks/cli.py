@@ -7,7 +7,7 @@ dependencies inside ``run``, so ``mvgen --help`` stays cheap.
 """
 from __future__ import annotations
 
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 
 from . import bench_denoiser, bench_mmdit, bench_pipeline, bench_plot, bench_server, bls_bytes, deterministic, sp_comm, step_cache
 

@@ -113,7 +113,7 @@ def standalone_main(module, argv=None, cache_dir: bool = False) -> int:
     import argparse
     import os
 
-    from engine.cli_args import UsageError
+    from engine.errors import UsageError
     from engine.tiny import default_cache_root
 
     parser = argparse.ArgumentParser(prog=f"python -m {module.__name__}", description=module.HELP)
@@ -130,10 +130,10 @@ def standalone_main(module, argv=None, cache_dir: bool = False) -> int:
 
 
 def bench_device(name: str) -> str:
-    """A benchmark's ``--device``: ``auto`` resolved as the engine does (``engine.components.resolve_device``), a
+    """A benchmark's ``--device``: ``auto`` resolved as the engine does (``engine.checkpoint.resolve_device``), a
     CUDA device refused, naming the flag, where there is none."""
-    from engine.cli_args import UsageError
-    from engine.components import resolve_device
+    from engine.errors import UsageError
+    from engine.devices import resolve_device
 
     device = str(resolve_device(name))
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -27,7 +27,7 @@ from .common import peak_rss_bytes, time_call
 
 OUTPUT_KEY = "velocity"
 # what a variant's process imports before it forks (benchmarks.bench_denoiser starts them from a forkserver)
-PRELOAD = ("torch", "diffusers", "diffusers.models.transformers.transformer_wan", "engine.components",
+PRELOAD = ("torch", "diffusers", "diffusers.models.transformers.transformer_wan", "engine.checkpoint",
            "engine.loading", "safetensors.torch")
 
 
@@ -90,7 +90,8 @@ def engine_step(spec: dict, wan: dict, device, dtype):
     step caching needs); ``reference_cache`` False recomputes the reference stream at every step."""
     import dataclasses
 
-    from engine.components import Checkpoint, DenoiseCall, Denoiser
+    from engine.checkpoint import Checkpoint
+    from engine.runtime.denoiser import DenoiseCall, Denoiser
 
     checkpoint = Checkpoint.load(spec["model_dir"], None, dtype=dtype, device=device, **spec["overrides"])
     denoiser = Denoiser(checkpoint)

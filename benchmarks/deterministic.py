@@ -36,7 +36,8 @@ def measure(model: str, requests: int, repeats: int, warmup: int, dtype: str) ->
 
     import torch
 
-    from engine.components import Checkpoint, DenoiseCall, Denoiser
+    from engine.checkpoint import Checkpoint
+    from engine.runtime.denoiser import DenoiseCall, Denoiser
 
     from .common import median
 

@@ -18,7 +18,7 @@ import torch
 
 import kernels
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 
 from .common import write_results
 

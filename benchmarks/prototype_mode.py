@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.modes.prototype import attention_flops
 
 from .common import median, time_call, write_results

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 
 from .common import median, time_call, write_results
 

@@ -109,7 +109,8 @@ def denoiser_bytes(model: Path) -> int:
     """Bytes of the denoiser's weights as the engine holds them (reference stream included)."""
     import torch
 
-    from engine.components import Checkpoint, Denoiser
+    from engine.checkpoint import Checkpoint
+    from engine.runtime.denoiser import Denoiser
 
     return Denoiser(Checkpoint.load(model, None, dtype=torch.float32)).weight_bytes()
 

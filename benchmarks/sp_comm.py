@@ -5,7 +5,7 @@
 
 Nothing runs on a GPU: bytes are counted from the shapes, times are those bytes over a link bandwidth and those
 FLOPs at an *assumed* sustained throughput (``--tflops``), so the table says when sequence parallel pays, not
-what a machine measures. The layout is ``engine.parallel``'s (DeepSpeed-Ulysses):
+what a machine measures. The layout is ``engine.runtime.parallel``'s (DeepSpeed-Ulysses):
 
 - Each of the ``sp`` ranks of a group holds a token shard of every stream (video, references), each stream
   zero-padded to a multiple of sp: ``n_s' = ceil(n_s / sp) * sp``, the padding travels like any token.
@@ -51,7 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from engine.cli_args import UsageError, parse_size
+from engine.cli_args import parse_size
+from engine.errors import UsageError
 from engine.config import MvgenConfig
 
 NAME = "comm"
@@ -102,7 +103,7 @@ class Video:
 
 
 def padded(tokens: int, sp: int) -> int:
-    """A stream's token count zero-padded to a multiple of sp, as ``engine.parallel.SequenceParallel.shard`` pads."""
+    """A stream's token count zero-padded to a multiple of sp, as ``engine.runtime.parallel.SequenceParallel.shard`` pads."""
     return -(-tokens // sp) * sp
 
 

@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.cli_args import UsageError, add_memory_arguments, parse_overrides
+from engine.cli_args import add_memory_arguments, parse_overrides
+from engine.errors import UsageError
 
 from .bench_pipeline import load_pipeline, request
 
@@ -118,7 +119,7 @@ def run(args) -> int:
     rows = measure(args)
     config = {"config": args.config, "frames": args.frames, "size": args.size, "refs": args.refs,
               "guidance_scale": args.guidance_scale, "dtype": args.dtype, "repeats": args.repeats,
-              "rule": "TeaCache: raw relative L1 of block 0's modulated input, accumulated; engine.step_cache"}
+              "rule": "TeaCache: raw relative L1 of block 0's modulated input, accumulated; engine.runtime.step_cache"}
     print(write_results("step_cache", rows, COLUMNS, args.out, config))
     return 0
 

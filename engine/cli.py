@@ -6,17 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments, checkpoint_sources,
-                       map_images, memory_options, parse_overrides, request_values, add_reference_cache_argument,
-                       add_step_cache_argument, config_flag_overrides,
-                       add_deterministic_argument)
+from .cli_args import (add_memory_arguments, add_model_arguments, add_request_arguments, checkpoint_sources, map_images,
+                       memory_options, parse_overrides, request_values, add_reference_cache_argument,
+                       add_step_cache_argument, config_flag_overrides, add_deterministic_argument)
+from .errors import UsageError
 
 
 def user_errors() -> tuple[type[Exception], ...]:
     """This package's exceptions that are the user's mistake, not a bug (imported lazily: they pull in torch)."""
     from .errors import RequestError
-    from .loading import CheckpointError
-    from .lora import AdapterError
+    from .errors import CheckpointError
+    from .errors import AdapterError
 
     return UsageError, RequestError, CheckpointError, AdapterError, FileNotFoundError
 
@@ -61,9 +61,9 @@ def _device(name: str) -> str:
 
 
 def run_generate(args) -> int:
-    from .components import Checkpoint
+    from .checkpoint import Checkpoint
     from .media import load_image, write_contact_sheet, write_mp4
-    from .offload import check_offload
+    from .runtime.offload import check_offload
     from .pipeline import MultiViewPipeline
     from .request import make_request
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from .errors import UsageError
 
 EXIT_USAGE = 2
-
-
-class UsageError(ValueError):
-    """A bad command line (the message is the whole story)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -142,7 +139,7 @@ STEP_CACHE_DEFAULT = 0.1  # the threshold `--step-cache` alone sets: ~2x end to 
 
 def add_step_cache_argument(p) -> None:
     """``--step-cache [THRESHOLD]``, shared by ``mvgen generate`` and ``mvgen serve``: sets the config's
-    ``step_cache_threshold`` (``engine.step_cache``); an explicit ``--set step_cache_threshold=...`` wins."""
+    ``step_cache_threshold`` (``engine.runtime.step_cache``); an explicit ``--set step_cache_threshold=...`` wins."""
     p.add_argument("--step-cache", nargs="?", type=float, const=STEP_CACHE_DEFAULT, default=None, metavar="THRESHOLD",
                    help="skip the block stack on steps where it would barely change (TeaCache's rule), while the "
                         "accumulated relative change of the first block's modulated input stays under THRESHOLD "
@@ -161,7 +158,7 @@ def step_cache_overrides(args, overrides: dict) -> dict:
 
 def add_deterministic_argument(p) -> None:
     """``--deterministic``, shared by ``mvgen generate``, ``mvgen serve`` and the benchmarks: sets the config's
-    ``deterministic`` (``engine.batch_invariance``); an explicit ``--set deterministic=...`` wins."""
+    ``deterministic`` (``engine.runtime.batch_invariance``); an explicit ``--set deterministic=...`` wins."""
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant numerics: a request's video is bit-identical alone or batched with any "
                         "other requests (per-row linears and convolutions on the CPU; fixed-tile Triton matmul and "
@@ -179,8 +176,9 @@ def config_flag_overrides(args, overrides: dict) -> dict:
 
 def add_memory_arguments(p) -> None:
     """``--dtype``, ``--offload`` and ``--vae-tiling``, shared by ``mvgen generate`` and ``mvgen serve``."""
-    from .components import DTYPES, NATIVE_BF16_FLAGS
-    from .offload import OFFLOAD_MODES
+    from .devices import NATIVE_BF16_FLAGS
+    from .devices import DTYPES
+    from .runtime.offload import OFFLOAD_MODES
 
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="the denoiser's and text encoder's weights and activations (norms and modulation tables stay "

@@ -5,47 +5,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels import ATTENTION_BACKENDS
+from kernels import ATTENTION_BACKENDS, MASK_MODES
 
-from .files import CheckpointError, read_json
+from .backbones.families import WAN_KEYS, family_of, family_of_class
+from .files import read_json
+from .errors import CheckpointError
 
 REF_MODES = ("dual_stream", "token_concat")
 REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
-REF_ATTENTIONS = ("full", "isolated", "prototype")
-REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.reference_weights)
+REF_ATTENTIONS = MASK_MODES  # the joint attention's masks (kernels.joint_attention)
+REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.adapters.reference_weights)
 VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
-# the backbone families, by the diffusers transformer class a checkpoint's config.json names: "wan" is a
-# single-stream DiT (text through cross-attention; MVI2V makes it dual-stream), "mmdit" a dual-stream MMDiT with
-# single-stream blocks after (HunyuanVideo; MVI2V makes its dual-stream blocks triple-stream, engine.mmdit)
-FAMILIES = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "mmdit"}
-# the transformers this engine serves, by family and (in_channels, out_channels): T2V takes the noisy latents
-# alone; Wan's I2V (Wan2.1-I2V and Wan2.2-I2V-A14B's two experts) 16 latent + 4 mask + 16 first-frame channels;
-# HunyuanVideo-I2V's "latent_concat" 16 latent + 16 first-frame + 1 mask channels
-TASKS = {"wan": {(16, 16): "t2v", (36, 16): "i2v"}, "mmdit": {(16, 16): "t2v", (33, 16): "i2v"}}
-SUPPORTED = {"wan": "Wan2.1-T2V (in_channels 16), Wan2.1-I2V and Wan2.2-I2V-A14B (in_channels 36), "
-                    "each with out_channels 16",
-             "mmdit": "HunyuanVideo (in_channels 16) and HunyuanVideo-I2V with image_condition_type "
-                      "'latent_concat' (in_channels 33), each with out_channels 16"}
-
-# keys of a diffusers WanTransformer3DModel config.json that this engine reads
-_WAN_KEYS = (
-    "patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
-    "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "image_dim",
-    "added_kv_proj_dim", "rope_max_seq_len", "pos_embed_seq_len",
-)
-# keys of a diffusers HunyuanVideoTransformer3DModel config.json, and how they map onto this config
-_MMDIT_KEYS = (
-    "in_channels", "out_channels", "num_attention_heads", "attention_head_dim", "num_layers", "num_single_layers",
-    "num_refiner_layers", "mlp_ratio", "patch_size", "patch_size_t", "qk_norm", "guidance_embeds", "text_embed_dim",
-    "pooled_projection_dim", "rope_theta", "rope_axes_dim", "image_condition_type",
-)
-MMDIT_TEXT_LEN = 256  # HunyuanVideo's max_sequence_length: the Llama states after the prompt template is cropped
-
-
 @dataclass(frozen=True)
 class MvgenConfig:
-    """Transformer hyper-parameters (a ``family``, T2V or I2V, see ``TASKS``) plus the multi-view reference
+    """Transformer hyper-parameters (a ``family``, T2V or I2V: ``engine.backbones.families``) plus the multi-view reference
     settings.
 
     The first block mirrors diffusers' ``WanTransformer3DModel`` config so a diffusers checkpoint maps
@@ -97,7 +71,7 @@ class MvgenConfig:
     view_lambda: float = 1.0  # weight of the multi-view attention: (A_joint + lambda * A_mv) / (1 + lambda)
     pose_channels: int = 3  # ProFashion PPA (ref_attention="prototype"): channels of a rendered pose image
     identity: bool = False  # M2HVideo's distribution-aware identity adapter (engine.modes)
-    # the scale of the adapter's LoRA pairs (engine.lora.ScaleRule): "alpha_over_rank" (PEFT, kohya: alpha / r) or
+    # the scale of the adapter's LoRA pairs (engine.adapters.lora.ScaleRule): "alpha_over_rank" (PEFT, kohya: alpha / r) or
     # "mvi2v" (MVI2V's W + alpha * B @ A); lora_alpha, when set, is every pair's alpha (else the files' own);
     # lora_rank, when set, must be every pair's rank
     lora_convention: str = "alpha_over_rank"
@@ -107,22 +81,22 @@ class MvgenConfig:
     # parameters); "merged": its own copy of every block with the LoRA merged (about 1.9x the base's parameters)
     ref_weights: str = "shared"
     attention_backend: str = "auto"
-    # step-invariant work once per request (engine.components.Denoiser): every block's cross-attention K/V of the
+    # step-invariant work once per request (engine.checkpoint.Denoiser): every block's cross-attention K/V of the
     # text, CLIP image and identity states; False recomputes them at every step
     context_cache: bool = True
-    # TeaCache-style step caching (engine.step_cache): skip the block stack while the accumulated relative change of
+    # TeaCache-style step caching (engine.runtime.step_cache): skip the block stack while the accumulated relative change of
     # the first block's modulated input stays under this threshold; 0 = off
     step_cache_threshold: float = 0.0
     # a request's step-invariant inputs (text, image and identity states, condition, references, poses) reach the
-    # denoiser at its first step and are kept there (engine.components.RequestState); later steps carry the
+    # denoiser at its first step and are kept there (engine.checkpoint.RequestState); later steps carry the
     # latents and the timestep only. False: every step carries every input (the loop's bytes before this option)
     inputs_once: bool = True
-    # batch-invariant numerics (engine.batch_invariance): a request's bits do not depend on its batch companions
+    # batch-invariant numerics (engine.runtime.batch_invariance): a request's bits do not depend on its batch companions
     deterministic: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
-        _choice("family", self.family, tuple(TASKS))
+        family = family_of(self.family)
         _choice("ref_mode", self.ref_mode, REF_MODES)
         _choice("ref_rope", self.ref_rope, REF_ROPES)
         _choice("ref_timestep", self.ref_timestep, REF_TIMESTEPS)
@@ -130,15 +104,12 @@ class MvgenConfig:
         _choice("ref_weights", self.ref_weights, REF_WEIGHTS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _choice("view_attention", self.view_attention, VIEW_ATTENTIONS)
-        if self.family == "mmdit":
-            self._check_mmdit()
-        elif self.qk_norm != "rms_norm_across_heads":
-            raise ValueError(f"qk_norm must be 'rms_norm_across_heads' (Wan2.1), got {self.qk_norm!r}")
-        if (self.in_channels, self.out_channels) not in TASKS[self.family]:
-            hint = " (Wan2.2-TI2V-5B's 48-channel VAE latents?)" if 48 in (self.in_channels, self.out_channels) else ""
+        family.check(self)
+        if (self.in_channels, self.out_channels) not in family.tasks:
+            hint = " (Wan2.2-TI2V-5B takes 48 channels in and out)" if 48 in (self.in_channels, self.out_channels) else ""
             raise ValueError(
                 f"unsupported {self.family} transformer: in_channels={self.in_channels}, "
-                f"out_channels={self.out_channels}{hint}; supported: {SUPPORTED[self.family]}"
+                f"out_channels={self.out_channels}{hint}; supported: {family.supported}"
             )
         if self.rope_axes_dim is not None and (sum(self.rope_axes_dim) != self.attention_head_dim
                                                or any(n <= 0 or n % 2 for n in self.rope_axes_dim)):
@@ -164,53 +135,39 @@ class MvgenConfig:
             raise ValueError("identity (M2HVideo) encodes the identity image with the checkpoint's CLIP image "
                              "encoder; this checkpoint has none (image_dim is None)")
 
-    def _check_mmdit(self) -> None:
-        """What the MMDiT denoiser (``engine.mmdit``) implements; everything else is refused by name."""
-        if self.qk_norm != "rms_norm":
-            raise ValueError(f"an MMDiT (HunyuanVideo) takes qk_norm 'rms_norm', got {self.qk_norm!r}")
-        if self.image_condition_type not in (None, "latent_concat"):
-            raise ValueError(f"image_condition_type {self.image_condition_type!r} is not served (HunyuanVideo-I2V's "
-                             "'token_replace' variant); supported: None (T2V), 'latent_concat'")
-        if self.guidance_embeds:
-            raise ValueError("guidance-distilled MMDiT checkpoints (guidance_embeds=true) are not served: the loop "
-                             "guides with classifier-free guidance (HunyuanVideo-I2V's true CFG)")
-        unsupported = [(name, value) for name, value, plain in (
-            ("ref_attention", self.ref_attention, self.ref_attention in ("full", "isolated")),
-            ("view_attention", self.view_attention, self.view_attention == "none"),
-            ("identity", self.identity, not self.identity),
-            ("step_cache_threshold", self.step_cache_threshold, self.step_cache_threshold == 0),
-            ("view_logit_scales", self.view_logit_scales, self.view_logit_scales is None)) if not plain]
-        if unsupported:
-            name, value = unsupported[0]
-            raise ValueError(f"{name}={value!r} is not implemented on the MMDiT backbone (ref_attention 'full' or "
-                             "'isolated', no seed-method modes, no step cache)")
-
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
     @property
     def task(self) -> str:
-        """``"t2v"`` (no first frame: text- or reference-to-video) or ``"i2v"`` (a first frame is required)."""
-        return TASKS[self.family][(self.in_channels, self.out_channels)]
+        """``"t2v"`` (no first frame: text- or reference-to-video), ``"i2v"`` (a first frame is required) or ``"ti2v"``
+        (Wan2.2-TI2V-5B: a first frame is optional and replaces the noisy latents where it is known)."""
+        return family_of(self.family).tasks[(self.in_channels, self.out_channels)]
 
     @property
     def condition_channels(self) -> int:
         """Channels of the first-frame condition beside the latents: 0 on T2V; on I2V 20 on Wan (4 mask + 16),
-        17 on an MMDiT (16 + 1 mask)."""
-        return self.in_channels - self.out_channels
+        17 on an MMDiT (16 + 1 mask); on TI2V 1 + 48 (a known mask, then the first frame's latent), which replace
+        the latents rather than join them."""
+        return self.out_channels + 1 if self.task == "ti2v" else self.in_channels - self.out_channels
+
+    @property
+    def condition_optional(self) -> bool:
+        """Whether the denoiser runs with and without a condition (TI2V: text- and image-to-video alike)."""
+        return self.task == "ti2v"
 
     @property
     def caches_reference(self) -> bool:
         """The reference stream is independent of the video and of the step: compute its K/V once."""
-        return (self.family == "wan" and self.ref_attention in ("isolated", "prototype")
+        return (family_of(self.family).reference_cache and self.ref_attention in ("isolated", "prototype")
                 and self.ref_timestep == "zero")
 
     @property
     def caches_context(self) -> bool:
         """Every block's cross-attention K/V of the request's text/image/identity states is computed once per
         request (``context_cache``; an MMDiT has no cross-attention: its text is a stream of every step)."""
-        return self.context_cache and self.family == "wan"
+        return self.context_cache and family_of(self.family).context_cache
 
     @property
     def caches_requests(self) -> bool:
@@ -241,8 +198,7 @@ class MvgenConfig:
     def from_files(cls, transformer_config: Path, mvgen_config: Path | None = None, **overrides) -> "MvgenConfig":
         """Raises ``CheckpointError`` naming the file when either JSON file is unreadable or not an object."""
         base = read_json(transformer_config, CheckpointError, "config")
-        family = FAMILIES.get(base.get("_class_name"), "wan")
-        values = _mmdit_values(base) if family == "mmdit" else {k: v for k, v in base.items() if k in _WAN_KEYS}
+        values = family_of_class(base.get("_class_name")).config_values(base)
         problems = _type_problems(values)
         if problems:
             raise CheckpointError(f"{transformer_config}: {problems[0]}")
@@ -261,7 +217,7 @@ class MvgenConfig:
 
     def wan_dict(self) -> dict:
         """The diffusers ``WanTransformer3DModel`` constructor arguments of this config."""
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.to_dict().items() if k in _WAN_KEYS}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.to_dict().items() if k in WAN_KEYS}
 
     def mmdit_dict(self) -> dict:
         """The diffusers ``HunyuanVideoTransformer3DModel`` constructor arguments of this (MMDiT) config."""
@@ -274,29 +230,6 @@ class MvgenConfig:
                     text_embed_dim=self.text_dim, pooled_projection_dim=self.pooled_projection_dim,
                     rope_theta=self.rope_theta, rope_axes_dim=list(self.rope_axes_dim),
                     image_condition_type=self.image_condition_type)
-
-
-def _mmdit_values(config: dict) -> dict:
-    """A ``HunyuanVideoTransformer3DModel`` config.json as this config's fields (diffusers' defaults for absent
-    keys): the patch becomes (t, h, w), ``text_embed_dim`` the text width, the FFN width ``mlp_ratio`` x dim."""
-    import inspect
-
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    defaults = {name: p.default for name, p in inspect.signature(HunyuanVideoTransformer3DModel).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    values = {**defaults, **{k: v for k, v in config.items() if k in _MMDIT_KEYS}}
-    problems = [f"{k} must be a number, got {values[k]!r}" for k in ("patch_size", "patch_size_t", "mlp_ratio",
-                                                                     "num_attention_heads", "attention_head_dim")
-                if isinstance(values[k], bool) or not isinstance(values[k], (int, float))]
-    if problems:
-        return {"patch_size": values["patch_size"]}  # _type_problems names it
-    p, pt = values.pop("patch_size"), values.pop("patch_size_t")
-    inner = values["num_attention_heads"] * values["attention_head_dim"]
-    return {**{k: v for k, v in values.items() if k != "text_embed_dim"}, "family": "mmdit",
-            "patch_size": [pt, p, p], "text_dim": values["text_embed_dim"], "ffn_dim": int(inner * values["mlp_ratio"]),
-            "image_dim": None, "added_kv_proj_dim": None, "eps": 1e-6, "cross_attn_norm": False,
-            "text_len": MMDIT_TEXT_LEN, "rope_axes_dim": list(values["rope_axes_dim"])}
 
 
 def _type_problems(values: dict) -> list[str]:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .backbones.families import family_of
+
 DENOISER_MODEL_NAME = "mvgen_denoiser"
 ONNX_FILE = "denoiser.onnx"
 ONNX_DATA_FILE = "denoiser.onnx.data"
@@ -73,37 +75,35 @@ class TensorSpec:
 
 
 def input_specs(text_dim: int, image_dim: int | None, text_len: int = 512, image_len: int = 257,
-                condition_channels: int = 20, family: str = "wan", pooled_dim: int | None = None) -> list[TensorSpec]:
+                condition_channels: int = 20, family: str = "wan", pooled_dim: int | None = None,
+                latent_channels: int = 16) -> list[TensorSpec]:
     """The denoiser's inputs, in the order of its ``forward``: T2V checkpoints (``condition_channels`` 0) have no
     ``condition``, checkpoints without CLIP (``image_dim`` None: T2V, Wan2.2, MMDiT) no ``image_context``; an MMDiT
     (``family`` "mmdit") takes its text encoder's token mask and pooled CLIP text (``pooled_dim`` wide) too."""
-    mmdit = family == "mmdit"
-    condition_doc = "16 first-frame + 1 mask channels" if mmdit else "4 mask + 16 first-frame channels"
-    text_doc = "Llama states after the prompt template, 256 tokens" if mmdit else "umT5 states padded to 512 tokens"
+    described = family_of(family)
+    condition_doc, text_doc = described.condition_doc, described.text_doc
     specs = [
-        TensorSpec("latents", ("batch", 16, "frames", "height", "width"), doc="noisy video latents"),
+        TensorSpec("latents", ("batch", latent_channels, "frames", "height", "width"), doc="noisy video latents"),
         TensorSpec("condition", ("batch", condition_channels, "frames", "height", "width"),
                    doc=condition_doc) if condition_channels else None,
         TensorSpec("timestep", ("batch",), "float32", doc="flow-matching timestep (0..1000)"),
         TensorSpec("text", ("batch", text_len, text_dim), doc=text_doc),
         TensorSpec("image_context", ("batch", image_len, image_dim), doc="CLIP image states") if image_dim else None,
-        TensorSpec("ref_latents", ("batch", "refs", 16, "ref_height", "ref_width"), doc="clean reference latents"),
+        TensorSpec("ref_latents", ("batch", "refs", latent_channels, "ref_height", "ref_width"),
+                   doc="clean reference latents"),
     ]
-    if mmdit:
-        specs += [TensorSpec("text_mask", ("batch", text_len), "float32", doc="1 = a real text token, 0 = padding"),
-                  TensorSpec("pooled_text", ("batch", pooled_dim), doc="CLIP text pooled output")]
+    text_specs = {"text_mask": TensorSpec("text_mask", ("batch", text_len), "float32",
+                                          doc="1 = a real text token, 0 = padding"),
+                  "pooled_text": TensorSpec("pooled_text", ("batch", pooled_dim), doc="CLIP text pooled output")}
+    specs += [text_specs[name] for name in described.text_outputs if name != "text"]
     return [spec for spec in specs if spec is not None]
 
 
 # what a family's text encoder returns for N prompts, each entry a denoiser input of the same name ([N, ...]): Wan's
 # umT5 states; an MMDiT's Llama states, their token mask and the pooled CLIP text (HunyuanVideo's encode_prompt)
-TEXT_OUTPUTS = {"wan": ("text",), "mmdit": ("text", "text_mask", "pooled_text")}
-
-
 def text_outputs(config) -> tuple[str, ...]:
-    """``TEXT_OUTPUTS`` of a denoiser config's family (an ``MvgenConfig`` or its ``to_dict()``)."""
-    values = config if isinstance(config, dict) else config.to_dict()
-    return TEXT_OUTPUTS[values.get("family", "wan")]
+    """What the text encoder of a denoiser config's family returns (an ``MvgenConfig`` or its ``to_dict()``)."""
+    return family_of(config).text_outputs
 
 
 def mode_specs(values: dict) -> list[TensorSpec]:
@@ -129,9 +129,23 @@ def config_specs(config) -> list[TensorSpec]:
     then its modes' inputs."""
     values = config if isinstance(config, dict) else config.to_dict()
     return input_specs(values["text_dim"], values["image_dim"], values["text_len"],
-                       condition_channels=values["in_channels"] - values["out_channels"],
-                       family=values.get("family", "wan"),
-                       pooled_dim=values.get("pooled_projection_dim")) + mode_specs(values)
+                       condition_channels=_condition_channels(values), family=values.get("family", "wan"),
+                       pooled_dim=values.get("pooled_projection_dim"),
+                       latent_channels=values["out_channels"]) + mode_specs(values)
+
+
+def _condition_channels(values: dict) -> int:
+    """``MvgenConfig.condition_channels`` of a config's ``to_dict()`` (export metadata holds no config object)."""
+    from .config import MvgenConfig
+
+    return MvgenConfig.from_dict(values).condition_channels
+
+
+def output_spec(config) -> TensorSpec:
+    """The velocity of a denoiser config (an ``MvgenConfig`` or its ``to_dict()``): its latent channels."""
+    values = config if isinstance(config, dict) else config.to_dict()
+    return TensorSpec("velocity", ("batch", values["out_channels"], "frames", "height", "width"),
+                      doc="flow-matching velocity")
 
 
 # the denoiser inputs that change at every step; every other input is step-invariant and, under the config's
@@ -145,7 +159,7 @@ def step_only(inputs: dict) -> bool:
     return inputs.get("text") is None
 
 
-OUTPUT = TensorSpec("velocity", ("batch", 16, "frames", "height", "width"), doc="flow-matching velocity")
+OUTPUT = output_spec({"out_channels": 16})  # Wan2.1/2.2-A14B's and HunyuanVideo's 16 latent channels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TRITON_DTYPES = {torch.float32: "TYPE_FP32", torch.float16: "TYPE_FP16", torch.bfloat16: "TYPE_BF16"}

@@ -8,6 +8,8 @@ sees them; each problem is one line ``"{path}: {problem}"`` in the caller's erro
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import struct
@@ -34,10 +36,6 @@ _FOREIGN_MAGIC = (
     (b"GGUF", "is a GGUF file, not safetensors"),
     (b"<", "is HTML or XML text, not safetensors (a failed download?)"),
 )
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded (names what is wrong)."""
 
 
 def check_file(path: str | Path, error_cls: type[ValueError], what: str = "file") -> int:
@@ -225,3 +223,20 @@ def _is_count(value) -> bool:
 
 def _json_kind(value) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+@contextlib.contextmanager
+def quiet_hub_progress():
+    """Hide transformers'/diffusers' per-file loading bars (restored afterwards); our own bar stays."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in was:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in was:
+            if enabled:
+                module.enable_progress_bar()

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .components import Checkpoint
+from .backbones.families import family_of
+from .checkpoint import Checkpoint
 from .denoiser_io import config_specs
 from .media import fit_image
-from .reference_cache import ReferenceCacheMiss
+from .errors import ReferenceCacheMiss
 from .request import GenerationRequest
 
 GREY = 128
-MMDIT_I2V_NOISE = 0.999  # HunyuanVideo-I2V's initial latents: this much noise, the rest the first frame's latent
 # the denoiser's inputs, in the order of ``MultiViewWanTransformer.forward`` (then its keyword-only mode inputs),
 # then the text entries an MMDiT's text encoder returns beside ``text`` (``denoiser_io.TEXT_OUTPUTS``)
 DENOISER_INPUTS = ("latents", "condition", "timestep", "text", "image_context", "ref_latents",
@@ -206,10 +206,11 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
         e.config.caches_reference for e in checkpoint.experts)
     keyed = cached or stages.caches_requests
     latents = checkpoint.initial_noise(request.seed, request.num_frames, request.height, request.width)
-    if condition is not None and checkpoint.config.family == "mmdit":
+    noise_weight = family_of(checkpoint.config).i2v_noise_weight
+    if condition is not None and noise_weight is not None:
         # HunyuanVideo-I2V's prepare_latents: noise x 0.999 + the first frame's latent (every frame) x 0.001
         first = condition[:, :checkpoint.latent_channels, :1].to(latents)
-        latents = latents * MMDIT_I2V_NOISE + first * (1 - MMDIT_I2V_NOISE)
+        latents = latents * noise_weight + first * (1 - noise_weight)
     scheduler = checkpoint.make_scheduler(request.shift)
     checkpoint.set_timesteps(scheduler, request.steps)
     return Generation(
@@ -304,7 +305,17 @@ def denoise(state: Generation, stages: Stages, on_step: StepCallback | None = No
     finally:
         if state.cache_key is not None:
             stages.release(state.cache_key)
-    return state.latents
+    return _with_known_frames(state)
+
+
+def _with_known_frames(state: Generation) -> torch.Tensor:
+    """TI2V (``MvgenConfig.condition_optional``): the known first-frame latents replace the sample's, as diffusers'
+    TI2V pipelines end (the denoiser read them in place of the noisy ones at every step)."""
+    if state.condition is None or not state.checkpoint.config.condition_optional:
+        return state.latents
+    condition = state.condition[:1].to(state.latents)
+    known = condition[:, :1]
+    return known * condition[:, 1:] + (1 - known) * state.latents
 
 
 @torch.no_grad()

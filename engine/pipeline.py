@@ -13,8 +13,10 @@ import numpy as np
 import torch
 
 from . import generation
-from .components import (Checkpoint, Denoiser, ImageEncoder, TextEncoder, Vae, VaeTiling, text_encoder_class,
-                         vae_class)
+from .checkpoint import Checkpoint, VaeTiling
+from .runtime.denoiser import Denoiser
+from .backbones.wan.components import ImageEncoder, TextEncoder, Vae
+from .backbones.registry import text_encoder_class, vae_class
 from .generation import Generation
 from .tiny import default_cache_root
 from .request import GenerationRequest, make_request
@@ -88,7 +90,7 @@ class MultiViewPipeline:
         modulation tables stay float32); the VAE and CLIP image encoder stay float32 as in diffusers' Wan
         example. ``config_overrides`` go to the denoiser's ``MvgenConfig``. ``reference_cache`` False recomputes
         the reference stream at every step even where its K/V could be kept. Memory: ``offload`` ``"model"`` or
-        ``"block"`` keeps the denoiser in host memory between calls (``engine.offload``; needs an accelerator),
+        ``"block"`` keeps the denoiser in host memory between calls (``engine.runtime.offload``; needs an accelerator),
         ``vae_tiling`` (True or a ``VaeTiling``) encodes and decodes in spatial tiles.
         """
         if cache_root is None:  # the environment is read by entry points only (the command line)

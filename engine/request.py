@@ -385,7 +385,7 @@ def _check_sequence(limits: RequestLimits, checked: dict, references: list) -> N
 
 def _check_task(limits: RequestLimits, given: dict) -> None:
     """What the checkpoint's kind decides: a first frame on I2V only, a second guidance scale on two experts."""
-    if limits.first_frame and given["first_frame"] is None:
+    if limits.first_frame and not limits.first_frame_optional and given["first_frame"] is None:
         raise RequestError("first_frame is required: this is an image-to-video model (give the video's first frame)")
     if not limits.first_frame and given["first_frame"] is not None:
         raise RequestError("this model is text/reference-to-video (Wan T2V): it takes no first_frame; give "

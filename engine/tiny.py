@@ -22,6 +22,8 @@ from typing import Mapping
 
 import torch
 
+from .backbones.families import family_of
+
 TINY_VERSION = "tiny-v2"  # the directory of ``tiny``; the others are ``<name>-v2`` (``tiny-mmdit-v1``)
 CACHE_ENV = "MVGEN_CACHE"  # where the tiny checkpoint is built (read by entry points only)
 SEED = 20261122
@@ -67,6 +69,10 @@ MODEL_INDEX = {
 }
 _NO_CLIP = dict(image_dim=None, added_kv_proj_dim=None)
 _NO_IMAGE_ENCODER = {"image_encoder": [None, None], "image_processor": [None, None]}
+# Wan2.2's VAE (AutoencoderKLWan with is_residual, 12 = 3 x 2 x 2 patched pixel channels, 48 latent channels)
+_TI2V_VAE = dict(base_dim=16, decoder_base_dim=16, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48,
+                 latents_std=[1.0] * 48)
 
 
 # HunyuanVideo-I2V ("latent_concat": 16 noisy + 16 first-frame + 1 mask channels), 2 heads x 24 = 48 wide, two
@@ -122,7 +128,8 @@ class Variant:
     image_encoder: bool = True
     experts: int = 1
     defaults: dict = field(default_factory=dict)  # changes to GENERATION_DEFAULTS
-    family: str = "wan"  # engine.config.FAMILIES: which writer builds it
+    family: str = "wan"  # engine.backbones.families: which writer (``_WRITERS``) builds it
+    vae: dict = field(default_factory=dict)  # changes to VAE_CONFIG
 
 
 VARIANTS = {
@@ -135,6 +142,11 @@ VARIANTS = {
                            "boundary_ratio": 0.9, "expand_timesteps": False},
                           image_encoder=False, experts=2, defaults={"steps": 6}),
     # HunyuanVideo-I2V (latent_concat) with true classifier-free guidance and HunyuanVideo's shift
+    # Wan2.2-TI2V-5B: 48 latent channels in and out (its VAE compresses 16x in space, 4x in time: a residual
+    # AutoencoderKLWan over 2x2-patched pixels), text- or image-to-video from one checkpoint, per-token timesteps
+    "tiny-ti2v": Variant("tiny-ti2v-v1", {"in_channels": 48, "out_channels": 48, **_NO_CLIP},
+                         {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER, "expand_timesteps": True},
+                         image_encoder=False, vae=_TI2V_VAE),
     "tiny-mmdit": Variant("tiny-mmdit-v1", {}, {}, image_encoder=False, defaults={"shift": 7.0}, family="mmdit"),
 }
 _COMPLETE_MARKER = "model_index.json"
@@ -195,10 +207,10 @@ def build_tiny(dest: Path | str, name: str = "tiny") -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        from .components import quiet_hub_progress
+        from .files import quiet_hub_progress
 
         variant = VARIANTS[name]
-        writer = _write_mmdit_pipeline if variant.family == "mmdit" else _write_pipeline
+        writer = _WRITERS[family_of(variant.family).name]
         with torch.random.fork_rng(devices=[]), quiet_hub_progress():
             writer(staging, variant)
         try:
@@ -225,7 +237,7 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
     # small shards so that loading goes through the safetensors index, as real checkpoints do
     transformer.save_pretrained(out / "transformer", safe_serialization=True, max_shard_size="200KB")
     _seeded(1)
-    AutoencoderKLWan(**VAE_CONFIG).save_pretrained(out / "vae", safe_serialization=True)
+    AutoencoderKLWan(**{**VAE_CONFIG, **variant.vae}).save_pretrained(out / "vae", safe_serialization=True)
     _seeded(2)
     UMT5EncoderModel(UMT5Config(**TEXT_ENCODER_CONFIG)).save_pretrained(out / "text_encoder")
     ByT5Tokenizer().save_pretrained(out / "tokenizer")
@@ -275,7 +287,7 @@ def _write_mmdit_pipeline(out: Path, variant: Variant) -> None:
 
 def _write_mmdit_adapter(folder: Path, config: dict, seed: int) -> None:
     """A random rank-4 LoRA on the MMDiT's reference stream (``ref_blocks``, ``ref_single_blocks``: the
-    dual- and single-stream blocks' reference copies, engine.mmdit) in PEFT names, with its ``mvgen_config.json``."""
+    dual- and single-stream blocks' reference copies, engine.backbones.mmdit.model) in PEFT names, with its ``mvgen_config.json``."""
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     ffn = int(dim * config["mlp_ratio"])
     shapes = {"ff.net.0.proj": (ffn, dim), "ff.net.2": (dim, ffn), "proj_mlp": (ffn, dim), "proj_out": (dim, dim + ffn)}
@@ -331,7 +343,7 @@ def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor
     """Random values for the parameters a seed method's mode adds to the denoiser (those a plain dual-stream
     model of the same transformer lacks), found by building both on the meta device."""
     from .config import MvgenConfig
-    from .denoiser import MultiViewWanTransformer
+    from .backbones.wan.model import MultiViewWanTransformer
 
     with torch.device("meta"):
         plain = MultiViewWanTransformer(MvgenConfig.from_dict({**config, **ADAPTER_CONFIG}))
@@ -343,3 +355,7 @@ def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor
     if "view_omega" in tensors:  # MVAnimate's weights are positive (a trained one stays near the paper's 0.1-0.25)
         tensors["view_omega"] = tensors["view_omega"].abs() + 0.1
     return tensors
+
+
+# each family's tiny checkpoint writer
+_WRITERS = {"wan": _write_pipeline, "mmdit": _write_mmdit_pipeline}

@@ -27,6 +27,7 @@ class RequestLimits:
     spatial_multiple: int = VAE_SCALE_SPATIAL * 2  # VAE x patch
     temporal_multiple: int = VAE_SCALE_TEMPORAL
     first_frame: bool = True  # image-to-video: a first frame is required (T2V: refused)
+    first_frame_optional: bool = False  # TI2V: text- or image-to-video, a first frame taken when given
     experts: int = 1  # denoisers of the checkpoint (Wan2.2-A14B: 2, each with its own guidance scale)
     prototype: bool = False  # ProFashion PPA: pose images per frame and per reference
     identity: bool = False  # M2HVideo: an identity image

@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .components import Checkpoint, DenoiseCall
+from .checkpoint import Checkpoint
+from .runtime.denoiser import DenoiseCall
 from .denoiser_io import config_specs, text_outputs
 from .generation import generate, prepare, step
 from .request import make_request

@@ -17,11 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from kernels import EXPORTED_MASKS
+
 from .trt_kernel import aot_signature, launch_config
 
 KERNEL = "joint_attention_plugin_kernel"
 DTYPES = ("fp16", "bf16", "fp32")
-MASKS = ("full", "isolated")
+MASKS = EXPORTED_MASKS
 HEAD_DIMS = (64, 128)
 
 

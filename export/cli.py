@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli_args import UsageError, add_model_arguments, checkpoint_sources, parse_overrides
+from engine.cli_args import add_model_arguments, checkpoint_sources, parse_overrides
+from engine.errors import UsageError
 
 EXIT_SKIPPED = 3
 

@@ -3,7 +3,7 @@
 The graph's reference stream is always merged: plain weights named ``ref_blocks.N.*``, no LoRA ops, so a TensorRT
 refit swaps whole merged reference weights. ``load_for_export`` loads with ``ref_weights="merged"``;
 ``export_denoiser`` given a model whose reference stream shares the video stream's weights traces a merged copy of
-the reference blocks (``engine.reference_weights.merged_reference_stream``).
+the reference blocks (``engine.adapters.reference_weights.merged_reference_stream``).
 
 Exporter choice: ``torch.onnx.export(dynamo=True)``. It keeps every size symbolic (positions and RoPE angles
 are computed in-graph from ``Shape``), so R = 0 and R > 0 are the same graph with a dynamic ``refs`` axis.
@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from engine import denoiser_io
-from engine.components import Checkpoint, load_expert
-from engine.reference_weights import merged_reference_stream
+from engine.backbones.families import family_of
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import load_expert
+from engine.adapters.reference_weights import merged_reference_stream
 
 from .plugin import plugin_attention
 
@@ -132,7 +134,7 @@ def translation_table() -> dict:
 def _name_axes(path: Path, specs) -> None:
     """Give the graph's dynamic input/output dims the axis names of ``names`` (weights stay external)."""
     model = onnx.load(str(path), load_external_data=False)
-    by_name = {s.name: s for s in [*specs, denoiser_io.OUTPUT]}
+    by_name = {s.name: s for s in specs}
     for value in [*model.graph.input, *model.graph.output]:
         spec = by_name[value.name]
         for dim, axis in zip(value.type.tensor_type.shape.dim, spec.dims):
@@ -149,7 +151,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     cfg = denoiser.config
     minimums = {}
-    if cfg.family == "mmdit" and attention == "plugin":
+    if not family_of(cfg).plugin_attention and attention == "plugin":
         raise ValueError("an MMDiT exports with --attention native (the plugin node has no text stream and no key "
                          "lengths: the text padding mask)")
     if cfg.ref_attention == "prototype" and attention == "plugin":
@@ -168,6 +170,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     path = out_dir / denoiser_io.ONNX_FILE
     dtype = denoiser.proj_out.weight.dtype
     specs = graph_specs(cfg)
+    output = denoiser_io.output_spec(cfg)
     example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
     denoiser = denoiser.eval().requires_grad_(False)
 
@@ -184,7 +187,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         for stale in (path, out_dir / denoiser_io.ONNX_DATA_FILE):
             stale.unlink(missing_ok=True)
         program.save(str(path), external_data=True)
-    _name_axes(path, specs)
+    _name_axes(path, [*specs, output])
     meta = {
         "model_name": denoiser_io.DENOISER_MODEL_NAME,
         "onnx": denoiser_io.ONNX_FILE,
@@ -193,7 +196,7 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         "opset": denoiser_io.OPSET,
         "profile": (profile or denoiser_io.Profile()).to_dict(),
         "inputs": [{"name": s.name, "dims": list(s.dims), "dtype": s.dtype} for s in specs],
-        "output": {"name": denoiser_io.OUTPUT.name, "dims": list(denoiser_io.OUTPUT.dims)},
+        "output": {"name": output.name, "dims": list(output.dims)},
         "config": cfg.replace(ref_weights="merged").to_dict(),  # the graph's reference stream is merged
         "source": source or {},
     }

@@ -38,12 +38,11 @@ import types
 import onnx
 import torch
 
-from kernels import rotated_attention_reference
+from kernels import EXPORTED_MASKS, rotated_attention_reference
 
 DOMAIN = "mvgen"
 OP_TYPE = "JointAttention"
 OP_VERSION = 2
-EXPORTED_MASKS = ("full", "isolated")
 _ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
 
 

@@ -125,7 +125,6 @@ def build_engine(onnx_dir: str | Path, plan: str | Path, profile: denoiser_io.Pr
         raise ValueError(f"the graph is {graph_dtype}; rebuild it with `mvgen export onnx --dtype {precision}` "
                          f"instead of asking TensorRT for {precision}")
     profile = profile or denoiser_io.Profile({k: tuple(v) for k, v in meta["profile"].items()})
-    cfg = meta["config"]
     specs = denoiser_io.config_specs(meta["config"])
     trt_profile = TrtProfile()
     for name, (lo, opt, hi) in profile.shapes(specs).items():

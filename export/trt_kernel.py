@@ -20,7 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.joint_attention.kernel import MASK_IDS, POINTER_CONFIG_FP32, POINTER_CONFIGS, _attention_fwd
+from kernels.joint_attention import EXPORTED_MASKS, MASK_IDS
+from kernels.joint_attention.kernel import POINTER_CONFIG_FP32, POINTER_CONFIGS, _attention_fwd
 
 TRITON_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
@@ -57,8 +58,8 @@ def joint_attention_plugin_kernel(
 
 def plugin_constexprs(dtype: str, head_dim: int, mask: str, arch: int = 90, emulate_bf16: bool = False) -> dict:
     """Compile-time arguments of ``joint_attention_plugin_kernel`` for one specialisation."""
-    if mask not in ("full", "isolated"):
-        raise ValueError(f"the plugin kernel supports masks ('full', 'isolated'), got {mask!r}")
+    if mask not in EXPORTED_MASKS:
+        raise ValueError(f"the plugin kernel supports masks {EXPORTED_MASKS}, got {mask!r}")
     block_m, block_n, _, _ = launch_config(dtype, head_dim, arch)
     return dict(HEAD_DIM=head_dim, MASK_MODE=MASK_IDS[mask], IEEE_DOT=dtype == "fp32", EMULATE_BF16=emulate_bf16,
                 BLOCK_M=block_m, BLOCK_N=block_n)

@@ -23,6 +23,8 @@ from .batch_invariant import batch_invariant_linear_reference
 from .batch_invariant.reference import check_linear
 from .fusions.reference import adaln_layernorm_reference, distribution_fusion_reference, gated_residual_reference
 from .joint_attention import (
+    EXPORTED_MASKS,
+    MASK_IDS,
     MASK_MODES,
     joint_attention_reference,
     rotated_attention_reference,
@@ -38,7 +40,7 @@ ATTENTION_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 
 __all__ = [
-    "BACKENDS", "ATTENTION_BACKENDS", "MASK_MODES", "qk_prologue", "attention", "attention_path", "kernel_backend",
+    "BACKENDS", "ATTENTION_BACKENDS", "MASK_MODES", "MASK_IDS", "EXPORTED_MASKS", "qk_prologue", "attention", "attention_path", "kernel_backend",
     "joint_attention", "prototype_aggregate", "adaln_layernorm", "gated_residual", "distribution_fusion",
     "joint_attention_reference", "rotated_attention_reference", "qk_prologue_reference",
     "prototype_aggregate_reference", "adaln_layernorm_reference", "gated_residual_reference",

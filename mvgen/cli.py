@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from engine.cli_args import EXIT_USAGE, Parser, UsageError
+from engine.cli_args import EXIT_USAGE, Parser
+from engine.errors import UsageError
 from engine.tiny import CACHE_ENV, default_cache_root
 
 SUBCOMMAND_MODULES = ("engine.cli", "export.cli", "server.cli", "benchmarks.cli")

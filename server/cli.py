@@ -4,10 +4,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from engine.cli_args import (UsageError, add_memory_arguments, add_model_arguments, add_request_arguments,
-                             checkpoint_sources, map_images, memory_options, parse_overrides, request_values,
-                             add_reference_cache_argument, add_step_cache_argument, config_flag_overrides,
-                             add_deterministic_argument)
+from engine.cli_args import (add_memory_arguments, add_model_arguments, add_request_arguments, checkpoint_sources,
+                             map_images, memory_options, parse_overrides, request_values, add_reference_cache_argument,
+                             add_step_cache_argument, config_flag_overrides, add_deterministic_argument)
+from engine.errors import UsageError
 from engine.warmup import WARMUP_MODES
 
 from .api import cli as api_cli

@@ -2,7 +2,7 @@
 
 Each ``1/model.py`` of the generated repository builds one of these classes with the backend's
 ``triton_python_backend_utils`` module (``pb``), which only exists inside the stub process. Each model
-loads only its own component of the checkpoint (``engine.components``); the loop model loads none and runs
+loads only its own component of the checkpoint (``engine.checkpoint``); the loop model loads none and runs
 ``engine.generation.generate`` over ``RemoteStages``, which turn each stage into a BLS call. Nothing here
 computes: it parses, calls, and answers.
 """
@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from engine import generation, warmup
-from engine.components import Checkpoint, DenoiseCall, Denoiser, ImageEncoder, text_encoder_class, vae_class
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
+from engine.backbones.wan.components import ImageEncoder
+from engine.backbones.registry import text_encoder_class, vae_class
 from engine.denoiser_io import denoiser_model_name, mode_specs, step_only, text_outputs
-from engine.errors import RequestError
+from engine.errors import MISS_PREFIX, ReferenceCacheMiss, RequestError, WorkersLost
 from engine.generation import DENOISER_INPUTS, Cancelled
-from engine.parallel import ParallelLayout
-from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss
-from engine.workers import DistributedDenoiser, WorkersLost
+from engine.runtime.parallel import ParallelLayout
+from engine.runtime.workers import DistributedDenoiser
 from engine.request import make_request
 
 from . import fault_injection, protocol
@@ -226,7 +228,7 @@ class VaeModel(_PerRequestModel):
 
 
 class DenoiserModel:
-    """One expert's denoiser call per dynamic batch (``engine.components.Denoiser.run``), and the reference
+    """One expert's denoiser call per dynamic batch (``engine.checkpoint.Denoiser.run``), and the reference
     caches of the requests in flight, keyed by the ``mvgen_cache_key`` request parameter. A Wan2.2 checkpoint
     is served as two of these (``mvgen_denoiser``, ``mvgen_denoiser_2``): each expert batches on its own."""
 
@@ -447,7 +449,8 @@ class RemoteStages:
         for expert, spec in enumerate(self.checkpoint.experts):
             model = denoiser_model_name(expert)
             if spec.config.caches_requests and model not in self.suspects and model not in down:
-                zeros = {"latents": torch.zeros(1, 16, 1, 2, 2, dtype=self.checkpoint.dtype), "timestep": torch.zeros(1, 1)}
+                zeros = {"latents": torch.zeros(1, self.checkpoint.latent_channels, 1, 2, 2, dtype=self.checkpoint.dtype),
+                         "timestep": torch.zeros(1, 1)}
                 try:
                     self._call(model, zeros, ["velocity"], {CACHE_KEY: cache_key, RELEASE: True})
                 except SubModelFailure as error:
@@ -466,7 +469,7 @@ class RemoteStages:
         inputs = dict(inputs)
         b, _, f, h, w = inputs["latents"].shape
         if inputs["ref_latents"] is None:
-            inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, 16, h, w)
+            inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, inputs["latents"].shape[1], h, w)
         for spec in self.mode_specs:
             if inputs.get(spec.name) is None:
                 sizes = dict(batch=b, frames=0, refs=0, identity_len=0, height=h, width=w, ref_height=h, ref_width=w)

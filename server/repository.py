@@ -18,8 +18,9 @@ from pathlib import Path
 from . import protocol
 from .call_bounds import CallBounds
 
+from engine.backbones.families import family_of
 from engine.denoiser_io import config_specs, denoiser_model_name, text_outputs
-from engine.parallel import ParallelLayout
+from engine.runtime.parallel import ParallelLayout
 from engine.warmup import DEFAULT_BUDGET_S, check_mode
 
 GENERATE_MODELS = ("mvgen", "mvgen_stream")
@@ -69,9 +70,9 @@ class RepositoryOptions:
     adapter: str | None = None
     # the rest of ``Checkpoint.load``'s sources: adapter_2, loras, loras_2, lora_reference, transformer_file, ...
     sources: dict = field(default_factory=dict)
-    dtype: str = "float32"  # or "auto" (engine.components.default_dtype on this machine's device)
+    dtype: str = "float32"  # or "auto" (engine.checkpoint.default_dtype on this machine's device)
     device: str = "cpu"
-    offload: str = "none"  # the denoiser in host memory between batches (engine.offload.OFFLOAD_MODES)
+    offload: str = "none"  # the denoiser in host memory between batches (engine.runtime.offload.OFFLOAD_MODES)
     vae_tiling: bool | dict = False  # True or VaeTiling's fields: mvgen_vae encodes and decodes in tiles
     scheduler: str = "unipc"
     max_tokens: int = 131_072
@@ -86,7 +87,7 @@ class RepositoryOptions:
     reference_cache: bool = True  # the denoiser keeps each request's reference K/V (isolated + zero configs)
     reference_cache_mb: int = 8192  # bound on the reference K/V the denoiser holds at once
     cache_root: str | None = None  # where the embedded tiny checkpoint is built
-    sp: int = 1  # sequence-parallel ranks of each denoiser (Ulysses; engine.parallel): a worker process per other rank
+    sp: int = 1  # sequence-parallel ranks of each denoiser (Ulysses; engine.runtime.parallel): a worker process per other rank
     cfg_parallel: bool = False  # cond and uncond rows on two groups of sp ranks (world = 2 x sp)
     worker_timeout_s: float = 120.0  # a worker silent this long fails the batch; the denoiser is then restarted
     # what each model does at load, before the server reports ready (engine.warmup): "full" (weights resident + one
@@ -112,7 +113,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
     """
     import json
 
-    from engine.components import Checkpoint
+    from engine.checkpoint import Checkpoint
     from engine.loading import find_transformer_dir, transformer_weight_files
 
     # the whole checkpoint description is read (and refused, in one line) before a server starts
@@ -129,7 +130,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
                 raise FileNotFoundError(f"not found: {source}")
     for spec in checkpoint.experts:  # refused here, before a server starts, in the words the model would use
         options.parallel.check_heads(spec.config.num_attention_heads)
-        if options.parallel.parallel and spec.config.family != "wan":
+        if options.parallel.parallel and not family_of(spec.config).parallel:
             raise ValueError("sequence/CFG parallel (--sp, --cfg-parallel) is implemented for the Wan family only; "
                              "serve an MMDiT without them")
     check_mode(options.warmup)
@@ -154,7 +155,7 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "overrides": json.dumps(options.overrides), "python_path": str(Path(__file__).resolve().parents[1]),
         "sources": json.dumps(checkpoint.sources()), "offload": checkpoint.offload,
         "vae_tiling": json.dumps(checkpoint.vae_tiling.to_dict()) if checkpoint.vae_tiling else "",
-        "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.workers)
+        "python_executable": sys.executable,  # what a parallel denoiser's workers run (engine.runtime.workers)
         "warmup": options.warmup, "warmup_budget_s": str(options.warmup_budget_s),
         # on a CPU the models take turns on the cores (server.compute_lock)
         "compute_lock": str((dest / COMPUTE_LOCK).resolve()) if checkpoint.device.type == "cpu" else "",
@@ -176,9 +177,9 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
         "mvgen_vae",
         [_tensor("frame", "TYPE_UINT8", [-1, -1, 3], True), _tensor("known", "TYPE_FP32", [-1, -1], True),
          _tensor("num_frames", "TYPE_INT32", [1], True), _tensor("references", "TYPE_UINT8", [-1, -1, -1, 3], True),
-         _tensor("latents", "TYPE_FP32", [1, 16, -1, -1, -1], True)],
+         _tensor("latents", "TYPE_FP32", [1, checkpoint.latent_channels, -1, -1, -1], True)],
         [_tensor("condition", "TYPE_FP32", [1, checkpoint.config.condition_channels or -1, -1, -1, -1]),
-         _tensor("ref_latents", "TYPE_FP32", [1, -1, 16, -1, -1]),
+         _tensor("ref_latents", "TYPE_FP32", [1, -1, checkpoint.latent_channels, -1, -1]),
          _tensor("video", "TYPE_UINT8", [-1, -1, -1, 3])], params))
     for expert, spec in enumerate(checkpoint.experts):
         _write_denoiser(dest, denoiser_model_name(expert), spec.config, {**params, "expert": str(expert)}, options)
@@ -193,14 +194,14 @@ def build_repository(dest: str | Path, options: RepositoryOptions = RepositoryOp
 
 def _write_denoiser(dest: Path, name: str, config, params: dict, options: RepositoryOptions) -> None:
     """The denoiser's I/O comes from ``engine.denoiser_io`` (shared with the ONNX exporter and TensorRT builder)."""
-    from engine.denoiser_io import OUTPUT, STEP_INPUTS, config_specs
+    from engine.denoiser_io import STEP_INPUTS, config_specs, output_spec
 
     io_dtype = _model_type(params["dtype"])
     inputs = [_spec_tensor(s, io_dtype) for s in config_specs(config)]
     # the python denoiser keeps a request's step-invariant inputs (inputs_once): its later steps send the
     # STEP_INPUTS alone, so the others are optional there (a TensorRT plan takes every input at every call)
     kept = [_spec_tensor(s, io_dtype, optional=s.name not in STEP_INPUTS) for s in config_specs(config)]
-    outputs = [_spec_tensor(OUTPUT, io_dtype)]
+    outputs = [_spec_tensor(output_spec(config), io_dtype)]
     batching = f"dynamic_batching {{ max_queue_delay_microseconds: {options.batch_delay_us} }}"
     if options.denoiser_plan:
         folder = _fresh(dest / name)

@@ -14,6 +14,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/server/ starts (or shares) a real tritonserver: marked ``server`` by its folder."""
+    for item in items:
+        if "server" in item.path.relative_to(config.rootpath).parts[1:2]:
+            item.add_marker(pytest.mark.server)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """A cache root (``$MVGEN_CACHE``) holding the built tiny pipeline at ``<root>/tiny-v2``."""

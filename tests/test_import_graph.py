@@ -68,6 +68,20 @@ def package_edges(packages=PACKAGES) -> dict[tuple[str, str], list[str]]:
     return edges
 
 
+def module_edges(packages=PACKAGES) -> dict[tuple[str, str], list[str]]:
+    """``{(importer, imported): ["file:line", ...]}`` between distinct modules of the project (an import of a
+    name inside a module counts as an import of that module; a package's ``__init__`` is the package)."""
+    modules = {_module_name(p): p for package in packages for p in sorted((ROOT / package).rglob("*.py"))}
+    edges: dict[tuple[str, str], list[str]] = {}
+    for name, path in modules.items():
+        for line, module in imported_modules(path):
+            while module and module not in modules:
+                module = module.rpartition(".")[0]
+            if module and module != name and not name.startswith(module + "."):
+                edges.setdefault((name, module), []).append(f"{path.relative_to(ROOT)}:{line}")
+    return edges
+
+
 def find_cycle(edges) -> list[str] | None:
     """One cycle of the package graph as a path ``[a, b, ..., a]``, or None."""
     graph: dict[str, set[str]] = {}
@@ -116,6 +130,13 @@ def test_export_and_server_do_not_import_each_other():
 
 def test_the_package_graph_has_no_cycle():
     assert find_cycle(package_edges()) is None
+
+
+def test_no_module_imports_itself_back():
+    """No circle between the modules of a package either (deferred imports count: a circle is a circle), e.g.
+    ``components -> mmdit_components -> components``. An import of a package's ``__init__`` from inside the
+    package does not count (it is where the package starts)."""
+    assert find_cycle(module_edges()) is None
 
 
 def test_the_check_sees_an_upward_import_inside_a_function(tmp_path, monkeypatch):

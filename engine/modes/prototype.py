@@ -15,7 +15,7 @@ Pieces and the decisions behind them:
 - Pose encoder (``pose_encoder``): a linear patch embedding Cp -> ``POSE_DIM`` on the video's 1x2x2 patch
   grid, so pose token n of a frame (of a reference) sits where video (reference) token n sits. It runs as a
   token-wise GEMM over the patches rather than a convolution: same numbers, and a token-wise GEMM (unlike a
-  convolution's algorithm) does not change with the batch (see ``engine.batch_invariance.batch_invariant``).
+  convolution's algorithm) does not change with the batch (see ``engine.runtime.batch_invariance.batch_invariant``).
   ``POSE_DIM`` = 64 is the pose dim the Triton PPA kernel's GPU tiles were chosen for (no spills at d = 64).
 - Pose selector per layer (``selectors.<layer>``, Eqs. 5-6): ``q = to_q(GN_q(x_frame + P))``,
   ``k = to_k(GN_k(x_ref + P))``. P is the 2-D sinusoidal encoding over (h, w) (half the channels sin/cos
@@ -78,7 +78,7 @@ from torch import nn
 
 from kernels import kernel_backend, prototype_aggregate
 
-from ..positions import grid_positions
+from ..streams.positions import grid_positions
 
 POSE_DIM = 64
 POSE_GROUPS = 32

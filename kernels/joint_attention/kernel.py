@@ -31,9 +31,8 @@ import triton
 import triton.language as tl
 
 from .._common import check_device, check_operand, dot_precision, emulate_bf16, interpreting, mma, narrow
-from .reference import check_streams
+from .reference import MASK_IDS, check_streams
 
-MASK_IDS = {"full": 0, "isolated": 1, "prototype": 2}
 HEAD_DIMS = (64, 128)
 
 

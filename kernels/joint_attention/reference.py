@@ -21,7 +21,13 @@ import torch.nn.functional as F
 
 from ..rope import apply_rope, rope_angles
 
+# the attention masks, declared once: the config's ref_attention values, the kernel's MASK_MODE ids (their index
+# here), the export's plugin masks (the prefix that needs no per-frame layout), the native enum (checked in a test)
 MASK_MODES = ("full", "isolated", "prototype")
+MASK_IDS = {mask: i for i, mask in enumerate(MASK_MODES)}
+# what the ONNX plugin, the AOT kernel library and the TensorRT plugin build: ``prototype`` needs PPA's per-frame
+# prototype layout, which the plugin node does not carry
+EXPORTED_MASKS = MASK_MODES[:2]
 
 
 def _concrete(*values) -> bool:

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 
 DEFAULT_PORT = 8080
 STARTUP_TIMEOUT_S = 30.0

@@ -1,11 +1,14 @@
 """`mvgen bench mmdit` at the tiny size: parity checked before timing, one row per case, the one results format."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
 
 
+@pytest.mark.slow
 def test_bench_mmdit_writes_checked_rows(tmp_path):
     done = subprocess.run([sys.executable, "-m", "benchmarks.bench_mmdit", "--config", "tiny", "--refs", "2",
                            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(tmp_path)],

@@ -9,6 +9,9 @@ import pytest
 
 from mvgen.cli import main
 
+# it starts a real tritonserver and times it against the in-process pipeline
+pytestmark = [pytest.mark.server, pytest.mark.serial]
+
 pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is not installed (pip install 'mvgen[server]')")
 
 

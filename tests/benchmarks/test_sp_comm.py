@@ -88,7 +88,7 @@ def test_step_flops_match_torch_flop_counter(task, refs):
     from torch.utils.flop_counter import FlopCounterMode
 
     from engine.config import MvgenConfig
-    from engine.denoiser import MultiViewWanTransformer
+    from engine.backbones.wan.model import MultiViewWanTransformer
 
     i2v = task == "i2v"
     cfg = MvgenConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=48, num_layers=3, text_dim=16,

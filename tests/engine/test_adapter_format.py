@@ -1,4 +1,4 @@
-"""The adapter format (``engine.lora``): MVI2V checkpoints as trained. Full tensors (a whole reference stream, video-
+"""The adapter format (``engine.adapters.lora``): MVI2V checkpoints as trained. Full tensors (a whole reference stream, video-
 stream changes, a mode's modules) load as if the model had been built with them; LoRA pairs merge on top with the
 scale their file's convention gives, PEFT's own unmerged layers being the oracle; what a mode needs and the adapter
 lacks, names the model does not have and shapes it does not take are refused by name."""
@@ -13,10 +13,11 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-import engine.loading
-from engine.denoiser import MultiViewWanTransformer
-from engine.lora import AdapterError
-from engine.loading import denoiser_config, load_denoiser
+import engine.backbones.wan.loading
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.errors import AdapterError
+from engine.loading import denoiser_config
+from engine.backbones.registry import load_denoiser
 
 from .conftest import inputs, rel_err
 from .test_base_lora import Writer, diffusers_merged, diffusers_tensors
@@ -205,7 +206,7 @@ def test_lora_scale_follows_the_files_convention(wan_dir, tmp_path, caplog, conv
     caplog.set_level(logging.INFO, logger="mvgen.loading")
     den = load_denoiser(wan_dir[0], adapter=adapter)
     a, b = (lora[f"ref_blocks.1.ffn.net.2.lora_{x}.weight"] for x in "AB")  # the hand formula W + scale * B @ A
-    # (the reference stream shares the base weight and applies its pair unmerged: engine.reference_weights)
+    # (the reference stream shares the base weight and applies its pair unmerged: engine.adapters.reference_weights)
     torch.testing.assert_close(den.ref_blocks[1].ffn.net[2].merged_weight(),
                                wan_dir[1].blocks[1].ffn.net[2].weight + scale * b @ a, rtol=0, atol=1e-6)
     assert rel_err(outputs(den, 15), outputs(oracle, 15)) < 1e-5
@@ -233,7 +234,7 @@ class WithModeGate(MultiViewWanTransformer):
 
 
 def test_a_modes_tensors_come_from_the_adapter_or_the_load_is_refused(wan_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(engine.loading, "MultiViewWanTransformer", WithModeGate)
+    monkeypatch.setattr(engine.backbones.wan.loading, "MultiViewWanTransformer", WithModeGate)
     load_denoiser(wan_dir[0])  # without the mode the model has no such parameter and needs nothing
     # what the mode adds to the model: the gate, and whatever identity modules the model itself has
     config = denoiser_config(wan_dir[0])

@@ -13,8 +13,8 @@ import torch
 from diffusers import WanPipeline
 from safetensors.torch import save_file
 
-from engine.base_lora import LoraError, LoraSpec, merge_base_loras
-from engine.lora import AdapterError
+from engine.adapters.base_lora import LoraSpec, merge_base_loras
+from engine.errors import AdapterError, LoraError
 
 from .conftest import make_wan
 

@@ -1,4 +1,4 @@
-"""``--deterministic`` (``engine.batch_invariance``): a call's velocity is the same bits alone and in an unpadded
+"""``--deterministic`` (``engine.runtime.batch_invariance``): a call's velocity is the same bits alone and in an unpadded
 batch with 1 to 7 companions of other seeds, shapes, reference counts, guidance and cache states.
 
 The oracle for the bits is the call run alone through the same ``Denoiser.run`` (no padding anywhere); the
@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.batch_invariance import BatchInvariantOps, batch_invariant_ops
-from engine.components import Checkpoint, DenoiseCall, Denoiser
+from engine.runtime.batch_invariance import BatchInvariantOps, batch_invariant_ops
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
 
 from .conftest import inputs
 

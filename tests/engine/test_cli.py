@@ -34,6 +34,7 @@ def _generate_args(demo, out, *extra):
             "--prompt", "a person turns around", "--out", str(out), *extra]
 
 
+@pytest.mark.slow
 def test_generate_end_to_end_writes_mp4_and_contact_sheet(demo, tiny_cache, tmp_path):
     import imageio.v3 as iio
 
@@ -47,6 +48,7 @@ def test_generate_end_to_end_writes_mp4_and_contact_sheet(demo, tiny_cache, tmp_
         assert sheet.size == (3 * 64 + 2 * 2, 3 * 64 + 2 * 2)
 
 
+@pytest.mark.slow
 def test_references_at_their_own_size_end_to_end(demo, tiny_cache, tmp_path):
     import imageio.v3 as iio
 
@@ -107,13 +109,13 @@ def test_bad_arguments_in_process(demo, tiny_env, tmp_path, capsys, extra, words
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "p", "--out", "v.mp4"], ["serve"]])
 def test_memory_options_share_one_declaration(command):
-    """``--dtype``/``--offload`` choices are ``engine.components.DTYPES``/``engine.offload.OFFLOAD_MODES``, the
+    """``--dtype``/``--offload`` choices are ``engine.checkpoint.DTYPES``/``engine.runtime.offload.OFFLOAD_MODES``, the
     defaults auto/none, and ``--help`` says what auto does on a CPU."""
     import argparse
 
     from engine.cli_args import add_memory_arguments
-    from engine.components import DTYPES
-    from engine.offload import OFFLOAD_MODES
+    from engine.devices import DTYPES
+    from engine.runtime.offload import OFFLOAD_MODES
     from mvgen.cli import build_parser
 
     args = build_parser({}).parse_args(command)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a CLI process per bad file
+
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 SHARD = "transformer/diffusion_pytorch_model-00001-of-00002.safetensors"
 

@@ -1,4 +1,4 @@
-"""``engine.components.Denoiser.run``: calls of equal shapes share a batch, yet each call's answer is its own.
+"""``engine.checkpoint.Denoiser.run``: calls of equal shapes share a batch, yet each call's answer is its own.
 
 Two oracles: the model itself on one call's rows (``MultiViewWanTransformer.forward``, references
 recomputed), which every answer must match to float rounding; and the same call run in a batch of its own at
@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.components import Checkpoint, DenoiseCall, Denoiser
-from engine.reference_cache import ReferenceCacheMiss
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
+from engine.errors import ReferenceCacheMiss
 
 from .conftest import inputs
 
@@ -95,7 +96,7 @@ def test_a_call_gets_the_same_bits_at_its_own_rows_and_in_the_servers_padded_bat
                                                                                    latent):
     """Batch invariance: the in-process pipeline runs a request at its own 1 or 2 rows, the server pads every
     batch to 8 and mixes requests; the video must not change by a bit (small-M GEMMs and the patch convolution
-    run on fixed row blocks, see ``engine.batch_invariance.batch_invariant``)."""
+    run on fixed row blocks, see ``engine.runtime.batch_invariance.batch_invariant``)."""
     cfg = denoiser.model.config
     x = inputs(gen, batch=batch, text_dim=cfg.text_dim, image_dim=cfg.image_dim, refs=refs, **latent)
     other = inputs(gen, batch=2, text_dim=cfg.text_dim, image_dim=cfg.image_dim, refs=refs, **latent)

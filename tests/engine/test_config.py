@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine.config import MvgenConfig
-from engine.files import CheckpointError
+from engine.errors import CheckpointError
 
 WAN = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=24, in_channels=36, out_channels=16,
            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, image_dim=20, added_kv_proj_dim=48, eps=1e-6)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.config import MvgenConfig
-from engine.denoiser import ContextCache, MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.runtime.caches import ContextCache
 
 from .conftest import FAMILIES, SMALL_WAN, inputs, rel_err
 

@@ -11,11 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.files import (
-    MAX_JSON_BYTES, MAX_SAFETENSORS_HEADER, CheckpointError, check_checkpoint_component, check_safetensors,
-    index_shards, load_safetensors, read_json, safetensors_files,
-)
-from engine.lora import AdapterError
+from engine.files import (MAX_JSON_BYTES, MAX_SAFETENSORS_HEADER, check_checkpoint_component, check_safetensors,
+                          index_shards, load_safetensors, read_json, safetensors_files)
+from engine.errors import AdapterError, CheckpointError
 
 ERRORS = [CheckpointError, AdapterError]
 

@@ -8,8 +8,9 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors.torch import save_file
 
-from engine.lora import BLOCK_LINEARS, AdapterError
-from engine.loading import CheckpointError, load_denoiser
+from engine.adapters.lora import BLOCK_LINEARS
+from engine.errors import AdapterError, CheckpointError
+from engine.backbones.registry import load_denoiser
 
 from .conftest import inputs, rel_err
 

@@ -1,4 +1,4 @@
-"""Memory options: ``--offload`` (engine.offload), ``--vae-tiling``, ``--dtype`` (auto, and which tensors stay fp32).
+"""Memory options: ``--offload`` (engine.runtime.offload), ``--vae-tiling``, ``--dtype`` (auto, and which tensors stay fp32).
 
 What a CPU can show and what it cannot. Offloading moves weights between host memory and an accelerator; here both
 are the CPU, so no byte moves and no memory is saved: the peak-memory saving is for a GPU run (the bench) to
@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import components
-from engine.components import Checkpoint, Denoiser, VaeTiling, default_dtype, resolve_dtype
-from engine.offload import OFFLOAD_MODES, WINDOW, Offload, OffloadedBlocks, apply_offload
+from engine import devices
+from engine.checkpoint import Checkpoint, VaeTiling
+from engine.runtime.denoiser import Denoiser
+from engine.devices import default_dtype, resolve_dtype
+from engine.runtime.offload import OFFLOAD_MODES, WINDOW, Offload, OffloadedBlocks, apply_offload
 from engine.pipeline import LocalStages, MultiViewPipeline
 from engine.tiny import TINY_VERSION
 
@@ -159,7 +161,7 @@ def test_offload_is_refused_on_the_cpu_and_kept_for_an_accelerator(tiny_cache):
     (set(), torch.float32),  # no /proc/cpuinfo
 ])
 def test_auto_dtype_on_the_cpu_follows_native_bf16_matmul(monkeypatch, flags, expected):
-    monkeypatch.setattr(components, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
     assert default_dtype("cpu") == resolve_dtype("auto", "cpu") == expected
     assert default_dtype("cuda") == resolve_dtype("auto", "cuda:1") == torch.bfloat16
 
@@ -177,7 +179,7 @@ def test_bfloat16_keeps_norms_and_modulation_tables_float32(tiny, adapter):
     too. Everything else floating is bfloat16."""
     from diffusers import WanTransformer3DModel
 
-    from engine.components import load_expert
+    from engine.runtime.denoiser import load_expert
 
     keep = WanTransformer3DModel._keep_in_fp32_modules
 
@@ -212,7 +214,7 @@ def test_tiled_decode_is_diffusers_tiled_decode_and_close_to_whole_frames(tiny):
     at diffusers' 256/192). A frame no larger than a tile is decoded whole, bit for bit."""
     from diffusers import AutoencoderKLWan
 
-    from engine.components import Vae
+    from engine.backbones.wan.components import Vae
 
     tiled = Vae(Checkpoint.load(tiny, dtype=torch.float32, vae_tiling=TILES))
     whole = Vae(Checkpoint.load(tiny, dtype=torch.float32))
@@ -234,7 +236,8 @@ def test_tiled_decode_is_diffusers_tiled_decode_and_close_to_whole_frames(tiny):
 
 _PEAK = """
 import re, sys, torch
-from engine.components import Checkpoint, Vae
+from engine.backbones.wan.components import Vae
+from engine.checkpoint import Checkpoint
 torch.set_num_threads(1)
 
 
@@ -257,6 +260,7 @@ print(peak(tiled, latents), peak(whole, latents))
 """
 
 
+@pytest.mark.slow
 def test_tiled_decode_peaks_lower(tiny):
     """Peak resident memory above the start (KiB) of decoding 5 frames at 256 x 256, in a fresh process, the
     kernel's high-water mark reset before each decode (``/proc/self/clear_refs``) and glibc's mmap threshold fixed

@@ -1,4 +1,4 @@
-"""The MMDiT denoiser (engine.mmdit) against diffusers' HunyuanVideoTransformer3DModel, the oracle we did not write:
+"""The MMDiT denoiser (engine.backbones.mmdit.model) against diffusers' HunyuanVideoTransformer3DModel, the oracle we did not write:
 the base without references, and MVI2V's reference stream with a zero LoRA against references appended as frames."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from diffusers import HunyuanVideoTransformer3DModel
 from safetensors.torch import save_file
 
-from engine.loading import load_denoiser
-from engine.mmdit import MultiViewMMDiT
+from engine.backbones.registry import load_denoiser
+from engine.backbones.mmdit.model import MultiViewMMDiT
 
-from .conftest import rel_err
+from .conftest import PARITY_RTOL, rel_err
 
 SMALL_MMDIT = dict(
     in_channels=33, out_channels=16, num_attention_heads=2, attention_head_dim=24, num_layers=2, num_single_layers=2,
@@ -93,7 +93,7 @@ def test_without_references_equals_hunyuan_video(mmdit_dir, shape, ref_mode, no_
         refs = x.pop("ref_latents")
         got = den(**x, ref_latents=None if no_refs == "none" else refs)
     assert got.shape == want.shape
-    assert rel_err(got, want) < 1e-4
+    assert rel_err(got, want) < PARITY_RTOL
 
 
 def zero_lora_adapter(folder, config: dict, seed: int, scale_b: float = 0.0):
@@ -131,14 +131,14 @@ def test_zero_lora_reference_stream_equals_hunyuan_video_with_appended_frames(mm
         want = diffusers_velocity(model, x, x["ref_latents"])
         got = den(**x)
         without = den(**{**x, "ref_latents": None})
-    assert rel_err(got, want) < 1e-4
+    assert rel_err(got, want) < PARITY_RTOL
     assert rel_err(without, want) > 1e-3  # the references reach the video (the check above is not vacuous)
 
 
 def test_lora_changes_only_the_reference_stream_by_its_delta(mmdit_dir, tmp_path):
     path, task, model = mmdit_dir
     adapter = zero_lora_adapter(tmp_path / "adapter", SMALL_MMDIT, 9, scale_b=0.1)
-    den = load_denoiser(path, adapter)
+    den = load_denoiser(path, adapter, ref_weights="merged")  # the merged copy's weights, inspected
     plain = load_denoiser(path)
     state, base = den.state_dict(), model.state_dict()
     from safetensors.torch import load_file
@@ -182,5 +182,105 @@ def test_wan_only_inputs_and_options_are_refused(mmdit_dir):
         den(**{**x, "text_mask": None})
     with pytest.raises(ValueError, match="not implemented on the MMDiT"):
         load_denoiser(path, ref_attention="prototype")
-    with pytest.raises(ValueError, match="Wan family only"):
-        den.parallelize(object())
+    from engine.runtime.parallel import Collectives, SequenceParallel
+
+    with pytest.raises(ValueError, match="divisible by sp; this model has 2 heads"):
+        den.parallelize(SequenceParallel(Collectives(None, 0, 3)))
+
+
+@pytest.mark.parametrize("ref_rope", ["decoupled", "shared"])
+@pytest.mark.parametrize("num_refs", [1, 3])
+def test_reference_cache_equals_recomputation(mmdit_dir, tmp_path, ref_rope, num_refs):
+    """``isolated`` + ``zero``: the reference stream's per-layer K/V, built once from the references and the pooled
+    prompt, give every step the velocity of the stream recomputed in the call; the cache is of the call's rows
+    (the prompt reaches the references through their timestep embedding) and of its video grid."""
+    path, task, _ = mmdit_dir
+    den = load_denoiser(path, zero_lora_adapter(tmp_path / "a", SMALL_MMDIT, 4, scale_b=0.1),
+                        ref_attention="isolated", ref_timestep="zero", ref_rope=ref_rope)
+    assert den.config.caches_reference
+    x = mmdit_inputs(53 + num_refs, task, 3, 4, 6, refs=num_refs, batch=3)
+    with torch.no_grad():
+        cache = den.precompute_reference(x["ref_latents"], x["text"], None, (3, 4, 6), text_mask=x["text_mask"],
+                                         pooled_text=x["pooled_text"])
+        layers = SMALL_MMDIT["num_layers"] + SMALL_MMDIT["num_single_layers"]
+        assert len(cache.keys) == len(cache.values) == layers and cache.rows == 3
+        for step, t in enumerate((937.0, 400.0)):  # one cache, every step
+            call = {**x, "timestep": torch.full((3,), t), "latents": x["latents"] * (1 + step)}
+            want = den(**call)
+            got = den(**{**call, "ref_latents": None}, ref_cache=cache)
+            assert rel_err(got, want) < 1e-5
+        assert rel_err(want, den(**{**call, "ref_latents": None})) > 1e-3  # the references reach the video
+        with pytest.raises(ValueError, match="video grid"):
+            den(**{**mmdit_inputs(1, task, 2, 4, 6, batch=3), "ref_latents": None}, ref_cache=cache)
+    with pytest.raises(ValueError, match="needs pooled_text"):
+        den.precompute_reference(x["ref_latents"], x["text"], None, (3, 4, 6))
+
+
+def test_hunyuan_video_with_a_rank64_lora_holds_at_most_1_05x_the_base():
+    """HunyuanVideo's widths (diffusers' defaults: 20 dual + 40 single blocks of 24 x 128), rank 64 on every
+    reference linear the adapter trains (``engine.tiny.MMDIT_ADAPTER_MODULES``), built on the meta device as
+    ``load_mmdit`` builds it: the shared stream holds the video stream's weights plus the pairs (1.016x), a merged
+    one a copy of every block's video modules (1.707x; the text stream's modules are not copied)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    from engine.adapters.reference_weights import share_reference_stream, wrap_low_rank
+    from engine.backbones.families import MMDIT
+    from engine.config import MvgenConfig
+    from engine.tiny import MMDIT_ADAPTER_MODULES
+
+    config = MvgenConfig.from_dict(MMDIT.config_values({"guidance_embeds": False}))  # HunyuanVideo-I2V: true CFG
+    with torch.device("meta"):
+        base = sum(p.numel() for p in HunyuanVideoTransformer3DModel(**config.mmdit_dict()).parameters())
+        merged = sum(p.numel() for p in MultiViewMMDiT(config).parameters())
+        model = MultiViewMMDiT(config)
+        counts = {"ref_blocks": config.num_layers, "ref_single_blocks": config.num_single_layers}
+        wrap_low_rank(model, {f"{blocks}.{i}.{m}": (64, 1.0) for blocks, modules in MMDIT_ADAPTER_MODULES.items()
+                              for i in range(counts[blocks]) for m in modules})
+    share_reference_stream(model)
+    shared = sum(p.numel() for p in model.parameters())
+    print(f"\nHunyuanVideo {base / 1e9:.2f} B parameters: shared reference stream {shared / base:.3f}x, merged "
+          f"{merged / base:.3f}x")
+    assert shared / base <= 1.05 and merged / base > 1.65, (shared / base, merged / base)
+
+
+@pytest.mark.parametrize("ref_attention", ["full", "isolated"])
+def test_shared_reference_stream_equals_the_merged_copy(mmdit_dir, tmp_path, ref_attention):
+    """The default (``ref_weights="shared"``): the reference modules hold the video modules' tensors themselves and
+    apply the adapter's pairs unmerged; the velocity is the merged copy's within float32 rounding."""
+    from engine.adapters.reference_weights import holds_shared_weights, weight_bytes
+
+    path, task, _ = mmdit_dir
+    adapter = zero_lora_adapter(tmp_path / "adapter", SMALL_MMDIT, 13, scale_b=0.1)
+    shared = load_denoiser(path, adapter, ref_attention=ref_attention)
+    merged = load_denoiser(path, adapter, ref_attention=ref_attention, ref_weights="merged")
+    assert shared.config.ref_weights == "shared" and holds_shared_weights(shared)
+    assert merged.config.ref_weights == "merged" and not holds_shared_weights(merged)
+    assert weight_bytes(shared) < 0.75 * weight_bytes(merged)
+    x = mmdit_inputs(61, task, 2, 4, 6, refs=2)
+    with torch.no_grad():
+        got, want = shared(**x), merged(**x)
+        assert rel_err(got, want) < PARITY_RTOL
+        assert rel_err(got, shared(**{**x, "ref_latents": None})) > 1e-3
+
+
+def test_step_cache_reuses_the_video_residual_on_redundant_steps(mmdit_dir):
+    """TeaCache (``engine.runtime.step_cache``) on the MMDiT: the first dual-stream block's modulated video input
+    decides; a computed step is the plain forward bit for bit, a skipped one adds the last residual of the video
+    tokens, near the plain forward while the input barely moves."""
+    from engine.runtime.step_cache import StepCache
+
+    path, task, _ = mmdit_dir
+    den = load_denoiser(path)
+    x = mmdit_inputs(71, task, 2, 4, 6, refs=1)
+    cache, skipped = StepCache(0.2), []
+    with torch.no_grad():
+        for i, t in enumerate((990.0, 985.0, 980.0, 600.0)):
+            call = {**x, "timestep": torch.full((2,), t), "latents": x["latents"] * (1 + 0.01 * i)}
+            before = cache.skipped
+            got, plain = den(**call, step_cache=cache), den(**call)
+            skipped.append(cache.skipped > before)
+            if skipped[-1]:
+                assert 0 < rel_err(got, plain) < 0.25  # random weights move more per step than trained ones
+            else:
+                assert torch.equal(got, plain)
+    assert not skipped[0] and any(skipped) and not all(skipped[1:]), skipped

@@ -17,9 +17,10 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from engine import generation
-from engine.components import Checkpoint, quiet_hub_progress
+from engine.checkpoint import Checkpoint
+from engine.files import quiet_hub_progress
 from engine.denoiser_io import config_specs, text_outputs
-from engine.mmdit_components import MMDiTTextEncoder, MMDiTVae, prompt_template
+from engine.backbones.mmdit.components import MMDiTTextEncoder, MMDiTVae, prompt_template
 from engine.pipeline import LocalStages
 from engine.request import make_request
 from engine.tiny import VARIANTS, build_tiny, ensure_tiny
@@ -70,7 +71,7 @@ def test_build_is_bit_identical_and_diffusers_loads_it(mmdit, diffusers_pipe, tm
 
 
 def test_bundled_adapter_is_a_peft_lora_on_the_reference_blocks(mmdit):
-    """Rank-4 PEFT pairs on each reference block's attention and FFN linears (read as safetensors: engine.lora's
+    """Rank-4 PEFT pairs on each reference block's attention and FFN linears (read as safetensors: engine.adapters.lora's
     reader knows Wan's block names only)."""
     from safetensors.torch import load_file
 
@@ -209,7 +210,7 @@ def test_denoiser_inputs_are_declared_by_family(mmdit):
 def test_loop_without_references_is_diffusers_i2v(mmdit):
     """The whole loop (prepare, true CFG, Euler steps) with R = 0 against diffusers' HunyuanVideoImageToVideoPipeline
     on the same transformer, VAE and scheduler, fed the same prompt states (its own prompt path reads the image
-    through a Llava) and noise; diffusers returns the latents after frame 0. Needs the MMDiT denoiser (engine.mmdit)."""
+    through a Llava) and noise; diffusers returns the latents after frame 0. Needs the MMDiT denoiser (engine.backbones.mmdit.model)."""
     from engine.pipeline import MultiViewPipeline
 
     ckpt = mmdit.checkpoint

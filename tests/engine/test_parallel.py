@@ -1,4 +1,4 @@
-"""Ulysses sequence parallel and CFG parallel (``engine.parallel``) on CPU over gloo equal one process.
+"""Ulysses sequence parallel and CFG parallel (``engine.runtime.parallel``) on CPU over gloo equal one process.
 
 One spawn of four processes runs every layout in turn (sp=2, sp=3, sp=2 with CFG parallel), each over its own
 groups; each rank loads the same weights and inputs and rank 0 writes what it got. Token counts are chosen
@@ -15,13 +15,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from engine.backbones.families import MMDIT
+from engine.backbones.mmdit.model import MultiViewMMDiT
+from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
-from engine.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
-from engine.step_cache import StepCache
+from engine.runtime.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
+from engine.runtime.step_cache import StepCache
 from server.launcher import free_port
+from tests.goldens import check_golden
 
 from .conftest import SMALL_WAN, inputs, rel_err
+
+pytestmark = pytest.mark.slow  # spawns four gloo processes
 
 LAYOUTS = {"sp2": ParallelLayout(2), "sp3": ParallelLayout(3), "sp2_cfg": ParallelLayout(2, cfg_parallel=True)}
 WORLD = max(layout.world_size for layout in LAYOUTS.values())
@@ -30,7 +35,15 @@ REF_HW = (2, 14)  # 1 x 7 = 7 tokens per reference
 WIDE = dict(SMALL_WAN, num_attention_heads=6, attention_head_dim=12, added_kv_proj_dim=72)
 # the families besides Wan2.1-I2V: T2V (Mv2ID reference-to-video) and a Wan2.2-I2V expert (no CLIP)
 FAMILIES = {"joint": {}, "prototype": {}, "t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
-            "wan22": dict(image_dim=None, added_kv_proj_dim=None), "multiview": dict(view_attention="multiview")}
+            "wan22": dict(image_dim=None, added_kv_proj_dim=None), "multiview": dict(view_attention="multiview"),
+            "mmdit": {}}
+# HunyuanVideo-I2V (an MMDiT: video, reference and text streams all sharded) with 6 heads of 12
+WIDE_MMDIT = dict(
+    in_channels=33, out_channels=16, num_attention_heads=6, attention_head_dim=12, num_layers=2, num_single_layers=2,
+    num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=False,
+    text_embed_dim=20, pooled_projection_dim=12, rope_theta=256.0, rope_axes_dim=(4, 4, 4),
+    image_condition_type="latent_concat",
+)
 # (model, config changes, references, batch, reference cache): every ref_attention mode, with and without
 # references; the cached modes build their cache on every rank
 CASES = {
@@ -47,19 +60,27 @@ CASES = {
     "multiview": ("multiview", {}, 2, 2, False),
     "multiview_cached": ("multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
     "wan22_isolated_cached": ("wan22", dict(ref_attention="isolated", ref_timestep="zero"), 1, 2, True),
-    # TeaCache over 4 steps (engine.step_cache): every rank takes the one-process decisions (sums over all ranks)
+    # TeaCache over 4 steps (engine.runtime.step_cache): every rank takes the one-process decisions (sums over all ranks)
     "step_cached": ("joint", {}, 2, 2, False),
     "step_cached_odd_batch": ("joint", {}, 1, 3, False),
+    # the MMDiT: a triple-stream joint attention (text padding masked by key lengths), its reference cache, TeaCache
+    "mmdit_full": ("mmdit", {}, 2, 2, False),
+    "mmdit_no_refs_odd_batch": ("mmdit", {}, 0, 3, False),
+    "mmdit_isolated_cached": ("mmdit", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
+    "mmdit_step_cached": ("mmdit", {}, 1, 2, False),
 }
 
 
 def model_config(kind: str) -> MvgenConfig:
+    if kind == "mmdit":
+        return MvgenConfig.from_dict(MMDIT.config_values(WIDE_MMDIT))
     return MvgenConfig.from_dict({**WIDE, **FAMILIES[kind]}, ref_attention="prototype" if kind == "prototype" else "full")
 
 
 def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
     torch.manual_seed(seed)
-    model = MultiViewWanTransformer(model_config(kind)).eval().requires_grad_(False)
+    model_class = MultiViewMMDiT if kind == "mmdit" else MultiViewWanTransformer
+    model = model_class(model_config(kind)).eval().requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():  # non-trivial weights everywhere (biases, modulation, reference stream)
             p.add_(torch.randn_like(p) * 0.05)
@@ -69,6 +90,17 @@ def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
 def case_inputs(name: str) -> dict:
     kind, _, refs, batch, _ = CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    if kind == "mmdit":
+        cfg = model_config(kind)
+        text_mask = torch.zeros(batch, cfg.text_len)
+        for row in range(batch):  # a full prompt, then shorter ones: padding masked by key lengths
+            text_mask[row, :cfg.text_len // (row + 1) - 3 * row] = 1
+        return dict(latents=torch.randn(batch, 16, *VIDEO, generator=gen),
+                    condition=torch.randn(batch, cfg.condition_channels, *VIDEO, generator=gen),
+                    timestep=torch.rand(batch, generator=gen) * 1000,
+                    text=torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen), text_mask=text_mask,
+                    pooled_text=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+                    ref_latents=torch.randn(batch, refs, 16, *REF_HW, generator=gen))
     x = inputs(gen, batch=batch, frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], refs=refs, ref_hw=REF_HW,
                config=model_config(kind))
     if kind == "prototype":
@@ -103,7 +135,8 @@ def run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: Parall
         x = dict(x)
         cache = None
         if cached and refs:
-            cache = model.precompute_reference(x["ref_latents"], x["text"], x["image_context"], VIDEO)
+            extras = {k: x[k] for k in ("text_mask", "pooled_text") if k in x}
+            cache = model.precompute_reference(x["ref_latents"], x["text"], x.get("image_context"), VIDEO, **extras)
             x["ref_latents"] = None
         if runtime is None:
             return model(**x, ref_cache=cache)
@@ -160,11 +193,13 @@ def parallel_outputs(tmp_path_factory):
     return want, load_file(str(folder / "got.safetensors"))
 
 
+@pytest.mark.golden
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_parallel_equals_one_process(parallel_outputs, layout, case):
     want, got = parallel_outputs
     out = got[f"{layout}/{case}"]
+    check_golden(f"parallel_{layout}_{case}", {"parallel": out, "one_process": want[case]})
     if case.startswith("step_cached"):  # the same decisions, and some steps skipped
         decisions = want[case][-len(STEP_TIMESTEPS):]
         assert torch.equal(out[-len(STEP_TIMESTEPS):], decisions) and 0 < decisions.sum() < len(STEP_TIMESTEPS) - 1

@@ -1,11 +1,12 @@
-"""``engine.reference_cache.ReferenceCacheStore`` (bounded, least recently used first) and ``ReferenceCache.cat``."""
+"""``engine.runtime.reference_cache.ReferenceCacheStore`` (bounded, least recently used first) and ``ReferenceCache.cat``."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.denoiser import ReferenceCache
-from engine.reference_cache import MISS_PREFIX, ReferenceCacheMiss, ReferenceCacheStore
+from engine.runtime.caches import ReferenceCache
+from engine.runtime.reference_cache import ReferenceCacheStore
+from engine.errors import MISS_PREFIX, ReferenceCacheMiss
 
 LAYOUT = (2, (4, 6), (2, 4, 6))  # num_refs, ref_hw, video_fhw
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.lora import AdapterError
+from engine.errors import AdapterError
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import TINY_VERSION
 
@@ -85,6 +85,7 @@ def test_an_adapter_missing_a_modes_tensors_is_refused(tiny, tmp_path):
         MultiViewPipeline.from_pretrained(tiny, adapter=adapter)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_from_the_command_line(tiny_cache, tmp_path, mode):
     first, *refs = _images(3, 1)

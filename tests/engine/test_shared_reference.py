@@ -1,4 +1,4 @@
-"""The shared reference stream (``ref_weights="shared"``, ``engine.reference_weights``): the video stream's weights
+"""The shared reference stream (``ref_weights="shared"``, ``engine.adapters.reference_weights``): the video stream's weights
 plus the reference LoRA unmerged. Its oracle is the merged stream (``ref_weights="merged"``), which
 tests/engine/test_lora.py and test_adapter_format.py check against PEFT and diffusers: the same outputs in every
 reference attention mode and adapter convention, a fallback to merged that says why, and the memory it saves."""
@@ -12,12 +12,13 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
-from engine.base_lora import LoraSpec
+from engine.adapters.base_lora import LoraSpec
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
-from engine.loading import denoiser_config, load_denoiser
-from engine.lora import BLOCK_LINEARS
-from engine.reference_weights import (LowRankLinear, holds_shared_weights, merged_reference_stream,
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.loading import denoiser_config
+from engine.backbones.registry import load_denoiser
+from engine.adapters.lora import BLOCK_LINEARS
+from engine.adapters.reference_weights import (LowRankLinear, holds_shared_weights, merged_reference_stream,
                                       share_reference_stream, weight_bytes, wrap_low_rank)
 
 from .conftest import inputs, make_wan, rel_err

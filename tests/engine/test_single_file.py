@@ -9,8 +9,8 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from safetensors.torch import save_file
 
-from engine.files import CheckpointError
-from engine.single_file import is_single_file, read_single_file_transformer
+from engine.errors import CheckpointError
+from engine.backbones.wan.single_file import is_single_file, read_single_file_transformer
 
 from .conftest import make_wan
 from .original_wan import to_original_wan

@@ -1,4 +1,4 @@
-"""Step caching (``engine.step_cache``, TeaCache's rule): decisions from the relative L1 change of the first
+"""Step caching (``engine.runtime.step_cache``, TeaCache's rule): decisions from the relative L1 change of the first
 block's modulated input, accumulated over skipped steps, and a skipped step equal to the head applied to the
 current input plus the last computed residual."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
-from engine.step_cache import StepCache
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.runtime.step_cache import StepCache
 
 from .conftest import SMALL_WAN, inputs, rel_err
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.lora import read_adapter
+from engine.adapters.lora import read_adapter
 from engine.tiny import TINY_VERSION, build_tiny, default_cache_root, ensure_tiny, resolve_checkpoint
 
 

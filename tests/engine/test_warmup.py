@@ -10,10 +10,13 @@ import pytest
 import torch
 
 from engine import warmup
-from engine.components import Checkpoint, Denoiser, ImageEncoder, text_encoder_class, vae_class
-from engine.parallel import ParallelLayout
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import Denoiser
+from engine.backbones.wan.components import ImageEncoder
+from engine.backbones.registry import text_encoder_class, vae_class
+from engine.runtime.parallel import ParallelLayout
 from engine.tiny import ensure_tiny
-from engine.workers import DistributedDenoiser
+from engine.runtime.workers import DistributedDenoiser
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -12,9 +12,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine.base_lora import LoraSpec
-from engine.components import Checkpoint, load_expert
-from engine.loading import load_denoiser
+from engine.adapters.base_lora import LoraSpec
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import load_expert
+from engine.backbones.registry import load_denoiser
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import TINY_VERSION, ensure_tiny
 
@@ -116,6 +117,7 @@ def _generate(tiny_cache, tmp_path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_runs_a_single_file_with_a_distillation_lora(tiny_cache, tmp_path, single_file, distill_lora):
     done = _generate(tiny_cache, tmp_path, "--transformer", str(single_file), "--lora", f"{distill_lora}:0.7")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -126,6 +128,7 @@ def test_cli_runs_a_single_file_with_a_distillation_lora(tiny_cache, tmp_path, s
     assert np.array_equal(np.asarray(Image.open(tmp_path / "v.png").convert("RGB")), contact_sheet(api))
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_lora_with_keys_it_cannot_apply(tiny_cache, tmp_path):
     save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(2, 48),
                "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(48, 2),

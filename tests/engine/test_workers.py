@@ -1,4 +1,4 @@
-"""``engine.workers.DistributedDenoiser``: a leader and its worker processes (gloo on CPU) answer as one process
+"""``engine.runtime.workers.DistributedDenoiser``: a leader and its worker processes (gloo on CPU) answer as one process
 would; a hung worker fails the batch within the timeout, and the leader refuses calls from then on."""
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ import time
 import pytest
 import torch
 
-from engine.components import Checkpoint, DenoiseCall, Denoiser
-from engine.parallel import ParallelLayout
-from engine.workers import DistributedDenoiser, WorkersLost
+from engine.checkpoint import Checkpoint
+from engine.runtime.denoiser import DenoiseCall, Denoiser
+from engine.runtime.parallel import ParallelLayout
+from engine.runtime.workers import DistributedDenoiser
+from engine.errors import WorkersLost
+
+pytestmark = pytest.mark.slow  # worker processes, a hung one waited out
 
 TIMEOUT_S = 6
 

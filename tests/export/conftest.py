@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from export.onnx_export import export_denoiser
 from tests.engine.conftest import make_wan
 

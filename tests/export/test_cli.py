@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 
 from engine import denoiser_io
-from engine.cli_args import UsageError
+from engine.errors import UsageError
 from mvgen.cli import build_parser
+
+pytestmark = pytest.mark.slow  # exports every family and mode through the command line
 
 
 def _run(argv):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # configures and builds the native library
+
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_TEST = Path(__file__).with_name("native") / "test_joint_attention_dispatch.cpp"
 CXX = shutil.which("g++") or shutil.which("c++")

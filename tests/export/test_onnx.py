@@ -9,7 +9,7 @@ import torch
 
 from engine import denoiser_io
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 from export.onnx_export import EXPORT_SIZES, export_denoiser
 from export.plugin import DOMAIN, OP_TYPE, OP_VERSION, count_nodes
 from export.verify import verify_onnx
@@ -26,6 +26,7 @@ SHAPES = {
 MODES = [("native", "full"), ("plugin", "full"), ("plugin", "isolated")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 @pytest.mark.parametrize("attention,mask", MODES)
 def test_graph_matches_unmerged_pytorch(exported, attention, mask, shape):
@@ -60,6 +61,7 @@ def test_plugin_graph_has_one_attention_node_per_layer(exported):
     assert count_nodes(onnx.load(str(native), load_external_data=False)) == 0
 
 
+@pytest.mark.slow
 def test_large_widths_export_passes_checker(tmp_path):
     """Wan2.1 1.3B widths (dim 1536 = 12 x 128, ffn 8960, text 4096, image 1280) with 2 layers."""
     cfg = MvgenConfig(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, text_dim=4096,

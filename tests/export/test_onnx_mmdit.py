@@ -1,4 +1,4 @@
-"""The MMDiT denoiser (engine.mmdit) exported to ONNX against the unmerged PyTorch model (PEFT LoRA on the
+"""The MMDiT denoiser (engine.backbones.mmdit.model) exported to ONNX against the unmerged PyTorch model (PEFT LoRA on the
 reference stream), through polygraphy and onnxruntime; and the repeat_interleave translation its token refiner
 needs (diffusers' attention mask repeated along a dim)."""
 from __future__ import annotations
@@ -13,10 +13,12 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from safetensors.torch import save_file
 
 from engine import denoiser_io
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from export.onnx_export import EXPORT_SIZES, export_denoiser, translation_table
 from export.verify import verify_onnx
 from tests.engine.test_mmdit import make_hunyuan
+
+pytestmark = pytest.mark.slow  # exports and runs MMDiT graphs in onnxruntime
 
 RANK, ALPHA = 4, 8.0
 PATTERN = (r"ref_blocks\.\d+\.(attn\.to_q|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"

@@ -36,7 +36,7 @@ def test_native_engine_matches_pytorch_and_refits_a_new_lora(checkpoint, tmp_pat
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from engine.loading import load_denoiser
+    from engine.backbones.registry import load_denoiser
     from export.onnx_export import export_onnx, graph_specs, sample_inputs
     from export.tensorrt_build import build_engine, refit_engine
 
@@ -83,7 +83,7 @@ def test_plugin_engine_runs_the_triton_kernel(tmp_path, mask):
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from engine.loading import load_denoiser
+    from engine.backbones.registry import load_denoiser
     from export.onnx_export import export_onnx, graph_specs, sample_inputs
     from export.tensorrt_build import build_engine
     from tests.engine.conftest import make_wan

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles the plugin kernel for every GPU target
+
 INTERPRETED = textwrap.dedent("""
     import math
     import torch, triton

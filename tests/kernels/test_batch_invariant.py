@@ -154,6 +154,7 @@ def test_bad_kernel_inputs(changes, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.slow
 def test_compiles_for_sm90_and_sm80_without_spills(tmp_path):
     """The production tiles, compiled as launched (``kernels.compile_check``): tensor cores (wgmma on sm_90,
     mma.sync on sm_80) for bf16, no spills anywhere."""

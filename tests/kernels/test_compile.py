@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every kernel for sm_90 and sm_80
+
 ROOT = Path(__file__).resolve().parents[2]
 BACKEND_UNAVAILABLE = 3  # kernels.compile_check's exit status when the CUDA backend cannot compile here
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
+from engine.backbones.wan.model import MultiViewWanTransformer
 from tests.kernels.conftest import needs_interpreter
 
 pytestmark = needs_interpreter

@@ -29,10 +29,10 @@ def test_every_package_registers_its_commands():
 
 
 def test_user_errors_cover_every_package():
-    from engine.cli_args import UsageError
+    from engine.errors import UsageError
     from engine.errors import RequestError
-    from engine.loading import CheckpointError
-    from engine.lora import AdapterError
+    from engine.errors import CheckpointError
+    from engine.errors import AdapterError
     from server.client import ClientError
     from server.launcher import LaunchError
 

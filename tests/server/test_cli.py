@@ -103,5 +103,7 @@ def test_parallel_options_refused(tiny_env, args, words):
     assert words in _one_error_line(_serve("--model", "tiny", *args))
 
 
-def test_parallel_refused_for_the_mmdit(tiny_env):
-    assert "implemented for the Wan family only" in _one_error_line(_serve("--model", "tiny-mmdit", "--sp", "2"))
+def test_parallel_on_the_mmdit_needs_heads_divisible_by_sp(tiny_env):
+    """The MMDiT serves sequence parallel too (``engine.backbones.mmdit``): refused, before a server starts, only
+    where its heads do not divide among the ranks."""
+    assert "divisible by sp; this model has 2 heads" in _one_error_line(_serve("--model", "tiny-mmdit", "--sp", "3"))

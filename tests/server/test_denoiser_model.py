@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from engine.components import Checkpoint
+from engine.checkpoint import Checkpoint
 from engine.denoiser_io import DENOISER_MODEL_NAME, OUTPUT, config_specs
-from engine.reference_cache import MISS_PREFIX
+from engine.errors import MISS_PREFIX
 from server.client import infer_inputs
 from server.models import CACHE_KEY, RELEASE
 

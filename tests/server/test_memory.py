@@ -9,6 +9,7 @@ from engine.tiny import TINY_VERSION
 from tests.server.conftest import _tritonserver_available
 
 
+@pytest.mark.serial
 def test_the_server_tree_holds_one_copy_of_the_denoiser_after_a_request(tiny_cache, tmp_path):
     reason = _tritonserver_available()
     if reason:

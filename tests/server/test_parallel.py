@@ -32,7 +32,7 @@ def _request(images, **changes) -> GenerationInputs:
 
 def _workers(served) -> list[psutil.Process]:
     return [p for p in psutil.Process(served.process.pid).children(recursive=True)
-            if "engine.workers" in " ".join(p.cmdline())]
+            if "engine.runtime.workers" in " ".join(p.cmdline())]
 
 
 def _ready(served) -> bool:

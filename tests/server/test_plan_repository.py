@@ -8,7 +8,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from engine import denoiser_io
-from engine.loading import load_denoiser
+from engine.backbones.registry import load_denoiser
 from engine.tiny import TINY_VERSION
 from server.plan_repository import write_repository
 

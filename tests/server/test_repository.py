@@ -73,7 +73,7 @@ def test_memory_options_reach_the_served_models(tmp_path, tiny_cache):
 
     import torch
 
-    from engine.components import VaeTiling
+    from engine.checkpoint import VaeTiling
     from server.models import load_checkpoint
 
     tiling = dict(tile_height=128, tile_width=128, stride_height=96, stride_width=96)

@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 import torch
 
-from engine.components import Checkpoint
+from engine.checkpoint import Checkpoint
 from engine.request import make_request
 from server.call_bounds import CallBounds, request_work
 from server.fault_injection import Fault, out_of_memory

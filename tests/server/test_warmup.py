@@ -23,6 +23,7 @@ def fresh_server(tiny_cache, tmp_path_factory):
     yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-warm"))
 
 
+@pytest.mark.serial
 def test_the_first_request_after_ready_takes_at_most_1_1x_the_second(fresh_server):
     from benchmarks.server_memory import default_inputs
     from server.client import generate

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from engine.config import MvgenConfig
-from engine.denoiser import MultiViewWanTransformer
-from engine.loading import load_denoiser
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.backbones.registry import load_denoiser
 from engine.modes.view_attention import ViewAttention, aligned_cells, multiview_attention
-from engine.positions import grid_positions
+from engine.streams.positions import grid_positions
 from kernels.joint_attention.reference import joint_attention_reference
 
-from ..conftest import SMALL_WAN, inputs, rel_err
+from ..conftest import PARITY_RTOL, SMALL_WAN, inputs, rel_err
 
 VIDEO = (3, 6, 8)  # latent frames, height, width: a 3 x 3 x 4 token grid
 # latent reference sizes (ref_hw): None = the video's; (4, 10) = 2 x 5 tokens; (10, 6) = 5 x 3 tokens
@@ -71,12 +71,12 @@ def test_attention_matches_eq2(views, ref_hw):
     q, k, v = random_qkv(gen, 2, views, fhw, ref_hw)
     omega = torch.rand(2, views, generator=gen) + 0.1
     want = eq2_oracle(q, k, v, omega, fhw, ref_hw)
-    assert rel_err(multiview_attention(q, k, v, omega, fhw, ref_hw), want) < 1e-4
+    assert rel_err(multiview_attention(q, k, v, omega, fhw, ref_hw), want) < PARITY_RTOL
     # aligned with the joint attention: (A + lambda * A_mv) / (1 + lambda) on the video rows
     a_joint = torch.randn(q.shape, generator=gen)
     got = ViewAttention(omega, 0.6, fhw, ref_hw)(a_joint, q, k, v)
     assert got.dtype == a_joint.dtype
-    assert rel_err(got, (a_joint.double() + 0.6 * want) / 1.6) < 1e-4
+    assert rel_err(got, (a_joint.double() + 0.6 * want) / 1.6) < PARITY_RTOL
 
 
 @pytest.mark.parametrize("video_hw,ref_hw", [((3, 4), (3, 4)), ((3, 4), (2, 5)), ((6, 2), (3, 7)), ((1, 5), (4, 1))])
@@ -160,7 +160,7 @@ def test_denoiser_layers_match_eq2(wan_dir, views, ref_hw, view_lambda):
                                             mask="full")[:, :n_video]
         a_mv = eq2_oracle(q[:, :n_video], k[:, n_video:], v[:, n_video:], omega, fhw, rhw)
         want = (a_joint + view_lambda * a_mv) / (1 + view_lambda)
-        assert rel_err(heads(layer["aligned"]), want) < 1e-4
+        assert rel_err(heads(layer["aligned"]), want) < PARITY_RTOL
 
 
 @pytest.mark.parametrize("path_kind", ["joint", "cached"])

@@ -1,0 +1,1 @@
+"""The backbone families: their descriptions (``families``) and their code (``registry``)."""

@@ -1,0 +1,91 @@
+"""The backbones' code, one entry per family (``engine.backbones.families`` describes each): the denoiser module,
+its loader, text encoder and VAE. ``backbone(config)`` is the one dispatch on the family."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..adapters.base_lora import LoraSpec
+from ..checkpoint import Checkpoint
+from ..loading import denoiser_config, find_transformer_dir
+from .families import MMDIT, WAN, Family, family_of
+from .mmdit.components import MMDiTTextEncoder, MMDiTVae
+from .mmdit.loading import load_mmdit
+from .mmdit.model import MultiViewMMDiT
+from .wan.components import TextEncoder, Vae
+from .wan.loading import load_wan
+from .wan.model import MultiViewWanTransformer
+
+
+@dataclass(frozen=True)
+class Backbone:
+    family: Family
+    model: type[nn.Module]  # the multi-view denoiser built from an ``MvgenConfig`` of this family
+    # (transformer_dir, config, adapter, dtype, device, lora_scale, *, weights_file, loras, lora_reference) -> model
+    load: Callable
+    text_encoder: type  # a served part built from a ``Checkpoint``; returns ``family.text_outputs``
+    vae: type
+
+
+BACKBONES = {b.family.name: b for b in (
+    Backbone(WAN, MultiViewWanTransformer, load_wan, TextEncoder, Vae),
+    Backbone(MMDIT, MultiViewMMDiT, load_mmdit, MMDiTTextEncoder, MMDiTVae),
+)}
+
+
+def backbone(config) -> Backbone:
+    """The code of a config's family (an ``MvgenConfig``, its ``to_dict()`` or a family name)."""
+    return BACKBONES[family_of(config).name]
+
+
+def text_encoder_class(checkpoint: Checkpoint) -> type:
+    """The family's text encoder: umT5 (Wan) or HunyuanVideo's Llama + CLIP."""
+    return backbone(checkpoint.config).text_encoder
+
+
+def vae_class(checkpoint: Checkpoint) -> type:
+    """The family's VAE: Wan's or HunyuanVideo's."""
+    return backbone(checkpoint.config).vae
+
+
+def load_denoiser(
+    path: str | Path,
+    adapter: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    lora_scale: float | None = None,
+    *,
+    folder: str = "transformer",
+    weights_file: str | Path | None = None,
+    loras: Sequence[LoraSpec] = (),
+    lora_reference: bool = False,
+    **config_overrides,
+) -> nn.Module:
+    """Build one denoiser (its family's module: ``Backbone.model``) from a diffusers pipeline dir (its ``folder``: ``transformer``, or Wan2.2's
+    ``transformer_2``) or a transformer dir.
+
+    ``weights_file`` replaces the folder's weights by a single-file transformer (original Wan / ComfyUI key
+    names, converted by diffusers); the folder still gives the config. Without an adapter the reference stream
+    is a copy of the base blocks (MVI2V's initialisation). ``adapter`` (a ``.safetensors`` file or a folder;
+    format in ``engine.adapters.lora``) then replaces tensors by its full ones (the reference stream, the video stream,
+    a mode's modules) and merges its LoRA pairs on top, ``W + scale * B @ A`` with the scale its convention gives
+    (``lora_scale``: that scale outright), and its ``video_lora`` into the video stream; one INFO line on logger
+    ``mvgen.loading`` says what it merged at which scale. ``loras`` (base-model LoRAs, any spelling diffusers
+    reads) merge last into the video stream, in order, and into the reference stream too when
+    ``lora_reference``. ``mvgen_config.json`` beside the adapter (or in ``path``) sets the multi-view options;
+    keyword overrides win over both.
+
+    With ``ref_weights="shared"`` (the config's default) the reference stream holds no copy: it shares the video
+    stream's final weights, owns what the adapter gives in full, and applies the LoRA pairs on shared weights
+    unmerged (``engine.adapters.reference_weights``). Where that is not exact (the video stream changes and the reference
+    stream does not) the reference stream is merged as with ``"merged"``, the model's config says so, and one INFO
+    line on ``mvgen.loading`` says why.
+    """
+    transformer_dir = find_transformer_dir(path, folder)
+    config = denoiser_config(path, adapter, folder, **config_overrides)
+    return backbone(config).load(transformer_dir, config, adapter, dtype, device, lora_scale, weights_file=weights_file,
+                                 loras=loras, lora_reference=lora_reference)

@@ -1,0 +1,152 @@
+"""Single-file Wan transformer checkpoints: one ``.safetensors`` in the original Wan key names
+(``blocks.0.self_attn.q.weight``, ``head.modulation``, ...), often under ComfyUI's ``model.diffusion_model.``
+or ``diffusion_model.`` prefix, read into the diffusers names the loader expects.
+
+The renaming is diffusers' own (``convert_wan_transformer_to_diffusers``, the function behind
+``WanTransformer3DModel.from_single_file``), not a second copy of its table. What is added here is what that
+converter leaves to its caller:
+
+- it strips ``model.diffusion_model.`` but not ``diffusion_model.``, and ``infer_diffusers_model_type`` does
+  not recognise the latter, so both prefixes are stripped here before either sees the keys;
+- it renames every key it is given and passes a key it does not know through under its (partly rewritten)
+  name, and ``from_single_file`` then only logs a warning and drops it (a weight the model lacks); here every
+  converted name must be one a ``WanTransformer3DModel`` has, or the file is refused naming the key;
+- two keys that convert to the same name would overwrite one another silently; refused too.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from ...files import load_safetensors
+from ...errors import CheckpointError
+
+# ComfyUI's prefixes for the diffusion model inside a checkpoint, longest first
+COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# torch.save / pickle suffixes: loading one can run arbitrary code, so they are refused by name
+_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_SUPPORTED = (
+    "supported: one .safetensors file of a Wan2.1/Wan2.2 text-to-video or image-to-video transformer in the "
+    "original Wan key names (optionally prefixed 'model.diffusion_model.' or 'diffusion_model.'), or a diffusers "
+    "checkpoint directory"
+)
+# the variants diffusers recognises by one key and that this engine does not serve
+_UNSERVED = {"wan_vace": "Wan VACE", "wan_animate": "Wan Animate"}
+
+
+def is_single_file(path: str | Path) -> bool:
+    """Whether ``path`` names a single weight file rather than a (diffusers) checkpoint directory.
+
+    A pickle suffix counts too, and so does a ``.safetensors`` path that does not exist: the loader then
+    sends it to ``read_single_file_transformer``, whose refusal says what is wrong with that file."""
+    path = Path(path)
+    if path.is_dir():
+        return False
+    return path.is_file() or path.suffix.lower() in (".safetensors", *_PICKLE_SUFFIXES)
+
+
+def read_single_file_transformer(path: str | Path) -> dict[str, torch.Tensor]:
+    """The diffusers-named state dict (``WanTransformer3DModel`` names, tensors as stored) of a single-file
+    Wan transformer; ``CheckpointError`` naming the file for anything else."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    path = Path(path)
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it to "
+                              f"safetensors); {_SUPPORTED}")
+    prefix, state = _strip_prefix(path, load_safetensors(path, CheckpointError))
+    _check_family(path, state)
+    converted = convert_wan_transformer_to_diffusers(dict(state))  # it pops every key of the dict it is given
+    _check_converted(path, prefix, state, converted)
+    return converted
+
+
+def _strip_prefix(path: Path, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """The ComfyUI prefix the transformer's keys carry ('' for none) and the state without it. The prefix is
+    the one ``head.modulation`` (every Wan transformer has it) carries; keys without it are kept as they are,
+    so that keys of other models in the file (a ComfyUI all-in-one checkpoint's VAE, text encoder) are named
+    as not belonging to a Wan transformer."""
+    prefix = next((p for p in COMFYUI_PREFIXES if f"{p}head.modulation" in state), "")
+    if not prefix:
+        return "", state
+    stripped = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
+    if len(stripped) < len(state):
+        both = sorted(k for k in state if not k.startswith(prefix) and prefix + k in state)
+        raise CheckpointError(f"{path}: holds these tensors both with and without the prefix {prefix!r}: "
+                              f"{_few(both)}")
+    return prefix, stripped
+
+
+def _check_family(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse what is not a Wan T2V/I2V transformer, with diffusers' own markers for each Wan family."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES, infer_diffusers_model_type
+
+    for family, name in _UNSERVED.items():
+        if CHECKPOINT_KEY_NAMES[family] in state:
+            raise CheckpointError(f"{path}: a {name} transformer (it has {CHECKPOINT_KEY_NAMES[family]!r}), which "
+                                  f"this engine does not serve; {_SUPPORTED}")
+    if "head.modulation" not in state:
+        raise CheckpointError(f"{path}: {_not_wan(state)}; {_SUPPORTED}")
+    patch = state.get("patch_embedding.weight")
+    if patch is None or patch.ndim != 5:  # the key infer_diffusers_model_type reads to tell Wan models apart
+        raise CheckpointError(f"{path}: not a Wan transformer (no 5-D 'patch_embedding.weight'); {_SUPPORTED}")
+    model_type = infer_diffusers_model_type(state)
+    if not model_type.startswith("wan-"):
+        raise CheckpointError(f"{path}: diffusers recognises this file as {model_type!r}, not a Wan transformer; "
+                              f"{_SUPPORTED}")
+
+
+def _not_wan(state: dict[str, torch.Tensor]) -> str:
+    """What a file without Wan's ``head.modulation`` is, where that is recognisable."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    if CHECKPOINT_KEY_NAMES["wan_vae"] in state:
+        return "a Wan VAE, not a Wan transformer"
+    if "condition_embedder.time_proj.weight" in state and "scale_shift_table" in state:
+        # diffusers' converter would swap such a file's norm2/norm3; its folder has the config.json to load it
+        return "a Wan transformer in diffusers names: pass the diffusers folder holding it and its config.json"
+    return "not a Wan transformer (no 'head.modulation')"
+
+
+def _check_converted(path: Path, prefix: str, state: dict, converted: dict) -> None:
+    """Every converted name is a ``WanTransformer3DModel`` parameter, and no two keys became one."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    def renamed(key: str) -> str:  # the converter's name for one key (its renames are key by key)
+        return next(iter(convert_wan_transformer_to_diffusers({key: state[key]})))
+
+    if len(converted) < len(state):
+        names: dict[str, list[str]] = {}
+        for key in state:
+            names.setdefault(renamed(key), []).append(prefix + key)
+        merged = [group for group in names.values() if len(group) > 1]
+        raise CheckpointError(f"{path}: keys that diffusers' Wan converter maps to one name: {merged[:3]}")
+    known = _wan_parameter_patterns()
+    unknown = {_block_pattern(k) for k in converted} - known
+    if unknown:
+        foreign = sorted(prefix + k for k in state if _block_pattern(renamed(k)) in unknown)
+        raise CheckpointError(f"{path}: {len(foreign)} key(s) that are not part of a Wan T2V/I2V transformer "
+                              f"(diffusers' converter does not map them to one): {_few(foreign)}; {_SUPPORTED}")
+
+
+def _wan_parameter_patterns() -> set[str]:
+    """Every parameter name of a diffusers ``WanTransformer3DModel`` with all optional parts (image
+    conditioning, cross-attention norm, q/k norm), block index replaced by ``*``; built on the meta device,
+    so nothing is allocated."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(num_layers=1, image_dim=1280, added_kv_proj_dim=5120, cross_attn_norm=True,
+                                      qk_norm="rms_norm_across_heads")
+    return {_block_pattern(k) for k in model.state_dict()}
+
+
+def _block_pattern(key: str) -> str:
+    return re.sub(r"^blocks\.\d+\.", "blocks.*.", key)
+
+
+def _few(keys, limit: int = 6) -> str:
+    keys = sorted(keys)
+    return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
