@@ -36,6 +36,7 @@ from ..errors import CollectiveError, WorkersLost
 
 POLL_S = 0.002  # how often an idle worker looks for the next batch in the store (a local round trip)
 DTYPES = {str(t): t for t in (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32)}
+EXIT_GRACE_S = 2.0  # how long a failed collective waits for a dying worker to be reaped (to name its rank)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,11 @@ class DistributedDenoiser:
         self._seq += 1
 
     def _lose(self, reason: str) -> WorkersLost:
+        # a collective fails as soon as a peer's socket closes, a moment before its process can be reaped: give a
+        # dying worker that moment, so the reason names the rank that exited rather than the broken connection
+        deadline = time.monotonic() + EXIT_GRACE_S
+        while self._exited() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._mark_lost(self._exited() or reason)
         for proc in self.workers:
             if proc.poll() is None:

@@ -93,6 +93,7 @@ def _cancel_unary(served, request: GenerationInputs) -> None:
     _wait_idle(served)
 
 
+@pytest.mark.serial  # timed against the steps of a loaded machine: run alone
 def test_cancel_stops_within_one_step_and_leaks_nothing(served, images):
     long = _request(images, steps=40)
     cancelled = lambda: served.metric("mvgen_requests_total", outcome="cancelled")  # noqa: E731

@@ -52,6 +52,7 @@ def test_sp2_equals_sp1(served, served_sp2, images):
     assert np.array_equal(one, two), f"max diff {np.abs(one.astype(int) - two.astype(int)).max()}"
 
 
+@pytest.mark.serial  # timed against the steps of a loaded machine: run alone
 def test_killed_worker_fails_the_request_and_the_server_recovers(served_sp2, images):
     before = generate(served_sp2.url, _request(images), stream=False)
     (worker,) = _workers(served_sp2)
