@@ -14,7 +14,7 @@ from tests.server.conftest import SERVED_MODELS, _serve
 # varies by +-15% from the next; a server that did not warm up answers its first ~0.15 to 0.3 s (25%) slower. So the
 # first is compared with the slowest of the next three (the second included), not with the second alone: warm, it
 # stays under 1.1x that; unwarmed it does not.
-LATER = 3
+LATER = 4
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,11 @@ def fresh_server(tiny_cache, tmp_path_factory):
 @pytest.mark.serial
 def test_the_first_request_after_ready_takes_at_most_1_1x_the_second(fresh_server):
     from benchmarks.server_memory import default_inputs
-    from server.client import generate
+    from server.client import GenerationInputs, generate
 
-    request = default_inputs()
+    # the default request's shapes (what the warm-up ran), with enough steps that a tiny request's ~20% run-to-run
+    # spread on 2 shared cores does not decide the comparison
+    request = GenerationInputs(**{**default_inputs().values, "steps": 12})
     seconds = []
     for _ in range(1 + LATER):
         start = time.perf_counter()
