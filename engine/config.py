@@ -150,7 +150,7 @@ class MvgenConfig:
         """Channels of the first-frame condition beside the latents: 0 on T2V; on I2V 20 on Wan (4 mask + 16),
         17 on an MMDiT (16 + 1 mask); on TI2V 1 + 48 (a known mask, then the first frame's latent), which replace
         the latents rather than join them."""
-        return self.out_channels + 1 if self.task == "ti2v" else self.in_channels - self.out_channels
+        return family_of(self.family).condition_channels(self.in_channels, self.out_channels)
 
     @property
     def condition_optional(self) -> bool:

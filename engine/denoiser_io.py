@@ -129,16 +129,11 @@ def config_specs(config) -> list[TensorSpec]:
     then its modes' inputs."""
     values = config if isinstance(config, dict) else config.to_dict()
     return input_specs(values["text_dim"], values["image_dim"], values["text_len"],
-                       condition_channels=_condition_channels(values), family=values.get("family", "wan"),
+                       condition_channels=family_of(values).condition_channels(values["in_channels"],
+                                                                               values["out_channels"]),
+                       family=values.get("family", "wan"),
                        pooled_dim=values.get("pooled_projection_dim"),
                        latent_channels=values["out_channels"]) + mode_specs(values)
-
-
-def _condition_channels(values: dict) -> int:
-    """``MvgenConfig.condition_channels`` of a config's ``to_dict()`` (export metadata holds no config object)."""
-    from .config import MvgenConfig
-
-    return MvgenConfig.from_dict(values).condition_channels
 
 
 def output_spec(config) -> TensorSpec:

@@ -41,6 +41,14 @@ class Family:
     plugin_attention: bool = False  # the ONNX attention plugin node (no text stream, no key lengths)
     extra: dict = field(default_factory=dict)
 
+    def condition_channels(self, in_channels: int, out_channels: int) -> int:
+        """Channels of the first-frame condition of a transformer of this family: ``in - out`` beside the latents
+        (I2V: Wan's 4 mask + 16, the MMDiT's 16 + 1 mask; T2V: 0), or on TI2V 1 + out (a known mask, then the
+        first frame's latent), which replace the latents rather than join them."""
+        if self.tasks[(in_channels, out_channels)] == "ti2v":
+            return out_channels + 1
+        return in_channels - out_channels
+
 
 # keys of a diffusers WanTransformer3DModel config.json that this engine reads
 WAN_KEYS = (

@@ -264,8 +264,6 @@ class MultiViewMMDiT(JointAttention, nn.Module):
             streams.append(_Stream("reference", r, ref_temb, ref_pos, None))
         no_rotation = torch.zeros(n_text, 3, dtype=torch.long, device=x.device)  # text tokens are not rotated
         streams.append(_Stream("text", tokens, temb, no_rotation, None))
-        for s in streams:
-            s.rope = self._rope(s.pos, x)
         # text padding: diffusers masks the keys past each row's prompt (encoder_attention_mask)
         n_video = x.shape[1]
         n_before_text = n_video + (streams[1].pos.shape[0] if len(streams) > 2 else 0)
@@ -275,7 +273,8 @@ class MultiViewMMDiT(JointAttention, nn.Module):
             for s in streams:
                 if isinstance(s, _Stream):
                     s.tokens, s.x, s.pos = s.x.shape[1], sp.shard(s.x, 1), sp.shard(s.pos, 0)
-                    s.rope = self._rope(s.pos, x)
+        for s in streams:  # each stream's RoPE table, of the positions this rank holds
+            s.rope = self._rope(s.pos, x)
         start = streams[0].x
 
         # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
