@@ -63,7 +63,8 @@ import torch
 from ..files import load_safetensors, read_json
 from ..errors import AdapterError
 
-# our (diffusers) module names inside a block, and the original Wan names for them
+# the block linears of Wan in our (diffusers) module names, and original Wan's names for them (an alias an adapter
+# may use; the MMDiT's adapters use diffusers' names only)
 BLOCK_LINEARS = {
     "attn1.to_q": "self_attn.q", "attn1.to_k": "self_attn.k", "attn1.to_v": "self_attn.v",
     "attn1.to_out.0": "self_attn.o",
@@ -71,17 +72,13 @@ BLOCK_LINEARS = {
     "attn2.to_out.0": "cross_attn.o", "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
     "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
 }
+ORIGINAL_WAN_NAMES = {wan: ours for ours, wan in BLOCK_LINEARS.items()}
 LORA_CONVENTIONS = ("alpha_over_rank", "mvi2v")
 BLOCKS_LORA = ("reference", "video")
-_WAN_TO_OURS = {wan: ours for ours, wan in BLOCK_LINEARS.items()}
-_KOHYA_TO_OURS = {
-    **{ours.replace(".", "_"): ours for ours in BLOCK_LINEARS},
-    **{wan.replace(".", "_"): ours for wan, ours in _WAN_TO_OURS.items()},
-}
 _PREFIXES = ("base_model.model.", "transformer.", "diffusion_model.", "model.")
-_DOTTED = re.compile(r"^(ref_)?blocks\.(\d+)\.(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
-_DOTTED_ALPHA = re.compile(r"^(ref_)?blocks\.(\d+)\.(.+)\.alpha$")
-_KOHYA = re.compile(r"^lora_unet_blocks_(\d+)_(.+?)\.(lora_down|lora_up|alpha)(?:\.weight)?$")
+_DOTTED = re.compile(r"^(.+)\.(lora_A|lora_B|lora_down|lora_up)(?:\.default)?\.weight$")
+_DOTTED_ALPHA = re.compile(r"^(.+)\.alpha$")
+_KOHYA = re.compile(r"^lora_unet_(.+?)\.(lora_down|lora_up|alpha)(?:\.weight)?$")
 _LORA_LIKE = re.compile(r"lora")  # a key of some LoRA spelling, never a full tensor's
 _SHOWN = 6  # names listed in one error
 
@@ -112,6 +109,56 @@ class ReferenceAdapter:
     @property
     def reference_loras(self) -> dict[str, LoraPair]:
         return {target: pair for target, pair in self.loras.items() if target.startswith("ref_")}
+
+
+@dataclass(frozen=True)
+class AdapterNaming:
+    """Where a backbone lets an adapter's LoRA pairs go: the linears of its block lists, by list and by name inside
+    a block, and which list is the reference stream's copy of which. Derived from a built (meta) model, so every
+    backbone reads adapters with the one parser below."""
+
+    linears: dict[str, frozenset[str]]  # block list -> the linear modules inside one of its blocks
+    blocks: dict[str, int]  # block list -> its number of blocks
+    reference_of: dict[str, str]  # video block list -> the reference stream's list ("blocks" -> "ref_blocks")
+    aliases: dict[str, str] = field(default_factory=dict)  # other names of a module inside a block -> ours
+
+    @classmethod
+    def of(cls, model, aliases: dict[str, str] | None = None) -> "AdapterNaming":
+        """From a model with ``REFERENCE_BLOCKS`` ((video list, reference list) pairs). A reference list the model
+        lacks (Token-Concat) takes its video list's modules: its pairs parse, and the loader refuses them by name."""
+        linears: dict[str, set[str]] = {}
+        counts: dict[str, int] = {}
+        for video, ref in model.REFERENCE_BLOCKS:
+            for name in (video, ref):
+                blocks = getattr(model, name, None)
+                if blocks is None:
+                    continue
+                counts[name] = len(blocks)
+                linears[name] = {module for module, sub in blocks[0].named_modules()
+                                 if isinstance(getattr(sub, "weight", None), torch.Tensor) and sub.weight.ndim == 2}
+            if ref not in linears:
+                linears[ref], counts[ref] = linears[video], counts[video]
+        return cls({k: frozenset(v) for k, v in linears.items()}, counts,
+                   {video: ref for video, ref in model.REFERENCE_BLOCKS}, dict(aliases or {}))
+
+    def target(self, path: str, underscored: bool = False) -> tuple[str, int, str | None, bool] | None:
+        """(block list, block, our module name or None, named under the reference stream) of a module path
+        ``ref_blocks.3.attn1.to_q`` (kohya's ``blocks_3_attn1_to_q`` when ``underscored``); None when it names no
+        block of this model."""
+        sep = "_" if underscored else "."
+        for name in sorted(self.linears, key=len, reverse=True):
+            head = f"{name}{sep}"
+            if not path.startswith(head):
+                continue
+            index, found, module = path[len(head):].partition(sep)
+            if not index.isdigit() or not found:
+                continue
+            spellings = {m: m for m in self.linears[name]} | {a: o for a, o in self.aliases.items()
+                                                               if o in self.linears[name]}
+            if underscored:
+                spellings = {k.replace(".", "_"): v for k, v in spellings.items()}
+            return name, int(index), spellings.get(module), name not in self.reference_of
+        return None
 
 
 @dataclass(frozen=True)
@@ -185,46 +232,46 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def _module_name(name: str) -> str | None:
-    if name in BLOCK_LINEARS:
-        return name
-    return _WAN_TO_OURS.get(name)
-
-
-def _lora_part(raw_key: str, key: str) -> tuple[bool, int, str | None, str, str] | None:
-    """(named under ref_blocks, block, our module or None, A/B/alpha kind, module as named) of a LoRA key, or
-    None for a key that is no LoRA of a block (a ``.alpha`` of no block linear may be a full tensor)."""
+def _lora_part(raw_key: str, key: str, naming: AdapterNaming):
+    """(block list, block, our module or None, named under the reference stream, A/B/alpha kind, module as named)
+    of a LoRA key, or None for a key that is no LoRA of a block (a ``.alpha`` of no block linear may be a full
+    tensor)."""
     kohya = _KOHYA.match(raw_key)
     if kohya:
-        return False, int(kohya[1]), _KOHYA_TO_OURS.get(kohya[2]), kohya[3], raw_key.split(".")[0]
+        found = naming.target(kohya[1], underscored=True)
+        return None if found is None else (*found, kohya[2], raw_key.split(".")[0])
     dotted = _DOTTED.match(key)
     if dotted:
-        name = key.split(f".{dotted[4]}")[0]
-        return bool(dotted[1]), int(dotted[2]), _module_name(dotted[3]), dotted[4], name
+        found = naming.target(dotted[1])
+        return None if found is None else (*found, dotted[2], dotted[1])
     alpha = _DOTTED_ALPHA.match(key)
-    if alpha and _module_name(alpha[3]) is not None:
-        return bool(alpha[1]), int(alpha[2]), _module_name(alpha[3]), "alpha", key[: -len(".alpha")]
+    found = naming.target(alpha[1]) if alpha else None
+    if found is not None and found[2] is not None:
+        return (*found, "alpha", alpha[1])
     return None
 
 
-def parse_adapter_tensors(tensors: dict[str, torch.Tensor], adapter: ReferenceAdapter, peft=None) -> None:
+def parse_adapter_tensors(tensors: dict[str, torch.Tensor], adapter: ReferenceAdapter, naming: AdapterNaming,
+                          peft=None) -> None:
     """Sort one file's tensors into ``adapter``'s LoRA pairs and full tensors (its ``blocks_lora`` routes the
-    pairs named ``blocks.N``); ``peft``: the file's PEFT LoraConfig, if any."""
+    pairs named after a video block list, ``blocks.N``); ``peft``: the file's PEFT LoraConfig, if any."""
     unknown, duplicate = [], []
     earlier, seen = set(adapter.loras), set()  # pairs of other files; (target, A/B/alpha) of this one
     for raw_key, tensor in tensors.items():
         key = _strip_prefix(raw_key)
-        part = _lora_part(raw_key, key)
+        part = _lora_part(raw_key, key, naming)
         if part is None and not _LORA_LIKE.search(key):
             if key in adapter.tensors:
                 duplicate.append(key)
             adapter.tensors[key] = tensor
             continue
-        if part is None or part[2] is None:
+        if part is None or part[2] is None:  # no block, or no linear of one
             unknown.append(raw_key)
             continue
-        ref_named, block, module, kind, name = part
-        target = f"{'ref_' if ref_named or adapter.blocks_lora == 'reference' else ''}blocks.{block}.{module}"
+        blocks, block, module, ref_named, kind, name = part
+        if not ref_named and adapter.blocks_lora == "reference":
+            blocks = naming.reference_of[blocks]
+        target = f"{blocks}.{block}.{module}"
         kind = {"lora_down": "lora_A", "lora_up": "lora_B"}.get(kind, kind)
         if target in earlier or (target, kind) in seen:
             duplicate.append(target)
@@ -239,18 +286,20 @@ def parse_adapter_tensors(tensors: dict[str, torch.Tensor], adapter: ReferenceAd
     if unknown:
         raise AdapterError(
             f"adapter LoRA key(s) not understood: {few_names(unknown)}; a LoRA in an adapter must be on a block linear "
-            f"{sorted(BLOCK_LINEARS)} (PEFT, kohya or original Wan names); LoRAs on other modules of the video stream "
-            f"go in the file mvgen_config.json names as video_lora"
+            f"{sorted(set().union(*naming.linears.values()))} (PEFT, kohya{' or original' if naming.aliases else ''} "
+            f"names); LoRAs on other modules of the video stream go in the file mvgen_config.json names as video_lora"
         )
     if duplicate:
-        why = (" (LoRA pairs named blocks.N change ref_blocks.N unless mvgen_config.json says "
+        video, ref = next(iter(naming.reference_of.items()))
+        why = (f" (LoRA pairs named {video}.N change {ref}.N unless mvgen_config.json says "
                "\"blocks_lora\": \"video\")" if adapter.blocks_lora == "reference" else "")
         raise AdapterError(f"adapter gives these twice: {few_names(set(duplicate))}{why}")
 
 
-def read_adapter(path: str | Path) -> ReferenceAdapter:
+def read_adapter(path: str | Path, naming: AdapterNaming) -> ReferenceAdapter:
     """Read a ``.safetensors`` adapter file or an adapter folder (safetensors only), with the settings its
-    ``mvgen_config.json`` and PEFT config give (module docstring)."""
+    ``mvgen_config.json`` and PEFT config give (module docstring), for a backbone that names its linears as
+    ``naming`` says."""
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter not found: {path}")
@@ -268,7 +317,7 @@ def read_adapter(path: str | Path) -> ReferenceAdapter:
         files = [path]
     for file in files:
         before = set(adapter.loras)
-        parse_adapter_tensors(load_safetensors(file, AdapterError), adapter, _peft_config(file))
+        parse_adapter_tensors(load_safetensors(file, AdapterError), adapter, naming, _peft_config(file))
         _check_peft_config_applies(file, set(adapter.loras) - before)
     halves = [target for target, pair in adapter.loras.items() if pair.down is None or pair.up is None]
     if halves:
@@ -335,15 +384,15 @@ class LowRankDelta:
 
 
 def adapter_deltas(adapter: ReferenceAdapter, rule: ScaleRule, shapes: dict[str, torch.Size],
-                   num_layers: int) -> tuple[dict[str, LowRankDelta], dict[str, Counter]]:
+                   naming: AdapterNaming) -> tuple[dict[str, LowRankDelta], dict[str, Counter]]:
     """Every pair by its target module, checked against the shape of the weight it changes (``shapes``: the model's
     tensor shapes by name) and scaled by ``rule``; and the scales used, counted per stream
     (``{"reference"|"video": Counter({(scale, how): modules})}``) for the log."""
     deltas, used = {}, {}
     for target, pair in sorted(adapter.loras.items()):
-        block = int(target.split(".")[1])
-        if block >= num_layers:
-            raise AdapterError(f"adapter targets {target} but the model has {num_layers} blocks")
+        blocks, block = target.split(".")[:2]
+        if int(block) >= naming.blocks[blocks]:
+            raise AdapterError(f"adapter targets {target} but the model has {naming.blocks[blocks]} blocks")
         if f"{target}.weight" not in shapes:
             raise AdapterError(f"adapter LoRA for {target}: this model has no such linear (a CLIP image projection on "
                                f"a checkpoint without CLIP?)")
@@ -356,7 +405,8 @@ def adapter_deltas(adapter: ReferenceAdapter, rule: ScaleRule, shapes: dict[str,
             )
         scale, how = rule.scale(target, pair)
         deltas[target] = LowRankDelta(pair.down, pair.up, scale)
-        used.setdefault("reference" if target.startswith("ref_") else "video", Counter())[(scale, how)] += 1
+        stream = "video" if blocks in naming.reference_of else "reference"
+        used.setdefault(stream, Counter())[(scale, how)] += 1
     return deltas, used
 
 

@@ -55,17 +55,19 @@ class LowRankLinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.lora_A.out_features}, scale={self.scale:g}"
 
 
-def why_not_shared(ref_keys: Collection[str], adapter: ReferenceAdapter | None, base_loras: Sequence,
-                   lora_reference: bool) -> str | None:
-    """Why the reference stream cannot share the video stream's weights exactly (None: it can). ``ref_keys``: the
-    reference blocks' tensor names (``ref_blocks.N.*``). Every change to a video block must reach the reference
-    stream too, unless the reference stream owns that tensor (the adapter gives it in full)."""
+def why_not_shared(block_pairs: Sequence[tuple[str, str]], ref_keys: Collection[str],
+                   adapter: ReferenceAdapter | None, base_loras: Sequence, lora_reference: bool) -> str | None:
+    """Why the reference stream cannot share the video stream's weights exactly (None: it can). ``block_pairs``:
+    (video blocks, reference blocks) names (a model's ``REFERENCE_BLOCKS``); ``ref_keys``: the reference blocks'
+    tensor names (``ref_blocks.N.*``). Every change to a video block must reach the reference stream too, unless
+    the reference stream owns that tensor (the adapter gives it in full)."""
     reasons = []
     if adapter is not None:
-        own = {k for k in adapter.tensors if k.startswith("ref_blocks.")}
+        own = {k for k in adapter.tensors if k in ref_keys}
 
         def shared(key: str) -> bool:
-            return f"ref_{key}" in ref_keys and f"ref_{key}" not in own
+            ref = next((f"{r}.{key.removeprefix(v + '.')}" for v, r in block_pairs if key.startswith(f"{v}.")), None)
+            return ref in ref_keys and ref not in own
 
         changed = [k for k in adapter.tensors if shared(k)] + [f"{t}.weight" for t in adapter.loras
                                                                 if shared(f"{t}.weight")]

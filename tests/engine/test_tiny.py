@@ -5,8 +5,11 @@ import hashlib
 import json
 
 import pytest
+import torch
 
-from engine.adapters.lora import read_adapter
+from engine.adapters.lora import ORIGINAL_WAN_NAMES, AdapterNaming, read_adapter
+from engine.backbones.wan.model import MultiViewWanTransformer
+from engine.loading import denoiser_config
 from engine.tiny import TINY_VERSION, build_tiny, default_cache_root, ensure_tiny, resolve_checkpoint
 
 
@@ -37,7 +40,9 @@ def test_diffusers_layout_with_sharded_transformer(tiny_cache):
 
 
 def test_bundled_adapter_is_a_peft_lora_on_every_block_linear(tiny_cache):
-    adapter = read_adapter(tiny_cache / TINY_VERSION / "adapter")
+    with torch.device("meta"):  # the adapter read against the tiny model's own block linears
+        model = MultiViewWanTransformer(denoiser_config(tiny_cache / TINY_VERSION))
+    adapter = read_adapter(tiny_cache / TINY_VERSION / "adapter", AdapterNaming.of(model, ORIGINAL_WAN_NAMES))
     assert len(adapter.loras) == 2 * 10
     assert all(pair.down.shape[0] == 4 and pair.up.shape[1] == 4 for pair in adapter.loras.values())
     config = json.loads((tiny_cache / TINY_VERSION / "adapter" / "mvgen_config.json").read_text())

@@ -178,23 +178,14 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         self.sequence_parallel = sp
 
     # ---- the reference stream's modules -------------------------------------------------------------------
-    def reference_state_from_base(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """MVI2V's initialisation as state-dict entries: every reference module's tensors copied from the video
-        stream's module of the same block (empty for Token-Concat)."""
-        if self.ref_blocks is None:
-            return {}
-        out = {}
-        for name in self.ref_blocks.state_dict():
-            out[f"ref_blocks.{name}"] = state[f"transformer_blocks.{name}"].clone()
-        for name in self.ref_single_blocks.state_dict():
-            out[f"ref_single_blocks.{name}"] = state[f"single_transformer_blocks.{name}"].clone()
-        return out
-
     def init_reference_stream_from_base(self) -> None:
-        """Copy the video stream's weights into the reference stream (a model built here, not loaded)."""
+        """MVI2V's initialisation (a model built here; a load assembles it: ``engine.backbones.assembly``): each
+        reference module list a copy of its video stream's list."""
         if self.ref_blocks is not None:
-            state = self.state_dict()
-            self.load_state_dict({**state, **self.reference_state_from_base(state)})
+            for video, ref in self.REFERENCE_BLOCKS:
+                own = getattr(self, ref).state_dict()  # a dual-stream block's reference modules: no text stream
+                getattr(self, ref).load_state_dict({k: v for k, v in getattr(self, video).state_dict().items()
+                                                    if k in own})
 
     def _dual_modules(self, i: int, stream: str) -> _StreamModules:
         block = self.transformer_blocks[i]

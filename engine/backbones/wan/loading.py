@@ -12,22 +12,20 @@ from typing import Sequence
 import torch
 
 from ...adapters.base_lora import LoraSpec, merge_base_loras
-from ...adapters.lora import (ReferenceAdapter, ScaleRule, adapter_deltas, describe_scales, few_names, merge_deltas,
-                              read_adapter)
-from ...adapters.reference_weights import share_reference_stream, why_not_shared, wrap_low_rank
+from ...adapters.lora import ORIGINAL_WAN_NAMES, ReferenceAdapter, ScaleRule, describe_scales, few_names
 from ...config import MvgenConfig
 from ...errors import AdapterError, CheckpointError
 from ...files import load_safetensors
 from ...loading import transformer_weight_files
 from ...modes.view_attention import paper_view_omega
+from ..assembly import (apply_full_tensors, apply_pairs, assign, kept_float32, reads_adapter, reference_copy,
+                        shares_reference)
+from ..families import WAN
 from .model import MultiViewWanTransformer
 from .single_file import read_single_file_transformer
 
 log = logging.getLogger("mvgen.loading")
 
-# kept in float32 whatever the compute dtype, as diffusers' Wan does
-_FP32_PARAMS = ("scale_shift_table", "condition_embedder.time_embedder", "norm1", "norm2", "norm3", "view_logit_scales",
-                "view_omega")
 _SHOWN = 6  # names listed in one error
 
 
@@ -98,24 +96,11 @@ def _build_ref_patch_embedding(model: MultiViewWanTransformer, tensors: dict[str
 
 def _apply_full_tensors(model: MultiViewWanTransformer, state: dict[str, torch.Tensor],
                         adapter: ReferenceAdapter) -> None:
-    """Every full tensor of the adapter replaces (or adds) the model tensor of its name, after checking that the
-    built model has that name, with that shape."""
-    tensors = adapter.tensors
-    if "ref_patch_embedding.weight" in tensors:
-        _build_ref_patch_embedding(model, tensors)
-    shapes = model.state_dict()
-    unknown = sorted(set(tensors) - set(shapes))
-    if unknown:
-        hint = (" (ref_blocks exist only with ref_mode='dual_stream')"
-                if model.ref_blocks is None and any(k.startswith("ref_blocks.") for k in unknown) else "")
-        raise AdapterError(f"adapter tensor(s) not understood: {few_names(unknown)} are no parameter or buffer of "
-                           f"this model{hint}; full tensors are named as the model's (ref_blocks.N.*, blocks.N.*, "
-                           f"patch_embedding.weight, a mode's modules)")
-    wrong = [f"{k} {list(t.shape)} vs {list(shapes[k].shape)}" for k, t in tensors.items()
-             if t.shape != shapes[k].shape]
-    if wrong:
-        raise AdapterError(f"adapter tensor(s) with the wrong shape (adapter vs model): {few_names(wrong)}")
-    state.update(tensors)
+    """The adapter's full tensors (``engine.backbones.assembly``), after building the reference patch embedding
+    its tensors describe."""
+    if "ref_patch_embedding.weight" in adapter.tensors:
+        _build_ref_patch_embedding(model, adapter.tensors)
+    apply_full_tensors(model, state, adapter)
 
 
 def _require_complete(model: MultiViewWanTransformer, state: dict[str, torch.Tensor], adapter: Path | None,
@@ -153,23 +138,6 @@ def _modes_needing(config: MvgenConfig, missing: set[str]) -> list[tuple[str, li
             found.append((f"{option.name}={value!r}", names))
             left -= set(names)
     return found + ([("this model", sorted(left))] if left else [])
-
-
-def _shares_reference(model: MultiViewWanTransformer, parsed: ReferenceAdapter | None, loras: Sequence[LoraSpec],
-                      lora_reference: bool) -> bool:
-    """Whether the reference stream shares the video stream's weights. When the config asks for it and sharing
-    cannot be exact, the model's config says ``ref_weights="merged"`` and one INFO line says why: whoever asked for
-    the smaller model learns they did not get it."""
-    if model.ref_blocks is None or model.config.ref_weights != "shared":
-        return False
-    ref_keys = {k for k in model.state_dict() if k.startswith("ref_blocks.")}
-    why = why_not_shared(ref_keys, parsed, loras, lora_reference)
-    if why is None:
-        return True
-    log.info("ref_weights 'shared' cannot be exact, so the reference stream is a merged copy of the blocks "
-             "(ref_weights 'merged', ~1.9x the base model's parameters): %s", why)
-    model.config = model.config.replace(ref_weights="merged")
-    return False
 
 
 def _merge_base_loras_into_own(model: MultiViewWanTransformer, state: dict[str, torch.Tensor],
@@ -210,14 +178,11 @@ def load_wan(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | N
              loras: Sequence[LoraSpec] = (), lora_reference: bool = False) -> MultiViewWanTransformer:
     """A Wan denoiser of ``config`` from ``transformer_dir``'s weights (or ``weights_file``), the adapter and
     base-model LoRAs merged as ``engine.backbones.registry.load_denoiser`` describes."""
-    parsed = read_adapter(adapter) if adapter is not None else None
     rule = ScaleRule.from_config(config, lora_scale)
-    if parsed is not None and parsed.reference_loras and config.ref_mode != "dual_stream":
-        raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {config.ref_mode!r}")
-
     with torch.device("meta"):
         model = MultiViewWanTransformer(config)
-    shared = _shares_reference(model, parsed, loras, lora_reference)
+    parsed, naming = reads_adapter(model, adapter, ORIGINAL_WAN_NAMES)
+    shared = shares_reference(model, parsed, loras, lora_reference)
     if weights_file is not None:
         state = _without_ignored(read_single_file_transformer(weights_file))
     else:
@@ -225,8 +190,8 @@ def load_wan(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | N
     base_keys = _check_base_keys(model, state)
     # full tensors first (the base, its copy as a merged reference stream, the config's, the adapter's), then every
     # delta on top: LoRA deltas commute, replacements do not
-    if model.ref_blocks is not None and not shared:
-        state.update({f"ref_{k}": v.clone() for k, v in state.items() if k.startswith("blocks.")})
+    if not shared:
+        state.update(reference_copy(model, state))
     state.update(_config_tensors(config))
     if parsed is not None:
         _apply_full_tensors(model, state, parsed)
@@ -234,11 +199,7 @@ def load_wan(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | N
     video_lora = [LoraSpec(parsed.video_lora)] if parsed is not None and parsed.video_lora is not None else []
     unmerged = {}
     if parsed is not None:
-        deltas, used = adapter_deltas(parsed, rule, {k: v.shape for k, v in model.state_dict().items()},
-                                      config.num_layers)
-        # a weight the reference stream shares is no entry of the state: its pair stays unmerged
-        unmerged = {target: delta for target, delta in deltas.items() if f"{target}.weight" not in state}
-        merge_deltas(state, {target: delta for target, delta in deltas.items() if target not in unmerged})
+        unmerged, used = apply_pairs(model, state, parsed, rule, naming)
         _log_adapter(adapter, parsed, rule, used, base_keys, len(unmerged))
     merge_base_loras(state, [*video_lora, *loras])
     if model.ref_blocks is not None and lora_reference:
@@ -246,18 +207,5 @@ def load_wan(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | N
             _merge_base_loras_into_own(model, state, loras)
         else:
             merge_base_loras(state, loras, prefix="ref_")
-    wrap_low_rank(model, {target: (delta.rank, delta.scale) for target, delta in unmerged.items()})
-    for target, delta in unmerged.items():
-        state[f"{target}.lora_A.weight"], state[f"{target}.lora_B.weight"] = delta.down, delta.up
-    for key, value in state.items():
-        if value.is_floating_point():
-            value = value.to(torch.float32 if any(part in key for part in _FP32_PARAMS) else dtype)
-        state[key] = value.to(device)
-    own = {k for k in state if k.startswith("ref_blocks.")}
-    if shared:  # each shared tensor under its reference name too (the same tensor, no copy), for the strict load
-        state.update({k: state[k.removeprefix("ref_")] for k in model.state_dict()
-                      if k.startswith("ref_blocks.") and k not in own})
-    model.load_state_dict(state, strict=True, assign=True)
-    if shared:
-        share_reference_stream(model, own)
-    return model.eval().requires_grad_(False)
+    return assign(model, state, unmerged, shared=shared, dtype=dtype, device=device,
+                  keep_float32=kept_float32(model, WAN))

@@ -282,6 +282,8 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
     # (video blocks, reference blocks): module lists whose blocks name their modules alike (the reference stream
     # may share the video stream's weights: engine.adapters.reference_weights)
     REFERENCE_BLOCKS = (("blocks", "ref_blocks"),)
+    # kept in float32 beside what diffusers' Wan keeps (engine.backbones.assembly.kept_float32): the view tables
+    FP32_PARAMS = ("view_logit_scales", "view_omega")
 
     def __init__(self, config: MvgenConfig):
         super().__init__()

@@ -1,0 +1,143 @@
+"""The one way every backbone's loader turns a base checkpoint and an adapter into a denoiser.
+
+A family's loader (``engine.backbones.{wan,mmdit}.loading``) builds its model on the meta device and reads the base
+tensors its own way (diffusers folders, Wan's single files, Wan's base-model LoRAs); from there the steps are the
+same for every backbone and live here:
+
+1. ``reads_adapter``: the adapter parsed by the one reader (``engine.adapters.lora.read_adapter``) with the model's
+   own naming of its block linears;
+2. ``shares_reference``: whether the reference stream can hold the video stream's weights exactly
+   (``ref_weights="shared"``), else a merged copy and one INFO line saying why;
+3. ``apply_full_tensors``: the adapter's full tensors, each checked against a name and shape of the model;
+4. ``apply_pairs``: the adapter's LoRA pairs merged, except those on a weight the shared reference stream holds,
+   which stay unmerged;
+5. ``assign``: every tensor cast (the family's diffusers class says which modules stay float32, as
+   ``from_pretrained`` keeps them) and assigned by one strict load, the shared stream's tensors aliased.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..adapters.lora import (AdapterNaming, LowRankDelta, ReferenceAdapter, ScaleRule, adapter_deltas, few_names,
+                             merge_deltas, read_adapter)
+from ..adapters.reference_weights import reference_pairs, share_reference_stream, why_not_shared, wrap_low_rank
+from ..errors import AdapterError
+
+log = logging.getLogger("mvgen.loading")
+
+
+def reference_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """``("ref_blocks.", ...)``: the names under which the model's reference stream keeps its tensors."""
+    return tuple(f"{ref}." for _, ref in model.REFERENCE_BLOCKS)
+
+
+def reads_adapter(model: nn.Module, adapter: str | Path | None, aliases: dict[str, str] | None = None
+                  ) -> tuple[ReferenceAdapter | None, AdapterNaming]:
+    """The adapter parsed against the (meta) model's block linears (``aliases``: other names of a block's
+    modules the family's adapters may use), and that naming."""
+    naming = AdapterNaming.of(model, aliases)
+    parsed = read_adapter(adapter, naming) if adapter is not None else None
+    if parsed is not None and parsed.reference_loras and model.config.ref_mode != "dual_stream":
+        raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {model.config.ref_mode!r}")
+    return parsed, naming
+
+
+def shares_reference(model: nn.Module, parsed: ReferenceAdapter | None, loras: Sequence = (),
+                     lora_reference: bool = False) -> bool:
+    """Whether the reference stream shares the video stream's weights. When the config asks for it and sharing
+    cannot be exact, the model's config says ``ref_weights="merged"`` and one INFO line says why: whoever asked for
+    the smaller model learns they did not get it."""
+    if not reference_pairs(model) or model.config.ref_weights != "shared":
+        return False
+    prefixes = reference_prefixes(model)
+    ref_keys = {k for k in model.state_dict() if k.startswith(prefixes)}
+    why = why_not_shared(model.REFERENCE_BLOCKS, ref_keys, parsed, loras, lora_reference)
+    if why is None:
+        return True
+    log.info("ref_weights 'shared' cannot be exact, so the reference stream is a merged copy of the blocks "
+             "(ref_weights 'merged', ~1.9x the base model's parameters): %s", why)
+    model.config = model.config.replace(ref_weights="merged")
+    return False
+
+
+def reference_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """MVI2V's initialisation of a merged reference stream: each reference block's tensors cloned from the video
+    block of the same index (empty without a reference stream of its own)."""
+    names, out = set(model.state_dict()), {}
+    for video, ref in reference_pairs(model):  # a reference block may hold fewer modules (no text stream)
+        out.update({name: v.clone() for k, v in state.items() if k.startswith(f"{video}.")
+                    and (name := f"{ref}.{k.removeprefix(video + '.')}") in names})
+    return out
+
+
+def apply_full_tensors(model: nn.Module, state: dict[str, torch.Tensor], adapter: ReferenceAdapter) -> None:
+    """Every full tensor of the adapter replaces (or adds) the model tensor of its name, after checking that the
+    built model has that name, with that shape."""
+    tensors = adapter.tensors
+    shapes = model.state_dict()
+    unknown = sorted(set(tensors) - set(shapes))
+    if unknown:
+        lacking = [ref for _, ref in model.REFERENCE_BLOCKS if getattr(model, ref, None) is None
+                   and any(k.startswith(f"{ref}.") for k in unknown)]
+        hint = f" ({', '.join(lacking)} exist only with ref_mode='dual_stream')" if lacking else ""
+        raise AdapterError(f"adapter tensor(s) not understood: {few_names(unknown)} are no parameter or buffer of "
+                           f"this model{hint}; full tensors are named as the model's (the reference blocks', the "
+                           f"video blocks', the patch embedding's, a mode's modules)")
+    wrong = [f"{k} {list(t.shape)} vs {list(shapes[k].shape)}" for k, t in tensors.items()
+             if t.shape != shapes[k].shape]
+    if wrong:
+        raise AdapterError(f"adapter tensor(s) with the wrong shape (adapter vs model): {few_names(wrong)}")
+    state.update(tensors)
+
+
+def apply_pairs(model: nn.Module, state: dict[str, torch.Tensor], adapter: ReferenceAdapter, rule: ScaleRule,
+                naming: AdapterNaming) -> tuple[dict[str, LowRankDelta], dict[str, Counter]]:
+    """The adapter's LoRA pairs merged into ``state``; those on a weight a shared reference stream holds (no entry
+    of ``state``) are returned unmerged, with the scales used per stream (for the log)."""
+    deltas, used = adapter_deltas(adapter, rule, {k: v.shape for k, v in model.state_dict().items()}, naming)
+    unmerged = {target: delta for target, delta in deltas.items() if f"{target}.weight" not in state}
+    merge_deltas(state, {target: delta for target, delta in deltas.items() if target not in unmerged})
+    return unmerged, used
+
+
+def kept_float32(model: nn.Module, family) -> tuple[str, ...]:
+    """Module names whose tensors stay float32 whatever the compute dtype: the family's diffusers class's
+    ``_keep_in_fp32_modules`` (Wan's norms, modulation tables and time embedder; none for HunyuanVideo), and the
+    model's own additions (``FP32_PARAMS``: Wan's view tables)."""
+    import diffusers
+
+    keep = getattr(diffusers, family.diffusers_class)._keep_in_fp32_modules or ()
+    return (*keep, *getattr(model, "FP32_PARAMS", ()))
+
+
+def assign(model: nn.Module, state: dict[str, torch.Tensor], unmerged: dict[str, LowRankDelta], *, shared: bool,
+           dtype: torch.dtype, device: str | torch.device, keep_float32: Sequence[str]) -> nn.Module:
+    """The meta model given ``state`` by one strict load: the unmerged pairs as ``LowRankLinear``s, every floating
+    tensor in ``dtype`` (float32 where a dotted part of its name is in ``keep_float32``, diffusers' rule), a shared
+    reference stream's tensors the video stream's own objects."""
+    wrap_low_rank(model, {target: (delta.rank, delta.scale) for target, delta in unmerged.items()})
+    for target, delta in unmerged.items():
+        state[f"{target}.lora_A.weight"], state[f"{target}.lora_B.weight"] = delta.down, delta.up
+    keep = set(keep_float32)
+    for key, value in state.items():
+        if value.is_floating_point():
+            value = value.to(torch.float32 if keep.intersection(key.split(".")) else dtype)
+        state[key] = value.to(device)
+    prefixes = reference_prefixes(model)
+    own = {k for k in state if k.startswith(prefixes)}
+    if shared:  # each shared tensor under its reference name too (the same tensor, no copy), for the strict load
+        video_of = {f"{ref}.": f"{video}." for video, ref in reference_pairs(model)}
+        for key in model.state_dict():
+            prefix = next((p for p in video_of if key.startswith(p)), None)
+            if prefix is not None and key not in own:
+                state[key] = state[video_of[prefix] + key.removeprefix(prefix)]
+    model.load_state_dict(state, strict=True, assign=True)
+    if shared:
+        share_reference_stream(model, own)
+    return model.eval().requires_grad_(False)
