@@ -106,13 +106,14 @@ def _check_mmdit(config) -> None:
                          "guides with classifier-free guidance (HunyuanVideo-I2V's true CFG)")
     unsupported = [(name, value) for name, value, plain in (
         ("ref_attention", config.ref_attention, config.ref_attention in ("full", "isolated")),
-        ("view_attention", config.view_attention, config.view_attention == "none"),
+        # M2HVideo's identity adapter is a second image cross-attention beside Wan's: the MMDiT has no
+        # cross-attention (its text is a stream of the joint attention), so Eq. 4's fusion has nothing to fuse with
         ("identity", config.identity, not config.identity),
         ("view_logit_scales", config.view_logit_scales, config.view_logit_scales is None)) if not plain]
     if unsupported:
         name, value = unsupported[0]
         raise ValueError(f"{name}={value!r} is not implemented on the MMDiT backbone (ref_attention 'full' or "
-                         "'isolated', no seed-method modes)")
+                         "'isolated'; of the seed methods' modes, MVAnimate's view_attention='multiview')")
 
 
 def _wan_vae(vae: dict) -> dict:

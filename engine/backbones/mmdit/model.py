@@ -46,6 +46,7 @@ from torch import nn
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from ...config import MvgenConfig
+from ...modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
 from ..families import MMDIT, family_of
 from ...runtime.batch_invariance import batch_invariant
 from ...runtime.caches import ReferenceCache
@@ -135,12 +136,35 @@ class _CachedStream:
     layer: int = 0
 
 
+@dataclass(frozen=True)
+class _ViewRows:
+    """MVAnimate's Eq. 2 (``engine.modes.view_attention``) on each block's video rows: the video queries and every
+    view's keys, RMS-normalised and unrotated, and the views' values (a live reference stream's gathered whole
+    under sequence parallel; a cached one's as kept, which is exactly that)."""
+
+    views: ViewAttention
+    first_token: int  # this rank's first video token
+    sequence_parallel: SequenceParallel | None
+
+    def __call__(self, rows, reference, video_modules: _StreamModules, video: StreamQKV,
+                 ref_modules: _StreamModules, ref: StreamQKV) -> torch.Tensor:
+        q = video_modules.norm_q(video.q)
+        if isinstance(reference, _CachedStream):
+            k, v = ref.k, ref.v
+        else:
+            k, v, sp = ref_modules.norm_k(ref.k), ref.v, self.sequence_parallel
+            if sp is not None:
+                k, v = sp.gather(k, reference.tokens), sp.gather(v, reference.tokens)
+        return self.views(rows, q, k, v, self.first_token)
+
+
 class MultiViewMMDiT(JointAttention, nn.Module):
     """HunyuanVideo (T2V, or I2V with ``latent_concat``) with MVI2V's reference stream."""
 
     # (video blocks, reference blocks) whose modules share names: the reference stream may hold the video stream's
     # weights (engine.adapters.reference_weights)
     REFERENCE_BLOCKS = (("transformer_blocks", "ref_blocks"), ("single_transformer_blocks", "ref_single_blocks"))
+    FP32_PARAMS = ("view_omega",)  # kept in float32 whatever the compute dtype (engine.backbones.assembly)
 
     def __init__(self, config: MvgenConfig):
         super().__init__()
@@ -167,6 +191,13 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         self.ref_single_blocks = (nn.ModuleList(
             HunyuanVideoSingleTransformerBlock(heads, head_dim, mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm)
             for _ in range(cfg.num_single_layers)) if own else None)
+        # MVAnimate's per-view omega of Eq. 2 (engine.modes.view_attention): the paper's initial values unless an
+        # adapter gives its own
+        if cfg.view_attention == "multiview":
+            self.register_buffer("view_omega", paper_view_omega(cfg.max_references))
+            self.register_load_state_dict_pre_hook(fill_paper_omega)
+        else:
+            self.view_omega = None
         # this rank's token shards and the Ulysses all-to-alls (engine.runtime.parallel); None: one process holds all
         self.sequence_parallel: SequenceParallel | None = None
 
@@ -211,19 +242,25 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         first frame's latent in frame 0 then zeros, and a mask channel; None on T2V), so ``cat([latents,
         condition])`` is diffusers' model input; timestep [B]; text [B, L, text_dim] (Llama states), text_mask
         [B, L] (1 = token; the valid tokens come first), pooled_text [B, pooled_projection_dim] (CLIP);
-        ref_latents [B, R, 16, Hr, Wr] clean reference latents (R may be 0, or None). The Wan-only inputs
-        (``image_context``, the seed methods' inputs, caches) must be absent; a served call sends them empty.
+        ref_latents [B, R, 16, Hr, Wr] clean reference latents (R may be 0, or None); ``view_omega`` [B, R]
+        MVAnimate's per-view weights (``view_attention="multiview"``; None: the model's). The Wan-only inputs
+        (``image_context``, the other seed methods' inputs, the context cache) must be absent; a served call sends
+        them empty.
         """
         cfg = self.config
         exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
         for name, value in (("image_context", image_context), ("frame_pose", frame_pose), ("ref_pose", ref_pose),
-                            ("identity_context", identity_context), ("view_omega", view_omega),
-                            ("context_cache", context_cache)):
+                            ("identity_context", identity_context), ("context_cache", context_cache)):
             if value is not None and not (isinstance(value, torch.Tensor) and (exporting or value.numel() == 0)):
                 raise ValueError(f"{name} is not an input of the MMDiT denoiser (Wan-family only)")
         if text_mask is None or pooled_text is None:
             raise ValueError("the MMDiT denoiser needs text_mask [B, L] and pooled_text [B, pooled_projection_dim] "
                              "beside text")
+        if view_omega is not None and view_omega.numel() == 0 and not exporting:
+            view_omega = None  # a served call's absent input travels empty
+        if view_omega is not None and self.view_omega is None:
+            raise ValueError("view_omega is for denoisers with MVAnimate's multi-view attention "
+                             "(view_attention='multiview'); this one has none")
         if (condition is None) != (cfg.condition_channels == 0):
             raise ValueError(f"a {cfg.task} denoiser takes {'no' if cfg.condition_channels == 0 else 'a'} condition")
         b, _, frames, height, width = latents.shape
@@ -241,15 +278,17 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         x = batch_invariant(self.x_embedder, video.to(dtype))
         n_text = tokens.shape[1]
         streams = [_Stream("video", x, temb, grid_positions(f, h, w, device=x.device), None)]
+        num_refs, ref_hw = 0, None
         if ref_cache is not None:
             if ref_cache.video_fhw != (f, h, w):
                 raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has "
                                  f"{(f, h, w)}")
-            pos = rd_rope_positions(cfg.ref_rope, ref_cache.num_refs, ref_cache.ref_hw, (f, h, w), cfg.ref_t_stride,
-                                    device=x.device)
+            num_refs, ref_hw = ref_cache.num_refs, ref_cache.ref_hw
+            pos = rd_rope_positions(cfg.ref_rope, num_refs, ref_hw, (f, h, w), cfg.ref_t_stride, device=x.device)
             streams.append(_CachedStream("reference", ref_cache.keys, ref_cache.values, pos, None))
         elif ref_latents is not None and ref_latents.shape[1] > 0:
             r, ref_pos = self._embed_references(ref_latents, (f, h, w))
+            num_refs, ref_hw = ref_latents.shape[1], (ref_latents.shape[3] // ph, ref_latents.shape[4] // pw)
             ref_temb = temb if cfg.ref_timestep == "shared" else batch_invariant(
                 lambda t, pooled: self.time_text_embed(t, pooled)[0], torch.zeros_like(timestep), pooled_text.to(dtype))
             streams.append(_Stream("reference", r, ref_temb, ref_pos, None))
@@ -267,13 +306,16 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         for s in streams:  # each stream's RoPE table, of the positions this rank holds
             s.rope = self._rope(s.pos, x)
         start = streams[0].x
+        views = ViewAttention.for_call(self.view_omega, view_omega, cfg.view_lambda, b, num_refs, (f, h, w), ref_hw,
+                                       x.device)
+        hook = None if views is None else _ViewRows(views, 0 if sp is None else sp.first_token(n_video), sp)
 
         # 2. dual-stream blocks (triple with references), then single-stream blocks (dual with references)
         # skipped on the steps the step cache finds redundant (engine.runtime.step_cache: the first block's
         # modulated video input barely moved, so the stack's last residual on the video tokens is reused)
         real = n_video if sp is None else max(0, min(start.shape[1], n_video - sp.first_token(n_video)))
         if step_cache is None or not step_cache.skip(self._first_modulated_input(streams[0]), real):
-            self._run_blocks(streams, key_lengths)
+            self._run_blocks(streams, key_lengths, view_rows=hook)
             if step_cache is not None:
                 step_cache.computed_residual(streams[0].x - start)
         else:
@@ -295,12 +337,13 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         shift, scale = batch_invariant(lambda t: m.modulation(F.silu(t)), video.temb).chunk(m.chunks, dim=1)[:2]
         return adaln_layernorm(video.x, shift[:, None], scale[:, None], eps=EPS, backend=self._backend)
 
-    def _run_blocks(self, streams: list, key_lengths: torch.Tensor | None, kept: list | None = None) -> None:
+    def _run_blocks(self, streams: list, key_lengths: torch.Tensor | None, kept: list | None = None,
+                    view_rows: "_ViewRows | None" = None) -> None:
         """Every block in order over the streams, in place: the dual-stream blocks, then the single-stream ones."""
         layers = [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
             [(self._single_modules, i) for i in range(len(self.single_transformer_blocks))]
         for modules, i in layers:
-            self._block(streams, [modules(i, s.name) for s in streams], key_lengths, kept)
+            self._block(streams, [modules(i, s.name) for s in streams], key_lengths, kept, view_rows)
 
     @torch.no_grad()
     def precompute_reference(self, ref_latents: torch.Tensor, text: torch.Tensor | None,
@@ -374,11 +417,12 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         return kernel_backend(self.config.attention_backend)
 
     def _block(self, streams: list, modules: list[_StreamModules], key_lengths: torch.Tensor | None,
-               kept: list | None = None) -> None:
+               kept: list | None = None, view_rows: "_ViewRows | None" = None) -> None:
         """One block over every stream, in place: each stream's modulated input and Q/K/V (a cached stream: its
         layer's keys and values), one joint attention, then each live stream's output projection (and FFN, or MLP
         branch) with its gated residuals. ``kept``: each live stream's normalised K and V are appended to it (a
-        reference cache being built)."""
+        reference cache being built); ``view_rows``: MVAnimate's Eq. 2 on the video rows (video first, the
+        reference stream second)."""
         backend, heads = self._backend, self.config.num_attention_heads
         mods, inputs, qkv = [], [], []
         for s, m in zip(streams, modules):
@@ -398,7 +442,9 @@ class MultiViewMMDiT(JointAttention, nn.Module):
             if kept is not None:
                 kept.append((m.norm_k(k), v))
         live = [(s, m, mod, h) for s, m, mod, h in zip(streams, modules, mods, inputs) if mod is not None]
-        rows = self._attend(qkv, key_lengths=key_lengths).split([s.x.shape[1] for s, *_ in live], dim=1)
+        rows = list(self._attend(qkv, key_lengths=key_lengths).split([s.x.shape[1] for s, *_ in live], dim=1))
+        if view_rows is not None:
+            rows[0] = view_rows(rows[0], streams[1], modules[0], qkv[0], modules[1], qkv[1])
         for (s, m, mod, h), out in zip(live, rows):
             out = out.flatten(2)
             if m.ff is None:  # single-stream: proj_out([attention | gelu(proj_mlp(h))]), one gate
