@@ -12,6 +12,8 @@ The joint self-attention is two steps, ``qk_prologue`` (RMSNorm, RoPE, scales: o
 and ``attention`` (on the rotated Q/K); ``joint_attention`` is the pair for callers holding one Q and one K.
 The attention's sequences are [video | reference | context] streams given by two offsets each (``q_offsets``,
 ``k_offsets``; Wan has no context stream), with optional per-row key lengths (padded text in the context).
+``attention(..., precision="int8")`` runs ``quantized_attention`` instead: INT8 QK^T and FP8 P.V on the same
+prologue outputs (SageAttention's recipe; its quantisation passes run between the prologue and the kernel).
 """
 from __future__ import annotations
 
@@ -32,17 +34,22 @@ from .joint_attention import (
 )
 from .prototype.reference import prototype_aggregate_reference
 from .qk_prologue import qk_prologue_reference
+from .quantized_attention import DEFAULT_BLOCKS, PV_PRECISIONS, default_pv, quantized_attention_reference
 
 BACKENDS = ("auto", "reference", "triton")
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
+# the attention's arithmetic: 16-bit operands (bf16 or fp16, the model's dtype), or INT8 QK^T with FP8 P.V
+# (``kernels.quantized_attention``, SageAttention's recipe); the first is the default
+ATTENTION_PRECISIONS = ("bf16", "int8")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ATTENTION_HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
 
 __all__ = [
-    "BACKENDS", "ATTENTION_BACKENDS", "MASK_MODES", "MASK_IDS", "EXPORTED_MASKS", "qk_prologue", "attention", "attention_path", "kernel_backend",
+    "BACKENDS", "ATTENTION_BACKENDS", "ATTENTION_PRECISIONS", "PV_PRECISIONS", "MASK_MODES", "MASK_IDS", "EXPORTED_MASKS", "qk_prologue", "attention", "attention_path", "kernel_backend",
     "joint_attention", "prototype_aggregate", "adaln_layernorm", "gated_residual", "distribution_fusion",
-    "joint_attention_reference", "rotated_attention_reference", "qk_prologue_reference",
+    "joint_attention_reference", "rotated_attention_reference", "qk_prologue_reference", "quantized_attention",
+    "quantized_attention_reference",
     "prototype_aggregate_reference", "adaln_layernorm_reference", "gated_residual_reference",
     "distribution_fusion_reference", "batch_invariant_linear", "batch_invariant_linear_reference",
 ]
@@ -103,13 +110,17 @@ def attention_path(backend: str, q: torch.Tensor, mask: str, key_lengths: torch.
 
 
 def attention(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1, proto_tokens=1,
-              backend="auto", out=None):
+              backend="auto", out=None, precision=ATTENTION_PRECISIONS[0]):
     """Joint attention on prologue outputs (Q scaled by ``sm_scale * log2(e)``, K by its key scales, both
     rotated): q [B, Nq, H, D], k/v [B, Nk, H, D]; the sequences are [video | reference | context] streams split at
     ``q_offsets``/``k_offsets``, ``key_lengths`` [B] (or None) masks each row's padded keys; see
-    ``rotated_attention_reference``."""
+    ``rotated_attention_reference``. ``precision="int8"``: ``quantized_attention``."""
     kw = dict(q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
               tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens)
+    if precision not in ATTENTION_PRECISIONS:
+        raise ValueError(f"attention precision must be one of {ATTENTION_PRECISIONS}, got {precision!r}")
+    if precision == "int8":
+        return quantized_attention(q, k, v, **kw, backend=backend, out=out)
     path = attention_path(backend, q, mask, key_lengths)
     if path == "triton":
         from .joint_attention.kernel import attention_triton
@@ -118,6 +129,25 @@ def attention(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", t
         return rotated_attention_sdpa(q, k, v, out=out, **kw)
     result = rotated_attention_reference(q, k, v, **kw)
     return result if out is None else out.copy_(result)
+
+
+def quantized_attention(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1,
+                        proto_tokens=1, backend="auto", pv=None, out=None):
+    """The 8-bit joint attention (INT8 QK^T, K smoothed, per-block scales; P.V in FP8, or in 16 bits with
+    ``pv="16bit"``, the default before sm_89) on the prologue's outputs, arguments as ``attention``; see
+    ``quantized_attention_reference``. Every mask runs the Triton kernel (``auto``: CUDA fp16/bf16 with D in
+    (64, 128); ``sdpa`` is ``auto`` here, SDPA has no 8-bit form), else the float64 reference, the CPU path."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    kw = dict(q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
+              tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, out=out,
+              pv=default_pv(q.device) if pv is None else pv)
+    supported = (q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in ATTENTION_HEAD_DIMS
+                 and all(t.is_cuda and t.dtype == q.dtype for t in (q, k, v)))
+    if backend == "triton" or (backend in ("auto", "sdpa") and supported):
+        from .quantized_attention.kernel import quantized_attention_triton
+        return quantized_attention_triton(q, k, v, **kw)
+    return quantized_attention_reference(q, k, v, **kw, block_q=DEFAULT_BLOCKS[0], block_k=DEFAULT_BLOCKS[1])
 
 
 def kernel_backend(attention_backend: str) -> str:

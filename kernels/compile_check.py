@@ -18,7 +18,10 @@ Per variant: registers, spills, stack (ptxas ``-v``), shared memory (kernel meta
 family (PTX), and from the cubin's disassembly (Triton's bundled ``nvdisasm``) the hot loop: the backward
 branch whose body holds the most tensor-core instructions; its SASS instruction count per warp, normalised
 to a 64-key tile, its MUFU operations (exp2, and sin/cos, which must be absent from the attention loop).
-``--tutorial`` also compiles Triton's fused-attention tutorial kernel (``_attn_fwd_tma`` of
+The 8-bit attention (``kernels.quantized_attention``) is compiled as it launches per arch: descriptors with INT8 QK
+and FP8 P.V on sm_90, pointers with FP8 P.V on sm_89 (``--arch 89``), with 16-bit P.V on sm_80; its loop's MMA
+opcodes are listed (``loop MMAs``: IGMMA/IMMA integer, QGMMA/QMMA e4m3) and compared with the 16-bit loop at the
+same 128x128 tile. ``--tutorial`` also compiles Triton's fused-attention tutorial kernel (``_attn_fwd_tma`` of
 ``python/tutorials/06-fused-attention.py``, non-causal, fp16 (its only dtype), head_dim 128, 128x64 tiles) the same way, for the
 loop-size comparison. Exit status: 0 all compiled, 1 a variant failed, 3 the CUDA backend cannot compile on
 this machine at all (reason printed after ``skipped:``).
@@ -77,6 +80,7 @@ class Result:
     loop_keys: int | None = None  # keys (or rows) one iteration consumes
     sass_per_64: float | None = None  # loop_sass normalised to a 64-key tile
     loop_mufu: int | None = None
+    loop_mma: str = ""  # the hot loop's tensor-core SASS by opcode, e.g. "IGMMA:4 QGMMA:2" (integer, FP8)
     loop_trig: int | None = None  # MUFU.SIN / MUFU.COS in the loop
     loops: int | None = None  # backward branches holding tensor-core instructions (warp specialisation: > 1)
     error: str = field(default="", repr=False)
@@ -128,6 +132,78 @@ def attention_pointers(dtype, head_dim, mask, BLOCK_M, BLOCK_N, context=False, k
     args = (t, t, t, t, attn._key_len(lengths), *t.stride()[:3], *t.stride()[:3], *t.stride()[:3],
             *t.stride()[:3], HEADS, n, n, *offsets, *offsets, TOKENS_PER_FRAME, REF_TOKENS // 3)
     return attn._attention_fwd, args, attn._meta(t, mask, key_len) | dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+
+
+def _quantized_operands(dtype, n, head_dim, pv, block_m, block_n, heads=HEADS):
+    """Empty int8 Q/K with their block scales, the V operand of ``pv`` and its scales, the output: what
+    ``kernels.quantized_attention`` hands its kernel for a [B=1, n, heads, head_dim] problem."""
+    import torch
+
+    from .quantized_attention.reference import QuantizedQK
+
+    def blocks(b):
+        return torch.empty(1, heads, -(-n // b))
+
+    codes = torch.empty(1, n, heads, head_dim, dtype=torch.int8)
+    quantized = QuantizedQK(codes, blocks(block_m), codes, blocks(block_n), torch.empty(1, heads, head_dim),
+                            block_m, block_n)
+    if pv == "fp8":  # V^T padded to the key tile
+        v = torch.empty(1, heads, head_dim, -(-n // block_n) * block_n, dtype=torch.float8_e4m3fn)
+    else:
+        v = _qkv(dtype, n, heads, head_dim)
+    return quantized, v, torch.empty(1, heads, head_dim), _qkv(dtype, n, heads, head_dim)
+
+
+def quantized_tma(dtype, head_dim, mask, pv, BLOCK_M, BLOCK_N, context=False, key_len=False):
+    """``_quantized_fwd_tma`` as ``kernels.quantized_attention`` launches it (sm_90) for the joint
+    video+reference(+text) attention."""
+    from .quantized_attention import kernel as qattn
+
+    n, offsets, lengths = _streams(context, key_len)
+    quantized, v, v_scale, out = _quantized_operands(dtype, n, head_dim, pv, BLOCK_M, BLOCK_N)
+    args, meta = qattn.launch_args(quantized, v, v_scale, out, q_offsets=offsets, k_offsets=offsets,
+                                   key_lengths=lengths, mask=mask, tokens_per_frame=TOKENS_PER_FRAME,
+                                   proto_tokens=REF_TOKENS // 3, pv=pv)
+    return qattn._quantized_fwd_tma, args, meta
+
+
+def quantized_pointers(dtype, head_dim, mask, pv, BLOCK_M, BLOCK_N, context=False, key_len=False):
+    """``_quantized_fwd`` (pointers: what ``kernels.quantized_attention`` launches before Hopper)."""
+    from .quantized_attention import kernel as qattn
+
+    n, offsets, lengths = _streams(context, key_len)
+    quantized, v, v_scale, out = _quantized_operands(dtype, n, head_dim, pv, BLOCK_M, BLOCK_N)
+    args, meta = qattn.pointer_args(quantized, v, v_scale, out, q_offsets=offsets, k_offsets=offsets,
+                                    key_lengths=lengths, mask=mask, tokens_per_frame=TOKENS_PER_FRAME,
+                                    proto_tokens=REF_TOKENS // 3, pv=pv)
+    return qattn._quantized_fwd, args, meta
+
+
+def quantizer(kernel, dtype, heads, smooth=False):
+    """The quantisation kernels of the 8-bit attention on a Wan video stream of ``heads`` heads of 128, in blocks of
+    the sm_90 kernel's key tile."""
+    import torch
+
+    from .quantized_attention import DEFAULT_BLOCKS, quantize
+
+    n, block = VIDEO_TOKENS + REF_TOKENS, DEFAULT_BLOCKS[1]
+    x = _qkv(dtype, n, heads)
+    partial = torch.empty(heads, quantize.SPLITS, 128)
+    if kernel == "_column_stats":
+        return quantize._column_stats, (x, partial, n, 1024, heads, x.stride(0), x.stride(1)), dict(
+            HEAD_DIM=128, SPLITS=quantize.SPLITS, ROWS=quantize.STATS_ROWS, ABSMAX=not smooth, num_warps=4)
+    scale = torch.empty(1, heads, -(-n // block))
+    if kernel == "_quantize_int8":
+        codes = torch.empty(1, n, heads, 128, dtype=torch.int8)
+        return quantize._quantize_int8, (x, partial, codes, scale, torch.empty(1, heads, 128), n, heads,
+                                         scale.shape[-1], x.stride(0), x.stride(1), codes.stride(0),
+                                         codes.stride(1)), dict(HEAD_DIM=128, BLOCK=block, SPLITS=quantize.SPLITS,
+                                                                SMOOTH=smooth, num_warps=quantize.block_warps(block, 128))
+    v_t = torch.empty(1, heads, 128, -(-n // block) * block, dtype=torch.float8_e4m3fn)
+    return quantize._quantize_v_fp8, (x, partial, v_t, torch.empty(1, heads, 128), n, heads, x.stride(0),
+                                      x.stride(1), v_t.stride(2)), dict(HEAD_DIM=128, BLOCK=block,
+                                                                        SPLITS=quantize.SPLITS, EMULATE_FP8=False,
+                                                                        num_warps=quantize.block_warps(block, 128))
 
 
 def prologue(dtype, heads, norm="across_heads", rope_axes=None):
@@ -259,6 +335,40 @@ def _attention_variants(archs) -> list[tuple[Variant, int]]:
     return out
 
 
+def _quantized_variants(archs) -> list[tuple[Variant, int]]:
+    """The 8-bit attention as launched: the descriptor entry on sm_90 (FP8 P.V), the pointer entry on sm_89 (FP8
+    P.V) and sm_80 (16-bit P.V); every mask, both head dims, the three-stream launch with key lengths; then its
+    quantisation kernels. One sm_90 row with 16-bit P.V isolates what the FP8 P.V costs in the loop."""
+    from .quantized_attention import kernel as qattn
+
+    out = []
+    for arch in archs:
+        major = min(arch // 10, 9)
+        pv = "fp8" if arch >= 89 else "16bit"
+        entry, builder = (("_quantized_fwd_tma", "quantized_tma") if major >= 9
+                          else ("_quantized_fwd", "quantized_pointers"))
+
+        def variant(dtype, head_dim, mask, pv=pv, context=False, key_len=False):
+            bm, bn, warps, stages = qattn.GPU_CONFIGS[(max(major, 8), head_dim)]
+            streams = (" 3-stream" if context else "") + (" keylen" if key_len else "")
+            label = f"int8 qk {pv} pv {dtype} d{head_dim} {mask} {bm}x{bn}{streams}"
+            return (Variant(entry, label, f"kernels.compile_check:{builder}",
+                            dict(dtype=dtype, head_dim=head_dim, mask=mask, pv=pv, BLOCK_M=bm, BLOCK_N=bn,
+                                 context=context, key_len=key_len), warps, stages), arch)
+
+        out += [variant("bf16", 128, mask) for mask in ("full", "isolated", "prototype")]
+        out += [variant("bf16", 128, mask, context=True, key_len=True) for mask in ("full", "isolated")]
+        out += [variant("bf16", 64, "full"), variant("fp16", 128, "full")]
+        if pv == "fp8":
+            out.append(variant("bf16", 128, "full", pv="16bit"))
+        for kernel, smooth in (("_column_stats", True), ("_quantize_int8", True), ("_quantize_v_fp8", False)):
+            if kernel == "_quantize_v_fp8" and arch < 89:
+                continue  # sm_80 has no FP8: its P.V stays 16-bit and V is not quantised
+            out.append((Variant(kernel, f"bf16 H=40 d128{' smooth' if smooth else ''}", "kernels.compile_check:quantizer",
+                                dict(kernel=kernel, dtype="bf16", heads=40, smooth=smooth), 0, 1), arch))
+    return out
+
+
 def _signature_variants(archs) -> list[tuple[Variant, int]]:
     from .fusions.kernel import block_and_warps
     from .prototype.kernel import GPU_CONFIG, GPU_CONFIG_FP32
@@ -308,7 +418,8 @@ def _linear_variants(archs) -> list[tuple[Variant, int]]:
 
 
 def jobs(archs, tutorial_path: str | None = None) -> list[tuple[Variant, int]]:
-    out = _attention_variants(archs) + _signature_variants(archs) + _linear_variants(archs)
+    out = (_attention_variants(archs) + _quantized_variants(archs) + _signature_variants(archs)
+           + _linear_variants(archs))
     if tutorial_path:
         out.append((Variant("tutorial _attn_fwd_tma", "fp16 d128 non-causal 128x64", "kernels.compile_check:tutorial",
                             dict(path=tutorial_path, BLOCK_M=128, BLOCK_N=64), 8, 3), archs[0]))
@@ -396,7 +507,9 @@ _PTXAS = {
 _INSTRUCTION = re.compile(r"/\*[0-9a-f]+\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)([.A-Z0-9_]*)")
 _LABEL = re.compile(r"^\s*(\.L_[\w]+):")
 _BRANCH_TARGET = re.compile(r"BRA\s+`?\(?(\.L_[\w]+)")
-_MMA = ("HGMMA", "HMMA", "WGMMA")
+# tensor-core SASS: 16-bit (HGMMA on sm_90, HMMA before), integer (IGMMA on sm_90, IMMA before), FP8 (QGMMA on
+# sm_90, QMMA on sm_89)
+_MMA = ("HGMMA", "HMMA", "WGMMA", "IGMMA", "IMMA", "QGMMA", "QMMA")
 
 
 def sass(cubin: bytes) -> str:
@@ -434,7 +547,11 @@ def hot_loop(disassembly: str) -> dict | None:
         ops = body[start:end + 1]
         mma = sum(op in _MMA for op, _, _ in ops)
         if mma:
-            loops.append(dict(sass=len(ops), mma=mma, mufu=sum(op == "MUFU" for op, _, _ in ops),
+            families = {}
+            for op, mod, _ in ops:
+                if op in _MMA:
+                    families[op] = families.get(op, 0) + 1
+            loops.append(dict(sass=len(ops), mma=mma, families=families, mufu=sum(op == "MUFU" for op, _, _ in ops),
                               trig=sum(op == "MUFU" and (mod.startswith(".SIN") or mod.startswith(".COS"))
                                        for op, mod, _ in ops)))
     if not loops:
@@ -469,6 +586,7 @@ def compile_variant(v: Variant, arch: int) -> Result:
     loop = hot_loop(sass(compiled.asm["cubin"]))
     if loop is not None:
         keys = v.params.get("BLOCK_N")
+        result.loop_mma = " ".join(f"{kind}:{n}" for kind, n in sorted(loop["families"].items()))
         result.loop_sass, result.loop_mufu, result.loop_trig, result.loops = (loop["sass"], loop["mufu"],
                                                                               loop["trig"], loop["loops"])
         if keys:
@@ -507,26 +625,38 @@ def _cell(value) -> str:
 
 def table(results: list[Result]) -> str:
     header = ["kernel", "variant", "arch", "warps", "stages", "regs", "spill st/ld (B)", "stack (B)", "smem (B)",
-              "mma", "loop SASS", "per 64 keys", "loop MUFU", "sin/cos", "s", "status"]
+              "mma", "loop MMAs", "loop SASS", "per 64 keys", "loop MUFU", "sin/cos", "s", "status"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         spills = "" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
         lines.append("| " + " | ".join([
             r.kernel, r.label, f"sm_{r.arch}", str(r.num_warps), str(r.num_stages), _cell(r.registers), spills,
-            _cell(r.stack), _cell(r.shared), r.mma, _cell(r.loop_sass), _cell(r.sass_per_64), _cell(r.loop_mufu),
+            _cell(r.stack), _cell(r.shared), r.mma, r.loop_mma, _cell(r.loop_sass), _cell(r.sass_per_64), _cell(r.loop_mufu),
             _cell(r.loop_trig), f"{r.seconds:.1f}", "ok" if r.ok else f"FAILED {r.error}"]) + " |")
     return "\n".join(lines)
 
 
+def _row(results: list[Result], kernel: str, label: str, arch: int = 90) -> Result | None:
+    return next((r for r in results if r.kernel.startswith(kernel) and r.label.startswith(label) and r.arch == arch
+                 and r.sass_per_64), None)
+
+
 def comparison(results: list[Result]) -> str:
-    """The tutorial line: our 128x64 full-mask loop against the tutorial's, both sm_90 as launched."""
-    ours = next((r for r in results if r.kernel == "_attention_fwd_tma" and r.label == "fp16 d128 full 128x64"
-                 and r.arch == 90 and r.sass_per_64), None)
-    theirs = next((r for r in results if r.kernel.startswith("tutorial") and r.sass_per_64), None)
-    if ours is None or theirs is None:
-        return ""
-    return (f"attention loop, sm_90 fp16 d128, 128x64 tile, SASS per warp per K tile: mvgen {ours.sass_per_64:g}, "
-            f"tutorial {theirs.sass_per_64:g}, ratio {ours.sass_per_64 / theirs.sass_per_64:.2f}")
+    """The tutorial line: our 128x64 full-mask loop against the tutorial's, both sm_90 as launched; the 8-bit line:
+    the 8-bit loop against the 16-bit one at the same 128x128 tile."""
+    lines = []
+    ours, theirs = _row(results, "_attention_fwd_tma", "fp16 d128 full 128x64"), _row(results, "tutorial", "")
+    if ours and theirs:
+        lines.append(f"attention loop, sm_90 fp16 d128, 128x64 tile, SASS per warp per K tile: mvgen "
+                     f"{ours.sass_per_64:g}, tutorial {theirs.sass_per_64:g}, ratio "
+                     f"{ours.sass_per_64 / theirs.sass_per_64:.2f}")
+    eight, sixteen = (_row(results, "_quantized_fwd_tma", "int8 qk fp8 pv bf16 d128 full 128x128"),
+                      _row(results, "_attention_fwd_tma", "bf16 d128 full 128x128"))
+    if eight and sixteen:
+        lines.append(f"8-bit attention loop, sm_90 d128 full, 128x128 tile, SASS per warp per 64 keys: int8 QK + fp8 "
+                     f"PV {eight.sass_per_64:g}, bf16 {sixteen.sass_per_64:g}, ratio "
+                     f"{eight.sass_per_64 / sixteen.sass_per_64:.2f}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

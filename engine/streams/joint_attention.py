@@ -139,9 +139,12 @@ class JointAttention:
                            key_lengths) -> torch.Tensor:
         """Attention on the prologue's outputs (``kernels.attention``); the ONNX export's plugin swaps this.
         Deterministic on CUDA, ``auto`` takes the Triton kernel: its tiles never depend on the batch, while SDPA's
-        flash kernels may split the keys by batch size (``engine.runtime.batch_invariance``)."""
+        flash kernels may split the keys by batch size (``engine.runtime.batch_invariance``). With
+        ``attention_precision="int8"`` the quantisation runs here, after the Ulysses all-to-all: each rank holds
+        every token of its heads, so K's smoothing mean is the whole sequence's."""
         backend = self.config.attention_backend
         if backend == "auto" and self.config.deterministic and q.is_cuda:
             backend = "triton"
         return attention(q, k, v, q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
-                         tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, backend=backend)
+                         tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, backend=backend,
+                         precision=self.config.attention_precision)

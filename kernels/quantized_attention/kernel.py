@@ -1,0 +1,376 @@
+"""Triton kernel of the 8-bit joint attention: INT8 QK^T (int32 accumulation, per-block scales, K smoothed) and
+P.V in FP8 e4m3 with fp32 accumulation (sm_89 and newer) or in V's 16-bit dtype (sm_80); semantics of
+``reference.quantized_attention_reference``, masks, streams and key lengths of ``kernels.joint_attention``.
+
+The loop is the 16-bit kernel's (``kernels.joint_attention.kernel``) with three changes:
+  - the logits are an integer MMA of int8 Q and K tiles, converted to fp32 once; the block scales (one per query
+    tile, one per key tile: every key tile starts at a multiple of BLOCK_N, the quantisation's block) go into the
+    same fused multiply-add that subtracts the running maximum, so the softmax costs one I2F per logit more;
+  - P in FP8 (``PV_FP8``): ``2**(s - m) * 448``, the 448 folded into the subtracted maximum (P uses e4m3's whole
+    range at no cost; the row sum carries the same factor and cancels it), times the tile of V^T in e4m3
+    (per-channel scales, applied once at the end); each tile's MMA starts from zero and its result is added to
+    the fp32 accumulator (SageAttention 2's two-level accumulation: the FP8 MMA's own accumulator is narrower
+    than fp32, so it never sums more than one tile);
+  - the key ranges of a query block are cut at tile boundaries: a masked head (keys below the first multiple of
+    BLOCK_N), the dense middle, a masked tail; so every tile lies in one K scale block.
+Under the interpreter, ``EMULATE_FP8`` rounds P on e4m3's grid in fp32 (see ``quantize._round_e4m3``) and the
+products run in fp32 (the MMA of e4m3 values is exact; only the accumulation order differs from the GPU's).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import check_device, check_operand, emulate_bf16, interpreting, mma, narrow
+from ..joint_attention.reference import MASK_IDS, check_streams
+from .quantize import _round_e4m3, quantize_qk_triton, quantize_v_triton
+from .reference import DEFAULT_BLOCKS, QuantizedQK, check_pv, default_pv
+
+HEAD_DIMS = (64, 128)
+DTYPES = (torch.float16, torch.bfloat16)
+_LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448): P is 2**(s - (m - log2 448)) = 448 * 2**(s - m)
+
+
+@triton.jit
+def _load_rows(src, batch, head, start, offs, n_rows, stride_n, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               TMA: tl.constexpr, BOUNDS: tl.constexpr):
+    """Rows [start, start + ROWS) x HEAD_DIM of one head of a [B, N, H*D] tensor (Q, K or 16-bit V)."""
+    if TMA:
+        return src.load([batch, start, head * HEAD_DIM]).reshape(ROWS, HEAD_DIM)
+    else:
+        ptrs = src + offs[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
+        if BOUNDS:
+            return tl.load(ptrs, mask=(offs < n_rows)[:, None], other=0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _load_vt(src, batch, head, start, offs, stride_vd, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             TMA: tl.constexpr):
+    """Columns [start, start + BLOCK_N) of one head's e4m3 V^T [D, N_pad] (N_pad a multiple of BLOCK_N: every tile
+    is in bounds; the padding is zeros and masked keys have P = 0)."""
+    if TMA:
+        return src.load([batch, head * HEAD_DIM, start]).reshape(HEAD_DIM, BLOCK_N)
+    else:
+        return tl.load(src + tl.arange(0, HEAD_DIM)[:, None] * stride_vd + offs[None, :])
+
+
+@triton.jit
+def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn, stride_vn,
+                n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, lo, hi,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, MASK_MODE: tl.constexpr,
+                TMA: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Online-softmax update with the keys [lo, hi), tiles from lo // BLOCK_N * BLOCK_N (``BOUNDS``: keys outside
+    [lo, hi) masked; else lo and hi are multiples of BLOCK_N)."""
+    first = lo // BLOCK_N * BLOCK_N
+    for start in tl.range(first, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_src, batch, head, start, offs_n, n_k, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+        if BOUNDS:
+            inside = ((offs_n >= lo) & (offs_n < hi))[None, :]
+            if MASK_MODE == 1:  # isolated: reference queries see reference keys only
+                q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
+                k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
+                inside = inside & (q_other[:, None] | k_ref[None, :])
+            elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys + frame f's prototype
+                k_other = offs_n[None, :] >= k_ref_lo
+                own_frame = k_other & ((offs_n[None, :] - k_ref_lo) // proto_tokens
+                                       == (q_idx // tokens_per_frame)[:, None])
+                inside = inside & tl.where(q_idx[:, None] < q_ref_lo, (~k_other) | own_frame, k_other)
+            qk = tl.where(inside, qk, float("-inf"))
+        scale = q_scale * tl.load(k_scale + start // BLOCK_N)  # > 0 (quantize's floor): max and -inf commute
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+        if BOUNDS:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        if PV_FP8:
+            p = tl.math.exp2(qk * scale - (m_new - _LOG2_FP8_MAX)[:, None])  # 448 * 2**(s - m)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = _load_vt(v_src, batch, head, start, offs_n, stride_vn, HEAD_DIM, BLOCK_N, TMA)
+            p8 = _round_e4m3(p, EMULATE_FP8)
+            if EMULATE_FP8:
+                pv = tl.dot(p8.to(tl.float32), tl.trans(vt).to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p8, tl.trans(vt))
+            acc = acc * alpha[:, None] + pv
+        else:
+            p = tl.math.exp2(qk * scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(v_src, batch, head, start, offs_n, n_k, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+            acc = mma(narrow(p, v.dtype, EMULATE_BF16), v, acc * alpha[:, None], "tf32", EMULATE_BF16)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(a_lo, a_hi, b_lo, b_hi, c_lo, c_hi): range A holds keys every query of the block may see, B and C keys the
+    mask decides per element (the 16-bit kernel's cut, ``kernels.joint_attention.kernel``)."""
+    m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
+    a_lo = 0
+    a_hi = n_k
+    b_lo = 0
+    b_hi = 0
+    c_lo = 0
+    c_hi = 0
+    if MASK_MODE == 1:
+        if (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference queries only
+            a_lo = k_ref_lo
+            a_hi = k_ctx_lo
+        elif tl.maximum(m_first, q_ref_lo) <= tl.minimum(m_last, q_ctx_lo - 1):  # some reference queries
+            a_lo = k_ref_lo
+            a_hi = k_ctx_lo
+            b_hi = k_ref_lo
+            c_lo = k_ctx_lo
+            c_hi = n_k
+    elif MASK_MODE == 2:
+        if m_first >= q_ref_lo:
+            a_lo = k_ref_lo
+        elif m_last < q_ref_lo:
+            a_hi = k_ref_lo
+            b_lo = k_ref_lo + (m_first // tokens_per_frame) * proto_tokens
+            b_hi = tl.minimum(n_k, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
+        else:
+            a_hi = 0
+            b_hi = n_k
+    return a_lo, a_hi, b_lo, b_hi, c_lo, c_hi
+
+
+@triton.jit
+def _attention_body(q_src, k_src, v_src, o_src, QScale, KScale, VScale, KeyLen, batch, head, n_heads, stride_qn,
+                    stride_kn, stride_vn, stride_on, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
+                    tokens_per_frame, proto_tokens, HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr,
+                    HAS_KEY_LEN: tl.constexpr, TMA: tl.constexpr, PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr,
+                    EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # 1. the int8 query block and its scale
+    bh = batch * n_heads + head
+    m_first = tl.program_id(0) * BLOCK_M
+    q_idx = m_first + tl.arange(0, BLOCK_M)
+    q = _load_rows(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
+    q_scale = tl.load(QScale + bh * tl.cdiv(n_q, BLOCK_M) + tl.program_id(0))
+    k_scale = KScale + bh * tl.cdiv(n_k, BLOCK_N)
+
+    # 2. key ranges, range A cut at tile boundaries: [a_lo, a_mid) masked, [a_mid, a_tail) dense, [a_tail, a_hi)
+    a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = _key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
+                                                     tokens_per_frame, proto_tokens, MASK_MODE, BLOCK_M)
+    if HAS_KEY_LEN:  # this row's keys at or past its length (padding) are never read
+        n_k_row = tl.minimum(n_k, tl.load(KeyLen + batch).to(tl.int32))
+        a_hi = tl.minimum(a_hi, n_k_row)
+        b_hi = tl.minimum(b_hi, n_k_row)
+        c_hi = tl.minimum(c_hi, n_k_row)
+    a_mid = tl.cdiv(a_lo, BLOCK_N) * BLOCK_N
+    a_tail = tl.maximum(a_hi // BLOCK_N * BLOCK_N, a_mid)
+
+    # 3. online softmax over the ranges (m_i: the running maximum of the scaled logits)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
+                                stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                proto_tokens, a_mid, a_tail, BLOCK_N, HEAD_DIM, False, 0, TMA, PV_FP8, EMULATE_FP8,
+                                EMULATE_BF16)
+    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
+                                stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                proto_tokens, a_lo, tl.minimum(a_mid, a_hi), BLOCK_N, HEAD_DIM, True, 0, TMA, PV_FP8,
+                                EMULATE_FP8, EMULATE_BF16)
+    acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
+                                stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                proto_tokens, a_tail, a_hi, BLOCK_N, HEAD_DIM, True, 0, TMA, PV_FP8, EMULATE_FP8,
+                                EMULATE_BF16)
+    if MASK_MODE != 0:
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
+                                    stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                    proto_tokens, b_lo, b_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, PV_FP8,
+                                    EMULATE_FP8, EMULATE_BF16)
+    if MASK_MODE == 1:
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
+                                    stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                    proto_tokens, c_lo, c_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, PV_FP8,
+                                    EMULATE_FP8, EMULATE_BF16)
+
+    # 4. normalise (and undo V's per-channel scales), store; fully masked rows give 0
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if PV_FP8:
+        out = out * tl.load(VScale + bh * HEAD_DIM + tl.arange(0, HEAD_DIM))[None, :]
+    out_ty = o_src.dtype if TMA else o_src.dtype.element_ty
+    out = narrow(out, out_ty, EMULATE_BF16).to(out_ty)
+    if TMA:
+        o_src.store([batch, m_first, head * HEAD_DIM], out.reshape(1, BLOCK_M, HEAD_DIM))
+    else:
+        tl.store(o_src + q_idx[:, None] * stride_on + tl.arange(0, HEAD_DIM)[None, :], out,
+                 mask=(q_idx < n_q)[:, None])
+
+
+@triton.jit
+def _quantized_fwd_tma(desc_q, desc_k, desc_v, desc_o, QScale, KScale, VScale, KeyLen, n_heads, n_q, n_k,
+                       q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                       HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr,
+                       PV_FP8: tl.constexpr, EMULATE_FP8: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Descriptors (TMA on sm_90): Q/K int8 [B, N, H*D], V e4m3 V^T [B, H*D, N_pad] (or 16-bit [B, N, H*D]),
+    Out [B, N, H*D]; KeyLen read only when HAS_KEY_LEN."""
+    batch = tl.program_id(1) // n_heads
+    head = tl.program_id(1) % n_heads
+    _attention_body(desc_q, desc_k, desc_v, desc_o, QScale, KScale, VScale, KeyLen, batch, head, n_heads, 0, 0, 0,
+                    0, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, HEAD_DIM,
+                    MASK_MODE, HAS_KEY_LEN, True, PV_FP8, EMULATE_FP8, EMULATE_BF16, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _quantized_fwd(Q, K, V, Out, QScale, KScale, VScale, KeyLen, stride_qb, stride_qn, stride_kb, stride_kn,
+                   stride_vb, stride_vh, stride_vn, stride_ob, stride_on, n_heads, n_q, n_k, q_ref_lo, q_ctx_lo,
+                   k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, HEAD_DIM: tl.constexpr,
+                   MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr, PV_FP8: tl.constexpr,
+                   EMULATE_FP8: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """Pointers (before Hopper): Q/K int8 and Out [B, N, H, D] with packed heads; V^T e4m3 [B, H, D, N_pad]
+    (``stride_vn`` its channel stride) or 16-bit V [B, N, H, D] (``stride_vn`` its token stride)."""
+    batch = (tl.program_id(1) // n_heads).to(tl.int64)
+    head = tl.program_id(1) % n_heads
+    _attention_body(Q + batch * stride_qb + head * HEAD_DIM, K + batch * stride_kb + head * HEAD_DIM,
+                    V + batch * stride_vb + head * stride_vh, Out + batch * stride_ob + head * HEAD_DIM, QScale,
+                    KScale, VScale, KeyLen, batch, head, n_heads, stride_qn, stride_kn, stride_vn, stride_on, n_q,
+                    n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, HEAD_DIM,
+                    MASK_MODE, HAS_KEY_LEN, False, PV_FP8, EMULATE_FP8, EMULATE_BF16, BLOCK_M, BLOCK_N)
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (SM major, head dim): the tiles are also the quantisation blocks (one
+# scale per query tile and per key tile), so they are fixed per GPU rather than autotuned; every entry is compiled,
+# as launched, by ``kernels.compile_check``. sm_90 d128 at 128x128: 194 registers, 0 spills, 314 SASS per 64 keys
+# (420 at 128x64); sm_89/sm_80 spill at 128x128 (d128) and at 128x64 on 8 warps (d64, sm_89)
+GPU_CONFIGS = {(9, 64): (*DEFAULT_BLOCKS, 8, 3), (9, 128): (*DEFAULT_BLOCKS, 8, 3),
+               (8, 64): (64, 64, 4, 2), (8, 128): (128, 64, 8, 2)}
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+
+def gpu_config(device: torch.device, head_dim: int) -> dict:
+    major = min(max(torch.cuda.get_device_capability(device)[0], 8), 9)
+    bm, bn, warps, stages = GPU_CONFIGS[(major, head_dim)]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens, pv):
+    if mask not in MASK_IDS:
+        raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
+    check_pv(pv)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_operand(name, t, "[B, N, H, D]", "q", q, last_dim="head_dim")
+        if t.dtype not in DTYPES:
+            raise ValueError(f"{name} must be float16/bfloat16 for the 8-bit attention kernel, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    batch, n_q, heads, head_dim = q.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the Triton kernel, got {head_dim}")
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"k and v must be [B, Nk, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
+    check_streams(n_q, k.shape[1], q_offsets, k_offsets, mask, key_lengths, batch)
+    if key_lengths is not None and key_lengths.device != q.device:
+        raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
+    if tokens_per_frame < 1 or proto_tokens < 1:
+        raise ValueError(f"tokens_per_frame and proto_tokens must be >= 1, got {tokens_per_frame}, {proto_tokens}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm_89 or newer), this GPU is sm_"
+                         f"{''.join(map(str, torch.cuda.get_device_capability(q.device)))}: use pv='16bit'")
+    check_device(q, "8-bit attention")
+
+
+def _packed(t: torch.Tensor) -> torch.Tensor:
+    """t with packed heads ([B, N, H, D] contiguous from dim 1 on), copied only if needed."""
+    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] and t.stride(1) == t.shape[2] * t.shape[3]:
+        return t
+    return t.contiguous()
+
+
+def _descriptor(t: torch.Tensor, block: list[int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def launch_args(quantized: QuantizedQK, v_operand, v_scale, out, *, q_offsets, k_offsets, key_lengths=None,
+                mask="full", tokens_per_frame=1, proto_tokens=1, pv="fp8"):
+    """The positional arguments and compile-time metadata of ``_quantized_fwd_tma`` for quantised operands
+    (``v_operand``: e4m3 V^T [B, H, D, N_pad] for ``pv="fp8"``, else 16-bit V [B, N, H, D] with packed heads);
+    shared by the launcher and ``kernels.compile_check``. The tiles are the quantisation's blocks."""
+    q8, k8 = quantized.q, quantized.k
+    batch, n_q, heads, head_dim = q8.shape
+    bm, bn = quantized.block_q, quantized.block_k
+    if pv == "fp8":
+        desc_v = _descriptor(v_operand.flatten(1, 2), [1, head_dim, bn])
+    else:
+        desc_v = _descriptor(v_operand.flatten(2), [1, bn, head_dim])
+    args = (_descriptor(q8.flatten(2), [1, bm, head_dim]), _descriptor(k8.flatten(2), [1, bn, head_dim]), desc_v,
+            _descriptor(out.flatten(2), [1, bm, head_dim]), quantized.q_scale, quantized.k_scale, v_scale,
+            None if key_lengths is None else key_lengths.to(torch.int32).contiguous(), heads, n_q, k8.shape[1],
+            *q_offsets, *k_offsets, tokens_per_frame, proto_tokens)
+    return args, _meta(head_dim, mask, key_lengths is not None, pv, out.dtype) | dict(BLOCK_M=bm, BLOCK_N=bn)
+
+
+def _meta(head_dim, mask, has_key_len, pv, dtype) -> dict:
+    return dict(HEAD_DIM=head_dim, MASK_MODE=MASK_IDS[mask], HAS_KEY_LEN=has_key_len, PV_FP8=pv == "fp8",
+                EMULATE_FP8=interpreting() and pv == "fp8", EMULATE_BF16=emulate_bf16(dtype))
+
+
+def quantized_attention_triton(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="full", tokens_per_frame=1,
+                               proto_tokens=1, pv=None, smooth=True, out=None, config=None):
+    """Quantise the prologue's 16-bit q [B, Nq, H, D], k/v [B, Nk, H, D] (``quantize``) and run the kernel,
+    writing ``out`` if given; ``pv`` None: ``default_pv``; ``config`` (dict(BLOCK_M=, BLOCK_N=, num_warps=,
+    num_stages=)) overrides the GPU's (the interpreter takes small tiles). Rows with no allowed key give 0."""
+    pv = default_pv(q.device) if pv is None else pv
+    _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens, pv)
+    q_offsets, k_offsets = tuple(int(o) for o in q_offsets), tuple(int(o) for o in k_offsets)
+    if config is None:
+        config = INTERPRETER_CONFIG if interpreting() else gpu_config(q.device, q.shape[-1])
+    batch, n_q, heads, head_dim = q.shape
+    n_k = k.shape[1]
+    result = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None or not out.is_contiguous() else out
+    if not (n_q and n_k):
+        result.zero_()
+    else:
+        q, k, v = _packed(q), _packed(k), _packed(v)
+        quantized = quantize_qk_triton(q, k, block_q=config["BLOCK_M"], block_k=config["BLOCK_N"], smooth=smooth)
+        if pv == "fp8":
+            v_operand, v_scale = quantize_v_triton(v, emulate=interpreting(), block=config["BLOCK_N"])
+        else:
+            v_operand, v_scale = v, quantized.k_scale  # the scale operand is unread without FP8
+        grid = (triton.cdiv(n_q, config["BLOCK_M"]), batch * heads)
+        kw = dict(q_offsets=q_offsets, k_offsets=k_offsets, key_lengths=key_lengths, mask=mask,
+                  tokens_per_frame=tokens_per_frame, proto_tokens=proto_tokens, pv=pv)
+        launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+            args, meta = pointer_args(quantized, v_operand, v_scale, result, **kw)
+            _quantized_fwd[grid](*args, **meta, **launch)
+        else:
+            args, meta = launch_args(quantized, v_operand, v_scale, result, **kw)
+            _quantized_fwd_tma[grid](*args, **meta, **launch)
+    if out is not None and result is not out:
+        out.copy_(result)
+        return out
+    return result
+
+
+def pointer_args(quantized: QuantizedQK, v_operand, v_scale, out, *, q_offsets, k_offsets, key_lengths=None,
+                 mask="full", tokens_per_frame=1, proto_tokens=1, pv="fp8"):
+    """``launch_args`` for the pointer entry ``_quantized_fwd`` (before Hopper the descriptor entry lowers to plain
+    loads anyway); shared by the launcher and ``kernels.compile_check``."""
+    q8, k8 = quantized.q, quantized.k
+    if pv == "fp8":  # V^T [B, H, D, N_pad]: batch, head and channel strides
+        v_strides = (v_operand.stride(0), v_operand.stride(1), v_operand.stride(2))
+    else:  # V [B, N, H, D]: batch stride, head stride D, token stride
+        v_strides = (v_operand.stride(0), v_operand.stride(2), v_operand.stride(1))
+    args = (q8, k8, v_operand, out, quantized.q_scale, quantized.k_scale, v_scale,
+            None if key_lengths is None else key_lengths.to(torch.int32).contiguous(), q8.stride(0), q8.stride(1),
+            k8.stride(0), k8.stride(1), *v_strides, out.stride(0), out.stride(1), q8.shape[2], q8.shape[1],
+            k8.shape[1], *q_offsets, *k_offsets, tokens_per_frame, proto_tokens)
+    meta = _meta(q8.shape[3], mask, key_lengths is not None, pv, out.dtype)
+    return args, meta | dict(BLOCK_M=quantized.block_q, BLOCK_N=quantized.block_k)
