@@ -85,7 +85,8 @@ def verify_onnx(onnx_path: str | Path, denoiser, shapes=DEFAULT_SHAPES, rtol: fl
     if needs_references(denoiser.config):  # the graph is the mode's reference path
         shapes = [sizes for sizes in shapes if sizes["refs"] >= 1]
     gen = torch.Generator().manual_seed(seed)
-    feeds = [{k: v.numpy() for k, v in sample_inputs(specs, sizes, dtype, gen).items()} for sizes in shapes]
+    feeds = [{k: v.numpy() for k, v in sample_inputs(specs, sizes, dtype, gen, denoiser.config).items()}
+             for sizes in shapes]
 
     runners = [OnnxrtRunner(lambda: onnxruntime_session(onnx_path)), TorchRunner(denoiser, specs)]
     results = Comparator.run(runners, data_loader=feeds)

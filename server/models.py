@@ -340,8 +340,9 @@ class RemoteStages:
 
     def __init__(self, pb, checkpoint: Checkpoint, caches_references: bool, caches_requests: bool,
                  metrics: LoopMetrics | None = None, state: StateDirectory | None = None,
-                 bound_s=lambda: CallBounds().base_s):
+                 bound_s=lambda: CallBounds().base_s, denoiser_plan: bool = False):
         self.pb = pb
+        self.denoiser_plan = denoiser_plan  # a TensorRT plan: every input of its graph at every call, none optional
         self.metrics = metrics  # the loop's: bytes sent to the denoiser per call
         self.checkpoint = checkpoint
         self.caches_references = caches_references
@@ -462,14 +463,20 @@ class RemoteStages:
     def _wire(self, inputs: dict) -> dict:
         """R = 0 travels as an empty reference axis (Triton inputs keep one shape per batch), and so does a mode
         input the request lacks (the model declares it: ``denoiser_io.mode_specs``); the timestep as one value
-        per row. A step that carries the ``STEP_INPUTS`` only (``inputs_once``; no text) sends those alone: the
-        other inputs are optional in the denoiser's config."""
+        per row; a TensorRT plan's TI2V condition as zeros when the request has no first frame (the plan has no
+        optional input). A step that carries the ``STEP_INPUTS`` only (``inputs_once``; no text) sends those alone:
+        the other inputs are optional in the denoiser's config."""
         if step_only(inputs):
             return {"latents": inputs["latents"], "timestep": inputs["timestep"].reshape(-1, 1).float()}
         inputs = dict(inputs)
         b, _, f, h, w = inputs["latents"].shape
         if inputs["ref_latents"] is None:
             inputs["ref_latents"] = inputs["latents"].new_zeros(b, 0, inputs["latents"].shape[1], h, w)
+        config = self.checkpoint.config
+        if self.denoiser_plan and inputs["condition"] is None and config.condition_optional:
+            # TI2V text-to-video: the graph's condition with nothing known is the call without one (its per-token
+            # timesteps all the step's; tests/export/test_onnx_ti2v.py)
+            inputs["condition"] = inputs["latents"].new_zeros(b, config.condition_channels, f, h, w)
         for spec in self.mode_specs:
             if inputs.get(spec.name) is None:
                 sizes = dict(batch=b, frames=0, refs=0, identity_len=0, height=h, width=w, ref_height=h, ref_width=w)
@@ -508,7 +515,7 @@ class GenerateModel:
                                  float(params.get("call_timeout_per_ktoken_s", "1")))
         self.test_hooks = params.get("test_hooks") == "true"
         self.stages = RemoteStages(pb, self.checkpoint, caches, requests, self.metrics, self.state,
-                                   lambda: self.bounds.base_s)
+                                   lambda: self.bounds.base_s, params.get("denoiser_plan") == "true")
         # the models a request needs: it is refused at once while one of them is being restored
         encoders = ("mvgen_text_encoder", "mvgen_image_encoder")[:2 if self.checkpoint.has_image_encoder else 1]
         self.needed = (*encoders, "mvgen_vae", *(denoiser_model_name(e) for e in range(len(self.checkpoint.experts))))

@@ -236,8 +236,9 @@ def _generate_config(name: str, params: dict, options: RepositoryOptions) -> str
     loop = {"max_concurrency": str(options.max_concurrency), "call_timeout_s": str(options.call_timeout_s),
             "call_timeout_per_ktoken_s": str(options.call_timeout_per_ktoken_s),
             "reference_cache": "true" if options.reference_cache and not options.denoiser_plan else "false",
-            # a TensorRT plan keeps nothing between calls
-            "request_cache": "false" if options.denoiser_plan else "true"}
+            # a TensorRT plan keeps nothing between calls, and takes every input at every call
+            "request_cache": "false" if options.denoiser_plan else "true",
+            "denoiser_plan": "true" if options.denoiser_plan else "false"}
     return _config(name, inputs, outputs, {**params, **loop}, extra=extra)
 
 

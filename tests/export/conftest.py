@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from engine.backbones.registry import load_denoiser
 from export.onnx_export import export_denoiser
 from tests.engine.conftest import make_wan
+from tests.engine.test_ti2v import TI2V
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.add_v_proj",
@@ -23,8 +24,8 @@ TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to
 VIEW_WEIGHTS = [0.5, 1.0, 2.0]  # MVAnimate omegas: non-trivial per-view logit scales reach the graph
 
 
-def _inject(den):
-    pattern = r"ref_blocks\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in TARGETS) + ")"
+def _inject(den, targets=TARGETS):
+    pattern = r"ref_blocks\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
     inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=pattern), den)
     return den
 
@@ -42,12 +43,17 @@ def checkpoint(tmp_path_factory):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     lora = {k: v.contiguous() for k, v in get_peft_model_state_dict(den).items()}
     adapter = root / "adapter"
+    _write_adapter(lora, adapter)
+    return root, adapter, lora
+
+
+def _write_adapter(lora: dict, adapter) -> None:
+    """A PEFT adapter directory: a reference-stream LoRA (its PEFT state ``lora``) and ``VIEW_WEIGHTS``."""
     adapter.mkdir()
     tensors = {f"transformer.{k[len('ref_'):]}": v for k, v in lora.items()}
     tensors["view_logit_scales"] = torch.tensor(VIEW_WEIGHTS)
     save_file(tensors, adapter / "adapter_model.safetensors")
     (adapter / "adapter_config.json").write_text(json.dumps({"r": RANK, "lora_alpha": ALPHA}))
-    return root, adapter, lora
 
 
 def unmerged_model(checkpoint, **overrides):
@@ -74,3 +80,26 @@ def exported(checkpoint, tmp_path_factory):
         return cache[attention, mask]
 
     return get
+
+
+# Wan2.2-TI2V-5B (tests.engine.test_ti2v.TI2V) has no CLIP, so no image K/V projections to adapt
+TI2V_TARGETS = [t for t in TARGETS if not t.startswith("attn2.add_")]
+
+
+@pytest.fixture(scope="session")
+def ti2v_exported(tmp_path_factory):
+    """(onnx path, unmerged oracle, diffusers base): a TI2V denoiser with a PEFT reference adapter merged at load,
+    exported with native attention; the oracle is the same base with the LoRA unmerged (PEFT layers) and the
+    adapter's omegas; the base (``WanTransformer3DModel``) is what the graph equals without references."""
+    root = tmp_path_factory.mktemp("export_ti2v")
+    base = make_wan(seed=8, **TI2V)
+    base.save_pretrained(root / "transformer", safe_serialization=True)
+    oracle = _inject(load_denoiser(root, attention_backend="reference"), TI2V_TARGETS)
+    gen = torch.Generator().manual_seed(9)
+    lora = {k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in get_peft_model_state_dict(oracle).items()}
+    set_peft_model_state_dict(oracle, lora)
+    oracle.view_logit_scales.copy_(torch.tensor(VIEW_WEIGHTS))
+    _write_adapter(lora, root / "adapter")
+    merged = load_denoiser(root, adapter=root / "adapter", attention_backend="reference")
+    assert merged.config.task == "ti2v"
+    return export_denoiser(merged, root / "onnx"), oracle.eval(), base

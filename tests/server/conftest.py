@@ -26,6 +26,7 @@ SERVED_MODELS = {
     "tiny-t2v": tuple(m for m in MODELS if m != "mvgen_image_encoder"),
     "tiny-wan22": (*(m for m in MODELS if m != "mvgen_image_encoder"), "mvgen_denoiser_2"),
     "tiny-mmdit": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # HunyuanVideo: no CLIP image encoder
+    "tiny-ti2v": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # Wan2.2-TI2V-5B: no CLIP
 }
 START_TIMEOUT_S = 300
 MAX_TOKENS = 4096  # a small budget, so the over-budget request in the tests is cheap to build
@@ -111,6 +112,14 @@ def served_t2v(tiny_cache, tmp_path_factory):
     adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
     yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, "--adapter", str(adapter),
                       model="tiny-t2v")
+
+
+@pytest.fixture(scope="module")
+def served_ti2v(tiny_cache, tmp_path_factory):
+    """``tiny-ti2v`` (Wan2.2-TI2V-5B: a first frame optional) under ``--deterministic``, the reference stream cacheable
+    as ``served_t2v``'s (``test_wan_family._cli`` passes the same flags to ``mvgen generate``)."""
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-ti2v"), *CACHEABLE, "--deterministic",
+                      model="tiny-ti2v")
 
 
 def _serve(tiny_cache, work: Path, *extra: str, model: str = "tiny"):
