@@ -30,6 +30,12 @@ demo: venv
 	# Wan2.2-TI2V-5B's layout (48-channel VAE, 16x spatial): the first frame is optional, references as on every Wan
 	$(BIN)/mvgen generate --model tiny-ti2v --first-frame $(OUT)/inputs/first_frame.png --reference $(OUT)/inputs/back.png \
 		--prompt "a person turns around" --out $(OUT)/demo_ti2v.mp4
+	# Wan2.2-T2V-A14B's layout: text/reference-to-video, high-noise then low-noise expert (boundary 0.875)
+	$(BIN)/mvgen generate --model tiny-wan22-t2v --reference $(OUT)/inputs/front.png --guidance-scale 4 \
+		--guidance-scale-2 3 --prompt "the person of the references walks" --out $(OUT)/demo_wan22_t2v.mp4
+	# Stand-In on Wan2.1-T2V: one face image (its crop is the user's), Stand-In's sampler (Euler, linear sigmas)
+	$(BIN)/mvgen generate --model tiny-standin --reference $(OUT)/inputs/front.png --ref-size 64x64 \
+		--scheduler euler_linear --prompt "the person of the reference smiles" --out $(OUT)/demo_standin.mp4
 
 # two processes (xdist) for what does not time itself, then the timing and memory measurements alone
 test: venv

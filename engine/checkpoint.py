@@ -22,7 +22,10 @@ from .backbones.families import family_of
 from .runtime.offload import check_offload
 from .validation import DEFAULT_MAX_TOKENS, RequestLimits
 
-SCHEDULERS = ("unipc", "euler")
+# "euler_linear": the flow-matching Euler scheduler over sigmas spaced linearly from 1 to 1/steps before the shift
+# (DiffSynth's FlowMatchScheduler(sigma_min=0, extra_one_step=True), which Stand-In's pipeline runs; HunyuanVideo's
+# pipelines' spacing), where "euler" leaves the spacing to diffusers' scheduler (1 to its shifted sigma_min)
+SCHEDULERS = ("unipc", "euler", "euler_linear")
 
 
 @dataclass(frozen=True)
@@ -251,12 +254,13 @@ class Checkpoint:
 
     def make_scheduler(self, shift: float):
         """A fresh flow-matching scheduler (schedulers are stateful: one per request): ``"euler"`` is the
-        checkpoint's own ``FlowMatchEulerDiscreteScheduler`` where it ships one (HunyuanVideo), else a default one;
-        ``"unipc"`` Wan's UniPC over flow sigmas. Either with ``shift``."""
+        checkpoint's own ``FlowMatchEulerDiscreteScheduler`` where it ships one (HunyuanVideo), else a default one
+        (``"euler_linear"`` too: only its spacing differs, ``set_timesteps``); ``"unipc"`` Wan's UniPC over flow
+        sigmas. Each with ``shift``."""
         from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
         config = self.scheduler_config
-        if self.scheduler == "euler":
+        if self.scheduler in ("euler", "euler_linear"):
             own = config.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
             return FlowMatchEulerDiscreteScheduler.from_config({**(config if own else {"num_train_timesteps": 1000}),
                                                                 "shift": shift})
@@ -266,9 +270,10 @@ class Checkpoint:
         )
 
     def set_timesteps(self, scheduler, steps: int) -> None:
-        """The request's ``steps`` timesteps on ``scheduler``: an MMDiT takes HunyuanVideo's pipelines' sigmas
-        (1 down to 1/steps, before the shift); Wan's pipelines leave the spacing to the scheduler."""
-        if family_of(self.config).explicit_sigmas:
+        """The request's ``steps`` timesteps on ``scheduler``: an MMDiT, and ``"euler_linear"`` (Stand-In's sampler),
+        take sigmas from 1 down to 1/steps before the shift (HunyuanVideo's pipelines, DiffSynth's
+        FlowMatchScheduler); Wan's pipelines leave the spacing to the scheduler."""
+        if family_of(self.config).explicit_sigmas or self.scheduler == "euler_linear":
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=self.device)
         else:
             scheduler.set_timesteps(steps, device=self.device)

@@ -1,4 +1,5 @@
-"""``mvgen generate``, ``mvgen tiny`` and ``mvgen demo-inputs`` (registered by ``mvgen.cli`` through ``add_parser``).
+"""``mvgen generate``, ``mvgen tiny``, ``mvgen demo-inputs`` and ``mvgen convert`` (registered by ``mvgen.cli``
+through ``add_parser``).
 
 Heavy dependencies are imported inside the handlers, so ``mvgen --help`` works on a machine without them.
 """
@@ -29,9 +30,28 @@ def add_parser(subparsers) -> None:
     demo = subparsers.add_parser("demo-inputs", help="write a synthetic first frame, mask and 3 reference views")
     demo.add_argument("--out", type=Path, required=True, help="directory for the PNGs")
     demo.set_defaults(func=run_demo_inputs)
+    _add_convert(subparsers)
+
+
+def _add_convert(subparsers) -> None:
+    convert = subparsers.add_parser("convert", help="convert a released checkpoint into an mvgen adapter folder")
+    formats = convert.add_subparsers(dest="format", metavar="FORMAT", parser_class=type(convert))
+    formats.required = True
+    p = formats.add_parser(
+        "stand-in", help="Stand-In's LoRA (the authors' .ckpt or kijai's .safetensors) -> an --adapter folder",
+        description="Convert Stand-In's identity LoRA into an adapter folder with Stand-In's settings. The .ckpt is "
+                    "read with torch.load(weights_only=True) and refused unless it holds exactly Stand-In's LoRA "
+                    "tensors. Wan2.2-T2V-A14B: convert the high file for --adapter and the low one for --adapter-2.")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT", help="Stand-In_*.ckpt or kijai's Stand-In .safetensors")
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="the adapter folder to write (new or empty)")
+    p.add_argument("--rank", type=int, default=None, help="the LoRA rank every tensor must have (default: "
+                   "Stand-In's 128)")
+    p.set_defaults(func=run_convert_stand_in)
 
 
 def _add_generate(subparsers) -> None:
+    from .checkpoint import SCHEDULERS
+
     p = subparsers.add_parser(
         "generate", help="generate a video from a prompt, reference views and (I2V models) a first frame",
         description="Generate a video; unset sizes/steps come from the model (tiny: 9 frames of 64x64, 4 steps). "
@@ -39,7 +59,9 @@ def _add_generate(subparsers) -> None:
     )
     add_model_arguments(p)
     add_request_arguments(p)
-    p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="unipc",
+                   help="unipc: Wan's UniPC; euler: diffusers' flow-matching Euler; euler_linear: Euler over sigmas "
+                        "spaced linearly from 1 to 1/steps before the shift (Stand-In's and DiffSynth's sampler)")
     add_memory_arguments(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     p.add_argument("--fps", type=int, default=16)
@@ -99,6 +121,16 @@ def run_generate(args) -> int:
         raise UsageError(f"cannot write {args.out}: {error}") from None
     print(video)
     print(sheet)
+    return 0
+
+
+def run_convert_stand_in(args) -> int:
+    from .adapters.stand_in import STAND_IN_RANK, convert_stand_in
+
+    rank = STAND_IN_RANK if args.rank is None else args.rank
+    if rank < 1:
+        raise UsageError(f"--rank must be >= 1, got {rank}")
+    print(convert_stand_in(args.checkpoint, args.out_dir, rank))
     return 0
 
 

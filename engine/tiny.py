@@ -3,7 +3,10 @@
 ``tiny`` is Wan2.1-I2V (CLIP image encoder, first frame required), ``tiny-t2v`` Wan2.1-T2V (no first frame:
 Mv2ID's reference-to-video), ``tiny-wan22`` Wan2.2-I2V-A14B's layout (two experts ``transformer`` and
 ``transformer_2`` switched at ``boundary_ratio`` 0.9, no CLIP, an adapter per expert), ``tiny-mmdit``
-HunyuanVideo-I2V's layout (``latent_concat``: the MMDiT backbone, Llama + CLIP text encoders, its causal VAE).
+HunyuanVideo-I2V's layout (``latent_concat``: the MMDiT backbone, Llama + CLIP text encoders, its causal VAE),
+``tiny-wan22-t2v`` Wan2.2-T2V-A14B's (``WanPipeline`` with ``transformer_2``, 16 input channels, boundary_ratio
+0.875), ``tiny-standin`` Wan2.1-T2V with Stand-In's identity LoRA as its adapter (drawn in Stand-In's own key
+layout and rank 128, then converted by ``engine.adapters.stand_in``).
 Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
 ``UniPCMultistepScheduler``, ``HunyuanVideoTransformer3DModel`` / ``AutoencoderKLHunyuanVideo`` /
 ``FlowMatchEulerDiscreteScheduler``, transformers umT5 / Llama / CLIP text and vision / ByT5 tokenizer) at small
@@ -130,6 +133,7 @@ class Variant:
     defaults: dict = field(default_factory=dict)  # changes to GENERATION_DEFAULTS
     family: str = "wan"  # engine.backbones.families: which writer (``_WRITERS``) builds it
     vae: dict = field(default_factory=dict)  # changes to VAE_CONFIG
+    adapter: str = "mvi2v"  # its bundled adapter: "mvi2v" (a random LoRA and the seed methods') or "stand_in"
 
 
 VARIANTS = {
@@ -148,6 +152,17 @@ VARIANTS = {
                          {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER, "expand_timesteps": True},
                          image_encoder=False, vae=_TI2V_VAE),
     "tiny-mmdit": Variant("tiny-mmdit-v1", {}, {}, image_encoder=False, defaults={"shift": 7.0}, family="mmdit"),
+    # Wan2.2-T2V-A14B: text(/reference)-to-video with two experts switched at its boundary_ratio 0.875; 6 steps put
+    # the switch after the second (t 937 -> 857)
+    "tiny-wan22-t2v": Variant("tiny-wan22-t2v-v1", {"in_channels": 16, **_NO_CLIP},
+                              {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER,
+                               "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875,
+                               "expand_timesteps": False},
+                              image_encoder=False, experts=2, defaults={"steps": 6}),
+    # Stand-In on Wan2.1-T2V: one face reference, its sampler's shift 5 (engine.adapters.stand_in)
+    "tiny-standin": Variant("tiny-standin-v1", {"in_channels": 16, **_NO_CLIP},
+                            {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER}, image_encoder=False,
+                            defaults={"shift": 5.0}, adapter="stand_in"),
 }
 _COMPLETE_MARKER = "model_index.json"
 # an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``; "all"
@@ -246,10 +261,13 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
         CLIPVisionModel(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).save_pretrained(out / "image_encoder")
         _clip_image_processor().save_pretrained(out / "image_processor")
     UniPCMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
-    _write_adapter(out / "adapter", config, SEED + 4)
-    for offset, (name, mode) in enumerate(MODE_ADAPTERS.items()):
-        if variant.image_encoder or not mode.get("identity"):
-            _write_adapter(out / f"adapter_{name}", config, SEED + 4, mode, mode_seed=SEED + 10 + offset)
+    if variant.adapter == "stand_in":
+        write_stand_in_adapter(out / "adapter", config, SEED + 4)
+    else:
+        _write_adapter(out / "adapter", config, SEED + 4)
+        for offset, (name, mode) in enumerate(MODE_ADAPTERS.items()):
+            if variant.image_encoder or not mode.get("identity"):
+                _write_adapter(out / f"adapter_{name}", config, SEED + 4, mode, mode_seed=SEED + 10 + offset)
     if variant.experts == 2:  # the low-noise expert: other weights, its own reference adapter
         _seeded(5)
         WanTransformer3DModel(**config).save_pretrained(out / "transformer_2", safe_serialization=True,
@@ -337,6 +355,29 @@ def _save_lora(folder: Path, targets: list[tuple[str, tuple[int, int]]], seed: i
         tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=generator) * 0.1
     save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
     (folder / "mvgen_config.json").write_text(json.dumps(mvgen_config, indent=2) + "\n")
+
+
+def stand_in_tensors(config: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random Stand-In LoRA tensors in Stand-In's key layout and rank (``blocks.{i}.self_attn.q_loras.down.weight``
+    [128, dim], ``up`` [dim, 128]) for a transformer of ``config``, drawn from one generator; its ``up`` halves are
+    not zero (Stand-In initialises them so) so that the LoRA changes the reference stream."""
+    from .adapters.stand_in import HALVES, PROJECTIONS, STAND_IN_RANK
+
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"down": (STAND_IN_RANK, dim), "up": (dim, STAND_IN_RANK)}
+    return {f"blocks.{block}.self_attn.{projection}_loras.{half}.weight":
+            torch.randn(shapes[half], generator=generator) / STAND_IN_RANK
+            for block in range(config["num_layers"]) for projection in PROJECTIONS for half in HALVES}
+
+
+def write_stand_in_adapter(folder: Path, config: dict, seed: int) -> Path:
+    """``stand_in_tensors`` converted as ``mvgen convert stand-in`` converts a released file."""
+    from .adapters.stand_in import STAND_IN_RANK, check_stand_in, write_adapter
+
+    tensors = stand_in_tensors(config, seed)
+    check_stand_in(tensors, STAND_IN_RANK)
+    return write_adapter(tensors, folder, STAND_IN_RANK)
 
 
 def _mode_tensors(config: dict, mode: dict, seed: int) -> dict[str, torch.Tensor]:

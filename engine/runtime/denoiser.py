@@ -15,7 +15,7 @@ from .batch_invariance import batch_invariant_ops
 from .caches import ContextCache, ReferenceCache
 from .offload import apply_offload
 from .parallel import ParallelRuntime
-from .reference_cache import ReferenceCacheStore
+from .reference_cache import ReferenceCacheStore, expand_rows
 from .step_cache import StepCache
 
 
@@ -119,11 +119,21 @@ class Denoiser:
         if cache is None:
             if refs is None:
                 raise ReferenceCacheMiss(call.cache_key)
-            text_extras = {name: inputs[name] for name in text_outputs(self.model.config) if name != "text"}
-            cache = self.model.precompute_reference(refs, inputs["text"], inputs["image_context"],
-                                                    latent_fhw=tuple(inputs["latents"].shape[2:]), **text_extras)
+            cache = self._build_reference(refs, inputs)
             self.caches.put(call.cache_key, cache)
+        if self.model.config.shares_reference_rows:  # the request's one row, for each of this call's rows
+            cache = expand_rows(cache, inputs["latents"].shape[0])
         return _Item(index, {**inputs, "ref_latents": None}, cache, state)
+
+    def _build_reference(self, refs: torch.Tensor, inputs: dict) -> ReferenceCache:
+        """A request's reference K/V from its references (and, where the references read it, its prompt and image
+        context): every row of the call, or its first row alone where the rows cannot differ (the guidance rows
+        share the references and differ only in the prompt, which a Stand-In reference stream never reads)."""
+        rows = slice(0, 1) if self.model.config.shares_reference_rows else slice(None)
+        first = (lambda t: t[rows] if t is not None else None)  # noqa: E731
+        text_extras = {name: first(inputs[name]) for name in text_outputs(self.model.config) if name != "text"}
+        return self.model.precompute_reference(first(refs), first(inputs["text"]), first(inputs["image_context"]),
+                                               latent_fhw=tuple(inputs["latents"].shape[2:]), **text_extras)
 
     def _request_state(self, key: str, inputs: dict) -> "RequestState | None":
         """The request's state, built (or rebuilt, at other rows) from a call that carries every input; a call

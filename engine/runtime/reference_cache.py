@@ -14,6 +14,14 @@ from collections import OrderedDict
 from .caches import ReferenceCache
 
 
+def expand_rows(cache: ReferenceCache, rows: int) -> ReferenceCache:
+    """A one-row cache as ``rows`` rows, views of the one row (no copy): a reference stream that reads no prompt
+    (``MvgenConfig.shares_reference_rows``) is stored once per request and serves each guidance row."""
+    if cache.rows != 1:
+        raise ValueError(f"only a one-row reference cache serves several rows, this one holds {cache.rows}")
+    grow = (lambda t: t.expand(rows, *t.shape[1:]))  # noqa: E731
+    return ReferenceCache([grow(k) for k in cache.keys], [grow(v) for v in cache.values], *cache.layout)
+
 
 class ReferenceCacheStore:
     def __init__(self, max_bytes: int):

@@ -183,12 +183,14 @@ class StreamBlock(nn.Module):
         return StreamQKV(attn.split_heads(attn.to_q(h)), attn.split_heads(attn.to_k(h)),
                          attn.split_heads(attn.to_v(h)), pos, attn, key_scale, tokens, rope, role)
 
-    def finish(self, x, attn: torch.Tensor, mod: Modulation, kv: CrossKV) -> torch.Tensor:
+    def finish(self, x, attn: torch.Tensor, mod: Modulation, kv: CrossKV | None) -> torch.Tensor:
         # attn [B, N, H, Dh]: this stream's rows of the joint attention; kv: this block's cross-attention keys and
-        # values (``Context.kv``: computed now, or once per request)
+        # values (``Context.kv``: computed now, or once per request), None where the stream skips the cross-attention
+        # (Stand-In's reference tokens: ``ref_cross_attention=False``)
         out = self.attn1.to_out[0](attn.flatten(2).contiguous())
         x = gated_residual(x, out, mod.gate_msa, backend=self.backend)
-        x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), kv)
+        if kv is not None:
+            x = x + self.attn2.cross(self.norm2(x.float()).type_as(x), kv)
         h = adaln_layernorm(x, mod.c_shift, mod.c_scale, eps=self.norm3.eps, backend=self.backend)
         return gated_residual(x, self.ffn(h), mod.c_gate, backend=self.backend)
 
@@ -254,15 +256,19 @@ class ConditionEmbedder(nn.Module):
 @dataclass
 class Context:
     """What one stream's cross-attentions read in a call: the embedded text, image and identity states (the
-    identity on the video stream only), or a ``ContextCache`` holding every block's keys and values."""
+    identity on the video stream only), or a ``ContextCache`` holding every block's keys and values; ``cross``
+    False: the stream skips the cross-attention (Stand-In's reference tokens), ``kv`` gives None."""
 
     text: torch.Tensor | None
     image: torch.Tensor | None
     identity: torch.Tensor | None = None
     cache: ContextCache | None = None
     stream: str = "video"
+    cross: bool = True
 
-    def kv(self, layer: int, block: StreamBlock) -> CrossKV:
+    def kv(self, layer: int, block: StreamBlock) -> CrossKV | None:
+        if not self.cross:
+            return None
         if self.cache is None:
             return block.attn2.cross_kv(self.text, self.image, self.identity)
         if self.stream == "video":
@@ -271,9 +277,10 @@ class Context:
             return dataclasses.replace(self.cache.video[layer], identity=None)
         return self.cache.reference[layer]
 
-    def for_references(self) -> "Context":
-        """The reference stream's context: the same states without the identity (it conditions the video only)."""
-        return Context(self.text, self.image, None, self.cache, "reference")
+    def for_references(self, cross: bool = True) -> "Context":
+        """The reference stream's context: the same states without the identity (it conditions the video only);
+        ``cross`` False where the references skip the cross-attention (``ref_cross_attention``)."""
+        return Context(self.text, self.image, None, self.cache, "reference", cross)
 
 
 class MultiViewWanTransformer(JointAttention, nn.Module):
@@ -366,7 +373,11 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
 
     def reference_key_scale(self, num_video: int, num_refs: int, tokens_per_ref: int, device) -> torch.Tensor:
         """Per-key logit multiplier: 1 for video keys, omega_m for the keys of view m (MVAnimate)."""
-        ref_scale = self.view_logit_scales[:num_refs].repeat_interleave(tokens_per_ref)
+        # gathered, not sliced: an exported graph's reference count is symbolic over the refs axis, which may reach
+        # past max_references (a slice of the buffer would then be shorter than the keys); a request never does
+        views = torch.arange(num_refs, device=self.view_logit_scales.device).clamp(
+            max=max(self.view_logit_scales.shape[0] - 1, 0))
+        ref_scale = self.view_logit_scales[views].repeat_interleave(tokens_per_ref)
         return torch.cat([torch.ones(num_video, device=device), ref_scale.to(device)])
 
     def _reference_grid(self, ref_latents: torch.Tensor) -> tuple[int, tuple[int, int]]:
@@ -381,6 +392,11 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         ref_pos = rd_rope_positions(cfg.ref_rope, num_refs, ref_hw, video_fhw, cfg.ref_t_stride, device=video_pos.device)
         key_scale = self.reference_key_scale(video_pos.shape[0], num_refs, ref_hw[0] * ref_hw[1], video_pos.device)
         return torch.cat([video_pos, ref_pos]), key_scale
+
+    def _reference_context(self, video_context: Context) -> Context:
+        """The reference stream's cross-attention context beside this video context (none where the references skip
+        the cross-attention: ``ref_cross_attention=False``)."""
+        return video_context.for_references(self.config.ref_cross_attention)
 
     def _ref_timestep(self, timestep):
         return torch.zeros_like(timestep) if self.config.ref_timestep == "zero" else timestep
@@ -560,8 +576,8 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
                 r, ref_pos, ref_scale = sp.shard(r, 1), sp.shard(ref_pos, 0), sp.shard(ref_scale, 0)
             _, ref_tproj = self.condition_embedder.time(self._ref_timestep(timestep), x.dtype)
             reference = LiveReference(self.reference_block, r, ref_pos, ref_scale, self._rope(ref_pos, r),
-                                      n_ref if sp is not None else None, ref_tproj, video.context.for_references(),
-                                      len(self.blocks), sp)
+                                      n_ref if sp is not None else None, ref_tproj,
+                                      self._reference_context(video.context), len(self.blocks), sp)
         else:
             return None, ()
         views = ViewAttention.for_call(self.view_omega, view_omega, self.config.view_lambda, x.shape[0], num_refs,
@@ -579,7 +595,7 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         else:
             num_refs, ref_hw = self._reference_grid(ref_latents)
             features = self._reference_features(ref_latents, self._ref_timestep(timestep),
-                                                video.context.for_references(), fhw)
+                                                self._reference_context(video.context), fhw)
         poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
         proto_pos = prototype_positions(self.config.ref_rope, fhw, ref_hw, device=video.x.device)
         mask = dict(mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=ref_hw[0] * ref_hw[1])
@@ -615,9 +631,9 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         if identity_context is not None and identity_context.numel() == 0:
             identity_context = None  # a served call's absent input travels empty
         video = Context(text_ctx, image_ctx, self._identity_context(identity_context))
-        reference = video.for_references()
+        reference = self._reference_context(video)
         return ContextCache([video.kv(i, block) for i, block in enumerate(self.blocks)],
-                            None if self.ref_blocks is None else
+                            None if self.ref_blocks is None or not reference.cross else
                             [reference.kv(i, block) for i, block in enumerate(self.ref_blocks)])
 
     @torch.no_grad()
@@ -633,7 +649,7 @@ class MultiViewWanTransformer(JointAttention, nn.Module):
         cfg = self.config
         fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
         num_refs, ref_hw = self._reference_grid(ref_latents)
-        ref_ctx = Context(*self._contexts(text, image_context), stream="reference")
+        ref_ctx = self._reference_context(Context(*self._contexts(text, image_context)))
         zero = torch.zeros(ref_latents.shape[0], device=ref_latents.device)
         if self.prototype is not None and cfg.ref_timestep == "zero":  # PPA's isolated reference stream
             keys, values = zip(*self._reference_features(ref_latents, zero, ref_ctx, fhw))
