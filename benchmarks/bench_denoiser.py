@@ -17,10 +17,12 @@ rows of classifier-free guidance):
 - R > 0: the reference K/V cache off and on (``ref_attention=isolated``, ``ref_timestep=zero``: a different model
   from frame append, so the cached row is checked against the uncached one);
 - the engine's options in the state other than its default, where its ``MvgenConfig`` has them (context cache off,
-  merged reference weights, step cache on); a missing field skips its row with the reason printed;
+  merged reference weights, step cache on, FP8 weights on each compute path: weight-only dequantisation and FP8
+  GEMMs, ``engine.runtime.fp8``); a missing field skips its row with the reason printed; ``--features`` picks some;
 - ``--compile``: ``torch.compile`` of diffusers and of the engine's model (checked against diffusers eager).
 
-Each variant's first call is compared with its oracle (relative L2 error under the dtype's tolerance) before
+Each variant's first call is compared with its oracle (relative L2 error under the dtype's tolerance; an FP8 row is
+compared with the engine in the run's dtype under ``FP8_TOLERANCE``: the FP8 rounding of its weights) before
 anything is timed; a mismatch fails the variant, records the error and the command exits 1. Step times are the
 median and p90 of ``--repeats`` calls after ``--warmup``, synchronised with the device. Peak memory: CUDA
 ``max_memory_allocated`` (weights included) or, on CPU, the peak resident set of the variant's fresh process.
@@ -50,8 +52,11 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}  # relative L2 
 FRAME_APPEND = {"ref_rope": "shared", "ref_timestep": "shared", "ref_attention": "full"}
 # a reference stream independent of the video and of the step: its K/V can be kept for the request
 CACHEABLE = {"ref_attention": "isolated", "ref_timestep": "zero"}
+# an FP8 row against the engine in the run's dtype: e4m3's 3 mantissa bits round each weight by up to 1/16 of it
+# (measured 1.5e-2 weight-only and 1.8e-2 with FP8 GEMMs on the tiny checkpoint's weights, float32 on the CPU)
+FP8_TOLERANCE = 6e-2
 REPORTED = ("attention_backend", "ref_mode", "ref_rope", "ref_attention", "ref_timestep", "context_cache",
-            "ref_weights", "step_cache_threshold")
+            "ref_weights", "step_cache_threshold", "quantize")
 MEMORY = {"cuda_max_allocated": "peak CUDA memory allocated, weights included (MiB)",
           "peak_rss": "peak RSS of the variant's fresh process (MiB)"}
 
@@ -71,6 +76,7 @@ class Variant:
     compiled: bool = False
     oracle: str | None = None
     stream: str = ""  # how the references enter (the table's "references" column)
+    tolerance: float | None = None  # of its parity check (None: the dtype's)
     skipped: str | None = None
     note: str = ""
     approximate: bool = False  # its output after the first call differs from the oracle's by design
@@ -87,6 +93,12 @@ class Feature:
     cache: str = "request"
     note: str = ""
     approximate: bool = False
+    name: str | None = None  # the row's key part (default: the field; two rows of one field need their own)
+    tolerance: float | None = None  # compared with the plain engine under this tolerance (None: with diffusers)
+
+    @property
+    def key(self) -> str:
+        return self.name or self.field
 
 
 def features(args) -> list[Feature]:
@@ -100,7 +112,18 @@ def features(args) -> list[Feature]:
                 cache="cycle", approximate=True,
                 note="first call checked; later steps approximate by design, and the skip rate on these fixed "
                      "synthetic inputs is not a real request's"),
+        Feature("quantize", "engine, FP8 weight-only", {"quantize": "fp8_weight_only"}, name="fp8-weight-only",
+                tolerance=FP8_TOLERANCE, note="block linears float8_e4m3fn, dequantised on the fly"),
+        Feature("quantize", "engine, FP8 GEMM", {"quantize": "fp8_gemm"}, name="fp8-gemm", tolerance=FP8_TOLERANCE,
+                note="torch._scaled_mm, per-token activation scales (FP8 tensor cores on sm_89+; on a CPU it runs, "
+                     "slowly)"),
     ]
+
+
+def selected_features(args) -> list[Feature]:
+    """``features`` narrowed to ``--features`` (their keys; default all)."""
+    chosen = getattr(args, "features", None)
+    return [f for f in features(args) if chosen is None or f.key in chosen]
 
 
 def engine_fields() -> set[str]:
@@ -125,12 +148,14 @@ def plan(refs: int, args, fields: set[str]) -> list[Variant]:
                                note="no diffusers equivalent: the cached row is checked against this one"))
             out.append(Variant(f"engine-{backend}-refcache-on", "engine, reference cache on", True, backend,
                                cacheable, oracle=f"engine-{backend}-refcache-off", stream=isolated))
-        for feature in features(args):
+        for feature in selected_features(args):
             skipped = None if feature.field in fields else (
                 f"skipped: the engine's MvgenConfig has no field {feature.field!r} yet")
-            out.append(Variant(f"engine-{backend}-{feature.field}", feature.label, True, backend,
-                               {**plain, **feature.overrides}, feature.cache, oracle="diffusers", stream=as_frames,
-                               skipped=skipped, note=feature.note, approximate=feature.approximate))
+            oracle = "diffusers" if feature.tolerance is None else f"engine-{backend}"
+            out.append(Variant(f"engine-{backend}-{feature.key}", feature.label, True, backend,
+                               {**plain, **feature.overrides}, feature.cache, oracle=oracle, stream=as_frames,
+                               skipped=skipped, note=feature.note, approximate=feature.approximate,
+                               tolerance=feature.tolerance))
     if args.compile:
         out.append(Variant("diffusers-compiled", "diffusers", False, compiled=True, oracle="diffusers",
                            stream="appended as frames" if refs else ""))
@@ -149,7 +174,7 @@ def worker_spec(variant: Variant, case: dict, args, work: Path, oracles: set[str
         "reference_cache": variant.reference_cache, "threads": args.threads,
         "compiled": variant.compiled, "compile_mode": args.compile_mode, "report_fields": list(REPORTED),
         "oracle": str(work / f"{variant.oracle}.safetensors") if variant.oracle else None,
-        "tolerance": TOLERANCE[args.dtype],
+        "tolerance": variant.tolerance or TOLERANCE[args.dtype],
         "save_output": str(work / f"{variant.key}.safetensors") if variant.key in oracles else None,
         "result": str(work / f"{variant.key}.json"),
     }
@@ -197,8 +222,8 @@ def measure_case(case: dict, args, fields: set[str]) -> list[dict]:
         for variant in variants:
             row = {**case["row"], "variant": variant.label, "key": variant.key, "backend": variant.backend or
                    "diffusers default", "stream": variant.stream, "compiled": "yes" if variant.compiled else "no",
-                   "parity_oracle": variant.oracle, "parity_tolerance": TOLERANCE[args.dtype] if variant.oracle
-                   else None, "approximate": variant.approximate}
+                   "parity_oracle": variant.oracle, "parity_tolerance": (variant.tolerance or TOLERANCE[args.dtype])
+                   if variant.oracle else None, "approximate": variant.approximate}
             rows.append(row)
             if variant.skipped:
                 row["note"] = variant.skipped
@@ -212,13 +237,13 @@ def measure_case(case: dict, args, fields: set[str]) -> list[dict]:
             if result is None:
                 row.update(failed=True, note=f"failed: {error}")
             else:
-                row.update(result, **_feature_cells(result.get("resolved", {})))
+                row.update(result, **_feature_cells(result.get("resolved", {}), args.device))
                 row["parity"] = f"{result['parity_rel_err']:.1e} vs {variant.oracle}" if variant.oracle else "none"
                 if variant.note:
                     row["note"] = variant.note
                 if not result.get("parity_ok", True):
                     row.update(failed=True, note=f"PARITY FAILED: rel. err {result['parity_rel_err']:.3g} > "
-                                                 f"{TOLERANCE[args.dtype]:g} vs {variant.oracle}; not timed")
+                                                 f"{row['parity_tolerance']:g} vs {variant.oracle}; not timed")
                 else:
                     samples = np.asarray(result["samples_s"]) * 1e3
                     row.update(median_ms=float(np.median(samples)), p90_ms=float(np.percentile(samples, 90)),
@@ -228,8 +253,9 @@ def measure_case(case: dict, args, fields: set[str]) -> list[dict]:
     return rows
 
 
-def _feature_cells(resolved: dict) -> dict:
-    """The engine's per-request features as the table shows them (blank where the engine lacks the field)."""
+def _feature_cells(resolved: dict, device: str) -> dict:
+    """The engine's per-request features as the table shows them (blank where the engine lacks the field); the
+    weights' precision with the FP8 compute path that runs on ``device``."""
     on = lambda flag: "on" if flag else "off"  # noqa: E731
     cells = {"ref_cache": on(resolved["reference_cache"]) if resolved.get("reference_cacheable") else ""}
     if "context_cache" in resolved:
@@ -238,6 +264,11 @@ def _feature_cells(resolved: dict) -> dict:
         cells["ref_weights"] = resolved["ref_weights"]
     if "step_cache_threshold" in resolved:
         cells["step_cache"] = resolved["step_cache_threshold"] or "off"
+    if "quantize" in resolved:
+        from engine.runtime.fp8 import compute_path
+
+        mode = resolved["quantize"]
+        cells["weights"] = "16/32-bit" if mode == "none" else f"FP8, {compute_path(mode, device).replace('_', '-')}"
     return cells
 
 
@@ -270,7 +301,8 @@ def notes(args, memory_kind: str) -> str:
     threads = f"{args.threads} thread(s)" if args.threads else "torch's default threads"
     return (f"\nStep: median and p90 of {args.repeats} calls after {args.warmup} warm-up calls, each variant in its "
             f"own process ({threads}) after a first call checked against its oracle (relative L2 error under "
-            f"{TOLERANCE[args.dtype]:g}; first call = compilation or cache builds included); batch {args.batch} "
+            f"{TOLERANCE[args.dtype]:g}, FP8 rows under {FP8_TOLERANCE:g} against the engine; first call = "
+            f"compilation or cache builds included); batch {args.batch} "
             f"(cond + uncond), {args.dtype} on {args.device}, device-synchronised. Memory: {MEMORY[memory_kind]}. "
             f"Engine rows run the engine's per-request Denoiser; diffusers appends the references as known frames.\n")
 
@@ -337,6 +369,13 @@ def check(args) -> None:
         raise UsageError(f"--step-cache-threshold must be > 0, got {args.step_cache_threshold}")
 
 
+def _default_args():
+    """The argument values ``features`` reads, at their defaults (to list the feature keys in ``--help``)."""
+    from argparse import Namespace
+
+    return Namespace(step_cache_threshold=0.1)
+
+
 def add_arguments(p) -> None:
     from kernels import ATTENTION_BACKENDS
 
@@ -357,6 +396,8 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=3, help="calls after the first (parity) call before timing")
     p.add_argument("--repeats", type=int, default=10, help="timed calls (median and p90)")
     p.add_argument("--steps", type=int, default=10, help="timesteps of the schedule the calls walk (default 10)")
+    p.add_argument("--features", nargs="+", choices=[f.key for f in features(_default_args())],
+                   help="only these feature rows (default: all)")
     p.add_argument("--step-cache-threshold", type=float, default=0.1,
                    help="the step-cache row's step_cache_threshold (where the engine has the field)")
     p.add_argument("--threads", type=int, help="CPU threads of each variant's process (default: torch's)")
@@ -368,7 +409,8 @@ def columns(rows: list[dict], memory_kind: str) -> list[tuple[str, str]]:
     cols = [("config", "config"), ("layers", "layers"), ("tokens", "tokens (video+ref)"),
             ("video", "video (frames x H x W px)"), ("variant", "variant"), ("backend", "attention"),
             ("stream", "references"), ("ref_cache", "reference K/V cache"), ("context_cache", "context cache"),
-            ("ref_weights", "reference weights"), ("step_cache", "step cache"), ("compiled", "torch.compile"),
+            ("ref_weights", "reference weights"), ("step_cache", "step cache"), ("weights", "block weights"),
+            ("compiled", "torch.compile"),
             ("median_ms", "step median (ms)"), ("p90_ms", "step p90 (ms)")]
     if any(row.get("full_depth") for row in rows):
         cols.append(("full_depth", "step at full depth (ms)"))
@@ -382,7 +424,7 @@ def run(args) -> int:
 
     resolve(args)
     fields = engine_fields()
-    missing = [f.field for f in features(args) if f.field not in fields]
+    missing = sorted({f.field for f in selected_features(args) if f.field not in fields})
     for name in missing:
         print(f"mvgen bench denoiser: the engine's MvgenConfig has no field {name!r} yet: its rows are skipped",
               file=sys.stderr)

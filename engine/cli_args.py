@@ -166,16 +166,24 @@ def add_deterministic_argument(p) -> None:
 
 
 def config_flag_overrides(args, overrides: dict) -> dict:
-    """``overrides`` with what the config flags of the command line set (``--step-cache``, ``--deterministic``),
-    unless ``--set`` gave those keys."""
+    """``overrides`` with what the config flags of the command line set (``--step-cache``, ``--deterministic``,
+    ``--quantize``), unless ``--set`` gave those keys."""
     overrides = step_cache_overrides(args, overrides)
     if getattr(args, "deterministic", False) and "deterministic" not in overrides:
         overrides = {**overrides, "deterministic": True}
+    if getattr(args, "quantize", "none") != "none" and "quantize" not in overrides:
+        overrides = {**overrides, "quantize": args.quantize}
+    if getattr(args, "attention_precision", None) is not None and "attention_precision" not in overrides:
+        overrides = {**overrides, "attention_precision": args.attention_precision}
     return overrides
 
 
 def add_memory_arguments(p) -> None:
-    """``--dtype``, ``--offload`` and ``--vae-tiling``, shared by ``mvgen generate`` and ``mvgen serve``."""
+    """``--dtype``, ``--quantize``, ``--offload`` and ``--vae-tiling``, shared by ``mvgen generate`` and
+    ``mvgen serve`` (``--quantize`` reaches the config through ``config_flag_overrides``)."""
+    from kernels import ATTENTION_PRECISIONS
+
+    from .config import QUANTIZE_MODES
     from .devices import NATIVE_BF16_FLAGS
     from .devices import DTYPES
     from .runtime.offload import OFFLOAD_MODES
@@ -185,6 +193,14 @@ def add_memory_arguments(p) -> None:
                         "float32; the VAE and CLIP always float32). auto: bfloat16 on CUDA; on a CPU float32 unless "
                         f"it multiplies bf16 natively ({'/'.join(NATIVE_BF16_FLAGS)}): without that, bf16 runs ~9x "
                         "slower than float32")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                   help="the denoiser's block linears held as float8_e4m3fn with per-output-channel scales (half the "
+                        "bf16 weight bytes); fp8: FP8 GEMMs where the GPU has FP8 tensor cores (sm_89+), weight-only "
+                        "dequantisation elsewhere; fp8_gemm / fp8_weight_only force one path (the log says which runs)")
+    p.add_argument("--attention-precision", choices=ATTENTION_PRECISIONS, default=None,
+                   help="the joint attention's arithmetic: bf16 (16-bit operands in the model's dtype, the default) "
+                        "or int8 (INT8 QK^T with K smoothing and FP8 P.V, SageAttention's recipe; its measured error "
+                        "is in the README); reaches the config through config_flag_overrides")
     p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
                    help="keep the denoiser in host memory between uses: 'model' moves it whole to the device for each "
                         "call and back after; 'block' moves one transformer layer at a time (least device memory, "

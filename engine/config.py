@@ -5,18 +5,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kernels import ATTENTION_BACKENDS, MASK_MODES
+from kernels import ATTENTION_BACKENDS, ATTENTION_PRECISIONS, MASK_MODES
 
 from .backbones.families import WAN_KEYS, family_of, family_of_class
+from .streams.positions import REF_ROPES
 from .files import read_json
 from .errors import CheckpointError
 
 REF_MODES = ("dual_stream", "token_concat")
-REF_ROPES = ("shared", "decoupled", "none")
 REF_TIMESTEPS = ("shared", "zero")
 REF_ATTENTIONS = MASK_MODES  # the joint attention's masks (kernels.joint_attention)
 REF_WEIGHTS = ("shared", "merged")  # how load_denoiser holds the reference stream (engine.adapters.reference_weights)
 VIEW_ATTENTIONS = ("none", "multiview")  # MVAnimate Eq. 2: a softmax over the views at the aligned position
+# the denoiser's block linears in 8 bits (engine.runtime.fp8): "fp8" runs FP8 GEMMs where the device has FP8 tensor
+# cores and dequantises on the fly elsewhere; the other two force one of those paths
+QUANTIZE_MODES = ("none", "fp8", "fp8_gemm", "fp8_weight_only")
 @dataclass(frozen=True)
 class MvgenConfig:
     """Transformer hyper-parameters (a ``family``, T2V or I2V: ``engine.backbones.families``) plus the multi-view reference
@@ -64,6 +67,9 @@ class MvgenConfig:
     ref_t_stride: int = 1
     ref_timestep: str = "shared"
     ref_attention: str = "full"
+    # False: the reference tokens skip the cross-attention (Stand-In); the reference stream then reads no prompt, so
+    # one cached reference row serves every guidance row of a request (``shares_reference_rows``)
+    ref_cross_attention: bool = True
     max_references: int = 3
     # per-view logit scales inside the one joint softmax (1 = plain attention); not MVAnimate's Eq. 2
     view_logit_scales: tuple[float, ...] | None = None
@@ -81,6 +87,9 @@ class MvgenConfig:
     # parameters); "merged": its own copy of every block with the LoRA merged (about 1.9x the base's parameters)
     ref_weights: str = "shared"
     attention_backend: str = "auto"
+    # the joint attention's arithmetic (kernels.ATTENTION_PRECISIONS): "bf16" (16-bit operands, the model's dtype)
+    # or "int8" (INT8 QK^T with K smoothing, FP8 P.V: kernels.quantized_attention); opt-in, error in the README
+    attention_precision: str = ATTENTION_PRECISIONS[0]
     # step-invariant work once per request (engine.checkpoint.Denoiser): every block's cross-attention K/V of the
     # text, CLIP image and identity states; False recomputes them at every step
     context_cache: bool = True
@@ -93,6 +102,8 @@ class MvgenConfig:
     inputs_once: bool = True
     # batch-invariant numerics (engine.runtime.batch_invariance): a request's bits do not depend on its batch companions
     deterministic: bool = False
+    # block linears held as float8_e4m3fn with per-output-channel scales after the load (QUANTIZE_MODES)
+    quantize: str = "none"
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -103,7 +114,9 @@ class MvgenConfig:
         _choice("ref_attention", self.ref_attention, REF_ATTENTIONS)
         _choice("ref_weights", self.ref_weights, REF_WEIGHTS)
         _choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("attention_precision", self.attention_precision, ATTENTION_PRECISIONS)
         _choice("view_attention", self.view_attention, VIEW_ATTENTIONS)
+        _choice("quantize", self.quantize, QUANTIZE_MODES)
         family.check(self)
         if (self.in_channels, self.out_channels) not in family.tasks:
             hint = " (Wan2.2-TI2V-5B takes 48 channels in and out)" if 48 in (self.in_channels, self.out_channels) else ""
@@ -131,6 +144,9 @@ class MvgenConfig:
             raise ValueError(f"step_cache_threshold must be >= 0 (0 = off), got {self.step_cache_threshold}")
         if self.view_lambda < 0:
             raise ValueError(f"view_lambda must be >= 0, got {self.view_lambda}")
+        if not self.ref_cross_attention and not family_of(self.family).context_cache:
+            raise ValueError(f"ref_cross_attention=False skips the reference tokens' cross-attention; a {self.family} "
+                             "denoiser has none (its text is a stream of the joint attention)")
         if self.identity and self.image_dim is None:
             raise ValueError("identity (M2HVideo) encodes the identity image with the checkpoint's CLIP image "
                              "encoder; this checkpoint has none (image_dim is None)")
@@ -162,6 +178,12 @@ class MvgenConfig:
         """The reference stream is independent of the video and of the step: compute its K/V once."""
         return (family_of(self.family).reference_cache and self.ref_attention in ("isolated", "prototype")
                 and self.ref_timestep == "zero")
+
+    @property
+    def shares_reference_rows(self) -> bool:
+        """The cached reference stream reads neither the video, the step nor the prompt: one row, computed once per
+        request, serves every row of a call (the guidance rows differ only in their prompt)."""
+        return self.caches_reference and not self.ref_cross_attention
 
     @property
     def caches_context(self) -> bool:

@@ -34,10 +34,13 @@ from engine.checkpoint import Checkpoint
 from engine.runtime.denoiser import load_expert
 from engine.adapters.reference_weights import merged_reference_stream
 
+from .fp8_onnx import calibrated
 from .plugin import plugin_attention
 
 ATTENTION_MODES = ("native", "plugin")
 # sizes of the example inputs traced at export time (tests check other sizes)
+# what a --quantize fp8 graph's activation scales are calibrated on (export.fp8_onnx)
+CALIBRATION = "the exporter's sample inputs (seeded random, EXPORT_SIZES): no real calibration data"
 EXPORT_SIZES = dict(batch=2, frames=3, height=6, width=8, refs=2, ref_height=4, ref_width=6, identity_len=5)
 
 
@@ -65,14 +68,37 @@ def graph_specs(config) -> list[denoiser_io.TensorSpec]:
     return denoiser_io.config_specs(config)
 
 
-def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: torch.Generator) -> dict:
+# the first latent frame of a TI2V condition's rows, in turn: known whole (image-to-video), unknown (text-to-video: the
+# zero condition a graph, which has no optional inputs, takes in place of none), known in part (an inpainting mask)
+TI2V_ROWS = ("first_frame", "none", "inpainting")
+
+
+def ti2v_condition(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A TI2V condition [B, 1 + C, F, H, W] as the VAE encodes one (``encode_condition``): the known mask on latent
+    frame 0, that frame's latent where any cell is known, zeros elsewhere; rows cycle through ``TI2V_ROWS``."""
+    condition = torch.zeros(shape)
+    for row in range(shape[0]):
+        kind = TI2V_ROWS[row % len(TI2V_ROWS)]
+        if kind == "none":
+            continue
+        known = torch.ones(shape[-2:]) if kind == "first_frame" else (torch.rand(shape[-2:], generator=generator) < 0.5)
+        condition[row, 0, 0] = known
+        condition[row, 1:, 0] = torch.randn(shape[1] - 1, *shape[-2:], generator=generator)
+    return condition
+
+
+def sample_inputs(specs, sizes: dict[str, int], dtype: torch.dtype, generator: torch.Generator,
+                  config=None) -> dict:
     """Random inputs for ``specs`` at axis ``sizes`` (timesteps in [0, 1000); an MMDiT's text mask: each row's
-    prompt a random prefix of at least one token, the rest padding)."""
+    prompt a random prefix of at least one token, the rest padding; the condition of a TI2V ``config``: what the
+    served loop sends, ``ti2v_condition``, its mask 0 or 1 as the per-token timesteps derived from it expect)."""
     out = {}
     for spec in specs:
         shape = spec.shape(sizes)
         if spec.name == "timestep":
             out[spec.name] = torch.rand(shape, generator=generator) * 1000
+        elif spec.name == "condition" and config is not None and config.condition_optional:
+            out[spec.name] = ti2v_condition(shape, generator).to(spec.torch_dtype(dtype))
         elif spec.name == "text_mask":
             lengths = torch.randint(1, shape[1] + 1, (shape[0], 1), generator=generator)
             out[spec.name] = (torch.arange(shape[1])[None] < lengths).to(spec.torch_dtype(dtype))
@@ -171,18 +197,19 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     dtype = denoiser.proj_out.weight.dtype
     specs = graph_specs(cfg)
     output = denoiser_io.output_spec(cfg)
-    example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0))
+    example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0), cfg)
     denoiser = denoiser.eval().requires_grad_(False)
 
     with merged_reference_stream(denoiser), torch.no_grad(), warnings.catch_warnings(), \
-            plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext():
+            plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext(), \
+            calibrated(denoiser, lambda feed: DenoiserGraph(denoiser)(**feed), [example], CALIBRATION) as fp8:
         # torch.onnx notes that derived axes (2*height_div2) keep their symbolic name; _name_axes renames them
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
             DenoiserGraph(denoiser).eval(), (), kwargs=example, dynamo=True,
             dynamic_shapes=export_dynamic_shapes(specs, minimums), input_names=[s.name for s in specs],
-            output_names=[denoiser_io.OUTPUT.name], opset_version=denoiser_io.OPSET,
-            custom_translation_table=translation_table(), verbose=False,
+            output_names=[denoiser_io.OUTPUT.name], opset_version=fp8.opset or denoiser_io.OPSET,
+            custom_translation_table={**translation_table(), **fp8.translations}, verbose=False,
         )
         for stale in (path, out_dir / denoiser_io.ONNX_DATA_FILE):
             stale.unlink(missing_ok=True)
@@ -193,7 +220,8 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
         "onnx": denoiser_io.ONNX_FILE,
         "attention": attention,
         "dtype": {v: k for k, v in denoiser_io.DTYPES.items()}[dtype],
-        "opset": denoiser_io.OPSET,
+        "opset": fp8.opset or denoiser_io.OPSET,
+        "fp8": fp8.meta,  # a --quantize fp8 graph's Q/DQ (export.fp8_onnx); None otherwise
         "profile": (profile or denoiser_io.Profile()).to_dict(),
         "inputs": [{"name": s.name, "dims": list(s.dims), "dtype": s.dtype} for s in specs],
         "output": {"name": output.name, "dims": list(output.dims)},

@@ -7,7 +7,9 @@ never as success.
 - Optimization profiles come from ``engine.denoiser_io`` (one min/opt/max range per dynamic axis), so the
   engine, the ONNX graph and the Triton ``config.pbtxt`` agree on names and dims.
 - Precision: a graph exported in fp16/bf16 is built *strongly typed* (TensorRT keeps the ONNX types; no
-  precision flags). Asking for ``--fp16``/``--bf16`` on an fp32 graph builds a weakly typed network with
+  precision flags). A ``--quantize fp8`` graph (FP8 weights behind DequantizeLinear, Q/DQ on each GEMM's
+  activations: ``export.fp8_onnx``) builds FP8 GEMMs either way: strongly typed from its Q/DQ types, weakly typed
+  with the FP8 flag beside the asked one; the plan's ``PLAN.json`` keeps the graph's ``fp8`` record. Asking for ``--fp16``/``--bf16`` on an fp32 graph builds a weakly typed network with
   that flag instead (TensorRT chooses per layer), which is the only case where strong typing is not used.
 - ``plugin`` graphs: ``register_joint_attention_plugin`` registers ``mvgen::JointAttention`` as a
   quickly-deployable plugin whose AOT implementation is ``export/trt_kernel.py``'s Triton kernel compiled to
@@ -134,6 +136,9 @@ def build_engine(onnx_dir: str | Path, plan: str | Path, profile: denoiser_io.Pr
     config = CreateConfig(
         fp16=not strongly_typed and precision == "fp16",
         bf16=not strongly_typed and precision == "bf16",
+        # a --quantize fp8 graph's Q/DQ pairs (export.fp8_onnx) carry FP8 types: a strongly typed network keeps them,
+        # a weakly typed one needs the FP8 flag to run its GEMMs in FP8
+        fp8=not strongly_typed and bool(meta.get("fp8")),
         profiles=[trt_profile],
         refittable=refit,
         load_timing_cache=str(timing_cache) if timing_cache and Path(timing_cache).is_file() else None,
@@ -170,7 +175,9 @@ def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None =
     engine = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
     if engine is None:
         raise RuntimeError(f"TensorRT could not deserialize {plan}")
-    overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride")}
+    # the graph's structure again (an FP8 graph's Q/DQ too: its activation scales are calibrated anew)
+    overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride", "quantize")
+                 if k in meta["config"]}
     with tempfile.TemporaryDirectory(prefix="mvgen_refit_") as tmp:
         # the same expert with the same base LoRAs / single file as the plan, only its reference adapter new
         expert, sources = meta["source"].get("expert", 0), dict(meta["source"].get("sources") or {})

@@ -11,7 +11,9 @@ converter leaves to its caller:
 - it renames every key it is given and passes a key it does not know through under its (partly rewritten)
   name, and ``from_single_file`` then only logs a warning and drops it (a weight the model lacks); here every
   converted name must be one a ``WanTransformer3DModel`` has, or the file is refused naming the key;
-- two keys that convert to the same name would overwrite one another silently; refused too.
+- two keys that convert to the same name would overwrite one another silently; refused too;
+- FP8 files (ComfyUI, ComfyUI-WanVideoWrapper, LightX2V): their weights dequantised with their scales before the
+  renaming, the scale keys dropped, an unknown scale layout refused (``engine.backbones.wan.fp8_files``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 
 from ...files import load_safetensors
 from ...errors import CheckpointError
+from .fp8_files import SAFETENSORS_DTYPES, channel_scale, dequantize_state, fp8_layout, read_tag
 
 # ComfyUI's prefixes for the diffusion model inside a checkpoint, longest first
 COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -57,6 +60,7 @@ def read_single_file_transformer(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it to "
                               f"safetensors); {_SUPPORTED}")
     prefix, state = _strip_prefix(path, load_safetensors(path, CheckpointError))
+    state = dequantize_state(path, state)
     _check_family(path, state)
     converted = convert_wan_transformer_to_diffusers(dict(state))  # it pops every key of the dict it is given
     _check_converted(path, prefix, state, converted)
@@ -150,3 +154,35 @@ def _block_pattern(key: str) -> str:
 def _few(keys, limit: int = 6) -> str:
     keys = sorted(keys)
     return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
+
+
+def fp8_file_scales(weights_file: str | Path | None, quantize: str = "fp8") -> dict[str, torch.Tensor] | None:
+    """Per-output-channel scales [out] float32 of an FP8 single file's block weights, by diffusers module name
+    (``blocks.3.attn1.to_q``); unscaled FP8 weights get ones. None without a file, for a file without FP8 weights,
+    or when ``quantize`` is "none" (nothing will be quantised). Reads only the scale tensors."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors import safe_open
+
+    if weights_file is None or quantize == "none" or Path(weights_file).suffix.lower() != ".safetensors":
+        return None
+    path = Path(weights_file)
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        prefix = next((p for p in COMFYUI_PREFIXES if f"{p}head.modulation" in keys), "")
+        named = {k.removeprefix(prefix): k for k in keys}
+        infos = {}
+        for short, key in named.items():
+            piece = f.get_slice(key)
+            infos[short] = (SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape()))
+        layout = fp8_layout(path, infos, lambda short: read_tag(f.get_tensor(named[short])))
+        if layout is None:
+            return None
+        scales = {}
+        for key, scale_key in layout.scales.items():
+            if not key.startswith("blocks.") or not key.endswith(".weight") or len(infos[key][1]) != 2:
+                continue  # FP8 tensors outside the blocks (a text embedding) load dequantised, not as FP8 linears
+            stored = f.get_tensor(named[scale_key]) if scale_key else None
+            channel = channel_scale(stored, infos[key][1][0])
+            (name,) = convert_wan_transformer_to_diffusers({key: channel})
+            scales[name.removesuffix(".weight")] = channel
+    return scales
