@@ -14,9 +14,10 @@ Per program: one (batch, head, query block). The key loop of a block is cut into
   range A: keys every query of the block may see (all keys of the row; the reference keys for a block of
            reference queries under ``isolated``; the video keys of a video block under ``prototype``); only
            its last tile checks bounds;
-  ranges B, C: keys the mask decides per element (prototype tokens of the block's frames; under
-           ``isolated``, for a block mixing reference queries with others, the video keys (B) and the context
-           keys (C), while A holds the reference keys, which every query sees).
+  ranges B, C: keys the mask decides per element (under ``prototype``, the prototype tokens of the block's
+           frames (B) and the context keys (C); under ``isolated``, for a block mixing reference queries with
+           others, the video keys (B) and the context keys (C), while A holds the reference keys, which every
+           query sees).
 Two ways in, one loop body: ``_attention_fwd_tma`` reads Q/K/V/Out through host-side tensor descriptors
 ([B, N, H*D] views: TMA on sm_90, plain loads elsewhere; rows past a batch's sequence are zero-filled and
 clipped per batch), ``_attention_fwd`` through pointers and strides (the TensorRT plugin and the AOT
@@ -66,11 +67,15 @@ def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, s
             k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
             allowed = q_other[:, None] | k_ref[None, :]
             qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
-        elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys + frame f's prototype
-            k_other = offs_n[None, :] >= k_ref_lo
-            own_frame = k_other & ((offs_n[None, :] - k_ref_lo) // proto_tokens
-                                   == (q_idx // tokens_per_frame)[:, None])
-            allowed = tl.where(q_idx[:, None] < q_ref_lo, (~k_other) | own_frame, k_other)
+        elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys, frame f's prototype, context
+            k_video = offs_n[None, :] < k_ref_lo
+            k_context = offs_n[None, :] >= k_ctx_lo
+            own_frame = ~k_video & ~k_context & ((offs_n[None, :] - k_ref_lo) // proto_tokens
+                                                 == (q_idx // tokens_per_frame)[:, None])
+            q_video = q_idx[:, None] < q_ref_lo
+            q_context = q_idx[:, None] >= q_ctx_lo
+            allowed = tl.where(q_video, k_video | own_frame | k_context,
+                               tl.where(q_context, k_video | k_context, ~k_video))
             qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
         elif BOUNDS:
             qk = tl.where((offs_n < hi)[None, :], qk, float("-inf"))
@@ -116,13 +121,19 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
             c_lo = k_ctx_lo
             c_hi = n_k
     elif MASK_MODE == 2:
-        if m_first >= q_ref_lo:
-            a_lo = k_ref_lo
-        elif m_last < q_ref_lo:
+        if m_last < q_ref_lo:  # video queries: video keys, their frames' prototypes, the context
             a_hi = k_ref_lo
             b_lo = k_ref_lo + (m_first // tokens_per_frame) * proto_tokens
-            b_hi = tl.minimum(n_k, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
-        else:
+            b_hi = tl.minimum(k_ctx_lo, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
+            c_lo = k_ctx_lo
+            c_hi = n_k
+        elif (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference-range queries: every non-video key
+            a_lo = k_ref_lo
+        elif m_first >= q_ctx_lo:  # context queries: video and context keys
+            a_hi = k_ref_lo
+            c_lo = k_ctx_lo
+            c_hi = n_k
+        else:  # a mix: every key, masked per element
             a_hi = 0
             b_hi = n_k
     if HAS_KEY_LEN:  # this row's keys at or past its length (padding) are never read
@@ -146,7 +157,7 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                                     q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, b_lo,
                                     b_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
-    if MASK_MODE == 1:
+    if MASK_MODE != 0:
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                                     q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, c_lo,
                                     c_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
