@@ -52,57 +52,31 @@ def _load_tile(src, batch, head, start, offs_rows, n_rows, stride_n, BLOCK: tl.c
 
 
 @triton.jit
-def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
-                q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, lo, hi,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, MASK_MODE: tl.constexpr,
-                TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                EMULATE_BF16: tl.constexpr):
-    """Online-softmax update of (acc, l_i, m_i) with the keys [lo, hi); logits are already in base 2."""
-    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_src, batch, head, start, offs_n, hi, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
-        qk = mma(q, tl.trans(k), None, DOT_PRECISION, EMULATE_BF16)
-        if MASK_MODE == 1:  # isolated: reference queries see reference keys only
-            q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
-            k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
-            allowed = q_other[:, None] | k_ref[None, :]
-            qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
-        elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys, frame f's prototype, context
-            k_video = offs_n[None, :] < k_ref_lo
-            k_context = offs_n[None, :] >= k_ctx_lo
-            own_frame = ~k_video & ~k_context & ((offs_n[None, :] - k_ref_lo) // proto_tokens
-                                                 == (q_idx // tokens_per_frame)[:, None])
-            q_video = q_idx[:, None] < q_ref_lo
-            q_context = q_idx[:, None] >= q_ctx_lo
-            allowed = tl.where(q_video, k_video | own_frame | k_context,
-                               tl.where(q_context, k_video | k_context, ~k_video))
-            qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
-        elif BOUNDS:
-            qk = tl.where((offs_n < hi)[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASK_MODE != 0:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_src, batch, head, start, offs_n, hi, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
-        acc = mma(narrow(p, v.dtype, EMULATE_BF16), v, acc * alpha[:, None], DOT_PRECISION, EMULATE_BF16)
-        m_i = m_new
-    return acc, l_i, m_i
+def allowed_keys(q_idx, offs_n, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                 MASK_MODE: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] the mask's verdict for queries ``q_idx`` and keys ``offs_n`` (``reference.attention_mask``
+    without key lengths; shared with the 8-bit kernel, ``kernels.quantized_attention``)."""
+    if MASK_MODE == 1:  # isolated: reference queries see reference keys only
+        q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
+        k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
+        allowed = q_other[:, None] | k_ref[None, :]
+    else:  # prototype: a video query of frame f sees video keys, frame f's prototype, the context
+        k_video = offs_n[None, :] < k_ref_lo
+        k_context = offs_n[None, :] >= k_ctx_lo
+        own_frame = ~k_video & ~k_context & ((offs_n[None, :] - k_ref_lo) // proto_tokens
+                                             == (q_idx // tokens_per_frame)[:, None])
+        q_video = q_idx[:, None] < q_ref_lo
+        q_context = q_idx[:, None] >= q_ctx_lo
+        allowed = tl.where(q_video, k_video | own_frame | k_context,
+                           tl.where(q_context, k_video | k_context, ~k_video))
+    return allowed
 
 
 @triton.jit
-def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, stride_kn, stride_vn, stride_on,
-                    n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
-                    HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr, TMA: tl.constexpr,
-                    WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # 1. the query block, already rotated and scaled
-    m_first = tl.program_id(0) * BLOCK_M
-    q_idx = m_first + tl.arange(0, BLOCK_M)
-    q = _load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
-
-    # 2. key ranges of this block (A: dense, B and C: masked per element), from indices only
+def key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+               MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(a_lo, a_hi, b_lo, b_hi, c_lo, c_hi) of the query block starting at ``m_first`` (module docstring: A dense,
+    B and C masked per element by ``allowed_keys``); shared with the 8-bit kernel."""
     m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
     a_lo = 0
     a_hi = n_k
@@ -136,6 +110,52 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
         else:  # a mix: every key, masked per element
             a_hi = 0
             b_hi = n_k
+    return a_lo, a_hi, b_lo, b_hi, c_lo, c_hi
+
+
+@triton.jit
+def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
+                q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, lo, hi,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, MASK_MODE: tl.constexpr,
+                TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                EMULATE_BF16: tl.constexpr):
+    """Online-softmax update of (acc, l_i, m_i) with the keys [lo, hi); logits are already in base 2."""
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_src, batch, head, start, offs_n, hi, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+        qk = mma(q, tl.trans(k), None, DOT_PRECISION, EMULATE_BF16)
+        if MASK_MODE != 0:
+            allowed = allowed_keys(q_idx, offs_n, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                   proto_tokens, MASK_MODE)
+            qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
+        elif BOUNDS:
+            qk = tl.where((offs_n < hi)[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASK_MODE != 0:  # a row may have seen no key yet: keep exp2 away from (-inf) - (-inf)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_src, batch, head, start, offs_n, hi, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+        acc = mma(narrow(p, v.dtype, EMULATE_BF16), v, acc * alpha[:, None], DOT_PRECISION, EMULATE_BF16)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, stride_kn, stride_vn, stride_on,
+                    n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                    HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr, HAS_KEY_LEN: tl.constexpr, TMA: tl.constexpr,
+                    WARP_SPECIALIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # 1. the query block, already rotated and scaled
+    m_first = tl.program_id(0) * BLOCK_M
+    q_idx = m_first + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
+
+    # 2. key ranges of this block (A: dense, B and C: masked per element), from indices only
+    a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
+                                                    tokens_per_frame, proto_tokens, MASK_MODE, BLOCK_M)
     if HAS_KEY_LEN:  # this row's keys at or past its length (padding) are never read
         n_k_row = tl.minimum(n_k, tl.load(KeyLen + batch).to(tl.int32))
         a_hi = tl.minimum(a_hi, n_k_row)
