@@ -280,3 +280,9 @@ def _fits(value, kind: str) -> bool:
 def _choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+# the third block of MvgenConfig (ours, not the checkpoint's): the multi-view options and run settings, the fields a
+# mode that adds tensors to the model is among (engine.backbones.assembly names it when an adapter lacks them)
+_NAMES = [f.name for f in dataclasses.fields(MvgenConfig)]
+MULTIVIEW_FIELDS = tuple(_NAMES[_NAMES.index("ref_mode"):_NAMES.index("extra")])

@@ -9,13 +9,16 @@ same for every backbone and live here:
 2. ``shares_reference``: whether the reference stream can hold the video stream's weights exactly
    (``ref_weights="shared"``), else a merged copy and one INFO line saying why;
 3. ``apply_full_tensors``: the adapter's full tensors, each checked against a name and shape of the model;
-4. ``apply_pairs``: the adapter's LoRA pairs merged, except those on a weight the shared reference stream holds,
+4. ``require_complete``: every tensor the base checkpoint lacks (a mode's) given by the adapter, else one line
+   naming the tensors and the setting that needs them;
+5. ``apply_pairs``: the adapter's LoRA pairs merged, except those on a weight the shared reference stream holds,
    which stay unmerged;
-5. ``assign``: every tensor cast (the family's diffusers class says which modules stay float32, as
+6. ``assign``: every tensor cast (the family's diffusers class says which modules stay float32, as
    ``from_pretrained`` keeps them) and assigned by one strict load, the shared stream's tensors aliased.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -27,6 +30,7 @@ from torch import nn
 from ..adapters.lora import (AdapterNaming, LowRankDelta, ReferenceAdapter, ScaleRule, adapter_deltas, few_names,
                              merge_deltas, read_adapter)
 from ..adapters.reference_weights import reference_pairs, share_reference_stream, why_not_shared, wrap_low_rank
+from ..config import MULTIVIEW_FIELDS
 from ..errors import AdapterError
 
 log = logging.getLogger("mvgen.loading")
@@ -94,6 +98,43 @@ def apply_full_tensors(model: nn.Module, state: dict[str, torch.Tensor], adapter
     if wrong:
         raise AdapterError(f"adapter tensor(s) with the wrong shape (adapter vs model): {few_names(wrong)}")
     state.update(tensors)
+
+
+def require_complete(model: nn.Module, state: dict[str, torch.Tensor], adapter: str | Path | None,
+                     shared: bool) -> None:
+    """Every tensor the model has and the base checkpoint does not (the reference stream's copy aside) comes
+    from the adapter: refuse, naming the tensors and the mode that adds them, before anything merges. A shared
+    reference stream's tensors that the adapter does not give are the video stream's."""
+    prefixes = reference_prefixes(model)
+    missing = {k for k in set(model.state_dict()) - set(state) if not (shared and k.startswith(prefixes))}
+    if not missing:
+        return
+    who = f"the adapter {adapter} lacks" if adapter is not None else "no adapter was given, so the model lacks"
+    needs = "; ".join(f"{few_names(names)}, which {mode} needs" for mode, names in _modes_needing(model, missing))
+    raise AdapterError(f"{who} tensors not in the base checkpoint: {needs}; an adapter for such a mode carries "
+                       f"them as full tensors under these names")
+
+
+def _modes_needing(model: nn.Module, missing: set[str]) -> list[tuple[str, list[str]]]:
+    """``[(mode, names)]``: each of the config's non-default multi-view settings with the missing names it adds to
+    the model (those a model built with that setting at its default lacks); the rest are the model's own."""
+    config, found, left = model.config, [], set(missing)
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in MULTIVIEW_FIELDS:
+        value = getattr(config, name)
+        if value == defaults[name] or not left:
+            continue
+        try:
+            plain = config.replace(**{name: defaults[name]})
+        except ValueError:  # a setting that cannot return to its default alone
+            continue
+        with torch.device("meta"):
+            keys = set(type(model)(plain).state_dict())
+        names = sorted(left - keys)
+        if names:
+            found.append((f"{name}={value!r}", names))
+            left -= set(names)
+    return found + ([("this model", sorted(left))] if left else [])
 
 
 def apply_pairs(model: nn.Module, state: dict[str, torch.Tensor], adapter: ReferenceAdapter, rule: ScaleRule,

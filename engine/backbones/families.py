@@ -105,15 +105,15 @@ def _check_mmdit(config) -> None:
         raise ValueError("guidance-distilled MMDiT checkpoints (guidance_embeds=true) are not served: the loop "
                          "guides with classifier-free guidance (HunyuanVideo-I2V's true CFG)")
     unsupported = [(name, value) for name, value, plain in (
-        ("ref_attention", config.ref_attention, config.ref_attention in ("full", "isolated")),
+        ("ref_attention", config.ref_attention, config.ref_attention in ("full", "isolated", "prototype")),
         # M2HVideo's identity adapter is a second image cross-attention beside Wan's: the MMDiT has no
         # cross-attention (its text is a stream of the joint attention), so Eq. 4's fusion has nothing to fuse with
         ("identity", config.identity, not config.identity),
         ("view_logit_scales", config.view_logit_scales, config.view_logit_scales is None)) if not plain]
     if unsupported:
         name, value = unsupported[0]
-        raise ValueError(f"{name}={value!r} is not implemented on the MMDiT backbone (ref_attention 'full' or "
-                         "'isolated'; of the seed methods' modes, MVAnimate's view_attention='multiview')")
+        raise ValueError(f"{name}={value!r} is not implemented on the MMDiT backbone (of the seed methods' modes "
+                         "it runs ProFashion's ref_attention='prototype' and MVAnimate's view_attention='multiview')")
 
 
 def _wan_vae(vae: dict) -> dict:

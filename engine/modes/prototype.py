@@ -165,9 +165,10 @@ class PoseSelector(nn.Module):
 
 
 class PrototypeAggregator(nn.Module):
-    """ProFashion PPA for a Wan DiT: the pose encoder and a pose selector per layer (see the module docstring)."""
+    """ProFashion PPA for a DiT: the pose encoder and a pose selector per layer (see the module docstring; the
+    MMDiT's layers are its dual-stream blocks, then its single-stream blocks)."""
 
-    def __init__(self, cfg, pose_dim: int = POSE_DIM, groups: int = POSE_GROUPS):
+    def __init__(self, cfg, pose_dim: int = POSE_DIM, groups: int = POSE_GROUPS, layers: int | None = None):
         super().__init__()
         pt, ph, pw = cfg.patch_size
         if pt != 1:
@@ -177,7 +178,8 @@ class PrototypeAggregator(nn.Module):
         self.patch = (ph, pw)
         self.backend = kernel_backend(cfg.attention_backend)
         self.pose_encoder = PosePatchEmbedding(cfg.pose_channels, pose_dim, (ph, pw))
-        self.selectors = nn.ModuleList(PoseSelector(pose_dim, groups, cfg.eps) for _ in range(cfg.num_layers))
+        self.selectors = nn.ModuleList(PoseSelector(pose_dim, groups, cfg.eps)
+                                       for _ in range(cfg.num_layers if layers is None else layers))
 
     def encode_poses(self, frame_pose, ref_pose, video_fhw, num_refs: int, ref_hw) -> PoseTokens:
         """Pose tokens plus P of every latent frame and every reference; checks the two pose inputs first."""
@@ -214,7 +216,8 @@ class PrototypeAggregator(nn.Module):
         """Eqs. 5-8 at ``layer``, then Eq. 10's projection: prototype keys and values [B, F*T, H, Dh].
 
         ``k_feats``/``v_feats`` [B, R*T, D] are ``reference_features`` of this layer; ``attn`` is the video
-        block's self-attention (its biases and RMSNorm finish the projection of the aggregate)."""
+        block's self-attention: its ``to_k``/``to_v`` biases and its ``key_value_heads`` (the key RMSNorm, across
+        heads on Wan, per head on the MMDiT, and the split into heads) finish the projection of the aggregate."""
         selector = self.selectors[layer]
         num_refs, tokens = poses.refs.shape[1:3]
         feats = torch.cat([k_feats, v_feats], dim=-1).unflatten(1, (num_refs, tokens))  # [B, R, T, 2D]
@@ -222,7 +225,7 @@ class PrototypeAggregator(nn.Module):
                                           backend=self.backend)  # [B, F, T, 2D]
         k, v = proto.flatten(1, 2).chunk(2, dim=-1)  # [B, F*T, D] each
         # sum_r m[r, t] is not 1 per position, so the biases join after the aggregation (see the docstring)
-        return attn.split_heads(attn.norm_k(k + attn.to_k.bias)), attn.split_heads(v + attn.to_v.bias)
+        return attn.key_value_heads(k + attn.to_k.bias, v + attn.to_v.bias)
 
 
 def attention_flops(config, frames: int, height: int, width: int, num_refs: int,

@@ -14,9 +14,10 @@ Per program: one (batch, head, query block). The key loop of a block is cut into
   range A: keys every query of the block may see (all keys of the row; the reference keys for a block of
            reference queries under ``isolated``; the video keys of a video block under ``prototype``); only
            its last tile checks bounds;
-  ranges B, C: keys the mask decides per element (prototype tokens of the block's frames; under
-           ``isolated``, for a block mixing reference queries with others, the video keys (B) and the context
-           keys (C), while A holds the reference keys, which every query sees).
+  ranges B, C: keys the mask decides per element (under ``prototype``, the prototype tokens of the block's
+           frames (B) and the context keys (C); under ``isolated``, for a block mixing reference queries with
+           others, the video keys (B) and the context keys (C), while A holds the reference keys, which every
+           query sees).
 Two ways in, one loop body: ``_attention_fwd_tma`` reads Q/K/V/Out through host-side tensor descriptors
 ([B, N, H*D] views: TMA on sm_90, plain loads elsewhere; rows past a batch's sequence are zero-filled and
 clipped per batch), ``_attention_fwd`` through pointers and strides (the TensorRT plugin and the AOT
@@ -51,6 +52,68 @@ def _load_tile(src, batch, head, start, offs_rows, n_rows, stride_n, BLOCK: tl.c
 
 
 @triton.jit
+def allowed_keys(q_idx, offs_n, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+                 MASK_MODE: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] the mask's verdict for queries ``q_idx`` and keys ``offs_n`` (``reference.attention_mask``
+    without key lengths; shared with the 8-bit kernel, ``kernels.quantized_attention``)."""
+    if MASK_MODE == 1:  # isolated: reference queries see reference keys only
+        q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
+        k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
+        allowed = q_other[:, None] | k_ref[None, :]
+    else:  # prototype: a video query of frame f sees video keys, frame f's prototype, the context
+        k_video = offs_n[None, :] < k_ref_lo
+        k_context = offs_n[None, :] >= k_ctx_lo
+        own_frame = ~k_video & ~k_context & ((offs_n[None, :] - k_ref_lo) // proto_tokens
+                                             == (q_idx // tokens_per_frame)[:, None])
+        q_video = q_idx[:, None] < q_ref_lo
+        q_context = q_idx[:, None] >= q_ctx_lo
+        allowed = tl.where(q_video, k_video | own_frame | k_context,
+                           tl.where(q_context, k_video | k_context, ~k_video))
+    return allowed
+
+
+@triton.jit
+def key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
+               MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """(a_lo, a_hi, b_lo, b_hi, c_lo, c_hi) of the query block starting at ``m_first`` (module docstring: A dense,
+    B and C masked per element by ``allowed_keys``); shared with the 8-bit kernel."""
+    m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
+    a_lo = 0
+    a_hi = n_k
+    b_lo = 0
+    b_hi = 0
+    c_lo = 0
+    c_hi = 0
+    if MASK_MODE == 1:
+        if (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference queries only
+            a_lo = k_ref_lo
+            a_hi = k_ctx_lo
+        elif tl.maximum(m_first, q_ref_lo) <= tl.minimum(m_last, q_ctx_lo - 1):  # some reference queries
+            a_lo = k_ref_lo
+            a_hi = k_ctx_lo
+            b_hi = k_ref_lo
+            c_lo = k_ctx_lo
+            c_hi = n_k
+    elif MASK_MODE == 2:
+        if m_last < q_ref_lo:  # video queries: video keys, their frames' prototypes, the context
+            a_hi = k_ref_lo
+            b_lo = k_ref_lo + (m_first // tokens_per_frame) * proto_tokens
+            b_hi = tl.minimum(k_ctx_lo, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
+            c_lo = k_ctx_lo
+            c_hi = n_k
+        elif (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference-range queries: every non-video key
+            a_lo = k_ref_lo
+        elif m_first >= q_ctx_lo:  # context queries: video and context keys
+            a_hi = k_ref_lo
+            c_lo = k_ctx_lo
+            c_hi = n_k
+        else:  # a mix: every key, masked per element
+            a_hi = 0
+            b_hi = n_k
+    return a_lo, a_hi, b_lo, b_hi, c_lo, c_hi
+
+
+@triton.jit
 def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                 q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, lo, hi,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, MASK_MODE: tl.constexpr,
@@ -61,16 +124,9 @@ def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, s
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_tile(k_src, batch, head, start, offs_n, hi, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
         qk = mma(q, tl.trans(k), None, DOT_PRECISION, EMULATE_BF16)
-        if MASK_MODE == 1:  # isolated: reference queries see reference keys only
-            q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
-            k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
-            allowed = q_other[:, None] | k_ref[None, :]
-            qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
-        elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys + frame f's prototype
-            k_other = offs_n[None, :] >= k_ref_lo
-            own_frame = k_other & ((offs_n[None, :] - k_ref_lo) // proto_tokens
-                                   == (q_idx // tokens_per_frame)[:, None])
-            allowed = tl.where(q_idx[:, None] < q_ref_lo, (~k_other) | own_frame, k_other)
+        if MASK_MODE != 0:
+            allowed = allowed_keys(q_idx, offs_n, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                   proto_tokens, MASK_MODE)
             qk = tl.where(allowed & (offs_n < hi)[None, :], qk, float("-inf"))
         elif BOUNDS:
             qk = tl.where((offs_n < hi)[None, :], qk, float("-inf"))
@@ -98,33 +154,8 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
     q = _load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
 
     # 2. key ranges of this block (A: dense, B and C: masked per element), from indices only
-    m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
-    a_lo = 0
-    a_hi = n_k
-    b_lo = 0
-    b_hi = 0
-    c_lo = 0
-    c_hi = 0
-    if MASK_MODE == 1:
-        if (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference queries only
-            a_lo = k_ref_lo
-            a_hi = k_ctx_lo
-        elif tl.maximum(m_first, q_ref_lo) <= tl.minimum(m_last, q_ctx_lo - 1):  # some reference queries
-            a_lo = k_ref_lo
-            a_hi = k_ctx_lo
-            b_hi = k_ref_lo
-            c_lo = k_ctx_lo
-            c_hi = n_k
-    elif MASK_MODE == 2:
-        if m_first >= q_ref_lo:
-            a_lo = k_ref_lo
-        elif m_last < q_ref_lo:
-            a_hi = k_ref_lo
-            b_lo = k_ref_lo + (m_first // tokens_per_frame) * proto_tokens
-            b_hi = tl.minimum(n_k, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
-        else:
-            a_hi = 0
-            b_hi = n_k
+    a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
+                                                    tokens_per_frame, proto_tokens, MASK_MODE, BLOCK_M)
     if HAS_KEY_LEN:  # this row's keys at or past its length (padding) are never read
         n_k_row = tl.minimum(n_k, tl.load(KeyLen + batch).to(tl.int32))
         a_hi = tl.minimum(a_hi, n_k_row)
@@ -146,7 +177,7 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                                     q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, b_lo,
                                     b_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
-    if MASK_MODE == 1:
+    if MASK_MODE != 0:
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                                     q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, c_lo,
                                     c_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)

@@ -8,7 +8,7 @@ Triton kernel and of the SDPA path.
 The query (key) sequence is three consecutive streams given by two offsets ``o`` = ``q_offsets``
 (``k_offsets``): video ``[0, o[0])``, reference ``[o[0], o[1])``, context ``[o[1], N)`` (HunyuanVideo's text
 tokens; Wan has none: ``o = (n_video, N)``). In ``prototype`` mode the reference stream holds the prototype
-tokens. Queries and keys may have different lengths (e.g. video-only queries against [video | cached
+tokens (a context stream stays the MMDiT's text). Queries and keys may have different lengths (e.g. video-only queries against [video | cached
 reference] keys). ``key_lengths`` [B] masks, per batch row, every key at or past its length (the padded tail of
 the context stream) for every query.
 """
@@ -47,10 +47,6 @@ def check_streams(n_q, n_k, q_offsets, k_offsets, mask: str, key_lengths: torch.
             raise ValueError(f"{name} must be (reference start, context start), got {o!r}")
         if _concrete(*o, n) and not 0 <= o[0] <= o[1] <= n:
             raise ValueError(f"{name} must satisfy 0 <= {name}[0] <= {name}[1] <= {n}, got {tuple(o)}")
-    if mask == "prototype" and _concrete(q_offsets[1], k_offsets[1], n_q, n_k) and (q_offsets[1] != n_q
-                                                                                      or k_offsets[1] != n_k):
-        raise ValueError(f"the prototype mask has no context stream: need q_offsets[1] == {n_q} and "
-                         f"k_offsets[1] == {n_k}, got {tuple(q_offsets)}, {tuple(k_offsets)}")
     if key_lengths is None:
         return
     if key_lengths.dtype not in (torch.int32, torch.int64) or key_lengths.dim() != 1 or (
@@ -79,8 +75,9 @@ def attention_mask(
     lengths.
 
     - ``isolated``: reference queries see only reference keys; video and context queries see every key.
-    - ``prototype`` (no context stream): video query of frame ``i // tokens_per_frame`` sees all video keys
-      plus the ``proto_tokens`` keys of its own frame's prototype; other queries see only non-video keys.
+    - ``prototype``: video query of frame ``i // tokens_per_frame`` sees all video keys, the ``proto_tokens``
+      keys of its own frame's prototype and every context key; context queries see the video and context keys
+      (a prototype belongs to one frame); queries of the reference range see only non-video keys.
     - ``key_lengths``: in batch row b, keys at index >= ``key_lengths[b]`` are masked for every query.
 
     Boolean algebra on index comparisons only (no bool-valued torch.where, which onnxruntime cannot run in an
@@ -100,10 +97,11 @@ def _allowed(n_q, n_k, q_offsets, k_offsets, mode, tokens_per_frame, proto_token
         k_ref = (kj >= k_offsets[0]) & (kj < k_offsets[1])
         allowed = ~q_ref | k_ref
     elif mode == "prototype":
-        q_video = qi < q_offsets[0]
-        k_video = kj < k_offsets[0]
-        same_frame = (kj - k_offsets[0]) // proto_tokens == qi // tokens_per_frame
-        allowed = (q_video & (k_video | same_frame)) | (~q_video & ~k_video)
+        q_video, q_context = qi < q_offsets[0], qi >= q_offsets[1]
+        k_video, k_context = kj < k_offsets[0], kj >= k_offsets[1]
+        same_frame = ~k_context & ((kj - k_offsets[0]) // proto_tokens == qi // tokens_per_frame)
+        allowed = ((q_video & (k_video | same_frame | k_context)) | (q_context & (k_video | k_context))
+                   | (~q_video & ~q_context & ~k_video))
     if key_lengths is None:
         return allowed
     valid = kj < key_lengths.to(device)[:, None, None, None]  # [B, 1, 1, n_k]

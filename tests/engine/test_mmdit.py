@@ -180,8 +180,8 @@ def test_wan_only_inputs_and_options_are_refused(mmdit_dir):
         den(**x, image_context=torch.ones(2, 3, 4))
     with pytest.raises(ValueError, match="text_mask"):
         den(**{**x, "text_mask": None})
-    with pytest.raises(ValueError, match="not implemented on the MMDiT"):
-        load_denoiser(path, ref_attention="prototype")
+    with pytest.raises(ValueError, match="not implemented on the MMDiT"):  # M2HVideo: no cross-attention to fuse with
+        load_denoiser(path, identity=True)
     from engine.runtime.parallel import Collectives, SequenceParallel
 
     with pytest.raises(ValueError, match="divisible by sp; this model has 2 heads"):

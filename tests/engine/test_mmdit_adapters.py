@@ -110,10 +110,10 @@ def test_video_stream_pairs_make_a_merged_copy(mmdit_dir, oracle, tmp_path, capl
     assert den.config.ref_weights == "merged" and "changes the video stream's" in caplog.text
     plain = load_denoiser(path, ref_weights="merged")
     key = "single_transformer_blocks.1.proj_mlp"
-    a, b = state[f"ref_single_blocks.1.proj_mlp.lora_A.weight"], state[f"ref_single_blocks.1.proj_mlp.lora_B.weight"]
+    a, b = state["ref_single_blocks.1.proj_mlp.lora_A.weight"], state["ref_single_blocks.1.proj_mlp.lora_B.weight"]
     want = plain.state_dict()[f"{key}.weight"] + PATTERN_ALPHA / RANK * (b @ a)
     torch.testing.assert_close(den.state_dict()[f"{key}.weight"], want, rtol=1e-6, atol=1e-6)
-    assert torch.equal(den.state_dict()[f"ref_single_blocks.1.proj_mlp.weight"], plain.state_dict()[f"{key}.weight"])
+    assert torch.equal(den.state_dict()["ref_single_blocks.1.proj_mlp.weight"], plain.state_dict()[f"{key}.weight"])
 
 
 @pytest.mark.parametrize("tensors,words", [

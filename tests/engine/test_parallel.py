@@ -2,10 +2,13 @@
 
 One spawn of four processes runs every layout in turn (sp=2, sp=3, sp=2 with CFG parallel), each over its own
 groups; each rank loads the same weights and inputs and rank 0 writes what it got. Token counts are chosen
-so no layout divides them (25 video tokens, 7 reference tokens per view), heads (6) divide 2 and 3.
+so no layout divides them (25 video tokens, 7 reference tokens per view), heads (6) divide 2 and 3. Every case
+runs twice: as served by default (within float32 rounding of one process: the CPU's kernels may round a row by
+where it sits) and under ``--deterministic`` (``BatchInvariantOps``), where each rank's bits are one process's.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -19,6 +22,7 @@ from engine.backbones.families import MMDIT
 from engine.backbones.mmdit.model import MultiViewMMDiT
 from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.config import MvgenConfig
+from engine.runtime.batch_invariance import BatchInvariantOps
 from engine.runtime.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
 from engine.runtime.step_cache import StepCache
 from server.launcher import free_port
@@ -36,7 +40,8 @@ WIDE = dict(SMALL_WAN, num_attention_heads=6, attention_head_dim=12, added_kv_pr
 # the families besides Wan2.1-I2V: T2V (Mv2ID reference-to-video) and a Wan2.2-I2V expert (no CLIP)
 FAMILIES = {"joint": {}, "prototype": {}, "t2v": dict(in_channels=16, image_dim=None, added_kv_proj_dim=None),
             "wan22": dict(image_dim=None, added_kv_proj_dim=None), "multiview": dict(view_attention="multiview"),
-            "mmdit": {}}
+            "mmdit": {}, "mmdit_multiview": dict(view_attention="multiview"),
+            "mmdit_prototype": dict(ref_attention="prototype")}
 # HunyuanVideo-I2V (an MMDiT: video, reference and text streams all sharded) with 6 heads of 12
 WIDE_MMDIT = dict(
     in_channels=33, out_channels=16, num_attention_heads=6, attention_head_dim=12, num_layers=2, num_single_layers=2,
@@ -68,18 +73,23 @@ CASES = {
     "mmdit_no_refs_odd_batch": ("mmdit", {}, 0, 3, False),
     "mmdit_isolated_cached": ("mmdit", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
     "mmdit_step_cached": ("mmdit", {}, 1, 2, False),
+    # the seed modes on the MMDiT: Eq. 2 over views gathered from every rank; PPA's prototypes with the text stream
+    "mmdit_multiview": ("mmdit_multiview", {}, 2, 2, False),
+    "mmdit_multiview_cached": ("mmdit_multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
+    "mmdit_prototype": ("mmdit_prototype", {}, 2, 2, False),
+    "mmdit_prototype_cached": ("mmdit_prototype", dict(ref_timestep="zero"), 2, 2, True),
 }
 
 
 def model_config(kind: str) -> MvgenConfig:
-    if kind == "mmdit":
-        return MvgenConfig.from_dict(MMDIT.config_values(WIDE_MMDIT))
+    if kind.startswith("mmdit"):
+        return MvgenConfig.from_dict(MMDIT.config_values(WIDE_MMDIT), **FAMILIES[kind])
     return MvgenConfig.from_dict({**WIDE, **FAMILIES[kind]}, ref_attention="prototype" if kind == "prototype" else "full")
 
 
 def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
     torch.manual_seed(seed)
-    model_class = MultiViewMMDiT if kind == "mmdit" else MultiViewWanTransformer
+    model_class = MultiViewMMDiT if kind.startswith("mmdit") else MultiViewWanTransformer
     model = model_class(model_config(kind)).eval().requires_grad_(False)
     with torch.no_grad():
         for p in model.parameters():  # non-trivial weights everywhere (biases, modulation, reference stream)
@@ -90,20 +100,21 @@ def build_model(kind: str, seed: int = 0) -> MultiViewWanTransformer:
 def case_inputs(name: str) -> dict:
     kind, _, refs, batch, _ = CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
-    if kind == "mmdit":
+    if kind.startswith("mmdit"):
         cfg = model_config(kind)
         text_mask = torch.zeros(batch, cfg.text_len)
         for row in range(batch):  # a full prompt, then shorter ones: padding masked by key lengths
             text_mask[row, :cfg.text_len // (row + 1) - 3 * row] = 1
-        return dict(latents=torch.randn(batch, 16, *VIDEO, generator=gen),
-                    condition=torch.randn(batch, cfg.condition_channels, *VIDEO, generator=gen),
-                    timestep=torch.rand(batch, generator=gen) * 1000,
-                    text=torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen), text_mask=text_mask,
-                    pooled_text=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
-                    ref_latents=torch.randn(batch, refs, 16, *REF_HW, generator=gen))
-    x = inputs(gen, batch=batch, frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], refs=refs, ref_hw=REF_HW,
-               config=model_config(kind))
-    if kind == "prototype":
+        x = dict(latents=torch.randn(batch, 16, *VIDEO, generator=gen),
+                 condition=torch.randn(batch, cfg.condition_channels, *VIDEO, generator=gen),
+                 timestep=torch.rand(batch, generator=gen) * 1000,
+                 text=torch.randn(batch, cfg.text_len, cfg.text_dim, generator=gen), text_mask=text_mask,
+                 pooled_text=torch.randn(batch, cfg.pooled_projection_dim, generator=gen),
+                 ref_latents=torch.randn(batch, refs, 16, *REF_HW, generator=gen))
+    else:
+        x = inputs(gen, batch=batch, frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], refs=refs, ref_hw=REF_HW,
+                   config=model_config(kind))
+    if kind.endswith("prototype"):
         x["frame_pose"] = torch.rand(batch, VIDEO[0], 3, *VIDEO[1:], generator=gen) * 2 - 1
         x["ref_pose"] = torch.rand(batch, refs, 3, *REF_HW, generator=gen) * 2 - 1
     return x
@@ -125,7 +136,14 @@ def run_steps(model: MultiViewWanTransformer, x: dict, runtime: ParallelRuntime 
     return torch.cat([torch.stack(outs).flatten(), torch.tensor(skipped)])
 
 
-def run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: ParallelRuntime | None) -> torch.Tensor:
+def run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: ParallelRuntime | None,
+             exact: bool = False) -> torch.Tensor:
+    """One case's output; ``exact``: under ``--deterministic``'s batch-invariant ops."""
+    with BatchInvariantOps() if exact else contextlib.nullcontext():
+        return _run_case(model, name, x, runtime)
+
+
+def _run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: ParallelRuntime | None) -> torch.Tensor:
     kind, changes, refs, _, cached = CASES[name]
     if name.startswith("step_cached"):
         return run_steps(model, x, runtime)
@@ -164,9 +182,12 @@ def _rank_main(rank: int, port: int, folder: str) -> None:
             x.setdefault("image_context", None)  # absent without CLIP
             sent = runtime.sp.comm.bytes_sent
             out = run_case(models[CASES[name][0]], name, x, runtime)
+            sent = runtime.sp.comm.bytes_sent - sent
+            exact = run_case(models[CASES[name][0]], name, x, runtime, exact=True)
             if rank == 0:
                 got[f"{layout_name}/{name}"] = out.contiguous()
-                got[f"{layout_name}/{name}/bytes"] = torch.tensor([runtime.sp.comm.bytes_sent - sent])
+                got[f"{layout_name}/{name}/exact"] = exact.contiguous()
+                got[f"{layout_name}/{name}/bytes"] = torch.tensor([sent])
     if rank == 0:
         save_file(got, os.path.join(folder, "got.safetensors"))
     # every rank stays until rank 0 has written (the store lives in rank 0)
@@ -189,6 +210,7 @@ def parallel_outputs(tmp_path_factory):
                           str(folder / f"in_{name}.safetensors"))
                 with torch.no_grad():
                     want[name] = run_case(model, name, x, None)
+                    want[f"{name}/exact"] = run_case(model, name, x, None, exact=True)
     mp.start_processes(_rank_main, args=(free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
     return want, load_file(str(folder / "got.safetensors"))
 
@@ -206,6 +228,15 @@ def test_parallel_equals_one_process(parallel_outputs, layout, case):
     assert out.shape == want[case].shape
     assert rel_err(out, want[case]) < 1e-5
     assert (out - want[case]).abs().max().item() < 1e-5 * max(1.0, want[case].abs().max().item())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_deterministic_parallel_is_one_process_bit_for_bit(parallel_outputs, layout, case):
+    """Under ``--deterministic`` sequence and CFG parallel change no bit: every rank's rows are computed by
+    kernels that do not look at the batch or at where a token sits (``engine.runtime.batch_invariance``)."""
+    want, got = parallel_outputs
+    assert torch.equal(got[f"{layout}/{case}/exact"], want[f"{case}/exact"])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

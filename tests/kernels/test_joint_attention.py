@@ -231,11 +231,27 @@ def ragged_lengths(sizes) -> torch.Tensor:
     return torch.tensor([n_k, ctx + sizes[2] // 2, ctx])
 
 
+# ``prototype``: video tokens per frame and prototype tokens per frame of the stream cases (awkward: the last
+# frames' prototypes run past the reference stream, which the mask must clip)
+PROTOTYPE_LAYOUT = dict(tokens_per_frame=6, proto_tokens=2)
+
+
 def stream_oracle(q, k, v, q_sizes, k_sizes, mask, key_lengths):
     """float64 softmax over the allowed keys of base-2 logits ``q . k``, the allowed set written per (row, query,
     key) from the stream definitions; rows with no allowed key come back 0 with ``has_key`` False."""
     def stream(i, sizes):
         return 0 if i < sizes[0] else (1 if i < sizes[0] + sizes[1] else 2)
+
+    def sees(i, j):
+        qs, ks = stream(i, q_sizes), stream(j, k_sizes)
+        if mask == "full":
+            return True
+        if mask == "isolated":  # reference queries see reference keys only
+            return qs != 1 or ks == 1
+        if qs == 0:  # prototype: a video query sees video keys, its own frame's prototype, the context
+            frame = i // PROTOTYPE_LAYOUT["tokens_per_frame"]
+            return ks != 1 or (j - k_sizes[0]) // PROTOTYPE_LAYOUT["proto_tokens"] == frame
+        return ks != 1 if qs == 2 else ks != 0  # context: video and context keys; reference range: non-video
 
     batch, n_q, n_k = q.shape[0], q.shape[1], k.shape[1]
     allowed = torch.zeros(batch, n_q, n_k, dtype=torch.bool)
@@ -243,7 +259,7 @@ def stream_oracle(q, k, v, q_sizes, k_sizes, mask, key_lengths):
         length = n_k if key_lengths is None else int(key_lengths[b])
         for i in range(n_q):
             for j in range(min(length, n_k)):
-                allowed[b, i, j] = mask == "full" or stream(i, q_sizes) != 1 or stream(j, k_sizes) == 1
+                allowed[b, i, j] = sees(i, j)
     logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * math.log(2.0)
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     weights = torch.softmax(logits, -1).nan_to_num(0.0)  # rows without a key: 0
@@ -254,7 +270,7 @@ def stream_oracle(q, k, v, q_sizes, k_sizes, mask, key_lengths):
 @pytest.mark.parametrize("backend", ["triton", "sdpa", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lengths", [False, True], ids=["all-keys", "key-lengths"])
-@pytest.mark.parametrize("mask", ["full", "isolated"])
+@pytest.mark.parametrize("mask", ["full", "isolated", "prototype"])
 @pytest.mark.parametrize("name", list(STREAM_CASES))
 def test_three_streams_match_float64_oracle(name, mask, lengths, dtype, backend, gen):
     """``kernels.attention`` on rotated Q/K over [video | reference | context] streams given by offsets, with and
@@ -268,8 +284,9 @@ def test_three_streams_match_float64_oracle(name, mask, lengths, dtype, backend,
     key_lengths = ragged_lengths(k_sizes) if lengths else None
     want, has_key = stream_oracle(q, k, v, q_sizes, k_sizes, mask, key_lengths)
     out = torch.full_like(q, float("nan"))  # poisoned
+    layout = PROTOTYPE_LAYOUT if mask == "prototype" else {}
     result = kernels.attention(q, k, v, q_offsets=stream_offsets(q_sizes), k_offsets=stream_offsets(k_sizes),
-                               key_lengths=key_lengths, mask=mask, backend=backend, out=out)
+                               key_lengths=key_lengths, mask=mask, backend=backend, out=out, **layout)
     assert result is out
     assert not out[has_key].isnan().any(), "unwritten or NaN outputs"
     if backend == "triton":
@@ -287,11 +304,11 @@ def test_three_streams_gpu_sized_tiles(block_m, block_n, gen):
     q, k, v = draw(3, 47, 47, 2, 64, torch.float32, gen)
     q = q * kernels.LOG2E / 8
     key_lengths = torch.tensor([47, 36, 30], dtype=torch.int32)
-    for mask in ("full", "isolated"):
+    for mask in ("full", "isolated", "prototype"):
         want, _ = stream_oracle(q, k, v, sizes, sizes, mask, key_lengths)
         out = attention_triton(q, k, v, q_offsets=(21, 30), k_offsets=(21, 30), key_lengths=key_lengths, mask=mask,
                                config=dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
-                                           WARP_SPECIALIZE=False))
+                                           WARP_SPECIALIZE=False), **(PROTOTYPE_LAYOUT if mask == "prototype" else {}))
         assert rel_err(out, want) < TOLERANCE[torch.float32]
 
 
@@ -327,7 +344,6 @@ def _streams_call(backend, **changes):
     (dict(q_offsets=(-1, 4)), "q_offsets must satisfy"),
     (dict(k_offsets=(4, 8)), "k_offsets must satisfy"),
     (dict(k_offsets=(4,)), "k_offsets must be"),
-    (dict(mask="prototype", k_offsets=(4, 6)), "prototype mask has no context stream"),
     (dict(key_lengths=torch.tensor([3, 4])), "key_lengths must be int32/int64 \\[1\\]"),
     (dict(key_lengths=torch.tensor([3.0])), "key_lengths must be int32/int64"),
     (dict(key_lengths=torch.tensor([8])), "key_lengths must lie in \\[0, 7\\]"),

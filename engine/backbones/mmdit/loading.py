@@ -23,8 +23,9 @@ from ...config import MvgenConfig
 from ...errors import AdapterError, CheckpointError
 from ...files import load_safetensors
 from ...loading import transformer_weight_files
+from ...modes.view_attention import paper_view_omega
 from ..assembly import (apply_full_tensors, apply_pairs, assign, kept_float32, reads_adapter, reference_copy,
-                        reference_prefixes, shares_reference)
+                        require_complete, shares_reference)
 from ..families import MMDIT
 from .model import MultiViewMMDiT
 
@@ -52,7 +53,7 @@ def load_mmdit(transformer_dir: Path, config: MvgenConfig, adapter: str | Path |
     state = {}
     for file in transformer_weight_files(transformer_dir):
         state.update(load_safetensors(file, CheckpointError))
-    base = {k for k in model.state_dict() if not k.startswith(reference_prefixes(model))}
+    base = _base_keys(config)
     missing, unexpected = base - set(state), set(state) - base
     if missing or unexpected:
         parts = [f"missing {few_names(missing)}" if missing else "", f"unexpected {few_names(unexpected)}"
@@ -61,12 +62,25 @@ def load_mmdit(transformer_dir: Path, config: MvgenConfig, adapter: str | Path |
                               f"{'; '.join(p for p in parts if p)}")
     if not shared:
         state.update(reference_copy(model, state))
-    unmerged = {}
+    if config.view_attention == "multiview":  # MVAnimate's omega: the paper's unless the adapter trained its own
+        state["view_omega"] = paper_view_omega(config.max_references)
     if parsed is not None:
         apply_full_tensors(model, state, parsed)
+    require_complete(model, state, adapter, shared)
+    unmerged = {}
+    if parsed is not None:
         unmerged, used = apply_pairs(model, state, parsed, rule, naming)
         log.info("adapter %s: %d full tensor(s); %s%s", adapter, len(parsed.tensors),
                  "; ".join(describe_scales(used)) or "no LoRA pairs",
                  f"; {len(unmerged)} pair(s) unmerged on the video stream's shared weights" if unmerged else "")
     return assign(model, state, unmerged, shared=shared, dtype=dtype, device=device,
                   keep_float32=kept_float32(model, MMDIT))
+
+
+def _base_keys(config: MvgenConfig) -> set[str]:
+    """The names a base checkpoint holds: diffusers' ``HunyuanVideoTransformer3DModel`` of this config, which the
+    video and text streams mirror key for key; whatever else the model has is the reference stream's or a mode's."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    with torch.device("meta"):
+        return set(HunyuanVideoTransformer3DModel(**config.mmdit_dict()).state_dict())

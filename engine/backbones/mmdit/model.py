@@ -46,6 +46,7 @@ from torch import nn
 from kernels import adaln_layernorm, gated_residual, kernel_backend
 
 from ...config import MvgenConfig
+from ...modes.prototype import PoseTokens, PrototypeAggregator, prototype_positions
 from ...modes.view_attention import ViewAttention, fill_paper_omega, paper_view_omega
 from ..families import MMDIT, family_of
 from ...runtime.batch_invariance import batch_invariant
@@ -81,6 +82,7 @@ class _StreamModules:
 
     modulation: nn.Linear
     chunks: int
+    heads: int
     to_q: nn.Module
     to_k: nn.Module
     to_v: nn.Module
@@ -93,19 +95,25 @@ class _StreamModules:
     @classmethod
     def dual_video(cls, block: HunyuanVideoTransformerBlock | ReferenceBlock) -> "_StreamModules":
         a = block.attn
-        return cls(block.norm1.linear, 6, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k, a.to_out[0], ff=block.ff)
+        return cls(block.norm1.linear, 6, a.heads, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k, a.to_out[0],
+                   ff=block.ff)
 
     @classmethod
     def dual_text(cls, block: HunyuanVideoTransformerBlock) -> "_StreamModules":
         a = block.attn
-        return cls(block.norm1_context.linear, 6, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.norm_added_q,
+        return cls(block.norm1_context.linear, 6, a.heads, a.add_q_proj, a.add_k_proj, a.add_v_proj, a.norm_added_q,
                    a.norm_added_k, a.to_add_out, ff=block.ff_context)
 
     @classmethod
     def single(cls, block: HunyuanVideoSingleTransformerBlock) -> "_StreamModules":
         a = block.attn
-        return cls(block.norm.linear, 3, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k, block.proj_out,
+        return cls(block.norm.linear, 3, a.heads, a.to_q, a.to_k, a.to_v, a.norm_q, a.norm_k, block.proj_out,
                    proj_mlp=block.proj_mlp)
+
+    def key_value_heads(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected keys and values [B, N, D] -> keys RMS-normalised per head and values, [B, N, H, Dh] (what
+        PPA's prototypes need: ``engine.modes.prototype``)."""
+        return self.norm_k(k.unflatten(2, (self.heads, -1))), v.unflatten(2, (self.heads, -1))
 
 
 @dataclass
@@ -131,6 +139,22 @@ class _CachedStream:
     name: str
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    pos: torch.Tensor
+    rope: tuple | None
+    layer: int = 0
+
+
+@dataclass
+class _PrototypeStream:
+    """ProFashion PPA's prototypes as keys and values only: per layer, each frame's T tokens aggregated from that
+    layer's reference features (``features``: (W_k z, W_v z) [B, R*T, D] per layer, computed once per call or
+    read from a ``ReferenceCache``) by the pose selectors, projected with the video block's biases and key norm;
+    held whole by every rank under sequence parallel."""
+
+    name: str
+    features: list
+    prototype: PrototypeAggregator
+    poses: PoseTokens
     pos: torch.Tensor
     rope: tuple | None
     layer: int = 0
@@ -198,6 +222,9 @@ class MultiViewMMDiT(JointAttention, nn.Module):
             self.register_load_state_dict_pre_hook(fill_paper_omega)
         else:
             self.view_omega = None
+        # ProFashion PPA (engine.modes.prototype): a pose selector per layer, dual-stream blocks then single-stream
+        self.prototype = (PrototypeAggregator(cfg, layers=cfg.num_layers + cfg.num_single_layers)
+                          if cfg.ref_attention == "prototype" else None)
         # this rank's token shards and the Ulysses all-to-alls (engine.runtime.parallel); None: one process holds all
         self.sequence_parallel: SequenceParallel | None = None
 
@@ -242,22 +269,23 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         first frame's latent in frame 0 then zeros, and a mask channel; None on T2V), so ``cat([latents,
         condition])`` is diffusers' model input; timestep [B]; text [B, L, text_dim] (Llama states), text_mask
         [B, L] (1 = token; the valid tokens come first), pooled_text [B, pooled_projection_dim] (CLIP);
-        ref_latents [B, R, 16, Hr, Wr] clean reference latents (R may be 0, or None); ``view_omega`` [B, R]
-        MVAnimate's per-view weights (``view_attention="multiview"``; None: the model's). The Wan-only inputs
-        (``image_context``, the other seed methods' inputs, the context cache) must be absent; a served call sends
-        them empty.
+        ref_latents [B, R, 16, Hr, Wr] clean reference latents (R may be 0, or None); the seed methods' inputs as on
+        Wan (``frame_pose`` [B, F, Cp, H, W] and ``ref_pose`` [B, R, Cp, Hr, Wr]: ProFashion PPA; ``view_omega``
+        [B, R]: MVAnimate's per-view weights, None: the model's). The Wan-only inputs (``image_context``,
+        ``identity_context``, the context cache) must be absent; a served call sends them empty.
         """
         cfg = self.config
         exporting = torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
-        for name, value in (("image_context", image_context), ("frame_pose", frame_pose), ("ref_pose", ref_pose),
-                            ("identity_context", identity_context), ("context_cache", context_cache)):
+        for name, value in (("image_context", image_context), ("identity_context", identity_context),
+                            ("context_cache", context_cache)):
             if value is not None and not (isinstance(value, torch.Tensor) and (exporting or value.numel() == 0)):
                 raise ValueError(f"{name} is not an input of the MMDiT denoiser (Wan-family only)")
         if text_mask is None or pooled_text is None:
             raise ValueError("the MMDiT denoiser needs text_mask [B, L] and pooled_text [B, pooled_projection_dim] "
                              "beside text")
-        if view_omega is not None and view_omega.numel() == 0 and not exporting:
-            view_omega = None  # a served call's absent input travels empty
+        if not exporting:  # a served call's absent input travels empty
+            frame_pose, ref_pose, view_omega = (t if t is not None and t.numel() > 0 else None
+                                                for t in (frame_pose, ref_pose, view_omega))
         if view_omega is not None and self.view_omega is None:
             raise ValueError("view_omega is for denoisers with MVAnimate's multi-view attention "
                              "(view_attention='multiview'); this one has none")
@@ -279,7 +307,13 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         n_text = tokens.shape[1]
         streams = [_Stream("video", x, temb, grid_positions(f, h, w, device=x.device), None)]
         num_refs, ref_hw = 0, None
-        if ref_cache is not None:
+        attention = dict(mask="full") if cfg.ref_attention == "prototype" else {}
+        has_refs = ref_cache is not None or (ref_latents is not None and ref_latents.shape[1] > 0)
+        if self.prototype is not None and has_refs:
+            prototypes, attention = self._prototypes(ref_latents, ref_cache, (f, h, w), timestep, pooled_text,
+                                                     frame_pose, ref_pose)
+            streams.append(prototypes)
+        elif ref_cache is not None:
             if ref_cache.video_fhw != (f, h, w):
                 raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has "
                                  f"{(f, h, w)}")
@@ -315,7 +349,7 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         # modulated video input barely moved, so the stack's last residual on the video tokens is reused)
         real = n_video if sp is None else max(0, min(start.shape[1], n_video - sp.first_token(n_video)))
         if step_cache is None or not step_cache.skip(self._first_modulated_input(streams[0]), real):
-            self._run_blocks(streams, key_lengths, view_rows=hook)
+            self._run_blocks(streams, key_lengths, view_rows=hook, attention=attention)
             if step_cache is not None:
                 step_cache.computed_residual(streams[0].x - start)
         else:
@@ -337,13 +371,20 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         shift, scale = batch_invariant(lambda t: m.modulation(F.silu(t)), video.temb).chunk(m.chunks, dim=1)[:2]
         return adaln_layernorm(video.x, shift[:, None], scale[:, None], eps=EPS, backend=self._backend)
 
-    def _run_blocks(self, streams: list, key_lengths: torch.Tensor | None, kept: list | None = None,
-                    view_rows: "_ViewRows | None" = None) -> None:
-        """Every block in order over the streams, in place: the dual-stream blocks, then the single-stream ones."""
-        layers = [(self._dual_modules, i) for i in range(len(self.transformer_blocks))] + \
-            [(self._single_modules, i) for i in range(len(self.single_transformer_blocks))]
-        for modules, i in layers:
-            self._block(streams, [modules(i, s.name) for s in streams], key_lengths, kept, view_rows)
+    def _layer_modules(self, layer: int, stream: str) -> _StreamModules:
+        """A stream's modules in layer ``layer`` of the whole stack: the dual-stream blocks, then the single ones."""
+        dual = len(self.transformer_blocks)
+        return self._dual_modules(layer, stream) if layer < dual else self._single_modules(layer - dual, stream)
+
+    def _run_blocks(self, streams: list, key_lengths: torch.Tensor | None, keep=None,
+                    view_rows: "_ViewRows | None" = None, attention: dict | None = None) -> None:
+        """Every block in order over the streams, in place: the dual-stream blocks, then the single-stream ones.
+        ``keep(layer, h, k, v, modules)``: called with each live stream's modulated input and projected K/V;
+        ``attention``: the joint attention's mask arguments (default: the config's ``ref_attention``)."""
+        for layer in range(len(self.transformer_blocks) + len(self.single_transformer_blocks)):
+            at = None if keep is None else (lambda *a, layer=layer: keep(layer, *a))
+            self._block(streams, [self._layer_modules(layer, s.name) for s in streams], key_lengths, at, view_rows,
+                        attention or {})
 
     @torch.no_grad()
     def precompute_reference(self, ref_latents: torch.Tensor, text: torch.Tensor | None,
@@ -355,6 +396,16 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         (``isolated``) nor the step (``ref_timestep='zero'``): it still reads the prompt's pooled CLIP text through
         its timestep embedding, so the cache belongs to its rows (``pooled_text`` [B, pooled_projection_dim])."""
         cfg = self.config
+        if self.prototype is not None and cfg.ref_timestep == "zero":  # PPA's features of its isolated references
+            if pooled_text is None:
+                raise ValueError("the MMDiT's reference cache needs pooled_text: the reference stream's timestep "
+                                 "embedding reads the prompt's pooled CLIP text")
+            fhw = tuple(n // p for n, p in zip(latent_fhw, cfg.patch_size))
+            zero = torch.zeros(ref_latents.shape[0], device=ref_latents.device)
+            keys, values = (list(t) for t in zip(*self._reference_features(ref_latents, fhw, zero, pooled_text)))
+            _, ph, pw = cfg.patch_size
+            return ReferenceCache(keys, values, ref_latents.shape[1],
+                                  (ref_latents.shape[3] // ph, ref_latents.shape[4] // pw), fhw)
         if not cfg.caches_reference:
             raise ValueError("reference K/V caching needs ref_attention='isolated' and ref_timestep='zero', "
                              f"got ref_attention={cfg.ref_attention!r}, ref_timestep={cfg.ref_timestep!r}")
@@ -368,11 +419,47 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         temb = batch_invariant(lambda t, pooled: self.time_text_embed(t, pooled)[0], zero, pooled_text.to(dtype))
         stream = _Stream("reference", r, temb, pos, self._rope(pos, r))
         kept = []  # one (K, V) per layer: the stream is alone
-        self._run_blocks([stream], None, kept)
+        self._run_blocks([stream], None, lambda layer, h, k, v, m: kept.append((m.norm_k(k), v)))
         keys, values = (list(t) for t in zip(*kept))
         _, _, _, height, width = ref_latents.shape
         _, ph, pw = cfg.patch_size
         return ReferenceCache(keys, values, ref_latents.shape[1], (height // ph, width // pw), fhw)
+
+    def _reference_features(self, ref_latents: torch.Tensor, fhw, ref_timestep: torch.Tensor,
+                            pooled_text: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """PPA's reference side: the reference stream run alone (references see references only), and per layer
+        its attention input projected by the *video* block's K/V weights, bias-free (Eq. 10's projection of the
+        aggregate, ``PrototypeAggregator.reference_features``): [(W_k z, W_v z) [B, R*T, D]] per layer."""
+        dtype = self.proj_out.weight.dtype
+        r, pos = self._embed_references(ref_latents, fhw)
+        temb = batch_invariant(lambda t, pooled: self.time_text_embed(t, pooled)[0], ref_timestep.to(dtype),
+                               pooled_text.to(dtype))
+        features = []
+        self._run_blocks([_Stream("reference", r, temb, pos, self._rope(pos, r))], None,
+                         lambda layer, h, k, v, m: features.append(
+                             self.prototype.reference_features(h, self._layer_modules(layer, "video"))),
+                         attention=dict(mask="full"))
+        return features
+
+    def _prototypes(self, ref_latents, ref_cache, fhw, timestep, pooled_text, frame_pose, ref_pose):
+        """ProFashion PPA's stream for this call (the references' per-layer features computed here, or a cache's)
+        and the prototype mask: video queries of frame i see every video key, frame i's prototype and the text."""
+        cfg = self.config
+        if ref_cache is not None:
+            if ref_cache.video_fhw != fhw:
+                raise ValueError(f"reference cache was built for video grid {ref_cache.video_fhw}, this call has "
+                                 f"{fhw}")
+            num_refs, ref_hw = ref_cache.num_refs, ref_cache.ref_hw
+            features = list(zip(ref_cache.keys, ref_cache.values))
+        else:
+            _, ph, pw = cfg.patch_size
+            num_refs, ref_hw = ref_latents.shape[1], (ref_latents.shape[3] // ph, ref_latents.shape[4] // pw)
+            ref_t = torch.zeros_like(timestep) if cfg.ref_timestep == "zero" else timestep
+            features = self._reference_features(ref_latents, fhw, ref_t, pooled_text)
+        poses = self.prototype.encode_poses(frame_pose, ref_pose, fhw, num_refs, ref_hw)
+        pos = prototype_positions(cfg.ref_rope, fhw, ref_hw, device=timestep.device)
+        stream = _PrototypeStream("prototype", features, self.prototype, poses, pos, None)
+        return stream, dict(mask="prototype", tokens_per_frame=fhw[1] * fhw[2], proto_tokens=ref_hw[0] * ref_hw[1])
 
     def _refine_text(self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """diffusers' ``HunyuanVideoTokenRefiner`` (its modules, its order of operations) with only its M = B linears
@@ -417,17 +504,22 @@ class MultiViewMMDiT(JointAttention, nn.Module):
         return kernel_backend(self.config.attention_backend)
 
     def _block(self, streams: list, modules: list[_StreamModules], key_lengths: torch.Tensor | None,
-               kept: list | None = None, view_rows: "_ViewRows | None" = None) -> None:
+               keep=None, view_rows: "_ViewRows | None" = None, attention: dict | None = None) -> None:
         """One block over every stream, in place: each stream's modulated input and Q/K/V (a cached stream: its
         layer's keys and values), one joint attention, then each live stream's output projection (and FFN, or MLP
-        branch) with its gated residuals. ``kept``: each live stream's normalised K and V are appended to it (a
-        reference cache being built); ``view_rows``: MVAnimate's Eq. 2 on the video rows (video first, the
+        branch) with its gated residuals. ``keep(h, k, v, modules)``: called with each live stream's modulated
+        input and projected K/V (a reference cache, PPA's features being built); a prototype stream's keys and
+        values are aggregated here from its layer's features; ``view_rows``: MVAnimate's Eq. 2 on the video rows (video first, the
         reference stream second)."""
         backend, heads = self._backend, self.config.num_attention_heads
         mods, inputs, qkv = [], [], []
         for s, m in zip(streams, modules):
-            if isinstance(s, _CachedStream):
-                qkv.append(StreamQKV(None, s.keys[s.layer], s.values[s.layer], s.pos, None, rope=s.rope, role=s.name))
+            if isinstance(s, (_CachedStream, _PrototypeStream)):
+                if isinstance(s, _CachedStream):
+                    k, v = s.keys[s.layer], s.values[s.layer]
+                else:  # the video block's K/V modules finish the prototypes (m: the video stream's modules)
+                    k, v = s.prototype.prototype_kv(s.layer, s.poses, *s.features[s.layer], m)
+                qkv.append(StreamQKV(None, k, v, s.pos, None, rope=s.rope, role="reference"))
                 s.layer += 1
                 mods.append(None)
                 inputs.append(None)
@@ -439,10 +531,11 @@ class MultiViewMMDiT(JointAttention, nn.Module):
             q, k, v = (proj(h).unflatten(2, (heads, -1)) for proj in (m.to_q, m.to_k, m.to_v))
             qkv.append(StreamQKV(q, k, v, s.pos, QKNorm(m.norm_q, m.norm_k), tokens=s.tokens, rope=s.rope,
                                  role=s.name))
-            if kept is not None:
-                kept.append((m.norm_k(k), v))
+            if keep is not None:
+                keep(h, k, v, m)
         live = [(s, m, mod, h) for s, m, mod, h in zip(streams, modules, mods, inputs) if mod is not None]
-        rows = list(self._attend(qkv, key_lengths=key_lengths).split([s.x.shape[1] for s, *_ in live], dim=1))
+        rows = list(self._attend(qkv, key_lengths=key_lengths, **(attention or {})).split(
+            [s.x.shape[1] for s, *_ in live], dim=1))
         if view_rows is not None:
             rows[0] = view_rows(rows[0], streams[1], modules[0], qkv[0], modules[1], qkv[1])
         for (s, m, mod, h), out in zip(live, rows):

@@ -4,7 +4,6 @@ changed it, a mode's modules) and base-model LoRAs merged once; the reference st
 weights where it can (``engine.adapters.reference_weights``)."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -12,14 +11,14 @@ from typing import Sequence
 import torch
 
 from ...adapters.base_lora import LoraSpec, merge_base_loras
-from ...adapters.lora import ORIGINAL_WAN_NAMES, ReferenceAdapter, ScaleRule, describe_scales, few_names
+from ...adapters.lora import ORIGINAL_WAN_NAMES, ReferenceAdapter, ScaleRule, describe_scales
 from ...config import MvgenConfig
 from ...errors import AdapterError, CheckpointError
 from ...files import load_safetensors
 from ...loading import transformer_weight_files
 from ...modes.view_attention import paper_view_omega
 from ..assembly import (apply_full_tensors, apply_pairs, assign, kept_float32, reads_adapter, reference_copy,
-                        shares_reference)
+                        require_complete, shares_reference)
 from ..families import WAN
 from .model import MultiViewWanTransformer
 from .single_file import read_single_file_transformer
@@ -103,43 +102,6 @@ def _apply_full_tensors(model: MultiViewWanTransformer, state: dict[str, torch.T
     apply_full_tensors(model, state, adapter)
 
 
-def _require_complete(model: MultiViewWanTransformer, state: dict[str, torch.Tensor], adapter: Path | None,
-                      shared: bool) -> None:
-    """Every tensor the model has and the base checkpoint does not (the reference stream's copy aside) comes
-    from the adapter: refuse, naming the tensors and the mode that adds them, before anything merges. A shared
-    reference stream's tensors that the adapter does not give are the video stream's."""
-    missing = {k for k in set(model.state_dict()) - set(state) if not (shared and k.startswith("ref_blocks."))}
-    if not missing:
-        return
-    who = f"the adapter {adapter} lacks" if adapter is not None else "no adapter was given, so the model lacks"
-    needs = "; ".join(f"{few_names(names)}, which {mode} needs"
-                      for mode, names in _modes_needing(model.config, missing))
-    raise AdapterError(f"{who} tensors not in the base checkpoint: {needs}; an adapter for such a mode carries "
-                       f"them as full tensors under these names")
-
-
-def _modes_needing(config: MvgenConfig, missing: set[str]) -> list[tuple[str, list[str]]]:
-    """``[(mode, names)]``: each of the config's non-default multi-view settings with the missing names it adds to
-    the model (those a model built with that setting at its default lacks); the rest are the model's own."""
-    found, left = [], set(missing)
-    wan = set(config.wan_dict())
-    for option in dataclasses.fields(config):
-        value = getattr(config, option.name)
-        if option.name in wan or option.default is dataclasses.MISSING or value == option.default or not left:
-            continue
-        try:
-            plain = config.replace(**{option.name: option.default})
-        except ValueError:  # a setting that cannot return to its default alone
-            continue
-        with torch.device("meta"):
-            keys = set(MultiViewWanTransformer(plain).state_dict())
-        names = sorted(left - keys)
-        if names:
-            found.append((f"{option.name}={value!r}", names))
-            left -= set(names)
-    return found + ([("this model", sorted(left))] if left else [])
-
-
 def _merge_base_loras_into_own(model: MultiViewWanTransformer, state: dict[str, torch.Tensor],
                                loras: Sequence[LoraSpec]) -> None:
     """``lora_reference`` on a shared reference stream: the video stream's merge already changed the shared
@@ -195,7 +157,7 @@ def load_wan(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | N
     state.update(_config_tensors(config))
     if parsed is not None:
         _apply_full_tensors(model, state, parsed)
-    _require_complete(model, state, Path(adapter) if adapter is not None else None, shared)
+    require_complete(model, state, adapter, shared)
     video_lora = [LoraSpec(parsed.video_lora)] if parsed is not None and parsed.video_lora is not None else []
     unmerged = {}
     if parsed is not None:

@@ -85,6 +85,10 @@ class Attention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1))  # [B, N, H, Dh]
 
+    def key_value_heads(self, k: torch.Tensor, v: torch.Tensor):
+        """Projected keys and values [B, N, D] -> RMS-normalised keys (across heads) and values [B, N, H, Dh]."""
+        return self.split_heads(self.norm_k(k)), self.split_heads(v)
+
     def project_qkv(self, x: torch.Tensor, context: torch.Tensor):
         q = self.split_heads(self.norm_q(self.to_q(x)))
         k = self.split_heads(self.norm_k(self.to_k(context)))

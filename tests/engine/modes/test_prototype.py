@@ -89,6 +89,17 @@ def grid(h0, w0, hs, ws):
 def ppa_oracle(agg, layer, frame_pose, ref_pose, z, attn, video_hw, ref_hw):
     """Eqs. 5-8 and Eq. 10's projection in float64: prototype keys (RMS-normalised) and values
     [B, F, T, H, Dh] from the raw pose images and the references' attention input z [B, R, T, D]."""
+    proto = fine_prototypes(agg, layer, frame_pose, ref_pose, z, video_hw, ref_hw)
+    # Eq. 10: cross_attn(z, z (+) z_R) projects the prototype with the video attention's K/V
+    keys = rms_norm(proto @ attn.to_k.weight.T + attn.to_k.bias, attn.norm_k)
+    values = proto @ attn.to_v.weight.T + attn.to_v.bias
+    heads = (attn.heads, -1)
+    return keys.unflatten(-1, heads), values.unflatten(-1, heads)
+
+
+def fine_prototypes(agg, layer, frame_pose, ref_pose, z, video_hw, ref_hw):
+    """Eqs. 5-8 in float64: each frame's fine-grained prototype [B, F, T, D] from the raw pose images and the
+    references' attention input z [B, R, T, D]."""
     (h, w), (hr, wr) = video_hw, ref_hw
     d = agg.pose_encoder.weight.shape[0]
     sel = agg.selectors[layer]
@@ -107,11 +118,7 @@ def ppa_oracle(agg, layer, frame_pose, ref_pose, z, attn, video_hw, ref_hw):
     proto = torch.zeros(b, frames, tokens, z.shape[-1], dtype=torch.float64)
     for r in range(num_refs):  # Eq. 8: sum over the references of z_r weighted by the map
         proto += m[:, :, r, :, None] * z[:, None, r]
-    # Eq. 10: cross_attn(z, z (+) z_R) projects the prototype with the video attention's K/V
-    keys = rms_norm(proto @ attn.to_k.weight.T + attn.to_k.bias, attn.norm_k)
-    values = proto @ attn.to_v.weight.T + attn.to_v.bias
-    heads = (attn.heads, -1)
-    return keys.unflatten(-1, heads), values.unflatten(-1, heads)
+    return proto
 
 
 def reference_positions(ref_rope, num_refs, video_fhw, ref_hw):
