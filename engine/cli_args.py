@@ -26,10 +26,11 @@ class Parser(argparse.ArgumentParser):
 
 def add_model_arguments(p) -> None:
     """The checkpoint and its weight sources, shared by every subcommand that loads the model."""
+    from .tiny import VARIANTS
+
     p.add_argument("--model", default="tiny",
-                   help="'tiny' (Wan2.1-I2V), 'tiny-t2v' (Wan2.1-T2V), 'tiny-wan22' (Wan2.2-I2V-A14B layout), "
-                        "'tiny-mmdit' (HunyuanVideo-I2V layout, MVI2V's triple stream): embedded, built locally; or a "
-                        "diffusers Wan or HunyuanVideo directory")
+                   help=f"an embedded model, built locally ({', '.join(VARIANTS)}: the README's family table says "
+                        "which layout each has), or a diffusers Wan or HunyuanVideo directory")
     p.add_argument("--adapter", type=Path, help="reference-stream LoRA (.safetensors or PEFT dir; tiny: its own)")
     p.add_argument("--adapter-2", type=Path, help="Wan2.2: the low-noise expert's reference-stream adapter")
     p.add_argument("--transformer", dest="transformer_file", type=Path, metavar="FILE",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import operator
 import warnings
 from pathlib import Path
@@ -36,6 +37,8 @@ from engine.adapters.reference_weights import merged_reference_stream
 
 from .fp8_onnx import calibrated
 from .plugin import plugin_attention
+
+log = logging.getLogger("mvgen.export")
 
 ATTENTION_MODES = ("native", "plugin")
 # sizes of the example inputs traced at export time (tests check other sizes)
@@ -259,9 +262,13 @@ def load_for_export(model, adapter, dtype: str, lora_scale, cache_root, expert: 
     if config_overrides.get("ref_weights", "merged") != "merged":
         raise ValueError(f"the export merges the reference stream into the graph's weights (ref_weights='merged'), "
                          f"got ref_weights={config_overrides['ref_weights']!r}")
+    if config_overrides.get("attention_precision", "bf16") != "bf16":
+        # the graph's attention is the 16-bit path the TensorRT plugin and ONNX runtimes have; export.json records it
+        log.warning("the exported graph's attention is 16-bit (attention_precision=%r runs in PyTorch only: the "
+                    "TensorRT plugin has no 8-bit form)", config_overrides["attention_precision"])
     checkpoint = Checkpoint.load(model, adapter, **(sources or {}), dtype=denoiser_io.DTYPES[dtype],
                                  cache_root=cache_root, attention_backend="reference",
-                                 **{**config_overrides, "ref_weights": "merged"})
+                                 **{**config_overrides, "ref_weights": "merged", "attention_precision": "bf16"})
     if not 0 <= expert < len(checkpoint.experts):
         raise ValueError(f"expert must be 0..{len(checkpoint.experts) - 1} for {checkpoint.path}, got {expert}")
     return load_expert(checkpoint, expert, lora_scale), checkpoint

@@ -176,7 +176,8 @@ def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None =
     if engine is None:
         raise RuntimeError(f"TensorRT could not deserialize {plan}")
     # the graph's structure again (an FP8 graph's Q/DQ too: its activation scales are calibrated anew)
-    overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride", "quantize")
+    overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride",
+                                                  "ref_cross_attention", "quantize")
                  if k in meta["config"]}
     with tempfile.TemporaryDirectory(prefix="mvgen_refit_") as tmp:
         # the same expert with the same base LoRAs / single file as the plan, only its reference adapter new

@@ -7,6 +7,7 @@ from pathlib import Path
 from engine.cli_args import (add_memory_arguments, add_model_arguments, add_request_arguments, checkpoint_sources,
                              map_images, memory_options, parse_overrides, request_values, add_reference_cache_argument,
                              add_step_cache_argument, config_flag_overrides, add_deterministic_argument)
+from engine.checkpoint import SCHEDULERS
 from engine.errors import UsageError
 from engine.warmup import WARMUP_MODES
 
@@ -44,7 +45,7 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--metrics-port", type=int, default=8002)
     add_memory_arguments(p)
     p.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
-    p.add_argument("--scheduler", choices=("unipc", "euler"), default="unipc")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=SCHEDULERS[0])
     p.add_argument("--max-tokens", type=int, default=131_072, help="reject requests longer than this (tokens)")
     p.add_argument("--max-concurrency", type=int, default=8, help="requests generated at once per mvgen model")
     p.add_argument("--pad-batch-to", type=int, default=0, metavar="ROWS",

@@ -139,8 +139,8 @@ WAN = Family(
     # T2V takes the noisy latents alone; I2V 16 latent + 4 mask + 16 first-frame channels; Wan2.2-TI2V-5B the 48
     # channels of its VAE, a first frame (optional) replacing the noisy latents where it is known
     tasks={(16, 16): "t2v", (36, 16): "i2v", (48, 48): "ti2v"},
-    supported="Wan2.1-T2V (in_channels 16), Wan2.1-I2V and Wan2.2-I2V-A14B (in_channels 36), each with "
-              "out_channels 16; Wan2.2-TI2V-5B (in and out channels 48)",
+    supported="Wan2.1-T2V and Wan2.2-T2V-A14B (in_channels 16), Wan2.1-I2V and Wan2.2-I2V-A14B (in_channels 36), "
+              "each with out_channels 16; Wan2.2-TI2V-5B (in and out channels 48)",
     config_values=_wan_values, check=_check_wan, vae_layout=_wan_vae,
     # diffusers' WanImageToVideoPipeline defaults (480p checkpoint); a checkpoint may ship mvgen_defaults.json
     defaults={"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0},

@@ -177,10 +177,14 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                                     q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, b_lo,
                                     b_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
-    if MASK_MODE != 0:
+    if MASK_MODE == 1:
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
                                     q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, c_lo,
                                     c_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, False, DOT_PRECISION, EMULATE_BF16)
+    elif MASK_MODE == 2:  # the context: every key of it allowed to the blocks that get a range C (key_ranges)
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, stride_vn,
+                                    q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, c_lo,
+                                    c_hi, BLOCK_N, HEAD_DIM, True, 0, TMA, False, DOT_PRECISION, EMULATE_BF16)
 
     # 4. normalise and store (fully masked rows give 0)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

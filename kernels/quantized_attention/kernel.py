@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .._common import check_device, check_operand, emulate_bf16, interpreting, mma, narrow
+from ..joint_attention.kernel import allowed_keys, key_ranges
 from ..joint_attention.reference import MASK_IDS, check_streams
 from .quantize import _round_e4m3, quantize_qk_triton, quantize_v_triton
 from .reference import DEFAULT_BLOCKS, QuantizedQK, check_pv, default_pv
@@ -71,15 +72,9 @@ def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, 
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         if BOUNDS:
             inside = ((offs_n >= lo) & (offs_n < hi))[None, :]
-            if MASK_MODE == 1:  # isolated: reference queries see reference keys only
-                q_other = (q_idx < q_ref_lo) | (q_idx >= q_ctx_lo)
-                k_ref = (offs_n >= k_ref_lo) & (offs_n < k_ctx_lo)
-                inside = inside & (q_other[:, None] | k_ref[None, :])
-            elif MASK_MODE == 2:  # prototype: video query of frame f sees video keys + frame f's prototype
-                k_other = offs_n[None, :] >= k_ref_lo
-                own_frame = k_other & ((offs_n[None, :] - k_ref_lo) // proto_tokens
-                                       == (q_idx // tokens_per_frame)[:, None])
-                inside = inside & tl.where(q_idx[:, None] < q_ref_lo, (~k_other) | own_frame, k_other)
+            if MASK_MODE != 0:  # the 16-bit kernel's verdict (kernels.joint_attention.kernel.allowed_keys)
+                inside = inside & allowed_keys(q_idx, offs_n, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
+                                               tokens_per_frame, proto_tokens, MASK_MODE)
             qk = tl.where(inside, qk, float("-inf"))
         scale = q_scale * tl.load(k_scale + start // BLOCK_N)  # > 0 (quantize's floor): max and -inf commute
         m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
@@ -106,41 +101,6 @@ def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, 
 
 
 @triton.jit
-def _key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens,
-                MASK_MODE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(a_lo, a_hi, b_lo, b_hi, c_lo, c_hi): range A holds keys every query of the block may see, B and C keys the
-    mask decides per element (the 16-bit kernel's cut, ``kernels.joint_attention.kernel``)."""
-    m_last = tl.minimum(m_first + BLOCK_M, n_q) - 1
-    a_lo = 0
-    a_hi = n_k
-    b_lo = 0
-    b_hi = 0
-    c_lo = 0
-    c_hi = 0
-    if MASK_MODE == 1:
-        if (m_first >= q_ref_lo) & (m_last < q_ctx_lo):  # reference queries only
-            a_lo = k_ref_lo
-            a_hi = k_ctx_lo
-        elif tl.maximum(m_first, q_ref_lo) <= tl.minimum(m_last, q_ctx_lo - 1):  # some reference queries
-            a_lo = k_ref_lo
-            a_hi = k_ctx_lo
-            b_hi = k_ref_lo
-            c_lo = k_ctx_lo
-            c_hi = n_k
-    elif MASK_MODE == 2:
-        if m_first >= q_ref_lo:
-            a_lo = k_ref_lo
-        elif m_last < q_ref_lo:
-            a_hi = k_ref_lo
-            b_lo = k_ref_lo + (m_first // tokens_per_frame) * proto_tokens
-            b_hi = tl.minimum(n_k, k_ref_lo + (m_last // tokens_per_frame + 1) * proto_tokens)
-        else:
-            a_hi = 0
-            b_hi = n_k
-    return a_lo, a_hi, b_lo, b_hi, c_lo, c_hi
-
-
-@triton.jit
 def _attention_body(q_src, k_src, v_src, o_src, QScale, KScale, VScale, KeyLen, batch, head, n_heads, stride_qn,
                     stride_kn, stride_vn, stride_on, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
                     tokens_per_frame, proto_tokens, HEAD_DIM: tl.constexpr, MASK_MODE: tl.constexpr,
@@ -155,8 +115,8 @@ def _attention_body(q_src, k_src, v_src, o_src, QScale, KScale, VScale, KeyLen, 
     k_scale = KScale + bh * tl.cdiv(n_k, BLOCK_N)
 
     # 2. key ranges, range A cut at tile boundaries: [a_lo, a_mid) masked, [a_mid, a_tail) dense, [a_tail, a_hi)
-    a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = _key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
-                                                     tokens_per_frame, proto_tokens, MASK_MODE, BLOCK_M)
+    a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,
+                                                    tokens_per_frame, proto_tokens, MASK_MODE, BLOCK_M)
     if HAS_KEY_LEN:  # this row's keys at or past its length (padding) are never read
         n_k_row = tl.minimum(n_k, tl.load(KeyLen + batch).to(tl.int32))
         a_hi = tl.minimum(a_hi, n_k_row)
@@ -190,6 +150,11 @@ def _attention_body(q_src, k_src, v_src, o_src, QScale, KScale, VScale, KeyLen, 
         acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
                                     stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
                                     proto_tokens, c_lo, c_hi, BLOCK_N, HEAD_DIM, True, MASK_MODE, TMA, PV_FP8,
+                                    EMULATE_FP8, EMULATE_BF16)
+    elif MASK_MODE == 2:  # the context: every key of it allowed to the blocks that get a range C
+        acc, l_i, m_i = _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn,
+                                    stride_vn, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
+                                    proto_tokens, c_lo, c_hi, BLOCK_N, HEAD_DIM, True, 0, TMA, PV_FP8,
                                     EMULATE_FP8, EMULATE_BF16)
 
     # 4. normalise (and undo V's per-channel scales), store; fully masked rows give 0

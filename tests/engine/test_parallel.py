@@ -24,6 +24,7 @@ from engine.backbones.wan.model import MultiViewWanTransformer
 from engine.config import MvgenConfig
 from engine.runtime.batch_invariance import BatchInvariantOps
 from engine.runtime.parallel import Collectives, ParallelLayout, ParallelRuntime, SequenceParallel, connect
+from engine.runtime.reference_cache import expand_rows
 from engine.runtime.step_cache import StepCache
 from server.launcher import free_port
 from tests.goldens import check_golden
@@ -65,6 +66,11 @@ CASES = {
     "multiview": ("multiview", {}, 2, 2, False),
     "multiview_cached": ("multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),
     "wan22_isolated_cached": ("wan22", dict(ref_attention="isolated", ref_timestep="zero"), 1, 2, True),
+    # Stand-In: references past the video's grid, skipping the cross-attention: one cached row serves every row
+    "standin_cached": ("t2v", dict(ref_rope="past_grid", ref_cross_attention=False, ref_attention="isolated",
+                                   ref_timestep="zero"), 1, 2, True),
+    # 8-bit attention: K's smoothing mean over the whole sequence (each rank holds every token of its heads)
+    "int8": ("joint", dict(attention_precision="int8"), 2, 2, False),
     # TeaCache over 4 steps (engine.runtime.step_cache): every rank takes the one-process decisions (sums over all ranks)
     "step_cached": ("joint", {}, 2, 2, False),
     "step_cached_odd_batch": ("joint", {}, 1, 3, False),
@@ -154,7 +160,14 @@ def _run_case(model: MultiViewWanTransformer, name: str, x: dict, runtime: Paral
         cache = None
         if cached and refs:
             extras = {k: x[k] for k in ("text_mask", "pooled_text") if k in x}
-            cache = model.precompute_reference(x["ref_latents"], x["text"], x.get("image_context"), VIDEO, **extras)
+            if model.config.shares_reference_rows:  # built from row 0 and read by every row, as the denoiser does
+                first = {k: None if x.get(k) is None else x[k][:1] for k in ("ref_latents", "text", "image_context")}
+                cache = expand_rows(model.precompute_reference(first["ref_latents"], first["text"],
+                                                               first["image_context"], VIDEO, **extras),
+                                    x["latents"].shape[0])
+            else:
+                cache = model.precompute_reference(x["ref_latents"], x["text"], x.get("image_context"), VIDEO,
+                                                   **extras)
             x["ref_latents"] = None
         if runtime is None:
             return model(**x, ref_cache=cache)

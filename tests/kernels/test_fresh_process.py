@@ -10,7 +10,7 @@ from tests.kernels.conftest import INTERPRETER_READY
 
 HERE = Path(__file__).parent
 INTERPRETED = ["test_joint_attention.py", "test_qk_prologue.py", "test_prototype.py", "test_fusions.py",
-               "test_denoiser_kernel.py", "test_batch_invariant.py"]
+               "test_denoiser_kernel.py", "test_batch_invariant.py", "test_quantized_attention.py"]
 
 
 @pytest.mark.skipif(INTERPRETER_READY, reason="the interpreted kernel tests run in this process")

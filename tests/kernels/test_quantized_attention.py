@@ -109,6 +109,8 @@ CASES = {
     "prototype-d64-fp8": dict(mask="prototype", frames=(3, 6, 4), pv="fp8"),
     "prototype-video-queries-d128-fp16-16bit": dict(mask="prototype", frames=(4, 5, 3), video_queries=True,
                                                     head_dim=128, dtype=torch.float16, pv="16bit"),
+    # the MMDiT's PPA: a text stream after the prototypes, its padding cut by key lengths
+    "prototype-context-keylen-fp8": dict(mask="prototype", frames=(3, 6, 4), context=13, lengths=True, pv="fp8"),
 }
 
 
@@ -116,11 +118,12 @@ def case_setup(case: dict) -> tuple[int, int, dict]:
     """(n_q, n_k, the attention's stream keywords) of a case."""
     if case["mask"] == "prototype":
         frames, per_frame, proto = case["frames"]
-        video = frames * per_frame
-        n_k = video + frames * proto
+        video, context = frames * per_frame, case.get("context", 0)
+        n_k = video + frames * proto + context
         n_q = video if case.get("video_queries") else n_k
-        return n_q, n_k, dict(q_offsets=(video, n_q), k_offsets=(video, n_k), mask="prototype",
-                              tokens_per_frame=per_frame, proto_tokens=proto)
+        lengths = torch.tensor([n_k, n_k - context // 2]) if case.get("lengths") else None
+        return n_q, n_k, dict(q_offsets=(video, min(n_q, n_k - context)), k_offsets=(video, n_k - context),
+                              mask="prototype", tokens_per_frame=per_frame, proto_tokens=proto, key_lengths=lengths)
     q_sizes, k_sizes = case["q"], case["k"]
     n_k = sum(k_sizes)
     lengths = torch.tensor([n_k, k_sizes[0] + k_sizes[1] + k_sizes[2] // 2]) if case.get("lengths") else None

@@ -8,25 +8,16 @@ import numpy as np
 import pytest
 
 from engine.media import contact_sheet
-from tests.server import conftest
-from tests.server.conftest import MODELS, SMALL, _serve
+from tests.server.conftest import SMALL, _serve
 from tests.server.test_wan_family import _builds, _cli, _served
 
 PROMPT = "the person of the reference smiles"
-NO_CLIP = tuple(m for m in MODELS if m != "mvgen_image_encoder")
-
-
-def _serving(tiny_cache, work, model: str, served_models: tuple, *extra: str):
-    """``conftest._serve`` for a model its ``SERVED_MODELS`` does not list yet (added for the fixture's life)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(conftest.SERVED_MODELS, model, served_models)
-        yield from _serve(tiny_cache, work, *extra, model=model)
 
 
 @pytest.fixture(scope="module")
 def served_standin(tiny_cache, tmp_path_factory):
     """``mvgen serve --model tiny-standin``: its adapter's config makes the reference stream cacheable."""
-    yield from _serving(tiny_cache, tmp_path_factory.mktemp("served-standin"), "tiny-standin", NO_CLIP)
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-standin"), model="tiny-standin")
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +32,8 @@ def stand_in_pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served_wan22_t2v(tiny_cache, tmp_path_factory, stand_in_pair):
     high, low = stand_in_pair
-    yield from _serving(tiny_cache, tmp_path_factory.mktemp("served-wan22-t2v"), "tiny-wan22-t2v",
-                        (*NO_CLIP, "mvgen_denoiser_2"), "--adapter", str(high), "--adapter-2", str(low))
+    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-wan22-t2v"), "--adapter", str(high),
+                      "--adapter-2", str(low), model="tiny-wan22-t2v")
 
 
 def test_stand_in_is_the_same_everywhere_and_builds_its_reference_once(served_standin, images, tiny_cache,
