@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
+from .adapters.stand_in import file_config, is_stand_in_file
 from .config import MvgenConfig
 from .files import check_checkpoint_component, read_json, safetensors_files
 from .errors import CheckpointError
@@ -44,7 +45,12 @@ def denoiser_config(path: str | Path, adapter: str | Path | None = None, folder:
                     **config_overrides) -> MvgenConfig:
     """The denoiser's config from the checkpoint's JSON files alone (no weights read)."""
     transformer_dir = find_transformer_dir(path, folder)
-    return MvgenConfig.from_files(transformer_dir / "config.json", mvgen_config_path(path, adapter), **config_overrides)
+    mvgen_config = mvgen_config_path(path, adapter)
+    if adapter is not None and not (Path(adapter).parent / "mvgen_config.json").is_file() \
+            and is_stand_in_file(adapter):
+        # a Stand-In file alone: the settings `mvgen convert stand-in` would write beside it
+        config_overrides = {**file_config(adapter), **config_overrides}
+    return MvgenConfig.from_files(transformer_dir / "config.json", mvgen_config, **config_overrides)
 
 
 def check_component(folder: Path, weights: bool = True) -> None:

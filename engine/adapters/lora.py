@@ -296,10 +296,10 @@ def parse_adapter_tensors(tensors: dict[str, torch.Tensor], adapter: ReferenceAd
         raise AdapterError(f"adapter gives these twice: {few_names(set(duplicate))}{why}")
 
 
-def read_adapter(path: str | Path, naming: AdapterNaming) -> ReferenceAdapter:
+def read_adapter(path: str | Path, naming: AdapterNaming, read_tensors=None) -> ReferenceAdapter:
     """Read a ``.safetensors`` adapter file or an adapter folder (safetensors only), with the settings its
     ``mvgen_config.json`` and PEFT config give (module docstring), for a backbone that names its linears as
-    ``naming`` says."""
+    ``naming`` says; ``read_tensors(file)``: another spelling's file read into this format's names (Stand-In's)."""
     path = Path(path)
     if not path.exists():
         raise AdapterError(f"adapter not found: {path}")
@@ -317,7 +317,8 @@ def read_adapter(path: str | Path, naming: AdapterNaming) -> ReferenceAdapter:
         files = [path]
     for file in files:
         before = set(adapter.loras)
-        parse_adapter_tensors(load_safetensors(file, AdapterError), adapter, naming, _peft_config(file))
+        tensors = read_tensors(file) if read_tensors is not None else load_safetensors(file, AdapterError)
+        parse_adapter_tensors(tensors, adapter, naming, _peft_config(file))
         _check_peft_config_applies(file, set(adapter.loras) - before)
     halves = [target for target, pair in adapter.loras.items() if pair.down is None or pair.up is None]
     if halves:

@@ -147,3 +147,34 @@ def convert_stand_in(source: str | Path, out_dir: str | Path, rank: int = STAND_
     """``mvgen convert stand-in``: a Stand-In ``.ckpt`` or kijai ``.safetensors`` -> an adapter folder for
     ``--adapter`` (Wan2.2-T2V-A14B: convert the high file for ``--adapter``, the low one for ``--adapter-2``)."""
     return write_adapter(read_stand_in(source, rank), out_dir, rank)
+
+
+def is_stand_in_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``.safetensors`` file in Stand-In's (kijai's) key names, read from its header alone:
+    such a file is an adapter as it is (``--adapter``), without ``mvgen convert``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception:  # noqa: BLE001  not a readable safetensors file: the adapter reader says why
+        return False
+    return bool(keys) and all(_KEY.match(key.removeprefix(KIJAI_PREFIX)) for key in keys)
+
+
+def file_config(path: str | Path) -> dict:
+    """The ``mvgen_config.json`` values a Stand-In file implies (``write_adapter``'s), its rank read from the header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        down = next(key for key in f.keys() if key.endswith("down.weight"))
+        rank = f.get_slice(down).get_shape()[0]
+    return {**STAND_IN_CONFIG, "lora_rank": rank, "lora_alpha": rank}
+
+
+def read_as_adapter(path: str | Path) -> dict[str, torch.Tensor]:
+    """A Stand-In ``.safetensors`` file's tensors in the adapter format's names (checked like the converter's)."""
+    return adapter_tensors(read_stand_in(path, file_config(path)["lora_rank"]))

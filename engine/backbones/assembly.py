@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..adapters import stand_in
 from ..adapters.lora import (AdapterNaming, LowRankDelta, ReferenceAdapter, ScaleRule, adapter_deltas, few_names,
                              merge_deltas, read_adapter)
 from ..adapters.reference_weights import reference_pairs, share_reference_stream, why_not_shared, wrap_low_rank
@@ -46,7 +47,9 @@ def reads_adapter(model: nn.Module, adapter: str | Path | None, aliases: dict[st
     """The adapter parsed against the (meta) model's block linears (``aliases``: other names of a block's
     modules the family's adapters may use), and that naming."""
     naming = AdapterNaming.of(model, aliases)
-    parsed = read_adapter(adapter, naming) if adapter is not None else None
+    # a Stand-In file (kijai's spelling) is an adapter as it is, its tensors renamed on the way in
+    spelling = stand_in.read_as_adapter if adapter is not None and stand_in.is_stand_in_file(adapter) else None
+    parsed = read_adapter(adapter, naming, spelling) if adapter is not None else None
     if parsed is not None and parsed.reference_loras and model.config.ref_mode != "dual_stream":
         raise AdapterError(f"a reference-stream LoRA needs ref_mode='dual_stream', got {model.config.ref_mode!r}")
     return parsed, naming

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.adapters.stand_in import STAND_IN_CONFIG, adapter_tensors, convert_stand_in, read_stand_in
+from engine.backbones.registry import load_denoiser
 from engine.checkpoint import Checkpoint
 from engine.errors import AdapterError
 from engine.generation import DENOISER_INPUTS
@@ -289,6 +290,24 @@ def test_kijai_safetensors_reads_as_the_ckpt(stand_in_case, tmp_path):
     read = read_stand_in(tmp_path / "Stand-In_kijai.safetensors", rank=RANK)
     assert read.keys() == lora.keys() and all(torch.equal(read[k], lora[k]) for k in lora)
     assert adapter_tensors(read).keys() == adapter_tensors(lora).keys()
+
+
+def test_kijai_safetensors_is_an_adapter_as_it_is(stand_in_case, tmp_path):
+    """``--adapter Stand-In_kijai.safetensors`` (no conversion, no mvgen_config.json beside it): the same denoiser
+    as the converted folder, bit for bit, with Stand-In's settings; a folder-less file of other keys is no
+    Stand-In file."""
+    from safetensors.torch import save_file
+
+    from engine.adapters.stand_in import is_stand_in_file
+
+    path, adapter, _, lora = stand_in_case
+    file = tmp_path / "Stand-In_kijai.safetensors"
+    save_file({f"diffusion_model.{k}": v for k, v in lora.items()}, file)
+    assert is_stand_in_file(file) and not is_stand_in_file(adapter / "adapter_model.safetensors")
+    direct, converted = load_denoiser(path, adapter=file), load_denoiser(path, adapter=adapter)
+    assert direct.config == converted.config and not direct.config.ref_cross_attention
+    state, want = direct.state_dict(), converted.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
 
 
 class _NotATensor:
