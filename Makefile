@@ -30,6 +30,9 @@ demo: venv
 	# Wan2.2-TI2V-5B's layout (48-channel VAE, 16x spatial): the first frame is optional, references as on every Wan
 	$(BIN)/mvgen generate --model tiny-ti2v --first-frame $(OUT)/inputs/first_frame.png --reference $(OUT)/inputs/back.png \
 		--prompt "a person turns around" --out $(OUT)/demo_ti2v.mp4
+	# Phantom-Wan's layout (original-name transformer shards): references letterboxed on white, three-row guidance
+	$(BIN)/mvgen generate --model tiny-phantom --reference $(OUT)/inputs/front.png --reference $(OUT)/inputs/side.png \
+		--prompt "the person of the references walks" --out $(OUT)/demo_phantom.mp4
 
 # two processes (xdist) for what does not time itself, then the timing and memory measurements alone
 test: venv
