@@ -26,6 +26,7 @@ SERVED_MODELS = {
     "tiny-t2v": tuple(m for m in MODELS if m != "mvgen_image_encoder"),
     "tiny-wan22": (*(m for m in MODELS if m != "mvgen_image_encoder"), "mvgen_denoiser_2"),
     "tiny-mmdit": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # HunyuanVideo: no CLIP image encoder
+    "tiny-phantom": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # Phantom-Wan: Wan2.1-T2V, no CLIP
 }
 START_TIMEOUT_S = 300
 MAX_TOKENS = 4096  # a small budget, so the over-budget request in the tests is cheap to build
