@@ -61,10 +61,24 @@ def test_phantom_is_the_same_served_cli_and_api(served_phantom, references, tiny
     assert np.array_equal(served, api), "server vs API"
     assert np.array_equal(cli, contact_sheet(api)), "CLI vs API"
 
-    # batched with a classifier-free request of the same shapes (5 rows in one denoiser call when they meet): the
-    # Phantom request's bits do not change; the cfg request's video differs (its rows and combination differ)
-    with ThreadPoolExecutor(2) as pool:
-        both = [pool.submit(_served, served_phantom, v) for v in (values, dict(values, guidance="cfg"))]
-        alongside, cfg = (f.result() for f in both)
-    assert np.array_equal(alongside, served)
-    assert not np.array_equal(cfg, served)
+
+
+def test_phantom_rows_batch_with_other_requests(served_phantom, references):
+    """Three Phantom rows and two cfg rows per request share the denoiser's batches: the rows each batch held add
+    up to every request's rows x steps, some batch held more than one request, and the Phantom request's bits are
+    those it has alone (``--deterministic``)."""
+    target = dict(REQUEST, references=references, steps=4)
+    others = [dict(target, guidance="cfg"), dict(target, seed=12), dict(target, guidance="cfg", seed=13)]
+    alone = _served(served_phantom, target)
+    before = {name: served_phantom.metric(name) for name in (
+        "mvgen_denoiser_batch_rows_sum", "mvgen_denoiser_batch_requests_count")}
+    single_before = served_phantom.metric("mvgen_denoiser_batch_requests_bucket", le="1")
+    with ThreadPoolExecutor(4) as pool:
+        results = [f.result(timeout=240) for f in [pool.submit(_served, served_phantom, v) for v in [target, *others]]]
+    assert np.array_equal(results[0], alone), "the Phantom request changed when batched with others"
+    assert not np.array_equal(results[0], results[1])  # the cfg request's rows and combination differ
+    rows = served_phantom.metric("mvgen_denoiser_batch_rows_sum") - before["mvgen_denoiser_batch_rows_sum"]
+    assert rows == 4 * (3 + 2 + 3 + 2)  # steps x each request's rows
+    batches = served_phantom.metric("mvgen_denoiser_batch_requests_count") - before["mvgen_denoiser_batch_requests_count"]
+    single = served_phantom.metric("mvgen_denoiser_batch_requests_bucket", le="1") - single_before
+    assert batches - single > 0, "no denoiser batch held more than one request"
