@@ -11,12 +11,6 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..guidance import GUIDANCE_DEFAULTS
-
-# the request fields every family defaults alike (a checkpoint's mvgen_defaults.json may set them): Wan's own
-# guidance, references centre-cropped
-REQUEST_DEFAULTS = {**GUIDANCE_DEFAULTS, "reference_fit": "crop"}
-
 MMDIT_TEXT_LEN = 256  # HunyuanVideo's max_sequence_length: the Llama states after the prompt template is cropped
 
 
@@ -149,8 +143,7 @@ WAN = Family(
               "out_channels 16; Wan2.2-TI2V-5B (in and out channels 48)",
     config_values=_wan_values, check=_check_wan, vae_layout=_wan_vae,
     # diffusers' WanImageToVideoPipeline defaults (480p checkpoint); a checkpoint may ship mvgen_defaults.json
-    defaults={"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0,
-              **REQUEST_DEFAULTS},
+    defaults={"num_frames": 81, "height": 480, "width": 832, "steps": 50, "guidance_scale": 5.0, "shift": 3.0},
     text_outputs=("text",), condition_doc="4 mask + 16 first-frame channels",
     text_doc="umT5 states padded to 512 tokens",
     reference_cache=True, context_cache=True, parallel=True, plugin_attention=True,
@@ -164,8 +157,7 @@ MMDIT = Family(
               "(in_channels 33), each with out_channels 16",
     config_values=_mmdit_values, check=_check_mmdit, vae_layout=_mmdit_vae,
     # diffusers' HunyuanVideoImageToVideoPipeline defaults (720p; true_cfg_scale 1: no guidance), its scheduler's shift
-    defaults={"num_frames": 129, "height": 720, "width": 1280, "steps": 50, "guidance_scale": 1.0, "shift": 7.0,
-              **REQUEST_DEFAULTS},
+    defaults={"num_frames": 129, "height": 720, "width": 1280, "steps": 50, "guidance_scale": 1.0, "shift": 7.0},
     text_outputs=("text", "text_mask", "pooled_text"), condition_doc="16 first-frame + 1 mask channels",
     text_doc="Llama states after the prompt template, 256 tokens",
     scheduler="euler", explicit_sigmas=True, i2v_noise_weight=0.999, reference_cache=True, parallel=True,

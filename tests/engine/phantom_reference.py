@@ -111,7 +111,8 @@ def phantom_rows(w, video: torch.Tensor, refs: torch.Tensor, t: float, prompt: t
 
 def phantom_velocity(rows: dict[str, torch.Tensor], guide_scale_img: float = 5.0, guide_scale_text: float = 7.5):
     """``noise_pred = neg + guide_scale_img * (pos_i - neg) + guide_scale_text * (pos_it - pos_i)``."""
-    return rows["neg"] + guide_scale_img * (rows["pos_i"] - rows["neg"]) + guide_scale_text * (rows["pos_it"] - rows["pos_i"])
+    neg, pos_i, pos_it = rows["neg"], rows["pos_i"], rows["pos_it"]
+    return neg + guide_scale_img * (pos_i - neg) + guide_scale_text * (pos_it - pos_i)
 
 
 def letterbox(image: np.ndarray, height: int, width: int) -> np.ndarray:

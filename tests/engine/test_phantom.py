@@ -45,8 +45,9 @@ def _references(gen: np.random.Generator) -> list[np.ndarray]:
 @pytest.mark.parametrize("step", [0, 2])
 def test_three_rows_and_guided_velocity_match_the_authors_formulation(phantom, step):
     gen = np.random.default_rng(27 + step)
-    request = phantom.make_request(prompt="a red jacket turns", negative_prompt="blurry, static", references=_references(gen),
-                                   num_frames=5, height=48, width=80, seed=int(gen.integers(1 << 30)))
+    request = phantom.make_request(prompt="a red jacket turns", negative_prompt="blurry, static",
+                                   references=_references(gen), num_frames=5, height=48, width=80,
+                                   seed=int(gen.integers(1 << 30)))
     assert (request.guidance, request.guidance_scale, request.guidance_scale_image, request.reference_fit) == (
         "phantom", 7.5, 5.0, "letterbox")  # tiny-phantom's defaults: the authors'
     state = phantom.prepare(request)

@@ -79,6 +79,7 @@ def test_phantom_rows_batch_with_other_requests(served_phantom, references):
     assert not np.array_equal(results[0], results[1])  # the cfg request's rows and combination differ
     rows = served_phantom.metric("mvgen_denoiser_batch_rows_sum") - before["mvgen_denoiser_batch_rows_sum"]
     assert rows == 4 * (3 + 2 + 3 + 2)  # steps x each request's rows
-    batches = served_phantom.metric("mvgen_denoiser_batch_requests_count") - before["mvgen_denoiser_batch_requests_count"]
+    batches = (served_phantom.metric("mvgen_denoiser_batch_requests_count")
+               - before["mvgen_denoiser_batch_requests_count"])
     single = served_phantom.metric("mvgen_denoiser_batch_requests_bucket", le="1") - single_before
     assert batches - single > 0, "no denoiser batch held more than one request"
