@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from .backbones.families import family_of
 from .checkpoint import Checkpoint
 from .denoiser_io import config_specs
-from .guidance import RECIPES, classifier_free_guidance, request_rows, row_texts  # noqa: F401 (re-exported)
+from .guidance import classifier_free_guidance  # noqa: F401 (its home before engine.guidance; callers import it here)
+from .guidance import RECIPES, request_rows, row_texts
 from .media import fit_image, fit_reference
 from .errors import ReferenceCacheMiss
 from .request import GenerationRequest
@@ -240,7 +241,7 @@ def _reference_rows(refs: torch.Tensor, rows) -> torch.Tensor:
 
 def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool, rows: int | None = None,
                     step_only: bool = False) -> dict:
-    """One step's denoiser inputs with cond and uncond batched (the first ``rows`` rows: 1 = cond only);
+    """One step's denoiser inputs with the guidance recipe's rows batched (the first ``rows`` rows: 1 = cond only);
     references left out once the denoiser caches them; ``step_only``: the ``STEP_INPUTS`` alone (the denoiser
     keeps the request's others), every other name None."""
     rows = state.batch if rows is None else rows
