@@ -49,7 +49,8 @@ class GuidanceRecipe:
 
 
 def classifier_free_guidance(velocity: torch.Tensor, guidance_scale: float, image_scale: float = 0.0) -> torch.Tensor:
-    """[cond; uncond] batched velocity -> ``uncond + scale * (cond - uncond)``; a batch of 1 passes through."""
+    """[cond; uncond] batched velocity -> ``uncond + scale * (cond - uncond)``; a batch of 1 passes through
+    (``image_scale``: the recipes' common signature, unused here)."""
     if velocity.shape[0] == 1:
         return velocity
     cond, uncond = velocity.chunk(2)

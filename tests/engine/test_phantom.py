@@ -16,7 +16,7 @@ from engine.errors import RequestError
 from engine.guidance import RECIPES
 from engine.media import letterbox_image
 from engine.pipeline import MultiViewPipeline
-from engine.tiny import TRANSFORMER_CONFIG, bundled_transformer
+from engine.tiny import TRANSFORMER_CONFIG, bundled_transformer, ensure_tiny
 
 from . import phantom_reference as oracle
 from .conftest import rel_err
@@ -113,3 +113,19 @@ def test_phantom_rows_on_a_cached_reference_stream_equal_recomputing_it(tiny_cac
     # the cached K/V against recomputing it (tolerance as test_pipeline's cfg check): measured 2.4e-6 apart at most,
     # on latents up to 4.4
     torch.testing.assert_close(latents[0], latents[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_downloads_layout_with_the_readme_settings_is_tiny_phantom(phantom, tiny_cache):
+    """The README's way to run the real downloads: a Wan2.1-T2V diffusers folder (here tiny-t2v's, whose base
+    components are tiny-phantom's), ``--transformer`` at the folder of Phantom's original-name shards, the reference
+    layout set with ``--set`` and the recipe in the request, makes tiny-phantom's video bit for bit."""
+    rng = np.random.default_rng(41)
+    values = dict(prompt="p", negative_prompt="n", references=[rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)],
+                  num_frames=5, height=32, width=48, steps=2)
+    shards = bundled_transformer("tiny-phantom", phantom.checkpoint.path).parent
+    wan_t2v = ensure_tiny(tiny_cache, "tiny-t2v")  # named as a folder: a checkpoint without bundled adapter
+    downloads = MultiViewPipeline.from_pretrained(wan_t2v, dtype=torch.float32, transformer_file=shards,
+                                                  ref_mode="token_concat", ref_rope="shared", max_references=4)
+    readme = downloads(**values, guidance="phantom", guidance_scale=7.5, guidance_scale_image=5.0,
+                       reference_fit="letterbox", shift=5.0)
+    assert np.array_equal(readme, phantom(**values))
