@@ -3,7 +3,9 @@
 ``tiny`` is Wan2.1-I2V (CLIP image encoder, first frame required), ``tiny-t2v`` Wan2.1-T2V (no first frame:
 Mv2ID's reference-to-video), ``tiny-wan22`` Wan2.2-I2V-A14B's layout (two experts ``transformer`` and
 ``transformer_2`` switched at ``boundary_ratio`` 0.9, no CLIP, an adapter per expert), ``tiny-mmdit``
-HunyuanVideo-I2V's layout (``latent_concat``: the MMDiT backbone, Llama + CLIP text encoders, its causal VAE).
+HunyuanVideo-I2V's layout (``latent_concat``: the MMDiT backbone, Llama + CLIP text encoders, its causal VAE),
+``tiny-phantom`` Phantom-Wan's (Wan2.1-T2V's components, the fine-tuned transformer as original-name shards with an
+index, Token-Concat references with shared positions, the three-row guidance and letterboxed references by default).
 Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
 ``UniPCMultistepScheduler``, ``HunyuanVideoTransformer3DModel`` / ``AutoencoderKLHunyuanVideo`` /
 ``FlowMatchEulerDiscreteScheduler``, transformers umT5 / Llama / CLIP text and vision / ByT5 tokenizer) at small
