@@ -36,6 +36,9 @@ demo: venv
 	# Stand-In on Wan2.1-T2V: one face image (its crop is the user's), Stand-In's sampler (Euler, linear sigmas)
 	$(BIN)/mvgen generate --model tiny-standin --reference $(OUT)/inputs/front.png --ref-size 64x64 \
 		--scheduler euler_linear --prompt "the person of the reference smiles" --out $(OUT)/demo_standin.mp4
+	# Phantom-Wan's layout (original-name transformer shards): references letterboxed on white, three-row guidance
+	$(BIN)/mvgen generate --model tiny-phantom --reference $(OUT)/inputs/front.png --reference $(OUT)/inputs/side.png \
+		--prompt "the person of the references walks" --out $(OUT)/demo_phantom.mp4
 
 # two processes (xdist) for what does not time itself, then the timing and memory measurements alone
 test: venv

@@ -134,7 +134,7 @@ class Checkpoint:
         from .adapters.base_lora import LoraSpec
         from .loading import denoiser_config
         from .errors import CheckpointError
-        from .tiny import is_tiny, resolve_experts
+        from .tiny import bundled_transformer, is_tiny, resolve_experts
 
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
@@ -145,6 +145,7 @@ class Checkpoint:
         if is_tiny(model) and cache_root is None:
             raise ValueError(f"the embedded {str(model)!r} model needs a cache_root to build it in")
         path, adapters = resolve_experts(model, (adapter, adapter_2), cache_root)
+        transformer_file = transformer_file if transformer_file is not None else bundled_transformer(model, path)
         index = _read_json(path / "model_index.json", "model index")
         boundary = index.get("boundary_ratio")
         folders = [f for f in EXPERT_FOLDERS if f == "transformer" or (path / f / "config.json").is_file()]

@@ -29,7 +29,9 @@ from tqdm.auto import tqdm
 from .backbones.families import family_of
 from .checkpoint import Checkpoint
 from .denoiser_io import config_specs
-from .media import fit_image
+from .guidance import classifier_free_guidance  # noqa: F401 (its home before engine.guidance; callers import it here)
+from .guidance import RECIPES, request_rows, row_texts
+from .media import fit_image, fit_reference
 from .errors import ReferenceCacheMiss
 from .request import GenerationRequest
 
@@ -73,8 +75,9 @@ class Cancelled(Exception):
 
 @dataclass
 class Generation:
-    """One request's loop state. Batched tensors hold [cond, uncond] along the batch when classifier-free
-    guidance is on (B = 2), else B = 1."""
+    """One request's loop state. Batched tensors hold the guidance recipe's rows along the batch
+    (``engine.guidance``: [cond, uncond] under classifier-free guidance, B = 2, or the cond row alone, B = 1;
+    Phantom's [pos_it, pos_i, neg], B = 3)."""
 
     request: GenerationRequest
     checkpoint: Checkpoint
@@ -115,14 +118,6 @@ class Generation:
         return self.request.guidance_scale if expert == 0 or second is None else second
 
 
-def classifier_free_guidance(velocity: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """[cond; uncond] batched velocity -> ``uncond + scale * (cond - uncond)``; a batch of 1 passes through."""
-    if velocity.shape[0] == 1:
-        return velocity
-    cond, uncond = velocity.chunk(2)
-    return uncond + guidance_scale * (cond - uncond)
-
-
 def condition_frame(checkpoint: Checkpoint, first_frame: np.ndarray, mask: np.ndarray | None, height: int,
                     width: int) -> tuple[np.ndarray, np.ndarray]:
     """The first frame at video size with the masked region grey, and its known map (float32 [h, w], 1 = known)
@@ -138,11 +133,12 @@ def condition_frame(checkpoint: Checkpoint, first_frame: np.ndarray, mask: np.nd
     return frame, (1.0 - cells).numpy()
 
 
-def fit_references(images, size: tuple[int, int]) -> np.ndarray | None:
-    """Reference views centre-cropped and resized to ``size`` (height, width): uint8 [R, H, W, 3]; None if none."""
+def fit_references(images, size: tuple[int, int], fit: str = "crop") -> np.ndarray | None:
+    """Reference views fitted to ``size`` (height, width) as ``fit`` says (``media.REFERENCE_FITS``: centre-cropped
+    and resized, or letterboxed on white): uint8 [R, H, W, 3]; None if none."""
     if len(images) == 0:
         return None
-    return np.stack([fit_image(image, *size) for image in images])
+    return np.stack([fit_reference(image, *size, fit) for image in images])
 
 
 def pose_latents(images, height: int, width: int, spatial: int) -> torch.Tensor:
@@ -181,10 +177,14 @@ def mode_inputs(checkpoint: Checkpoint, request: GenerationRequest, stages: Stag
 def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             cancelled: Callable[[], bool] = lambda: False) -> Generation:
     """Every once-per-request stage: prompts, image context, condition, references, noise, scheduler."""
-    # the negative prompt is encoded when any expert guides (guidance_scale_2: Wan2.2's second expert, or None)
-    guided = max(request.guidance_scale, request.guidance_scale_2 or 0.0) > 1
+    # the recipe's rows at its most guided expert (guidance_scale_2: Wan2.2's second expert, or None); each distinct
+    # text is encoded once
+    rows = request_rows(request)
+    texts, text_rows = row_texts(rows)
     _check(cancelled)
-    encoded = stages.encode_text([request.prompt, request.negative_prompt] if guided else [request.prompt])
+    encoded = stages.encode_text([getattr(request, name) for name in texts])
+    if text_rows != list(range(len(texts))):
+        encoded = {name: value[text_rows] for name, value in encoded.items()}
     text = encoded.pop("text")  # the rest (an MMDiT's mask and pooled text) travel as mode inputs, rows as in text
     specs = {spec.name: spec for spec in config_specs(checkpoint.config)}
     batch = text.shape[0]
@@ -197,7 +197,7 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
             image_context = stages.encode_image(frame).to(checkpoint.dtype).expand(batch, -1, -1)
         _check(cancelled)
         condition = stages.encode_condition(frame, known, request.num_frames)
-    views = fit_references(request.references, request.reference_size)
+    views = fit_references(request.references, request.reference_size, request.reference_fit)
     if views is not None:
         _check(cancelled)
         refs = stages.encode_references(views)
@@ -220,7 +220,7 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
         condition=condition.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if condition is not None else None,
         text=text.to(checkpoint.dtype),
         image_context=image_context,
-        ref_latents=refs.to(checkpoint.dtype).expand(batch, -1, -1, -1, -1) if refs is not None else None,
+        ref_latents=_reference_rows(refs.to(checkpoint.dtype), rows) if refs is not None else None,
         cache_key=uuid.uuid4().hex if keyed else None,
         cache_references=cached,
         scheduler=scheduler,
@@ -230,9 +230,18 @@ def prepare(checkpoint: Checkpoint, request: GenerationRequest, stages: Stages,
     )
 
 
+def _reference_rows(refs: torch.Tensor, rows) -> torch.Tensor:
+    """[1, R, 16, hr, wr] -> [B, R, 16, hr, wr]: the references on the rows that see them, zeros on the others
+    (Phantom's neg row)."""
+    if all(row.references for row in rows):
+        return refs.expand(len(rows), -1, -1, -1, -1)
+    zeros = torch.zeros_like(refs)
+    return torch.cat([refs if row.references else zeros for row in rows])
+
+
 def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: bool, rows: int | None = None,
                     step_only: bool = False) -> dict:
-    """One step's denoiser inputs with cond and uncond batched (the first ``rows`` rows: 1 = cond only);
+    """One step's denoiser inputs with the guidance recipe's rows batched (the first ``rows`` rows: 1 = cond only);
     references left out once the denoiser caches them; ``step_only``: the ``STEP_INPUTS`` alone (the denoiser
     keeps the request's others), every other name None."""
     rows = state.batch if rows is None else rows
@@ -248,8 +257,9 @@ def denoiser_inputs(state: Generation, timestep: torch.Tensor, with_references: 
 
 
 def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) -> torch.Tensor:
-    """One denoiser call of the step's expert with cond and uncond batched, combined by classifier-free guidance
-    at that expert's scale: [1, 16, f, h, w]. An expert whose scale is at most 1 runs the cond row alone.
+    """One denoiser call of the step's expert with the guidance recipe's rows batched, combined by the recipe at
+    that expert's scale (``engine.guidance``): [1, 16, f, h, w]. Under ``cfg`` an expert whose scale is at most 1
+    runs the cond row alone.
 
     A cached request sends its references at each expert's first step only (that expert builds its cache from
     them); a denoiser that keeps requests' step-invariant inputs (``inputs_once``) gets them at each expert's
@@ -258,7 +268,8 @@ def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) 
     expert = state.checkpoint.expert_at(timestep)
     config = state.checkpoint.experts[expert].config
     scale = state.guidance_scale(expert)
-    rows = state.batch if scale > 1 else 1
+    recipe = RECIPES[state.request.guidance]
+    rows = len(recipe.rows_at(scale))
     with_refs = state.ref_latents is not None and expert not in state.cache_built
     keeps_inputs = state.cache_key is not None and stages.caches_requests and config.inputs_once
     step_only = keeps_inputs and expert in state.inputs_sent
@@ -272,7 +283,7 @@ def predict_velocity(state: Generation, stages: Stages, timestep: torch.Tensor) 
         state.cache_built.add(expert)
     if keeps_inputs:
         state.inputs_sent.add(expert)
-    return classifier_free_guidance(velocity.float(), scale)
+    return recipe.combine(velocity.float(), scale, state.request.guidance_scale_image)
 
 
 @torch.no_grad()

@@ -167,6 +167,34 @@ def fit_image(image: np.ndarray, height: int, width: int, resample=Image.LANCZOS
     return np.asarray(cropped.resize((width, height), resample))
 
 
+WHITE = 255
+# how a reference view is fitted to its size: ``crop`` (``fit_image``: centre crop, then resize) or ``letterbox``
+# (``letterbox_image``: Phantom-Wan's preprocessing, the whole view kept)
+REFERENCE_FITS = ("crop", "letterbox")
+
+
+def letterbox_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The whole image resized (Lanczos) to fit inside [height, width], keeping its aspect ratio, and centred on
+    white: Phantom-Wan's ``load_ref_images`` (its sizes truncate, its odd padding pixel goes right / bottom)."""
+    h, w = image.shape[:2]
+    if w / h > width / height:  # wider than the target: full width
+        new_w, new_h = width, int(width / (w / h))
+    else:
+        new_w, new_h = int(height * (w / h)), height
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.LANCZOS))
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out = np.full((height, width, 3), WHITE, np.uint8)
+    out[top:top + new_h, left:left + new_w] = resized
+    return out
+
+
+def fit_reference(image: np.ndarray, height: int, width: int, fit: str = "crop") -> np.ndarray:
+    """A reference view fitted to [height, width] as ``fit`` (one of ``REFERENCE_FITS``) says."""
+    if fit not in REFERENCE_FITS:
+        raise ValueError(f"reference fit must be one of {REFERENCE_FITS}, got {fit!r}")
+    return letterbox_image(image, height, width) if fit == "letterbox" else fit_image(image, height, width)
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 16) -> Path:
     """Write uint8 [F, H, W, 3] frames as H.264 mp4 (yuv420p needs even sizes: odd edges are padded)."""
     import imageio.v2 as imageio

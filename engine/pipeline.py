@@ -146,9 +146,10 @@ class MultiViewPipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         return self.stages.decode(latents)
 
-    def encode_references(self, images: Sequence[np.ndarray], height: int, width: int) -> torch.Tensor | None:
+    def encode_references(self, images: Sequence[np.ndarray], height: int, width: int, fit: str = "crop"
+                          ) -> torch.Tensor | None:
         """Reference views fitted to [height, width] and VAE-encoded: [1, R, 16, height/8, width/8], or None."""
-        views = generation.fit_references(images, (height, width))
+        views = generation.fit_references(images, (height, width), fit)
         return self.stages.encode_references(views) if views is not None else None
 
     def condition_frame(self, first_frame: np.ndarray, mask: np.ndarray | None, height: int, width: int):

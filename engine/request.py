@@ -21,7 +21,8 @@ from typing import Mapping
 import numpy as np
 
 from .errors import RequestError
-from .media import load_image
+from .guidance import GUIDANCE_DEFAULTS, GUIDANCE_RECIPES, RECIPES
+from .media import REFERENCE_FITS, load_image
 from .validation import (MAX_SEED, RequestLimits, check_frame_count, check_integer, check_multiple, check_number,
                          token_count)
 
@@ -57,6 +58,21 @@ class Text:
     def check(self, name: str, value, limits: RequestLimits) -> str:
         if not isinstance(value, str):
             raise RequestError(f"{name} must be text, got {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few words (a guidance recipe, a reference fit)."""
+
+    choices: tuple[str, ...]
+
+    def describe(self, limits: RequestLimits) -> str:
+        return f"one of {', '.join(self.choices)}"
+
+    def check(self, name: str, value, limits: RequestLimits) -> str:
+        if value not in self.choices:
+            raise RequestError(f"{name} must be one of {list(self.choices)}, got {value!r}")
         return value
 
 
@@ -299,6 +315,15 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("guidance_scale_2", "number", float | None, None, NumberAbove(0, True),
                  "guidance scale of the low-noise expert (Wan2.2's transformer_2)", "--guidance-scale-2",
                  (Wire("guidance_scale_2", "TYPE_FP32", (1,)),), default_doc="guidance_scale; two-expert models only"),
+    RequestField("guidance", "text", str, GUIDANCE_DEFAULTS["guidance"], OneOf(GUIDANCE_RECIPES),
+                 "guidance recipe: cfg (classifier-free: prompt and negative prompt rows) or phantom (Phantom-Wan's "
+                 "three rows: prompt + references, negative prompt + references, negative prompt + zero references; "
+                 "guidance_scale is its text scale)", "--guidance", (Wire("guidance", "TYPE_STRING", (1,)),),
+                 default_doc="the model's, else 'cfg'"),
+    RequestField("guidance_scale_image", "number", float, GUIDANCE_DEFAULTS["guidance_scale_image"],
+                 NumberAbove(0, True), "phantom guidance: the reference-image scale (pos_i - neg)",
+                 "--guidance-scale-image", (Wire("guidance_scale_image", "TYPE_FP32", (1,)),),
+                 default_doc="the model's, else 5.0 (Phantom's)"),
     RequestField("seed", "integer", int, 0, IntegerIn(0, MAX_SEED, f"an integer in [0, {MAX_SEED}]"), "noise seed",
                  "--seed", (Wire("seed", "TYPE_UINT64", (1,)),)),
     RequestField("shift", "number", float, MODEL_DEFAULT, NumberAbove(0, False, "Wan uses 3.0 at 480p, 5.0 at 720p"),
@@ -306,6 +331,10 @@ FIELDS: tuple[RequestField, ...] = (
     RequestField("ref_size", "size", tuple | None, None, PixelSize(),
                  "size the references are encoded at (MVI2V: 720x720 references beside a 1280x720 video)",
                  "--ref-size", (Wire("ref_size", "TYPE_INT32", (2,)),), default_doc="the video's size"),
+    RequestField("reference_fit", "text", str, REFERENCE_FITS[0], OneOf(REFERENCE_FITS),
+                 "how references are fitted to ref_size: crop (centre crop, then resize) or letterbox (Phantom-Wan: "
+                 "the whole view resized to fit and padded on white)", "--reference-fit",
+                 (Wire("reference_fit", "TYPE_STRING", (1,)),), default_doc="the model's, else 'crop'"),
 )
 
 
@@ -334,6 +363,7 @@ def validate_request(limits: RequestLimits, **values) -> GenerationRequest:
     checked = {f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind not in IMAGE_KINDS}
     _check_sequence(limits, checked, list(given["references"]))
     _check_task(limits, given)
+    _check_guidance(checked, given)
     _check_modes(limits, given, checked)
     checked.update({f.name: _check(f, given[f.name], limits) for f in FIELDS if f.kind in IMAGE_KINDS})
     _check_mask_size(checked["first_frame_mask"], checked["first_frame"])
@@ -341,9 +371,12 @@ def validate_request(limits: RequestLimits, **values) -> GenerationRequest:
 
 
 def make_request(defaults: Mapping[str, object], limits: RequestLimits, **values) -> GenerationRequest:
-    """Fill the unset model-default fields from ``defaults`` (a checkpoint's generation defaults), then validate."""
+    """Fill the unset model-default fields from ``defaults`` (a checkpoint's generation defaults), and any other unset
+    field ``defaults`` names (a checkpoint's ``mvgen_defaults.json``: Phantom-Wan's guidance recipe and reference
+    fit), then validate."""
     _known(values)
-    filled = {f.name: defaults[f.name] for f in FIELDS if f.default is MODEL_DEFAULT and values.get(f.name) is None}
+    filled = {f.name: defaults[f.name] for f in FIELDS if values.get(f.name) is None
+              and (f.default is MODEL_DEFAULT or f.name in defaults)}
     return validate_request(limits, **{**values, **filled})
 
 
@@ -394,6 +427,13 @@ def _check_task(limits: RequestLimits, given: dict) -> None:
         raise RequestError("first_frame_mask needs a first_frame")
     if given["guidance_scale_2"] is not None and limits.experts < 2:
         raise RequestError("guidance_scale_2 applies to two-expert models (Wan2.2) only; this model has one")
+
+
+def _check_guidance(checked: dict, given: dict) -> None:
+    recipe = RECIPES[checked["guidance"]]
+    if recipe.needs_references and not given["references"]:
+        raise RequestError(f"guidance {recipe.name!r} guides by the references: give at least one reference, or "
+                           f"guidance 'cfg'")
 
 
 def _check_modes(limits: RequestLimits, given: dict, checked: dict) -> None:

@@ -7,6 +7,8 @@ HunyuanVideo-I2V's layout (``latent_concat``: the MMDiT backbone, Llama + CLIP t
 ``tiny-wan22-t2v`` Wan2.2-T2V-A14B's (``WanPipeline`` with ``transformer_2``, 16 input channels, boundary_ratio
 0.875), ``tiny-standin`` Wan2.1-T2V with Stand-In's identity LoRA as its adapter (drawn in Stand-In's own key
 layout and rank 128, then converted by ``engine.adapters.stand_in``).
+``tiny-phantom`` Phantom-Wan's (Wan2.1-T2V's components, the fine-tuned transformer as original-name shards with an
+index, Token-Concat references with shared positions, the three-row guidance and letterboxed references by default).
 Every component is the real class (diffusers ``WanTransformer3DModel`` / ``AutoencoderKLWan`` /
 ``UniPCMultistepScheduler``, ``HunyuanVideoTransformer3DModel`` / ``AutoencoderKLHunyuanVideo`` /
 ``FlowMatchEulerDiscreteScheduler``, transformers umT5 / Llama / CLIP text and vision / ByT5 tokenizer) at small
@@ -134,6 +136,11 @@ class Variant:
     family: str = "wan"  # engine.backbones.families: which writer (``_WRITERS``) builds it
     vae: dict = field(default_factory=dict)  # changes to VAE_CONFIG
     adapter: str = "mvi2v"  # its bundled adapter: "mvi2v" (a random LoRA and the seed methods') or "stand_in"
+    adapters: bool = True  # the reference-stream adapters (a full fine-tune such as Phantom-Wan has none)
+    mvgen_config: dict = field(default_factory=dict)  # the root mvgen_config.json of a checkpoint without adapter
+    # a fine-tuned transformer in the original Wan key names as this many shards with an index (ORIGINAL_FOLDER),
+    # loaded in place of transformer/'s base weights as ``--transformer`` would load it
+    original_shards: int = 0
 
 
 VARIANTS = {
@@ -163,7 +170,18 @@ VARIANTS = {
     "tiny-standin": Variant("tiny-standin-v1", {"in_channels": 16, **_NO_CLIP},
                             {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER}, image_encoder=False,
                             defaults={"shift": 5.0}, adapter="stand_in"),
+    # Phantom-Wan (subject-to-video on Wan2.1-T2V): a full fine-tune in the original Wan names, sharded with an index
+    # as Phantom-Wan-14B ships; references letterboxed on white and appended as latent frames after the video
+    # (token_concat, shared positions t = F..F+R-1), its three-row guidance and the authors' scales and shift
+    "tiny-phantom": Variant("tiny-phantom-v1", {"in_channels": 16, **_NO_CLIP},
+                            {"_class_name": "WanPipeline", **_NO_IMAGE_ENCODER}, image_encoder=False, adapters=False,
+                            mvgen_config={"ref_mode": "token_concat", "ref_rope": "shared", "max_references": 4},
+                            original_shards=3,
+                            defaults={"guidance": "phantom", "guidance_scale": 7.5, "guidance_scale_image": 5.0,
+                                      "reference_fit": "letterbox", "shift": 5.0}),
 }
+ORIGINAL_FOLDER = "original"  # where a variant's original-name transformer shards and their index live
+ORIGINAL_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _COMPLETE_MARKER = "model_index.json"
 # an adapter per seed method beside ``adapter/`` (its LoRA plus the mode's tensors): ``adapter_<name>/``; "all"
 # holds the two that combine (MVAnimate's view attention reads the views that PPA replaces by prototypes)
@@ -212,6 +230,14 @@ def resolve_experts(model: str | Path, adapters: tuple, cache_root: Path | str) 
         return path, tuple(Path(a) if a is not None else bundled[i] if (bundled[i]).is_dir() else None
                            for i, a in enumerate(adapters))
     return Path(model), tuple(Path(a) if a is not None else None for a in adapters)
+
+
+def bundled_transformer(model: str | Path, path: Path) -> Path | None:
+    """The original-name transformer shards an embedded model loads in place of ``transformer/``'s weights
+    (``tiny-phantom``'s index), else None."""
+    if not is_tiny(model) or not VARIANTS[str(model)].original_shards:
+        return None
+    return path / ORIGINAL_FOLDER / ORIGINAL_INDEX
 
 
 def build_tiny(dest: Path | str, name: str = "tiny") -> Path:
@@ -263,11 +289,17 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
     UniPCMultistepScheduler(**SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
     if variant.adapter == "stand_in":
         write_stand_in_adapter(out / "adapter", config, SEED + 4)
-    else:
+    elif variant.adapters:
         _write_adapter(out / "adapter", config, SEED + 4)
         for offset, (name, mode) in enumerate(MODE_ADAPTERS.items()):
             if variant.image_encoder or not mode.get("identity"):
                 _write_adapter(out / f"adapter_{name}", config, SEED + 4, mode, mode_seed=SEED + 10 + offset)
+    if variant.mvgen_config:
+        (out / "mvgen_config.json").write_text(json.dumps(variant.mvgen_config, indent=2) + "\n")
+    if variant.original_shards:
+        _seeded(7)  # the fine-tune: other weights than transformer/'s base
+        write_original_shards(out / ORIGINAL_FOLDER, WanTransformer3DModel(**config).state_dict(),
+                              variant.original_shards)
     if variant.experts == 2:  # the low-noise expert: other weights, its own reference adapter
         _seeded(5)
         WanTransformer3DModel(**config).save_pretrained(out / "transformer_2", safe_serialization=True,
@@ -276,6 +308,30 @@ def _write_pipeline(out: Path, variant: Variant) -> None:
     defaults = {**GENERATION_DEFAULTS, **variant.defaults}
     (out / "mvgen_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
     (out / _COMPLETE_MARKER).write_text(json.dumps({**MODEL_INDEX, **variant.model_index}, indent=2) + "\n")
+
+
+def write_original_shards(folder: Path, diffusers_state: dict, shards: int, stem: str = "diffusion_pytorch_model"
+                          ) -> Path:
+    """A Wan transformer's state in the original Wan names as ``shards`` safetensors files
+    (``<stem>-0000i-of-0000n.safetensors``, keys dealt out in sorted order) and their ``<stem>.safetensors.index.json``
+    (Wan2.1-14B's layout); returns the index."""
+    from safetensors.torch import save_file
+
+    from .backbones.wan.original_names import to_original_wan
+
+    folder.mkdir(parents=True)
+    state = to_original_wan(diffusers_state)
+    keys = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
+        save_file({k: state[k].contiguous() for k in part}, folder / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    index = folder / f"{stem}.safetensors.index.json"
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    index.write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=2) + "\n")
+    return index
 
 
 def _write_mmdit_pipeline(out: Path, variant: Variant) -> None:

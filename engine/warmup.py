@@ -31,6 +31,7 @@ from .checkpoint import Checkpoint
 from .runtime.denoiser import DenoiseCall
 from .denoiser_io import config_specs, text_outputs
 from .generation import generate, prepare, step
+from .guidance import default_rows
 from .request import make_request
 
 log = logging.getLogger("mvgen.warmup")
@@ -131,8 +132,7 @@ def default_request(checkpoint: Checkpoint):
 
 def guided(checkpoint: Checkpoint) -> bool:
     """Does the default request guide (the negative prompt encoded beside the prompt)?"""
-    d = checkpoint.defaults
-    return max(d["guidance_scale"], d.get("guidance_scale_2") or 0.0) > 1
+    return len(default_rows(checkpoint.defaults)) > 1
 
 
 def _warm(component: str, modules: list[torch.nn.Module], calls: list[tuple[str, Callable[[], object]]],

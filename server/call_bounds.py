@@ -7,10 +7,10 @@ whose Python code never returns. So every BLS call of the loop (``server.models.
     bound = base_s + per_ktoken_s x rows x tokens / 1000 x in_flight
 
 where ``tokens`` is the request's joint-attention length (``engine.validation.token_count``: latent frames x
-(H/16) x (W/16) video tokens plus (Hr/16) x (Wr/16) per reference), ``rows`` 2 under classifier-free guidance
-(cond and uncond batched) else 1, and ``in_flight`` the requests the loop model is generating at the moment of
-the call (itself included: their calls share the sub-models' queues). Defaults (``mvgen serve --call-timeout
-60 --call-timeout-per-ktoken 1``): a Wan2.1-I2V-14B request at 480p x 81 frames with 3 references and guidance
+(H/16) x (W/16) video tokens plus (Hr/16) x (Wr/16) per reference), ``rows`` the guidance recipe's
+(``engine.guidance``: 2 under classifier-free guidance, 3 under Phantom's, 1 unguided), and ``in_flight`` the
+requests the loop model is generating at the moment of the call (itself included: their calls share the sub-models'
+queues). Defaults (``mvgen serve --call-timeout 60 --call-timeout-per-ktoken 1``): a Wan2.1-I2V-14B request at 480p x 81 frames with 3 references and guidance
 (2 x 37440 tokens) waits at most 135 s per call alone; one step of it takes about a tenth of that on an H100.
 A call that exceeds its bound fails its request with one line naming the model, and the model is restarted
 (``server.supervisor``).
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.guidance import request_rows
 from engine.validation import token_count
 
 
@@ -43,5 +44,4 @@ def request_work(checkpoint, request) -> int:
     """rows x tokens of a validated request (``engine.request.GenerationRequest``) on ``checkpoint``."""
     tokens = token_count(checkpoint.limits, request.num_frames, request.height, request.width,
                          len(request.references), request.reference_size)
-    guided = max(request.guidance_scale, request.guidance_scale_2 or 0.0) > 1
-    return (2 if guided else 1) * tokens
+    return len(request_rows(request)) * tokens

@@ -62,6 +62,8 @@ CASES = {
     "prototype_no_refs": ("prototype", {}, 0, 2, False),
     "prototype_cached": ("prototype", dict(ref_timestep="zero"), 2, 2, True),
     "t2v_full": ("t2v", {}, 2, 2, False),
+    # Phantom-Wan: references as frames after the video, its three guidance rows split 2 | 1 (+ a pad row)
+    "phantom_three_rows": ("t2v", dict(ref_mode="token_concat", ref_rope="shared"), 2, 3, False),
     # MVAnimate Eq. 2: shards start inside a frame (5 tokens per frame), every view read at the aligned cell
     "multiview": ("multiview", {}, 2, 2, False),
     "multiview_cached": ("multiview", dict(ref_attention="isolated", ref_timestep="zero"), 2, 2, True),

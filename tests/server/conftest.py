@@ -29,6 +29,7 @@ SERVED_MODELS = {
     "tiny-ti2v": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # Wan2.2-TI2V-5B: no CLIP
     "tiny-standin": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # Wan2.1-T2V with Stand-In
     "tiny-wan22-t2v": (*(m for m in MODELS if m != "mvgen_image_encoder"), "mvgen_denoiser_2"),
+    "tiny-phantom": tuple(m for m in MODELS if m != "mvgen_image_encoder"),  # Phantom-Wan: Wan2.1-T2V, no CLIP
 }
 START_TIMEOUT_S = 300
 MAX_TOKENS = 4096  # a small budget, so the over-budget request in the tests is cheap to build

@@ -70,7 +70,8 @@ def test_client_tensors_parse_back_into_the_same_request():
                   first_frame_mask=np.full((48, 40), 255, np.uint8), num_frames=5, height=32, width=48, steps=2,
                   guidance_scale=4.5, guidance_scale_2=3.5, seed=2**63 + 5, shift=5.0, ref_size=(32, 32),
                   frame_pose=[rng.integers(0, 256, (24, 16, 3), dtype=np.uint8) for _ in range(5)],
-                  reference_poses=refs, identity=first, view_omega=[0.25, 1.5])
+                  reference_poses=refs, identity=first, view_omega=[0.25, 1.5], guidance="phantom",
+                  guidance_scale_image=4.0, reference_fit="letterbox")
     parsed = _round_trip(GenerationInputs(**values))
     assert set(parsed) == {f.name for f in FIELDS}
     # limits that take every field (two experts, every seed method's inputs)

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ...files import load_safetensors
 from ...errors import CheckpointError
 from .fp8_files import SAFETENSORS_DTYPES, channel_scale, dequantize_state, fp8_layout, read_tag
+from .sharded_files import read_weights
 
 # ComfyUI's prefixes for the diffusion model inside a checkpoint, longest first
 COMFYUI_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -59,7 +59,7 @@ def read_single_file_transformer(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it to "
                               f"safetensors); {_SUPPORTED}")
-    prefix, state = _strip_prefix(path, load_safetensors(path, CheckpointError))
+    prefix, state = _strip_prefix(path, read_weights(path))  # one file, or an index of shards
     state = dequantize_state(path, state)
     _check_family(path, state)
     converted = convert_wan_transformer_to_diffusers(dict(state))  # it pops every key of the dict it is given
