@@ -290,7 +290,9 @@ _attention_tuned = triton.autotune(
 
 
 # --- launcher ---------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens):
+def check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens,
+                 what: str = "joint attention"):
+    """One-line ValueErrors for a launch's operands and streams (shared with the 8-bit kernel)."""
     if mask not in MASK_IDS:
         raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -312,7 +314,7 @@ def _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_
                             or out.stride(-1) != 1):
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device} with "
                          f"stride(-1) == 1, got {out.dtype} {tuple(out.shape)} on {out.device}")
-    check_device(q, "joint attention")
+    check_device(q, what)
 
 
 def _descriptor(t: torch.Tensor, rows: int):
@@ -354,7 +356,7 @@ def attention_triton(q, k, v, *, q_offsets, k_offsets, key_lengths=None, mask="f
     """Launch the kernel on pre-rotated, pre-scaled Q/K (``rotated_attention_reference``'s arguments), writing
     ``out`` if given; ``config`` (dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, WARP_SPECIALIZE=))
     bypasses autotuning (the interpreter takes small tiles)."""
-    _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens)
+    check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens)
     q_offsets, k_offsets = tuple(int(o) for o in q_offsets), tuple(int(o) for o in k_offsets)
     batch, n_q, heads, _ = q.shape
     n_k = k.shape[1]

@@ -22,9 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check_device, check_operand, emulate_bf16, interpreting, mma, narrow
-from ..joint_attention.kernel import allowed_keys, key_ranges
-from ..joint_attention.reference import MASK_IDS, check_streams
+from .._common import emulate_bf16, interpreting, mma, narrow
+from ..joint_attention.kernel import allowed_keys, check_inputs, key_ranges
+from ..joint_attention.reference import MASK_IDS
 from .quantize import _round_e4m3, quantize_qk_triton, quantize_v_triton
 from .reference import DEFAULT_BLOCKS, QuantizedQK, check_pv, default_pv
 
@@ -220,33 +220,16 @@ def gpu_config(device: torch.device, head_dim: int) -> dict:
 
 
 def _check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens, pv):
-    if mask not in MASK_IDS:
-        raise ValueError(f"mask must be one of {tuple(MASK_IDS)}, got {mask!r}")
+    """The 16-bit kernel's checks, then what the 8-bit one adds: 16-bit operands, and FP8 P.V where it runs."""
     check_pv(pv)
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_operand(name, t, "[B, N, H, D]", "q", q, last_dim="head_dim")
         if t.dtype not in DTYPES:
             raise ValueError(f"{name} must be float16/bfloat16 for the 8-bit attention kernel, got {t.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    batch, n_q, heads, head_dim = q.shape
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"head_dim must be one of {HEAD_DIMS} for the Triton kernel, got {head_dim}")
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != q.shape[2:]:
-        raise ValueError(f"k and v must be [B, Nk, H, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} "
-                         f"and {tuple(v.shape)}")
-    check_streams(n_q, k.shape[1], q_offsets, k_offsets, mask, key_lengths, batch)
-    if key_lengths is not None and key_lengths.device != q.device:
-        raise ValueError(f"key_lengths is on {key_lengths.device} but q is on {q.device}")
-    if tokens_per_frame < 1 or proto_tokens < 1:
-        raise ValueError(f"tokens_per_frame and proto_tokens must be >= 1, got {tokens_per_frame}, {proto_tokens}")
-    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
-        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got {out.dtype} "
-                         f"{tuple(out.shape)} on {out.device}")
+    check_inputs(q, k, v, out, q_offsets, k_offsets, key_lengths, mask, tokens_per_frame, proto_tokens,
+                 "8-bit attention")
     if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
         raise ValueError(f"pv='fp8' needs FP8 tensor cores (sm_89 or newer), this GPU is sm_"
                          f"{''.join(map(str, torch.cuda.get_device_capability(q.device)))}: use pv='16bit'")
-    check_device(q, "8-bit attention")
 
 
 def _packed(t: torch.Tensor) -> torch.Tensor:

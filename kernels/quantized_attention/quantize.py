@@ -84,6 +84,20 @@ def _combined(Partial, bh, n_tokens, HEAD_DIM: tl.constexpr, SPLITS: tl.constexp
 
 
 @triton.jit
+def _load_block(X, block, bh, n_heads, n_tokens, stride_b, stride_n, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Tokens [block * BLOCK, + BLOCK) of head ``bh % n_heads`` of row ``bh // n_heads`` of X [B, N, H*D], in fp32
+    (zeros past the sequence), with their row and column indices, the in-sequence mask, the row and the head."""
+    batch = (bh // n_heads).to(tl.int64)
+    head = bh % n_heads
+    rows = block * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    inside = (rows < n_tokens)[:, None]
+    x = tl.load(X + batch * stride_b + rows[:, None].to(tl.int64) * stride_n + head * HEAD_DIM + cols[None, :],
+                mask=inside, other=0.0).to(tl.float32)
+    return x, rows, cols, inside, batch, head
+
+
+@triton.jit
 def _quantize_int8(X, Partial, Out, Scale, Mean, n_tokens, n_heads, n_blocks, stride_xb, stride_xn, stride_ob,
                    stride_on, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
                    SMOOTH: tl.constexpr):
@@ -91,13 +105,8 @@ def _quantize_int8(X, Partial, Out, Scale, Mean, n_tokens, n_heads, n_blocks, st
     block's scale (Scale [B, H, n_blocks]); program 0 of a (row, head) also writes its mean (Mean [B, H, D])."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = (bh // n_heads).to(tl.int64)
-    head = bh % n_heads
-    rows = block * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, HEAD_DIM)
-    inside = (rows < n_tokens)[:, None]
-    x = tl.load(X + batch * stride_xb + rows[:, None].to(tl.int64) * stride_xn + head * HEAD_DIM + cols[None, :],
-                mask=inside, other=0.0).to(tl.float32)
+    x, rows, cols, inside, batch, head = _load_block(X, block, bh, n_heads, n_tokens, stride_xb, stride_xn, HEAD_DIM,
+                                                     BLOCK)
     if SMOOTH:
         mean = _combined(Partial, bh, n_tokens, HEAD_DIM, SPLITS, False)
         x = tl.where(inside, x - mean[None, :], 0.0)
@@ -118,13 +127,8 @@ def _quantize_v_fp8(V, Partial, OutT, Scale, n_tokens, n_heads, stride_vb, strid
     (row, head) writes its per-channel scales (Scale [B, H, D])."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
-    batch = (bh // n_heads).to(tl.int64)
-    head = bh % n_heads
-    rows = block * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, HEAD_DIM)
-    inside = (rows < n_tokens)[:, None]
-    v = tl.load(V + batch * stride_vb + rows[:, None].to(tl.int64) * stride_vn + head * HEAD_DIM + cols[None, :],
-                mask=inside, other=0.0).to(tl.float32)
+    v, rows, cols, inside, batch, head = _load_block(V, block, bh, n_heads, n_tokens, stride_vb, stride_vn, HEAD_DIM,
+                                                     BLOCK)
     amax = tl.maximum(_combined(Partial, bh, n_tokens, HEAD_DIM, SPLITS, True), _AMAX_FLOOR)
     codes = _round_e4m3(v * (tl.full([HEAD_DIM], _FP8_MAX, tl.float32) / amax)[None, :], EMULATE_FP8)
     tl.store(OutT + bh.to(tl.int64) * HEAD_DIM * stride_ot + cols[None, :] * stride_ot + rows[:, None], codes,

@@ -60,14 +60,20 @@ def pair(omega=OMEGA, **overrides):
     return plain, multiview
 
 
-def capture(model):
-    """Every call's (input, output) of every Linear, by module, in call order."""
+def captured_calls(model, x) -> dict:
+    """One forward of ``model`` on ``x``: every call's (input, output) of every Linear, by module, in call order."""
     calls, handles = {}, []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             handles.append(module.register_forward_hook(
                 lambda m, args, out: calls.setdefault(m, []).append((args[0], out))))
-    return calls, handles
+    try:
+        with torch.no_grad():
+            model(**x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def stream_qkv(calls, block, ref_block, heads):
@@ -95,13 +101,7 @@ def test_blocks_match_eq2(views, ref_hw, view_lambda):
     _, model = pair(view_lambda=view_lambda)
     x = mmdit_inputs(20 + views, "i2v", *VIDEO, refs=views)
     x["ref_latents"] = torch.randn(2, views, 16, *ref_hw, generator=torch.Generator().manual_seed(views))
-    calls, handles = capture(model)
-    try:
-        with torch.no_grad():
-            model(**x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = captured_calls(model, x)
     cfg = model.config
     fhw, rhw = (VIDEO[0], VIDEO[1] // 2, VIDEO[2] // 2), (ref_hw[0] // 2, ref_hw[1] // 2)
     n_video, n_ref, n_text = math.prod(fhw), views * math.prod(rhw), x["text"].shape[1]
@@ -209,13 +209,7 @@ def rms_heads(x, norm, heads):
 def test_ppa_blocks_match_equations(num_refs, ref_rope):
     model = build(ref_attention="prototype", ref_rope=ref_rope)
     x = ppa_inputs(60 + num_refs, num_refs)
-    calls, handles = capture(model)
-    try:
-        with torch.no_grad():
-            model(**x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    calls = captured_calls(model, x)
     cfg, heads_n = model.config, model.config.num_attention_heads
     fhw, rhw = (VIDEO[0], VIDEO[1] // 2, VIDEO[2] // 2), (2, 5)
     per_frame, n_video, tokens = fhw[1] * fhw[2], math.prod(fhw), math.prod(rhw)
