@@ -362,6 +362,7 @@ def fp8_quality(args) -> int:
     ``--config``; rows and a table in ``FP8_RESULTS``."""
     import multiprocessing
     import tempfile
+    from concurrent.futures import ProcessPoolExecutor
 
     from engine.tiny import ensure_tiny
 
@@ -386,8 +387,10 @@ def fp8_quality(args) -> int:
                 spec = dict(model=str(model), adapter=str(adapter) if adapter else None, dtype=dtype,
                             quantize=quantize, cache_root=str(args.cache_dir), request=request, reference=i == 0,
                             record=str(Path(tmp) / "reference.pt"))
-                with context.Pool(1, maxtasksperchild=1) as pool:
-                    result = pool.apply(_quality_variant, (spec,))
+                # a fresh process per variant; a worker that dies (killed for memory) raises BrokenProcessPool here
+                # instead of leaving the call waiting, as multiprocessing.Pool would
+                with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+                    result = pool.submit(_quality_variant, spec).result()
                 row = {"config": config, "variant": label, "dtype": dtype, "quantize": quantize, **result}
                 print(f"  fp8 quality {config} {label}: {row.get('latent_rel_err', 0):.3g} final latent, "
                       f"{row['step_s']:.3g} s/step", file=sys.stderr, flush=True)

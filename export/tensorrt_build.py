@@ -7,10 +7,13 @@ never as success.
 - Optimization profiles come from ``engine.denoiser_io`` (one min/opt/max range per dynamic axis), so the
   engine, the ONNX graph and the Triton ``config.pbtxt`` agree on names and dims.
 - Precision: a graph exported in fp16/bf16 is built *strongly typed* (TensorRT keeps the ONNX types; no
-  precision flags). A ``--quantize fp8`` graph (FP8 weights behind DequantizeLinear, Q/DQ on each GEMM's
-  activations: ``export.fp8_onnx``) builds FP8 GEMMs either way: strongly typed from its Q/DQ types, weakly typed
-  with the FP8 flag beside the asked one; the plan's ``PLAN.json`` keeps the graph's ``fp8`` record. Asking for ``--fp16``/``--bf16`` on an fp32 graph builds a weakly typed network with
+  precision flags). Asking for ``--fp16``/``--bf16`` on an fp32 graph builds a weakly typed network with
   that flag instead (TensorRT chooses per layer), which is the only case where strong typing is not used.
+  A ``--quantize fp8`` graph (FP8 weights behind DequantizeLinear, Q/DQ on each GEMM's activations:
+  ``export.fp8_onnx``) builds FP8 GEMMs either way: strongly typed from its Q/DQ types, weakly typed with the FP8
+  flag beside the asked one; the plan's ``PLAN.json`` keeps the graph's ``fp8`` record. A refit exports the graph
+  again, so an FP8 engine's activation scales are calibrated anew (TensorRT refits weights, not necessarily Q/DQ
+  scales: untested here, no TensorRT).
 - ``plugin`` graphs: ``register_joint_attention_plugin`` registers ``mvgen::JointAttention`` as a
   quickly-deployable plugin whose AOT implementation is ``export/trt_kernel.py``'s Triton kernel compiled to
   PTX for the build GPU; the engine embeds it, so running it needs no Python. The ONNX nodes carry

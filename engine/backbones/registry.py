@@ -13,7 +13,6 @@ from ..adapters.base_lora import LoraSpec
 from ..checkpoint import Checkpoint
 from ..loading import denoiser_config, find_transformer_dir
 from ..runtime.fp8 import quantize_model
-from .wan.single_file import fp8_file_scales
 from .families import MMDIT, WAN, Family, family_of
 from .mmdit.components import MMDiTTextEncoder, MMDiTVae
 from .mmdit.loading import load_mmdit
@@ -21,6 +20,7 @@ from .mmdit.model import MultiViewMMDiT
 from .wan.components import TextEncoder, Vae
 from .wan.loading import load_wan
 from .wan.model import MultiViewWanTransformer
+from .wan.single_file import fp8_file_scales
 
 
 @dataclass(frozen=True)

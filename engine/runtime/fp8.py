@@ -3,7 +3,7 @@ scale per output channel, and the two ways of computing with them.
 
 What is quantised: every ``nn.Linear`` inside the block lists (``model.REFERENCE_BLOCKS``: Wan's ``blocks`` /
 ``ref_blocks``, the MMDiT's dual- and single-stream lists and their reference copies): the self- and
-cross-attention projections and the FFN, 97% of Wan2.1-14B's parameters. Kept in the compute dtype: everything
+cross-attention projections and the FFN, 98.5% of Wan2.1-I2V-14B's parameters. Kept in the compute dtype: everything
 outside the blocks (patch and condition embeddings, the output head), and inside them the modulation (Wan's tables are
 no Linear; the MMDiT's AdaLN linears live under ``norm*``), the norms, the reference stream's LoRA pairs
 (``lora_A``/``lora_B``) and a seed mode's modules (M2HVideo's ``identity``): ``KEPT_IN_COMPUTE_DTYPE``.
@@ -112,7 +112,7 @@ def _(x, scale):
     return torch.empty_like(x)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_fp8_tensor_cores(device: torch.device) -> bool:
     """Whether ``device`` multiplies FP8 natively (CUDA sm_89 / sm_90+); memoised per device (its answer never
     changes in a process)."""

@@ -285,3 +285,10 @@ def test_stored_scales_are_kept_unless_the_weight_outgrew_them(tiny_cache):
     assert torch.equal(model.blocks[0].attn1.to_k.weight_scale, too_small * 2)
     with pytest.raises(ValueError, match="FP8 scales for modules this model does not quantise"):
         quantize_model(load_denoiser(path, ref_mode="token_concat"), "fp8", {"head.head": fitting})
+
+
+def test_prototype_mode_with_fp8_is_refused_in_one_line(tiny_cache):
+    path = tiny_cache / "tiny-v2"
+    with pytest.raises(ValueError, match=r"quantize 'fp8' with ref_attention='prototype' is not supported yet") as error:
+        load_denoiser(path, path / "adapter_prototype", quantize="fp8")
+    assert "\n" not in str(error.value)

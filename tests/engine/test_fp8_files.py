@@ -17,6 +17,7 @@ file's scale) for the others, whose scales are not ours.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -49,8 +50,9 @@ def wanvideowrapper(state):
     return {k: v if any(word in k for word in KIJAI_KEEP) else v.to(E4M3) for k, v in state.items()}
 
 
-def comfyui_scaled(state, marker=torch.empty(0, dtype=E4M3)):
-    out = {"model.diffusion_model.scaled_fp8": marker}
+def comfyui_scaled(state, marker_elements: int = 0):
+    """``marker_elements``: ComfyUI's own files carry an empty marker, LightX2V's ``--comfyui_mode`` two zeros."""
+    out = {"model.diffusion_model.scaled_fp8": torch.zeros(marker_elements, dtype=E4M3)}
     for k, v in state.items():
         if _block_linear(k, v):
             scale = v.abs().max() / FP8_MAX
@@ -90,7 +92,7 @@ def lightx2v(state):
 
 
 CONVENTIONS = {"comfyui_plain": comfyui_plain, "wanvideowrapper": wanvideowrapper, "comfyui_scaled": comfyui_scaled,
-               "comfyui_scaled_lightx2v": lambda s: comfyui_scaled(s, torch.zeros(2, dtype=E4M3)),
+               "comfyui_scaled_lightx2v": lambda s: comfyui_scaled(s, 2),
                "comfyui_quant": comfyui_quant, "lightx2v": lightx2v}
 
 
@@ -116,15 +118,22 @@ def _file_dequantized(tensors: dict, wan_key: str) -> torch.Tensor:
     return q if scale is None else q * scale.float().reshape(-1, 1) if scale.numel() > 1 else q * scale.float()
 
 
+# what each file is recognised as (``Fp8Layout.convention``)
+RECOGNISED = {"comfyui_plain": "plain", "wanvideowrapper": "plain", "comfyui_scaled": "comfyui_scaled",
+              "comfyui_scaled_lightx2v": "comfyui_scaled", "comfyui_quant": "comfyui_quant", "lightx2v": "lightx2v"}
+
+
 @pytest.mark.parametrize("convention", sorted(CONVENTIONS))
-def test_each_convention_loads_the_file_bytes_as_fp8(original, tmp_path, convention):
+def test_each_convention_loads_the_file_bytes_as_fp8(original, tmp_path, convention, caplog):
     """With ``--quantize fp8`` each block linear holds the file's own e4m3 bytes (an unscaled file: scale 1; a
-    per-tensor scale broadcast over the rows), so its dequantised weight is exactly the convention's; the model
-    runs and the log names nothing upcast beyond what the loader does."""
+    per-tensor scale broadcast over the rows), so its dequantised weight is exactly the convention's; the log names
+    the convention it was read as."""
     path, state = original
     tensors = CONVENTIONS[convention](state)
     file = _write(tmp_path, tensors)
-    model = load_denoiser(path, weights_file=file, quantize="fp8", ref_mode="token_concat")
+    with caplog.at_level(logging.INFO, logger="mvgen.loading"):
+        model = load_denoiser(path, weights_file=file, quantize="fp8", ref_mode="token_concat")
+    assert f"FP8 file ({RECOGNISED[convention]})" in caplog.text
     scales = fp8_file_scales(file)
     checked = 0
     for name, module in block_linears(model):

@@ -147,7 +147,7 @@ def test_qdq_pattern_is_exactly_the_static_path(tmp_path):
 def test_static_path_is_what_the_dynamic_gemm_path_approximates(fp8_graph):
     """The graph's per-tensor calibrated activation scales against the PyTorch model's per-token scales: the two
     FP8 models differ by activation rounding only (measured 2.3e-2 on the tiny model's random weights)."""
-    path, den, meta = fp8_graph
+    _, den, meta = fp8_graph
     feed = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _feed(den, SHAPES["r3_big_refs"]).items()}
     for m in quantized_modules(den):
         m.path = "gemm"

@@ -21,24 +21,28 @@ without an FP8 weight, ``scale_weight`` without the marker, an e5m2 weight) is r
 
 What the loader gets: ``dequantize_state`` turns each FP8 weight into bfloat16 ``q * scale`` (computed in float32;
 exact for unscaled files, and for scaled ones ``quantize_with_scale`` recovers the file's bytes from it: bf16's
-rounding, 2**-9 relative, stays far inside half an FP8 step, 2**-4). ``fp8_file_scales`` reads the file's scales again
-(only those tensors, ``single_file.fp8_file_scales``) under the diffusers module names, so that ``--quantize fp8`` puts the file's own bytes back
-instead of rescaling them. The loader (``engine.backbones.wan.loading``) casts every floating tensor to the compute
-dtype, so the whole model passes through bfloat16 once during the load: a file-to-FP8 path without that needs the
-loader to leave float8 tensors alone (see the issue's report).
+rounding, 2**-9 relative, stays far inside half an FP8 step, 2**-4). ``single_file.fp8_file_scales`` reads the file's
+scales again (only those tensors) under the diffusers module names, so that ``--quantize fp8`` puts the file's own
+bytes back instead of rescaling them. The loader (``engine.backbones.wan.loading``) casts every floating tensor to
+the compute dtype, so the whole model passes through bfloat16 once during the load (a LightX2V file of the CPU-sized
+checkpoint: +200 MiB peak for 52 MiB of FP8 weights, against +275 MiB loading its float32 folder into bf16); a
+file-to-FP8 path without that pass needs the loader to hand float8 tensors and their scales to
+``engine.runtime.fp8`` uncast.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ...errors import CheckpointError
+from ...runtime.fp8 import FP8_DTYPE
 
-FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
-CONVENTIONS = ("plain", "comfyui_scaled", "comfyui_quant", "lightx2v")
+log = logging.getLogger("mvgen.loading")
+
 MARKER = "scaled_fp8"  # ComfyUI's fp8_scaled marker
 # per-layer suffixes each convention uses, replacing the weight's ".weight"
 _SCALE_SUFFIX = {"comfyui_scaled": ".scale_weight", "comfyui_quant": ".weight_scale", "lightx2v": ".weight_scale"}
@@ -55,8 +59,9 @@ _LAYOUTS = ("known FP8 layouts: ComfyUI fp8_e4m3fn (no scales), ComfyUI fp8_scal
 
 @dataclass(frozen=True)
 class Fp8Layout:
-    """A file's FP8 convention and, per FP8 weight key, its scale key (None: unscaled); ``extra`` the keys that
-    are the convention's bookkeeping (marker, input scales, comfy_quant tags), dropped from the state."""
+    """A file's FP8 convention (``plain``, ``comfyui_scaled``, ``comfyui_quant``, ``lightx2v``: module docstring) and,
+    per FP8 weight key, its scale key (None: unscaled); ``extra`` the keys that are the convention's bookkeeping
+    (marker, input scales, comfy_quant tags), dropped from the state."""
 
     convention: str
     scales: dict[str, str | None]
@@ -73,7 +78,7 @@ def fp8_layout(path: Path, tensors: dict[str, tuple[torch.dtype, tuple[int, ...]
     scale_like = {k for k in tensors if _is_scale(k)}
     if not fp8 and not scale_like and MARKER not in tensors and not tagged:
         return None
-    wrong = sorted(k for k in fp8 if tensors[k][0] != FP8_WEIGHT_DTYPE)
+    wrong = sorted(k for k in fp8 if tensors[k][0] != FP8_DTYPE)
     if wrong:
         raise CheckpointError(f"{path}: {wrong[0]!r} is {tensors[wrong[0]][0]}; only float8_e4m3fn FP8 weights are "
                               f"read; {_LAYOUTS}")
@@ -155,6 +160,9 @@ def dequantize_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str, to
         q = state[key]
         scale = channel_scale(state[scale_key] if scale_key else None, q.shape[0])
         out[key] = (q.float() * scale.reshape(-1, *(1,) * (q.ndim - 1))).to(torch.bfloat16)
+    log.info("%s: FP8 file (%s): %d float8_e4m3fn tensors dequantised into bfloat16 for the loader; --quantize fp8 "
+             "holds its block linears in 8 bits again (the file's own bytes and scales)", path, layout.convention,
+             len(layout.scales))
     return out
 
 
