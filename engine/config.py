@@ -117,10 +117,6 @@ class MvgenConfig:
         _choice("attention_precision", self.attention_precision, ATTENTION_PRECISIONS)
         _choice("view_attention", self.view_attention, VIEW_ATTENTIONS)
         _choice("quantize", self.quantize, QUANTIZE_MODES)
-        if self.quantize != "none" and self.ref_attention == "prototype":
-            raise ValueError("quantize 'fp8' with ref_attention='prototype' is not supported yet: ProFashion PPA's "
-                             "reference features read the video blocks' K/V weights directly (engine.modes.prototype), "
-                             "and FP8 linears hold them in 8 bits")
         family.check(self)
         if (self.in_channels, self.out_channels) not in family.tasks:
             hint = " (Wan2.2-TI2V-5B takes 48 channels in and out)" if 48 in (self.in_channels, self.out_channels) else ""

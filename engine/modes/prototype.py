@@ -210,7 +210,7 @@ class PrototypeAggregator(nn.Module):
     def reference_features(z: torch.Tensor, attn) -> tuple[torch.Tensor, torch.Tensor]:
         """The bias-free projections ``W_k z``, ``W_v z`` [B, R*T, D] of the references' attention input z by
         the video block's attention ``attn`` (what the prototype aggregates; the reference cache holds them)."""
-        return F.linear(z, attn.to_k.weight), F.linear(z, attn.to_v.weight)
+        return F.linear(z, _weight(attn.to_k, z.dtype)), F.linear(z, _weight(attn.to_v, z.dtype))
 
     def prototype_kv(self, layer: int, poses: PoseTokens, k_feats, v_feats, attn):
         """Eqs. 5-8 at ``layer``, then Eq. 10's projection: prototype keys and values [B, F*T, H, Dh].
@@ -226,6 +226,12 @@ class PrototypeAggregator(nn.Module):
         k, v = proto.flatten(1, 2).chunk(2, dim=-1)  # [B, F*T, D] each
         # sum_r m[r, t] is not 1 per position, so the biases join after the aggregation (see the docstring)
         return attn.key_value_heads(k + attn.to_k.bias, v + attn.to_v.bias)
+
+
+def _weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A projection's weight in ``dtype``: an 8-bit linear's dequantised (``engine.runtime.fp8``), else its own."""
+    dequantized = getattr(linear, "dequantized_weight", None)
+    return linear.weight if dequantized is None else dequantized(dtype)
 
 
 def attention_flops(config, frames: int, height: int, width: int, num_refs: int,

@@ -154,12 +154,15 @@ def _dequantized_float_model(model):
 
 
 @pytest.mark.parametrize("mode", [{}, dict(ref_attention="isolated"), dict(ref_weights="merged"),
-                                  dict(ref_mode="token_concat")])
+                                  dict(ref_mode="token_concat"), dict(ref_attention="prototype")])
 def test_fp8_model_equals_the_dequantized_float_model(tiny_cache, mode, caplog):
     """Every block linear (video and reference stream, the reference LoRA kept unmerged on the shared FP8 weight)
-    is replaced and computes with exactly the dequantised weight; nothing else changes."""
+    is replaced and computes with exactly the dequantised weight; nothing else changes (PPA's reference features
+    read the video blocks' dequantised K/V weights)."""
     path = tiny_cache / "tiny-v2"
     adapter = None if mode.get("ref_mode") == "token_concat" else path / "adapter"  # its LoRA is the reference stream's
+    if mode.get("ref_attention") == "prototype":
+        adapter = path / "adapter_prototype"
     with caplog.at_level(logging.INFO, logger="mvgen.loading"):
         fp8 = load_denoiser(path, adapter, quantize="fp8", **mode)
     assert "block linears held as float8_e4m3fn" in caplog.text and "weight-only" in caplog.text
@@ -171,6 +174,9 @@ def test_fp8_model_equals_the_dequantized_float_model(tiny_cache, mode, caplog):
         assert shares_reference_fp8(fp8)
     gen = torch.Generator().manual_seed(21)
     x = inputs(gen, batch=2, frames=2, height=4, width=6, text_dim=32, image_dim=32, refs=2, ref_hw=(4, 4))
+    if mode.get("ref_attention") == "prototype":
+        x["frame_pose"] = torch.rand(2, 2, 3, 4, 6, generator=gen) * 2 - 1
+        x["ref_pose"] = torch.rand(2, 2, 3, 4, 4, generator=gen) * 2 - 1
     with torch.no_grad():
         got, want = fp8(**x), oracle(**x)
     assert rel_err(got, want) < PARITY_RTOL
@@ -285,10 +291,3 @@ def test_stored_scales_are_kept_unless_the_weight_outgrew_them(tiny_cache):
     assert torch.equal(model.blocks[0].attn1.to_k.weight_scale, too_small * 2)
     with pytest.raises(ValueError, match="FP8 scales for modules this model does not quantise"):
         quantize_model(load_denoiser(path, ref_mode="token_concat"), "fp8", {"head.head": fitting})
-
-
-def test_prototype_mode_with_fp8_is_refused_in_one_line(tiny_cache):
-    path = tiny_cache / "tiny-v2"
-    with pytest.raises(ValueError, match=r"quantize 'fp8' with ref_attention='prototype' is not supported yet") as error:
-        load_denoiser(path, path / "adapter_prototype", quantize="fp8")
-    assert "\n" not in str(error.value)
