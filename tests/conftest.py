@@ -15,15 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/server/ starts (or shares) a real tritonserver: marked ``server`` by its folder. The
-    long files (servers, compiles, spawns: ``server`` and ``slow``) are collected first, so that ``make test``'s two
-    workers, which take whole files in collection order (``--dist loadfile``), do not end on one long file while the
-    other idles (measured: the last 4% of the files took 7 of 21 minutes in collection order)."""
+    """Every test under tests/server/ starts (or shares) a real tritonserver: marked ``server`` by its folder."""
     for item in items:
         if "server" in item.path.relative_to(config.rootpath).parts[1:2]:
             item.add_marker(pytest.mark.server)
-    long_files = {item.path for item in items if item.get_closest_marker("server") or item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in long_files)  # stable: the order within each group stays
 
 
 @pytest.fixture(scope="session")
