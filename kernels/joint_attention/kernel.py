@@ -38,15 +38,16 @@ HEAD_DIMS = (64, 128)
 
 
 @triton.jit
-def _load_tile(src, batch, head, start, offs_rows, n_rows, stride_n, BLOCK: tl.constexpr,
-               HEAD_DIM: tl.constexpr, TMA: tl.constexpr, BOUNDS: tl.constexpr):
-    """Rows [start, start + BLOCK) of one head: a descriptor load, or a pointer load (masked when BOUNDS)."""
+def load_tile(src, batch, head, start, offs_rows, n_rows, stride_n, BLOCK: tl.constexpr,
+              HEAD_DIM: tl.constexpr, TMA: tl.constexpr, BOUNDS: tl.constexpr):
+    """Rows [start, start + BLOCK) of one head of a [B, N, H*D] tensor: a descriptor load, or a pointer load
+    (masked when BOUNDS; zeros past ``n_rows``, in the tensor's own dtype: the 8-bit kernel loads int8 Q/K too)."""
     if TMA:
         return src.load([batch, start, head * HEAD_DIM]).reshape(BLOCK, HEAD_DIM)
     else:
         ptrs = src + offs_rows[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
         if BOUNDS:
-            return tl.load(ptrs, mask=(offs_rows < n_rows)[:, None], other=0.0)
+            return tl.load(ptrs, mask=(offs_rows < n_rows)[:, None], other=0)
         else:
             return tl.load(ptrs)
 
@@ -122,7 +123,7 @@ def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, s
     """Online-softmax update of (acc, l_i, m_i) with the keys [lo, hi); logits are already in base 2."""
     for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_tile(k_src, batch, head, start, offs_n, hi, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+        k = load_tile(k_src, batch, head, start, offs_n, hi, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
         qk = mma(q, tl.trans(k), None, DOT_PRECISION, EMULATE_BF16)
         if MASK_MODE != 0:
             allowed = allowed_keys(q_idx, offs_n, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame,
@@ -136,7 +137,7 @@ def _attn_range(acc, l_i, m_i, q, q_idx, k_src, v_src, batch, head, stride_kn, s
         p = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(v_src, batch, head, start, offs_n, hi, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+        v = load_tile(v_src, batch, head, start, offs_n, hi, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
         acc = mma(narrow(p, v.dtype, EMULATE_BF16), v, acc * alpha[:, None], DOT_PRECISION, EMULATE_BF16)
         m_i = m_new
     return acc, l_i, m_i
@@ -151,7 +152,7 @@ def _attention_body(q_src, k_src, v_src, o_src, KeyLen, batch, head, stride_qn, 
     # 1. the query block, already rotated and scaled
     m_first = tl.program_id(0) * BLOCK_M
     q_idx = m_first + tl.arange(0, BLOCK_M)
-    q = _load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
+    q = load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
 
     # 2. key ranges of this block (A: dense, B and C: masked per element), from indices only
     a_lo, a_hi, b_lo, b_hi, c_lo, c_hi = key_ranges(m_first, n_q, n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo,

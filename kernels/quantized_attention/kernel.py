@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .._common import emulate_bf16, interpreting, mma, narrow
-from ..joint_attention.kernel import allowed_keys, check_inputs, key_ranges
+from ..joint_attention.kernel import allowed_keys, check_inputs, key_ranges, load_tile
 from ..joint_attention.reference import MASK_IDS
 from .quantize import _round_e4m3, quantize_qk_triton, quantize_v_triton
 from .reference import DEFAULT_BLOCKS, QuantizedQK, check_pv, default_pv
@@ -31,20 +31,6 @@ from .reference import DEFAULT_BLOCKS, QuantizedQK, check_pv, default_pv
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 _LOG2_FP8_MAX = tl.constexpr(8.807354922057604)  # log2(448): P is 2**(s - (m - log2 448)) = 448 * 2**(s - m)
-
-
-@triton.jit
-def _load_rows(src, batch, head, start, offs, n_rows, stride_n, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-               TMA: tl.constexpr, BOUNDS: tl.constexpr):
-    """Rows [start, start + ROWS) x HEAD_DIM of one head of a [B, N, H*D] tensor (Q, K or 16-bit V)."""
-    if TMA:
-        return src.load([batch, start, head * HEAD_DIM]).reshape(ROWS, HEAD_DIM)
-    else:
-        ptrs = src + offs[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
-        if BOUNDS:
-            return tl.load(ptrs, mask=(offs < n_rows)[:, None], other=0)
-        else:
-            return tl.load(ptrs)
 
 
 @triton.jit
@@ -68,7 +54,7 @@ def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, 
     first = lo // BLOCK_N * BLOCK_N
     for start in tl.range(first, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_src, batch, head, start, offs_n, n_k, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+        k = load_tile(k_src, batch, head, start, offs_n, n_k, stride_kn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
         qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
         if BOUNDS:
             inside = ((offs_n >= lo) & (offs_n < hi))[None, :]
@@ -94,7 +80,7 @@ def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, 
         else:
             p = tl.math.exp2(qk * scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(v_src, batch, head, start, offs_n, n_k, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
+            v = load_tile(v_src, batch, head, start, offs_n, n_k, stride_vn, BLOCK_N, HEAD_DIM, TMA, BOUNDS)
             acc = mma(narrow(p, v.dtype, EMULATE_BF16), v, acc * alpha[:, None], "tf32", EMULATE_BF16)
         m_i = m_new
     return acc, l_i, m_i
@@ -110,7 +96,7 @@ def _attention_body(q_src, k_src, v_src, o_src, QScale, KScale, VScale, KeyLen, 
     bh = batch * n_heads + head
     m_first = tl.program_id(0) * BLOCK_M
     q_idx = m_first + tl.arange(0, BLOCK_M)
-    q = _load_rows(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
+    q = load_tile(q_src, batch, head, m_first, q_idx, n_q, stride_qn, BLOCK_M, HEAD_DIM, TMA, True)
     q_scale = tl.load(QScale + bh * tl.cdiv(n_q, BLOCK_M) + tl.program_id(0))
     k_scale = KScale + bh * tl.cdiv(n_k, BLOCK_N)
 
