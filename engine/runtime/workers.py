@@ -6,6 +6,10 @@ all ranks: a small JSON header through the store (which workers poll while idle,
 times out) and the tensors by broadcast; every rank then runs the same ``Denoiser.run`` in lockstep (same
 calls, same reference caches) and the leader answers with its own result.
 
+Start-up has its own bound, ``start_timeout_s``: a worker imports torch and loads its expert before it joins, which on
+a busy host takes longer than a hung collective should be allowed; each worker says it is ready through the store
+and only then do the ranks build their process groups (whose connect is bounded by ``timeout_s``).
+
 A worker that dies or hangs fails the batch in flight within ``timeout_s`` (the collectives' timeout) with
 ``WorkersLost``; from then on the leader refuses every call at once and reports ``healthy`` False, so whoever
 serves it restarts it (``server``: the model is reloaded, the server is not ready meanwhile). Workers die with
@@ -53,6 +57,7 @@ class WorkerSpec:
     rank: int
     timeout_s: float
     resident: bool = False  # read the weights in before serving (engine.warmup.make_resident)
+    start_timeout_s: float = 600.0  # loading the expert, before the rank joins the groups
 
     @property
     def layout(self) -> ParallelLayout:
@@ -71,19 +76,20 @@ class DistributedDenoiser:
     def __init__(self, checkpoint: Checkpoint, expert: int = 0, cache_bytes: int = 8 << 30,
                  layout: ParallelLayout = ParallelLayout(2), timeout_s: float = 120.0,
                  on_lost: Callable[[str], None] = lambda reason: None, python: str = sys.executable,
-                 resident_workers: bool = False):
+                 resident_workers: bool = False, start_timeout_s: float = 600.0):
         layout.check_heads(checkpoint.experts[expert].config.num_attention_heads)
         self.layout, self.timeout_s, self.on_lost = layout, timeout_s, on_lost
         self.lost: str | None = None
         self._seq = 0
         self.store = dist.TCPStore("127.0.0.1", 0, layout.world_size, True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+                                   timeout=datetime.timedelta(seconds=max(timeout_s, start_timeout_s)))
         spec = WorkerSpec(checkpoint.load_arguments(), expert, cache_bytes, layout.sp, layout.cfg_parallel,
-                          self.store.port, 0, timeout_s, resident_workers)
+                          self.store.port, 0, timeout_s, resident_workers, start_timeout_s)
         self.workers = [_start_worker(WorkerSpec(**{**asdict(spec), "rank": rank}), python)
                         for rank in range(1, layout.world_size)]
         try:
             self.device = rank_device(checkpoint.device, 0)
+            self._wait_ready(start_timeout_s)
             self.runtime = connect(layout, 0, self.store, self.device, timeout_s)
             self.denoiser = Denoiser(checkpoint, expert, cache_bytes, parallel=self.runtime)
         except BaseException as error:
@@ -155,6 +161,16 @@ class DistributedDenoiser:
         except RuntimeError as error:  # a failed collective (CollectiveError) or store operation
             raise self._lose(f"handing a batch to the workers failed: {error}") from None
         self._seq += 1
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Until every worker has loaded its expert; a worker that exits meanwhile ends the wait at once."""
+        keys, deadline = [f"ready{rank}" for rank in range(1, self.layout.world_size)], time.monotonic() + timeout_s
+        while not self.store.check(keys):
+            if self._exited() is not None:
+                raise RuntimeError(self._exited())
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the workers were not ready within {timeout_s:g} s")
+            time.sleep(0.05)
 
     def _lose(self, reason: str) -> WorkersLost:
         # a collective fails as soon as a peer's socket closes, a moment before its process can be reaped: give a
@@ -230,12 +246,13 @@ def worker_main(spec: WorkerSpec) -> int:
     leader = os.getppid()
     torch.set_grad_enabled(False)
     store = dist.TCPStore("127.0.0.1", spec.port, spec.layout.world_size, False,
-                          timeout=datetime.timedelta(seconds=spec.timeout_s))
+                          timeout=datetime.timedelta(seconds=max(spec.timeout_s, spec.start_timeout_s)))
     device = rank_device(torch.device(spec.checkpoint.get("device", "cpu")), spec.rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     checkpoint = Checkpoint.load(**{**spec.checkpoint, "device": str(device),
                                     "dtype": getattr(torch, spec.checkpoint.get("dtype", "float32"))})
+    store.set(f"ready{spec.rank}", "1")
     runtime = connect(spec.layout, spec.rank, store, device, spec.timeout_s)
     denoiser = Denoiser(checkpoint, spec.expert, spec.cache_bytes, parallel=runtime)
     if spec.resident:  # before the leader's warm-up call, which waits for every rank (engine.warmup)
