@@ -1,5 +1,8 @@
 """``mvgen generate`` on files that are not what they claim (a copy of the tiny checkpoint with one file
-spoiled, or a bad image): exit code 2 and one stderr line ``mvgen: error: <file>: <problem>``, no traceback."""
+spoiled, or a bad image): exit code 2 and one stderr line ``mvgen: error: <file>: <problem>``, no traceback.
+
+One case runs as a real ``mvgen`` process (exit status and stderr as a shell sees them); the others call
+``mvgen.cli.main`` in this process, the same code past the interpreter's start (a process costs ~5 s of imports)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # a CLI process per bad file
+pytestmark = pytest.mark.slow  # a generation per bad file, one in a CLI process
 
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 SHARD = "transformer/diffusion_pytorch_model-00001-of-00002.safetensors"
@@ -34,12 +37,26 @@ def model(tiny_cache, tmp_path):
     return Path(shutil.copytree(ensure_tiny(tiny_cache), tmp_path / "model"))
 
 
-def _generate(model: Path, demo, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [MVGEN, "generate", "--model", str(model), "--first-frame", str(demo["first_frame"]),
+# the case run as a process
+IN_A_PROCESS = "corrupt transformer shard"
+
+
+def _generate(model: Path, demo, out: Path, *extra: str, process: bool, capsys, monkeypatch) -> tuple[int, str]:
+    """(exit status, stderr) of ``mvgen generate`` on the spoiled inputs."""
+    args = ["generate", "--model", str(model), "--first-frame", str(demo["first_frame"]),
             "--reference", str(demo["front"]), "--prompt", "a person turns around", "--frames", "5",
             "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu", "--out", str(out), *extra]
-    env = {**os.environ, "MVGEN_CACHE": str(model.parent / "cache")}
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    cache = str(model.parent / "cache")
+    if process:
+        result = subprocess.run([MVGEN, *args], capture_output=True, text=True, env={**os.environ, "MVGEN_CACHE": cache},
+                                timeout=300)
+        return result.returncode, result.stderr
+    from mvgen.cli import main
+
+    monkeypatch.setenv("MVGEN_CACHE", cache)
+    capsys.readouterr()
+    code = main(args)
+    return code, capsys.readouterr().err
 
 
 def _png_claiming(width: int, height: int) -> bytes:
@@ -101,7 +118,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_file_exits_2_in_one_line_naming_it(model, demo, tmp_path, case):
+def test_bad_file_exits_2_in_one_line_naming_it(model, demo, tmp_path, case, capsys, monkeypatch):
     name, spoil, extra, words = CASES[case]
     if name == "first_frame.png":
         target = tmp_path / name
@@ -111,9 +128,10 @@ def test_bad_file_exits_2_in_one_line_naming_it(model, demo, tmp_path, case):
         target = model / name
     spoil(target)
     out = tmp_path / "video.mp4"
-    result = _generate(model, demo, out, *[a.format(model=model) for a in extra])
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("mvgen: error: "), result.stderr
-    assert str(target) in result.stderr and words in result.stderr, result.stderr
+    code, stderr = _generate(model, demo, out, *[a.format(model=model) for a in extra], process=case == IN_A_PROCESS,
+                             capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("mvgen: error: "), stderr
+    assert str(target) in stderr and words in stderr, stderr
     assert not out.exists()

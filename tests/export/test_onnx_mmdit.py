@@ -47,7 +47,7 @@ def exported(request, tmp_path_factory):
     save_file(state, adapter / "adapter_model.safetensors")
     (adapter / "mvgen_config.json").write_text(json.dumps({"lora_alpha": ALPHA, "lora_rank": RANK}))
     merged = load_denoiser(root, adapter, ref_attention=request.param, attention_backend="reference")
-    return export_denoiser(merged, root / "onnx"), oracle.eval()
+    return export_denoiser(merged, root / "onnx", optimize=False), oracle.eval()
 
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))

@@ -13,45 +13,64 @@ from server.launcher import free_port, free_ports
 from tests.server.conftest import MVGEN, png
 
 
-def _serve(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+def _ports() -> list[str]:
     grpc, http, metrics = free_ports(3)
-    ports = ["--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
-    return subprocess.run([MVGEN, "serve", *ports, *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return ["--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)]
 
 
-def _one_error_line(result: subprocess.CompletedProcess) -> str:
+def _serve(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
+    """``mvgen serve ARGS`` as a process (for what only a process shows: its PATH, its installed packages)."""
+    return subprocess.run([MVGEN, "serve", *_ports(), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _mvgen(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """``mvgen ARGV`` through ``mvgen.cli.main`` in this process: the refusals below happen before tritonserver would
+    start, and a process would add ~5 s of imports to each."""
+    from mvgen.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    return subprocess.CompletedProcess(argv, code, "", capsys.readouterr().err)
+
+
+def _refused(capsys, *args: str) -> str:
+    """The one error line of ``mvgen serve ARGS`` (run in this process)."""
+    return _one_error_line(_mvgen(capsys, "serve", *_ports(), *args))
+
+
+def _one_error_line(result) -> str:
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mvgen: error: "), result.stderr
     return lines[0]
 
 
-def test_taken_port(tiny_env):
+def test_taken_port(tiny_env, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = _one_error_line(_serve("--model", "tiny", "--grpc-port", str(port)))
+        line = _refused(capsys, "--model", "tiny", "--grpc-port", str(port))
     assert f"port {port} on 127.0.0.1 is already in use (--grpc-port)" in line
 
 
 @pytest.mark.parametrize("layout", ["missing", "empty", "pickles"])
-def test_invalid_model_dir(tmp_path, layout):
+def test_invalid_model_dir(tmp_path, layout, capsys):
     model = tmp_path / "model"
     if layout != "missing":
         (model / "transformer").mkdir(parents=True)
         (model / "transformer" / "config.json").write_text("{}")
     if layout == "pickles":
         (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(b"")
-    line = _one_error_line(_serve("--model", str(model)))
+    line = _refused(capsys, "--model", str(model))
     expected = {"missing": "model directory not found", "empty": "no .safetensors weights",
                 "pickles": "pickled weights are never loaded"}[layout]
     assert expected in line and str(model) in line
 
 
-def test_offload_on_the_cpu(tiny_env):
+def test_offload_on_the_cpu(tiny_env, capsys):
     """Refused before tritonserver starts, in the engine's words (``mvgen generate`` says the same)."""
-    line = _one_error_line(_serve("--model", "tiny", "--device", "cpu", "--offload", "model"))
+    line = _refused(capsys, "--model", "tiny", "--device", "cpu", "--offload", "model")
     assert "cannot serve tiny: offload 'model' moves the denoiser between host memory and an accelerator" in line
 
 
@@ -85,11 +104,10 @@ def test_client_generate_writes_video_and_sheet(served, images, tmp_path):
     assert "height must be a positive multiple of 16" in line
 
 
-def test_client_unreachable_server(tmp_path, images):
+def test_client_unreachable_server(tmp_path, images, capsys):
     (tmp_path / "first.png").write_bytes(png(images[0]))
-    result = subprocess.run([MVGEN, "client", "generate", "--url", f"127.0.0.1:{free_port()}", "--first-frame",
-                             str(tmp_path / "first.png"), "--prompt", "x", "--out", str(tmp_path / "v.mp4")],
-                            capture_output=True, text=True, timeout=60)
+    result = _mvgen(capsys, "client", "generate", "--url", f"127.0.0.1:{free_port()}", "--first-frame",
+                    str(tmp_path / "first.png"), "--prompt", "x", "--out", str(tmp_path / "v.mp4"))
     assert "cannot reach an mvgen server" in _one_error_line(result)
 
 
@@ -98,12 +116,12 @@ def test_client_unreachable_server(tmp_path, images):
     (["--sp", "0"], "--sp must be a positive number of ranks, got 0"),
     (["--sp", "2", "--worker-timeout", "0"], "--worker-timeout must be a positive number of seconds, got 0.0"),
 ])
-def test_parallel_options_refused(tiny_env, args, words):
+def test_parallel_options_refused(tiny_env, args, words, capsys):
     """Refused before tritonserver starts (the tiny model has 2 heads)."""
-    assert words in _one_error_line(_serve("--model", "tiny", *args))
+    assert words in _refused(capsys, "--model", "tiny", *args)
 
 
-def test_parallel_on_the_mmdit_needs_heads_divisible_by_sp(tiny_env):
+def test_parallel_on_the_mmdit_needs_heads_divisible_by_sp(tiny_env, capsys):
     """The MMDiT serves sequence parallel too (``engine.backbones.mmdit``): refused, before a server starts, only
     where its heads do not divide among the ranks."""
-    assert "divisible by sp; this model has 2 heads" in _one_error_line(_serve("--model", "tiny-mmdit", "--sp", "3"))
+    assert "divisible by sp; this model has 2 heads" in _refused(capsys, "--model", "tiny-mmdit", "--sp", "3")
