@@ -8,8 +8,9 @@ The loop is the 16-bit kernel's (``kernels.joint_attention.kernel``) with three 
     same fused multiply-add that subtracts the running maximum, so the softmax costs one I2F per logit more;
   - P in FP8 (``PV_FP8``): ``2**(s - m) * 448``, the 448 folded into the subtracted maximum (P uses e4m3's whole
     range at no cost; the row sum carries the same factor and cancels it), times the tile of V^T in e4m3
-    (per-channel scales, applied once at the end); each tile's MMA starts from zero and its result is added to
-    the fp32 accumulator (SageAttention 2's two-level accumulation: the FP8 MMA's own accumulator is narrower
+    (per-channel scales, applied once at the end; its keys stored in the order in which P's accumulator
+    registers already form the FP8 MMA's operand, ``_mma_key_order``); each tile's MMA starts from zero and its
+    result is added to the fp32 accumulator (SageAttention 2's two-level accumulation: the FP8 MMA's own accumulator is narrower
     than fp32, so it never sums more than one tile);
   - the key ranges of a query block are cut at tile boundaries: a masked head (keys below the first multiple of
     BLOCK_N), the dense middle, a masked tail; so every tile lies in one K scale block.
@@ -45,6 +46,18 @@ def _load_vt(src, batch, head, start, offs, stride_vd, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def _mma_key_order(p, BLOCK_N: tl.constexpr):
+    """P's columns reordered so that the logits' MMA accumulator layout is the FP8 MMA's A-operand layout as it
+    stands (no shuffles). The accumulator gives a thread the column pairs {2t, 2t+1} and {2t+8, 2t+9} of every
+    16 (t: the lane's position in its quad), the e4m3 operand wants 4 consecutive keys {4t, .., 4t+3} per register:
+    so column ``k`` of the result is column ``c`` of ``p`` with c = k0 + 2 k2 + 4 k3 + 8 k1 (k's bits, per 16
+    columns). The sum over keys of P.V is unchanged when V^T's columns follow the same order, which is how
+    ``quantize._quantize_v_fp8`` stores them (``quantize.mma_key_position``)."""
+    p = p.reshape(p.shape[0], BLOCK_N // 16, 2, 2, 2, 2)  # c3 c2 c1 c0
+    return tl.permute(p, (0, 1, 3, 4, 2, 5)).reshape(p.shape[0], BLOCK_N)  # k3 k2 k1 k0 = c2 c1 c3 c0
+
+
+@triton.jit
 def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, head, stride_kn, stride_vn,
                 n_k, q_ref_lo, q_ctx_lo, k_ref_lo, k_ctx_lo, tokens_per_frame, proto_tokens, lo, hi,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BOUNDS: tl.constexpr, MASK_MODE: tl.constexpr,
@@ -71,7 +84,7 @@ def _attn_range(acc, l_i, m_i, q, q_scale, q_idx, k_src, k_scale, v_src, batch, 
             p = tl.math.exp2(qk * scale - (m_new - _LOG2_FP8_MAX)[:, None])  # 448 * 2**(s - m)
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = _load_vt(v_src, batch, head, start, offs_n, stride_vn, HEAD_DIM, BLOCK_N, TMA)
-            p8 = _round_e4m3(p, EMULATE_FP8)
+            p8 = _mma_key_order(_round_e4m3(p, EMULATE_FP8), BLOCK_N)  # V^T's keys are stored in this order
             if EMULATE_FP8:
                 pv = tl.dot(p8.to(tl.float32), tl.trans(vt).to(tl.float32), input_precision="ieee")
             else:

@@ -47,6 +47,20 @@ def _round_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _mma_key_position(n):
+    """Where key ``n`` is stored in a row of V^T: the order of ``kernel._mma_key_order`` (within each 16 keys, key
+    c = c0 + 2 c1 + 4 c2 + 8 c3 at k = c0 + 2 c3 + 4 c1 + 8 c2), so the FP8 MMA's A operand is P's accumulator
+    registers as they are. ``mma_key_positions`` is the same map on the host."""
+    return (n & ~15) | (n & 1) | ((n >> 2) & 2) | ((n << 1) & 12)
+
+
+def mma_key_positions(n: int) -> torch.Tensor:
+    """[n] (n a multiple of 16): the column of V^T holding key i (``_mma_key_position``)."""
+    keys = torch.arange(n)
+    return (keys & ~15) | (keys & 1) | ((keys >> 2) & 2) | ((keys << 1) & 12)
+
+
+@triton.jit
 def _column_stats(X, Partial, n_tokens, chunk, n_heads, stride_xb, stride_xn, HEAD_DIM: tl.constexpr,
                   SPLITS: tl.constexpr, ROWS: tl.constexpr, ABSMAX: tl.constexpr):
     """Partial[bh, split, :] = the sum (or, ``ABSMAX``, the max |x|) over tokens [split*chunk, +chunk) of one
@@ -123,16 +137,16 @@ def _quantize_int8(X, Partial, Out, Scale, Mean, n_tokens, n_heads, n_blocks, st
 def _quantize_v_fp8(V, Partial, OutT, Scale, n_tokens, n_heads, stride_vb, stride_vn, stride_ot,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """One block of BLOCK tokens of one (row, head) of V [B, N, H, D] -> e4m3 codes in OutT [B, H, D, N_pad]
-    (transposed: the keys are the reduction axis of P.V, which FP8 MMAs read contiguously); program 0 of a
-    (row, head) writes its per-channel scales (Scale [B, H, D])."""
+    (transposed: the keys are the reduction axis of P.V, which FP8 MMAs read contiguously; each 16 keys in the
+    order ``_mma_key_position``); program 0 of a (row, head) writes its per-channel scales (Scale [B, H, D])."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     v, rows, cols, inside, batch, head = _load_block(V, block, bh, n_heads, n_tokens, stride_vb, stride_vn, HEAD_DIM,
                                                      BLOCK)
     amax = tl.maximum(_combined(Partial, bh, n_tokens, HEAD_DIM, SPLITS, True), _AMAX_FLOOR)
     codes = _round_e4m3(v * (tl.full([HEAD_DIM], _FP8_MAX, tl.float32) / amax)[None, :], EMULATE_FP8)
-    tl.store(OutT + bh.to(tl.int64) * HEAD_DIM * stride_ot + cols[None, :] * stride_ot + rows[:, None], codes,
-             mask=inside)
+    tl.store(OutT + bh.to(tl.int64) * HEAD_DIM * stride_ot + cols[None, :] * stride_ot
+             + _mma_key_position(rows)[:, None], codes, mask=inside)
     if block == 0:
         tl.store(Scale + bh * HEAD_DIM + cols, amax / _FP8_MAX)
 

@@ -76,17 +76,19 @@ def test_quantize_qk_matches_reference(head_dim, dtype, gen):
 
 
 def test_quantize_v_matches_reference(gen):
-    from kernels.quantized_attention.quantize import quantize_v_triton
+    from kernels.quantized_attention.quantize import mma_key_positions, quantize_v_triton
 
     _, _, v = draw(2, 1, 53, 3, 64, torch.bfloat16, gen)
     v[..., 5] *= 40  # a loud channel: per-channel scales keep the others' resolution
     got_t, scale = quantize_v_triton(v, emulate=True, block=32)
     want, want_scale = quantize_v_reference(v)
     assert got_t.shape == (2, 3, 64, 64) and got_t.dtype == torch.float8_e4m3fn  # V^T, keys padded to the tile
-    codes = got_t.double()[..., :53].permute(0, 3, 1, 2)  # back to [B, N, H, D]
+    in_key_order = got_t.double()[..., mma_key_positions(64)]  # V^T's columns hold the keys in the MMA's order
+    codes = in_key_order[..., :53].permute(0, 3, 1, 2)  # back to [B, N, H, D]
     step = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(2.0 ** -6))) - 3)  # e4m3's grid step at the value
     codes_agree(codes, want, step)
-    assert torch.equal(got_t[..., 53:].double(), torch.zeros(2, 3, 64, 11, dtype=torch.float64))  # padding
+    assert torch.equal(in_key_order[..., 53:], torch.zeros(2, 3, 64, 11, dtype=torch.float64))  # padding
+    assert not torch.equal(in_key_order, got_t.double())  # the order is not the identity
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     assert want.abs().amax(1).min() == 448  # every channel spends the whole e4m3 range
 
