@@ -202,14 +202,17 @@ def quantize_qk_triton(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_
     return QuantizedQK(q8, q_scale, k8, k_scale, mean, block_q, block_k)
 
 
-def quantize_v_triton(v: torch.Tensor, *, emulate: bool, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """V [B, N, H, D] -> (e4m3 V^T [B, H, D, N_pad], N_pad the tokens rounded up to ``block`` (the attention's key
-    tile: its loads never leave the tensor) with zero padding, and fp32 per-channel scales [B, H, D]);
-    ``emulate``: round on e4m3's grid first (under the interpreter, see ``_round_e4m3``)."""
+def quantize_v_triton(v: torch.Tensor, *, emulate: bool, block: int,
+                      tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V [B, N, H, D] -> (e4m3 V^T [B, H, D, N_pad], N_pad the tokens rounded up to ``tile`` (default ``block``: the
+    attention's key tile, so its loads never leave the tensor) with zero padding, and fp32 per-channel scales
+    [B, H, D]); one program per ``block`` tokens; ``emulate``: round on e4m3's grid first (under the interpreter,
+    see ``_round_e4m3``)."""
     _check("v", v)
-    check_blocks(block, block)
+    tile = block if tile is None else tile
+    check_blocks(block, tile)
     b, n, h, d = v.shape
-    out_t = torch.zeros(b, h, d, triton.cdiv(max(n, 1), block) * block, dtype=torch.float8_e4m3fn, device=v.device)
+    out_t = torch.zeros(b, h, d, triton.cdiv(max(n, 1), tile) * tile, dtype=torch.float8_e4m3fn, device=v.device)
     scale = torch.empty(b, h, d, dtype=torch.float32, device=v.device)
     if n:
         _quantize_v_fp8[(triton.cdiv(n, block), b * h)](v, _stats(v, absmax=True), out_t, scale, n, h, v.stride(0),
