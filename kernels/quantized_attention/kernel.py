@@ -231,7 +231,9 @@ def _quantized_fwd(Q, K, V, Out, QScale, KScale, VScale, KeyLen, stride_qb, stri
 # ``kernels.compile_check``: sm_90 d128 full at 128x256 has 0 spills and the fewest SASS per 64 keys (the per-tile
 # work, the accumulator's rescaling included, spread over twice the keys); its prototype mask spills there
 # (its index arithmetic) and its 16-bit P.V does not fit shared memory at 3 stages: those take 128-key tiles
-# (``NARROW_BLOCK_N``). sm_89/sm_80 spill at 128x128 (d128) and at 128x64 on 8 warps (d64, sm_89).
+# (``NARROW_BLOCK_N``). sm_89 spills at 128x128 (d128: 60 B); at d64 its 128x64 tile on 8 warps no longer spills
+# since P needs no permutation (137 registers, 316 SASS per 64 keys against 327 at 64x64), kept at 64x64 here: the
+# wider tile would coarsen Q's blocks on sm_80 and sm_89, a change for a GPU's timings to decide.
 GPU_CONFIGS = {(9, 64): (128, 256, 8, 3), (9, 128): (128, 256, 8, 3),
                (8, 64): (64, 64, 4, 2), (8, 128): (128, 64, 8, 2)}
 NARROW_BLOCK_N = DEFAULT_BLOCKS[1]
