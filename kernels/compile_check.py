@@ -340,7 +340,8 @@ def _attention_variants(archs) -> list[tuple[Variant, int]]:
 def _quantized_variants(archs) -> list[tuple[Variant, int]]:
     """The 8-bit attention as launched: the descriptor entry on sm_90 (FP8 P.V), the pointer entry on sm_89 (FP8
     P.V) and sm_80 (16-bit P.V); every mask, both head dims, the three-stream launch with key lengths; then its
-    quantisation kernels. One sm_90 row with 16-bit P.V isolates what the FP8 P.V costs in the loop."""
+    quantisation kernels. One sm_90 row with 16-bit P.V isolates what the FP8 P.V costs in the loop, and one at the
+    16-bit kernel's 128x128 tile (not launched: sm_90 takes 128x256) compares the loops tile for tile."""
     from .quantized_attention import kernel as qattn
 
     out = []
@@ -350,9 +351,9 @@ def _quantized_variants(archs) -> list[tuple[Variant, int]]:
         entry, builder = (("_quantized_fwd_tma", "quantized_tma") if major >= 9
                           else ("_quantized_fwd", "quantized_pointers"))
 
-        def variant(dtype, head_dim, mask, pv=pv, context=False, key_len=False):
+        def variant(dtype, head_dim, mask, pv=pv, context=False, key_len=False, block_n=None):
             c = qattn.tile_config(major, head_dim, mask, pv)
-            bm, bn, warps, stages = c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]
+            bm, bn, warps, stages = c["BLOCK_M"], block_n or c["BLOCK_N"], c["num_warps"], c["num_stages"]
             streams = (" 3-stream" if context else "") + (" keylen" if key_len else "")
             label = f"int8 qk {pv} pv {dtype} d{head_dim} {mask} {bm}x{bn}{streams}"
             return (Variant(entry, label, f"kernels.compile_check:{builder}",
@@ -364,6 +365,8 @@ def _quantized_variants(archs) -> list[tuple[Variant, int]]:
         out += [variant("bf16", 64, "full"), variant("fp16", 128, "full")]
         if pv == "fp8":
             out.append(variant("bf16", 128, "full", pv="16bit"))
+        if major >= 9:
+            out.append(variant("bf16", 128, "full", block_n=qattn.NARROW_BLOCK_N))
         for kernel, smooth in (("_column_stats", True), ("_quantize_int8", True), ("_quantize_v_fp8", False)):
             if kernel == "_quantize_v_fp8" and arch < 89:
                 continue  # sm_80 has no FP8: its P.V stays 16-bit and V is not quantised
