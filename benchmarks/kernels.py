@@ -193,13 +193,13 @@ def _sdpa_base2(backend_name):
 
 def _quantize(q, k, v, pv):
     """The 8-bit attention's quantisation passes as its launcher runs them: (QuantizedQK, V operand, V scales)."""
-    from kernels.quantized_attention.kernel import gpu_config
+    from kernels.quantized_attention.kernel import gpu_config, key_block
     from kernels.quantized_attention.quantize import quantize_qk_triton, quantize_v_triton
 
-    config = gpu_config(q.device, q.shape[-1])
-    quantized = quantize_qk_triton(q, k, block_q=config["BLOCK_M"], block_k=config["BLOCK_N"])
+    config = gpu_config(q.device, q.shape[-1], pv=pv)
+    quantized = quantize_qk_triton(q, k, block_q=config["BLOCK_M"], block_k=key_block(config["BLOCK_N"]))
     if pv == "fp8":
-        return (quantized, *quantize_v_triton(v, emulate=False, block=config["BLOCK_N"]))
+        return (quantized, *quantize_v_triton(v, emulate=False, block=quantized.block_k, tile=config["BLOCK_N"]))
     return quantized, v, quantized.k_scale  # the scale operand is unread without FP8
 
 
@@ -209,11 +209,12 @@ def _kernel_only(operands, like, n_video, n, pv):
     from kernels.quantized_attention import kernel
 
     quantized, v_operand, v_scale = operands
-    config = kernel.gpu_config(quantized.q.device, quantized.q.shape[-1])
+    config = kernel.gpu_config(quantized.q.device, quantized.q.shape[-1], pv=pv)
     out = torch.empty_like(like)
     hopper = torch.cuda.get_device_capability()[0] >= 9
     args, meta = (kernel.launch_args if hopper else kernel.pointer_args)(
-        quantized, v_operand, v_scale, out, q_offsets=(n_video, n), k_offsets=(n_video, n), pv=pv)
+        quantized, v_operand, v_scale, out, q_offsets=(n_video, n), k_offsets=(n_video, n), pv=pv,
+        block_n=config["BLOCK_N"])
     entry = kernel._quantized_fwd_tma if hopper else kernel._quantized_fwd
     grid = (-(-n // config["BLOCK_M"]), quantized.q.shape[0] * quantized.q.shape[2])
 

@@ -47,6 +47,20 @@ def _round_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _mma_key_position(n):
+    """Where key ``n`` is stored in a row of V^T: the order of ``kernel._mma_key_order`` (within each 16 keys, key
+    c = c0 + 2 c1 + 4 c2 + 8 c3 at k = c0 + 2 c3 + 4 c1 + 8 c2), so the FP8 MMA's A operand is P's accumulator
+    registers as they are. ``mma_key_positions`` is the same map on the host."""
+    return (n & ~15) | (n & 1) | ((n >> 2) & 2) | ((n << 1) & 12)
+
+
+def mma_key_positions(n: int) -> torch.Tensor:
+    """[n] (n a multiple of 16): the column of V^T holding key i (``_mma_key_position``)."""
+    keys = torch.arange(n)
+    return (keys & ~15) | (keys & 1) | ((keys >> 2) & 2) | ((keys << 1) & 12)
+
+
+@triton.jit
 def _column_stats(X, Partial, n_tokens, chunk, n_heads, stride_xb, stride_xn, HEAD_DIM: tl.constexpr,
                   SPLITS: tl.constexpr, ROWS: tl.constexpr, ABSMAX: tl.constexpr):
     """Partial[bh, split, :] = the sum (or, ``ABSMAX``, the max |x|) over tokens [split*chunk, +chunk) of one
@@ -123,16 +137,16 @@ def _quantize_int8(X, Partial, Out, Scale, Mean, n_tokens, n_heads, n_blocks, st
 def _quantize_v_fp8(V, Partial, OutT, Scale, n_tokens, n_heads, stride_vb, stride_vn, stride_ot,
                     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, EMULATE_FP8: tl.constexpr):
     """One block of BLOCK tokens of one (row, head) of V [B, N, H, D] -> e4m3 codes in OutT [B, H, D, N_pad]
-    (transposed: the keys are the reduction axis of P.V, which FP8 MMAs read contiguously); program 0 of a
-    (row, head) writes its per-channel scales (Scale [B, H, D])."""
+    (transposed: the keys are the reduction axis of P.V, which FP8 MMAs read contiguously; each 16 keys in the
+    order ``_mma_key_position``); program 0 of a (row, head) writes its per-channel scales (Scale [B, H, D])."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     v, rows, cols, inside, batch, head = _load_block(V, block, bh, n_heads, n_tokens, stride_vb, stride_vn, HEAD_DIM,
                                                      BLOCK)
     amax = tl.maximum(_combined(Partial, bh, n_tokens, HEAD_DIM, SPLITS, True), _AMAX_FLOOR)
     codes = _round_e4m3(v * (tl.full([HEAD_DIM], _FP8_MAX, tl.float32) / amax)[None, :], EMULATE_FP8)
-    tl.store(OutT + bh.to(tl.int64) * HEAD_DIM * stride_ot + cols[None, :] * stride_ot + rows[:, None], codes,
-             mask=inside)
+    tl.store(OutT + bh.to(tl.int64) * HEAD_DIM * stride_ot + cols[None, :] * stride_ot
+             + _mma_key_position(rows)[:, None], codes, mask=inside)
     if block == 0:
         tl.store(Scale + bh * HEAD_DIM + cols, amax / _FP8_MAX)
 
@@ -188,14 +202,17 @@ def quantize_qk_triton(q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_
     return QuantizedQK(q8, q_scale, k8, k_scale, mean, block_q, block_k)
 
 
-def quantize_v_triton(v: torch.Tensor, *, emulate: bool, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """V [B, N, H, D] -> (e4m3 V^T [B, H, D, N_pad], N_pad the tokens rounded up to ``block`` (the attention's key
-    tile: its loads never leave the tensor) with zero padding, and fp32 per-channel scales [B, H, D]);
-    ``emulate``: round on e4m3's grid first (under the interpreter, see ``_round_e4m3``)."""
+def quantize_v_triton(v: torch.Tensor, *, emulate: bool, block: int,
+                      tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """V [B, N, H, D] -> (e4m3 V^T [B, H, D, N_pad], N_pad the tokens rounded up to ``tile`` (default ``block``: the
+    attention's key tile, so its loads never leave the tensor) with zero padding, and fp32 per-channel scales
+    [B, H, D]); one program per ``block`` tokens; ``emulate``: round on e4m3's grid first (under the interpreter,
+    see ``_round_e4m3``)."""
     _check("v", v)
-    check_blocks(block, block)
+    tile = block if tile is None else tile
+    check_blocks(block, tile)
     b, n, h, d = v.shape
-    out_t = torch.zeros(b, h, d, triton.cdiv(max(n, 1), block) * block, dtype=torch.float8_e4m3fn, device=v.device)
+    out_t = torch.zeros(b, h, d, triton.cdiv(max(n, 1), tile) * tile, dtype=torch.float8_e4m3fn, device=v.device)
     scale = torch.empty(b, h, d, dtype=torch.float32, device=v.device)
     if n:
         _quantize_v_fp8[(triton.cdiv(n, block), b * h)](v, _stats(v, absmax=True), out_t, scale, n, h, v.stride(0),

@@ -19,9 +19,10 @@ QUANTIZED_KERNELS = ("_quantized_fwd_tma", "_quantized_fwd", "_quantize_int8", "
 # and the 16-bit P.V of sm_80 (also compiled on sm_90 and sm_89, to isolate what FP8 costs)
 LOOP_MMA = {(90, "fp8"): {"IGMMA", "QGMMA"}, (90, "16bit"): {"IGMMA", "HGMMA"}, (89, "fp8"): {"IMMA", "QMMA"},
             (89, "16bit"): {"IMMA", "HMMA"}, (80, "16bit"): {"IMMA", "HMMA"}}
-# sm_90, d128, full mask, 128x128: measured 314 SASS per warp per 64 keys (the 16-bit kernel at the same tile: 259.5;
-# the difference is one I2F per logit and the permutation of P into the FP8 MMA's operand layout)
-HOPPER_SASS_PER_64 = 330
+# the 8-bit loop's SASS per warp per 64 keys on sm_90 (d128, full mask, at its 128x256 tile) against the 16-bit
+# kernel's at 128x128 (its fewest): measured 244.2 against 259.5 (0.94); the bound keeps the doubled tensor-core rate
+# from being eaten by issue overhead
+HOPPER_SASS_RATIO = 1.0
 
 
 def _compile(tmp_path, *args) -> tuple[str, list[dict]]:
@@ -62,22 +63,21 @@ def test_every_kernel_compiles_for_sm90_and_sm80(compiled):
 
 
 def test_8bit_attention_compiles_for_sm90_sm89_sm80(compiled):
-    """No spills; the integer and e4m3 MMAs in the hot loop (IGMMA + QGMMA on sm_90 with descriptors, IMMA + QMMA on
-    sm_89, IMMA + 16-bit HMMA on sm_80), no trigonometry; every mask; the sm_90 loop's SASS per 64 keys held near
-    what it compiles to today (it is above the 16-bit kernel's: see HOPPER_SASS_PER_64)."""
-    _, rows = compiled
-    rows = [r for r in rows if r["kernel"] in QUANTIZED_KERNELS]
-    # the one exception, measured: sm_90's prototype kernel at 128x128 holds a fifth key range (the MMDiT's text
-    # after the prototypes) and spills 8 B (stored once, loaded 4 times) outside the loop, whose SASS is full's
+    """No spills anywhere; the integer and e4m3 MMAs in the hot loop (IGMMA + QGMMA on sm_90 with descriptors, IMMA +
+    QMMA on sm_89, IMMA + 16-bit HMMA on sm_80), no trigonometry; every mask; the sm_90 loop's SASS per 64 keys no
+    more than the 16-bit kernel's (HOPPER_SASS_RATIO)."""
+    _, all_rows = compiled
+    rows = [r for r in all_rows if r["kernel"] in QUANTIZED_KERNELS]
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
-    assert all(r["arch"] == 90 and "prototype 128x128" in r["label"] and r["spill_stores"] <= 8
-               and r["spill_loads"] <= 32 for r in spilled), spilled
+    assert not spilled, spilled
     attention = [r for r in rows if r["kernel"].startswith("_quantized_fwd")]
     masks = {(r["arch"], r["label"].split()[6]) for r in attention}
     assert masks == {(a, m) for a in (90, 89, 80) for m in ("full", "isolated", "prototype")}, masks
     for r in attention:
         mma = {part.split(":")[0] for part in r["loop_mma"].split()}
         assert mma == LOOP_MMA[r["arch"], r["label"].split()[2]] and r["loop_trig"] == 0, r
-    hopper = next(r for r in attention if r["arch"] == 90 and r["label"] == "int8 qk fp8 pv bf16 d128 full 128x128")
-    assert hopper["sass_per_64"] <= HOPPER_SASS_PER_64, hopper
+    hopper = next(r for r in attention if r["arch"] == 90 and r["label"] == "int8 qk fp8 pv bf16 d128 full 128x256")
+    sixteen = next(r for r in all_rows if r["kernel"] == "_attention_fwd_tma" and r["arch"] == 90
+                   and r["label"] == "bf16 d128 full 128x128")
+    assert hopper["sass_per_64"] <= HOPPER_SASS_RATIO * sixteen["sass_per_64"], (hopper, sixteen)
     assert {r["kernel"] for r in rows if r["arch"] == 80} >= {"_quantize_int8", "_column_stats"}
