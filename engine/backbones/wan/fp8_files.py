@@ -50,8 +50,6 @@ _INPUT_SUFFIXES = (".scale_input", ".input_scale")  # static activation scales: 
 _QUANT_CONF = ".comfy_quant"
 # Wan's own parameter whose name holds "scale" (every other key whose last part does is taken for an FP8 scale)
 _NOT_SCALES = ("scale_shift_table",)
-SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F32": torch.float32,
-                       "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 _LAYOUTS = ("known FP8 layouts: ComfyUI fp8_e4m3fn (no scales), ComfyUI fp8_scaled ('scaled_fp8' marker + per-tensor "
             "<layer>.scale_weight), ComfyUI comfy_quant (<layer>.comfy_quant + per-tensor <layer>.weight_scale), "
             "LightX2V (per-channel <layer>.weight_scale [out, 1])")
@@ -148,22 +146,23 @@ def channel_scale(scale: torch.Tensor | None, rows: int) -> torch.Tensor:
     return scale.float().reshape(-1).expand(rows).contiguous() if scale.numel() == 1 else scale.float().reshape(rows)
 
 
-def dequantize_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (prefix stripped) with every FP8 weight dequantised into bfloat16 (module docstring) and the
-    convention's scale and bookkeeping keys gone; a file without FP8 comes back as it is."""
+def split_scales(path: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                       dict[str, torch.Tensor]]:
+    """(``state`` (prefix stripped) without the convention's scale and bookkeeping keys, its FP8 weights left in
+    float8_e4m3fn as stored; per FP8 weight key, its scale as float32 [out]: ``channel_scale``). A file without FP8
+    comes back as it is, with no scales."""
     layout = fp8_layout(path, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()},
                         lambda key: read_tag(state[key]))
     if layout is None:
-        return state
-    out = {k: v for k, v in state.items() if k not in layout.extra and k not in set(layout.scales.values())}
-    for key, scale_key in layout.scales.items():
-        q = state[key]
-        scale = channel_scale(state[scale_key] if scale_key else None, q.shape[0])
-        out[key] = (q.float() * scale.reshape(-1, *(1,) * (q.ndim - 1))).to(torch.bfloat16)
-    log.info("%s: FP8 file (%s): %d float8_e4m3fn tensors dequantised into bfloat16 for the loader; --quantize fp8 "
-             "holds its block linears in 8 bits again (the file's own bytes and scales)", path, layout.convention,
-             len(layout.scales))
-    return out
+        return state, {}
+    dropped = set(layout.extra) | {s for s in layout.scales.values() if s is not None}
+    scales = {key: channel_scale(state[scale_key] if scale_key else None, state[key].shape[0])
+              for key, scale_key in layout.scales.items()}
+    log.info("%s: FP8 file (%s): %d float8_e4m3fn tensors handed to the loader as stored, each with its "
+             "per-output-channel scale (--quantize fp8 keeps the block linears' bytes; other tensors, and every one "
+             "without --quantize, are dequantised one by one into the compute dtype)", path, layout.convention,
+             len(scales))
+    return {k: v for k, v in state.items() if k not in dropped}, scales
 
 
 def read_tag(tensor: torch.Tensor) -> dict:
