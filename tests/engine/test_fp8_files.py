@@ -8,7 +8,8 @@ checkpoint in each convention's key layout and quantisation rule, read from each
   ``scaled_fp8`` marker (empty); LightX2V's ``--comfyui_mode`` variant writes the marker as two zeros;
 - ComfyUI ``comfy_quant``: ``<layer>.comfy_quant`` JSON bytes + 0-d ``<layer>.weight_scale``;
 - LightX2V ``--linear_type fp8``: the ``self_attn``/``cross_attn``/``ffn`` weights per output channel (absmax / 448,
-  absmax clamped at 1e-5), ``<layer>.weight_scale`` [out, 1] float32, everything else bf16.
+  absmax clamped at 1e-5), ``<layer>.weight_scale`` [out, 1] float32, everything else bf16 (``benchmarks.fp8_load``
+  writes it, for its memory figures too).
 
 The oracle for "the same weights": quantising the original model ourselves (``--quantize fp8`` on the 32-bit
 checkpoint) for the per-channel convention, and each convention's own dequantisation (the file's bytes times the
@@ -24,6 +25,8 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
+from benchmarks.fp8_load import LIGHTX2V_TARGETS
+from benchmarks.fp8_load import lightx2v_tensors as lightx2v  # the benchmark's file is the same convention
 from engine.adapters.base_lora import LoraSpec
 from engine.adapters.reference_weights import weight_bytes
 from engine.backbones.registry import load_denoiser
@@ -36,7 +39,6 @@ from .original_wan import to_original_wan
 
 E4M3 = torch.float8_e4m3fn
 KIJAI_KEEP = ("norm", "head", "bias", "time_", "patch_embedding", "img_emb", "modulation")
-LIGHTX2V_TARGETS = ("self_attn", "cross_attn", "ffn")
 
 
 def _block_linear(key: str, value: torch.Tensor) -> bool:
@@ -79,18 +81,6 @@ def comfyui_quant(state):
                 (v / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3), scale.reshape(()), tag)
         else:
             out[k] = v
-    return out
-
-
-def lightx2v(state):
-    out = {}
-    for k, v in state.items():
-        if _block_linear(k, v):
-            scale = v.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / FP8_MAX
-            out[k] = (v / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
-            out[k.removesuffix(".weight") + ".weight_scale"] = scale.float()
-        else:
-            out[k] = v.to(torch.bfloat16)
     return out
 
 

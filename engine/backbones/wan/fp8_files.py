@@ -19,15 +19,17 @@ Conventions (read from each tool's public loader/converter code; key names after
 Anything else that looks like a scale (block-wise ``[out/128, in/128]`` scales, ``weight_scale_inv``, a scale
 without an FP8 weight, ``scale_weight`` without the marker, an e5m2 weight) is refused in one line naming the key.
 
-What the loader gets: ``dequantize_state`` turns each FP8 weight into bfloat16 ``q * scale`` (computed in float32;
-exact for unscaled files, and for scaled ones ``quantize_with_scale`` recovers the file's bytes from it: bf16's
-rounding, 2**-9 relative, stays far inside half an FP8 step, 2**-4). ``single_file.fp8_file_scales`` reads the file's
-scales again (only those tensors) under the diffusers module names, so that ``--quantize fp8`` puts the file's own
-bytes back instead of rescaling them. The loader (``engine.backbones.wan.loading``) casts every floating tensor to
-the compute dtype, so the whole model passes through bfloat16 once during the load (a LightX2V file of the CPU-sized
-checkpoint: +200 MiB peak for 52 MiB of FP8 weights, against +275 MiB loading its float32 folder into bf16); a
-file-to-FP8 path without that pass needs the loader to hand float8 tensors and their scales to
-``engine.runtime.fp8`` uncast.
+What the loader gets: ``split_scales`` leaves each FP8 weight in float8_e4m3fn as the file stores it and gives its
+scale per output channel (a per-tensor scale broadcast, an unscaled file's ones); ``single_file`` renames both.
+``engine.backbones.assembly`` then hands a block linear's weight and scale uncast to its FP8 module under
+``--quantize fp8*`` (the file's own bytes: the same bytes and scales the former path recovered by requantising a
+bfloat16 copy) and dequantises every other FP8 tensor, and all of them without ``--quantize``, alone into the compute
+dtype as it goes. Loading the CPU-sized checkpoint's LightX2V file (50.3 MiB; ``mvgen bench fp8-load``, AMD EPYC, 2
+cores): ``--quantize fp8`` peaks at +70.5 MiB for its 60.0 MiB model (1.18x; the former bfloat16 pass: +209.2 MiB,
+3.49x, the same FP8 bytes and scales by SHA-256); without ``--quantize`` bfloat16 +144.7 MiB (1.58x; formerly 1.55x)
+and float32 +244 to +269 MiB over two runs (1.34x to 1.48x; formerly 1.04x). No load holds a second copy of the model:
+above it is the file, which safetensors maps whole and unmaps with its last tensor (the former path's anonymous
+bfloat16 copies let the mapping go early in float32).
 """
 from __future__ import annotations
 
