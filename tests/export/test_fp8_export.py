@@ -232,12 +232,12 @@ def test_recorded_scales_must_name_the_model_fp8_linears(checkpoint):
 
     den = _fp8_model(checkpoint)
     record = {"activation_scales": {"blocks.0.norm1": 0.1}, "calibration": "x"}
-    with pytest.raises(ValueError, match=r"no FP8 linear of this model: \['blocks.0.norm1'\]"):
-        with calibrated(den, None, [], "unused", record):
-            pass
-    with pytest.raises(ValueError, match="this model has none"):
-        with calibrated(load_denoiser(checkpoint[0]), None, [], "unused", record):
-            pass
+    with pytest.raises(ValueError, match=r"no FP8 linear of this model: \['blocks.0.norm1'\]"), \
+            calibrated(den, None, [], "unused", record):
+        pass
+    with pytest.raises(ValueError, match="this model has none"), \
+            calibrated(load_denoiser(checkpoint[0]), None, [], "unused", record):
+        pass
 
 
 @pytest.mark.slow  # a short generation of tiny, then its FP8 export (~50 s on 2 busy cores)
