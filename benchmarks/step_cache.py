@@ -6,7 +6,8 @@ One in-process pipeline (``bench pipeline``'s ``tiny`` or ``cpu`` checkpoint) ge
 caching off and at each threshold (``MvgenConfig.step_cache_threshold``, switched on the loaded denoisers). Each
 run is timed end to end (encoders, the denoising loop, VAE decode; median of ``--repeats`` after one warm-up) and
 its final latents are compared with the uncached run's: relative L2 error ``||z - z_off|| / ||z_off||``. The
-skipped steps are read from the denoiser's step cache before the request releases it.
+skipped steps are read from the denoiser's step cache before the request releases it. ``--quantize fp8*`` loads the
+denoiser's block linears in 8 bits (``engine.runtime.fp8``); each row records the mode and how the linears computed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from engine.cli_args import add_memory_arguments, parse_overrides
 from engine.errors import UsageError
 
-from .bench_pipeline import load_pipeline, request
+from .bench_pipeline import denoiser_weights, load_pipeline, request
 
 NAME = "steps"
 HELP = "step caching (TeaCache rule) end to end: speed-up vs the final latents' error at several thresholds"
@@ -54,6 +55,8 @@ def measure(args) -> list[dict]:
     req = request(pipe, args, seed=3)
     stages = _CountingStages(pipe.stages)
     base = [d.model.config for d in pipe.stages.denoisers]
+    # --quantize reaches the loaded denoisers through the config (bench_pipeline.overrides); each row says what ran
+    _, block_weights = denoiser_weights(pipe)
     rows, reference = [], None
     for threshold in [0.0, *args.thresholds]:
         for denoiser, cfg in zip(pipe.stages.denoisers, base):
@@ -66,7 +69,8 @@ def measure(args) -> list[dict]:
         if reference is None:
             reference = latents
         error = ((latents.double() - reference.double()).norm() / reference.double().norm()).item()
-        rows.append({"config": args.config, "threshold": threshold, "steps": args.steps,
+        rows.append({"config": args.config, "quantize": base[0].quantize, "block_weights": block_weights,
+                     "threshold": threshold, "steps": args.steps,
                      "skipped": stages.counts[-1], "median_s": statistics.median(samples), "samples_s": samples,
                      "latent_rel_err": error})
     for denoiser, cfg in zip(pipe.stages.denoisers, base):
@@ -77,7 +81,8 @@ def measure(args) -> list[dict]:
     return rows
 
 
-COLUMNS = [("config", "config"), ("threshold", "threshold (0 = off)"), ("steps", "steps"),
+COLUMNS = [("config", "config"), ("quantize", "quantize"), ("block_weights", "block weights"),
+           ("threshold", "threshold (0 = off)"), ("steps", "steps"),
            ("skipped", "steps skipped"), ("median_s", "end to end, median s"), ("speedup", "speed-up"),
            ("latent_rel_err", "final-latent rel. error vs off")]
 
@@ -118,7 +123,8 @@ def run(args) -> int:
     parse_overrides(args.overrides)
     rows = measure(args)
     config = {"config": args.config, "frames": args.frames, "size": args.size, "refs": args.refs,
-              "guidance_scale": args.guidance_scale, "dtype": args.dtype, "repeats": args.repeats,
+              "guidance_scale": args.guidance_scale, "dtype": args.dtype, "quantize": rows[0]["quantize"],
+              "repeats": args.repeats,
               "rule": "TeaCache: raw relative L1 of block 0's modulated input, accumulated; engine.runtime.step_cache"}
     print(write_results("step_cache", rows, COLUMNS, args.out, config))
     return 0

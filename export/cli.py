@@ -23,6 +23,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 def add_parser(subparsers) -> None:
     from engine.config import QUANTIZE_MODES
 
+    from .calibration_inputs import FP8_CALIBRATIONS
+
     export = subparsers.add_parser("export", help="export the denoiser: ONNX graph, TensorRT engines")
     commands = export.add_subparsers(dest="export_command", metavar="COMMAND", parser_class=type(export))
     commands.required = True
@@ -41,6 +43,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
                    help="fp8: the block linears as FP8 weights behind DequantizeLinear and FP8 Q/DQ on their inputs "
                         "(opset 19, TensorRT's FP8 recipe; export.fp8_onnx)")
+    p.add_argument("--fp8-calibration", choices=FP8_CALIBRATIONS, default="sample",
+                   help="what --quantize fp8's activation scales are calibrated on: sample (the exporter's seeded "
+                        "random inputs) or generation (the denoiser inputs of a short generation of this checkpoint "
+                        "from the demo images; loads the encoders and VAE too); export.json records which")
     p.add_argument("--verify", action="store_true", help="then compare with PyTorch through polygraphy (fp32)")
     p.set_defaults(func=run_onnx)
 
@@ -93,7 +99,8 @@ def run_onnx(args) -> int:
     try:
         path = export_onnx(args.model, args.out, adapter=args.adapter, dtype=args.dtype, attention=args.attention,
                            profile=_profile(args.profile), cache_root=args.cache_dir, expert=args.expert - 1,
-                           sources=checkpoint_sources(args), **_overrides(args))
+                           sources=checkpoint_sources(args), fp8_calibration=args.fp8_calibration,
+                           **_overrides(args))
     except ValueError as error:
         if type(error) is not ValueError:
             raise

@@ -19,7 +19,11 @@ already FP8), and it converts the graph to fp16 unless told otherwise. Placing t
 graph's weights bit-identical to the PyTorch FP8 model's.
 
 Calibration inputs: ``calibrated`` takes the inputs to calibrate on; the exporter passes its sample inputs (random,
-seeded) unless given real ones, and ``export.json`` records which (``fp8.calibration``) with every scale.
+seeded), or with ``--fp8-calibration generation`` the denoiser inputs of a short real generation of the checkpoint
+(``export.calibration_inputs``: on the tiny model its scales are 0.6x to 2.1x the random inputs'), and ``export.json``
+records which (``fp8.calibration``) with every scale. A graph made
+for an engine that already exists (a TensorRT refit: ``export.tensorrt_build.refit_onnx``) is not calibrated again:
+it takes the scales its ``export.json`` recorded (``recorded``), so the refit's Q/DQ scales are the engine's.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 import onnx
 import torch
 
-from engine.runtime.fp8 import FP8_MAX, quantized_modules
+from engine.runtime.fp8 import FP8_MAX, FP8_MODULES, quantized_modules
 
 FP8_OPSET = 19  # FP8 QuantizeLinear/DequantizeLinear (float8e4m3fn, per-axis scales)
 
@@ -87,37 +91,38 @@ def calibrate(model: torch.nn.Module, run, feeds: list[dict]) -> dict[str, float
 
 
 @contextlib.contextmanager
-def calibrated(model: torch.nn.Module, run, feeds: list[dict], source: str):
+def calibrated(model: torch.nn.Module, run, feeds: list[dict], source: str, recorded: dict | None = None):
     """``model`` on the static path for the duration (its FP8 linears fake-quantise their inputs with scales
     calibrated on ``feeds``; ``source`` says what the feeds are); yields the ``Fp8Export`` of the graph traced inside.
-    A linear the feeds never reach is in no graph traced with them (a reference block's image K/V when the cross-
-    attention K/V are the video block's) and keeps its path. A model without FP8 linears yields an empty one and is
-    left alone."""
-    modules = quantized_modules(model)
-    if not modules:
+    ``recorded``: an earlier export's ``fp8`` record (its ``export.json``), whose activation scales are taken as they
+    are instead (nothing runs). A linear the feeds never reach is in no graph traced with them (a reference block's
+    image K/V when the cross-attention K/V are the video block's) and keeps its path. A model without FP8 linears
+    yields an empty one and is left alone."""
+    if not quantized_modules(model):
+        if recorded is not None:
+            raise ValueError("activation scales were recorded for FP8 linears, but this model has none (its export "
+                             "was --quantize fp8: load it with the same quantize)")
         yield Fp8Export()
         return
-    scales = calibrate(model, run, feeds)
-    by_name = dict(model.named_modules())
-    saved = [(m, m.path, m.input_scale) for m in modules]
-    try:
-        for name, scale in scales.items():
-            module = by_name[name]
-            module.path, module.input_scale = "static", torch.tensor(scale, dtype=torch.float32)
+    if recorded is None:
+        scales = calibrate(model, run, feeds)
+    else:
+        scales, source = recorded["activation_scales"], recorded["calibration"]
+    with static_scales(model, scales):
         yield Fp8Export(FP8_OPSET, translations(), {
             "weights": "float8_e4m3fn, per-output-channel scales (DequantizeLinear axis 0)",
             "activations": "QuantizeLinear/DequantizeLinear, per-tensor scales, max calibration",
             "calibration": source, "activation_scales": scales})
-    finally:
-        for module, path, input_scale in saved:
-            module.path, module.input_scale = path, input_scale
 
 
 @contextlib.contextmanager
 def static_scales(model: torch.nn.Module, scales: dict[str, float]):
     """``model`` on the static path with given activation scales (an exported graph's ``fp8.activation_scales``):
-    the PyTorch oracle of that graph."""
+    the PyTorch oracle of that graph. A name that is no FP8 linear of ``model`` is refused."""
     by_name = dict(model.named_modules())
+    unknown = sorted(name for name in scales if not isinstance(by_name.get(name), FP8_MODULES))
+    if unknown:
+        raise ValueError(f"activation scales for modules that are no FP8 linear of this model: {unknown[:6]}")
     saved = [(m, m.path, m.input_scale) for m in quantized_modules(model)]
     try:
         for name, scale in scales.items():

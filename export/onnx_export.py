@@ -35,6 +35,7 @@ from engine.checkpoint import Checkpoint
 from engine.runtime.denoiser import load_expert
 from engine.adapters.reference_weights import merged_reference_stream
 
+from .calibration_inputs import FP8_CALIBRATIONS
 from .fp8_onnx import calibrated
 from .plugin import plugin_attention
 
@@ -175,8 +176,12 @@ def _name_axes(path: Path, specs) -> None:
 
 def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
                     profile: denoiser_io.Profile | None = None, source: dict | None = None,
+                    fp8_record: dict | None = None, calibration: tuple[list[dict], str] | None = None,
                     optimize: bool = True) -> Path:
-    """Write ``denoiser.onnx`` (+ ``denoiser.onnx.data``) and ``export.json`` into ``out_dir``.
+    """Write ``denoiser.onnx`` (+ ``denoiser.onnx.data``) and ``export.json`` into ``out_dir``. A ``--quantize fp8``
+    graph's activation scales: ``fp8_record``'s (an earlier export's ``fp8`` record: a refit), else calibrated on
+    ``calibration`` (feeds by graph input name, what they are), else on the sample inputs traced
+    (``export.fp8_onnx``).
 
     ``optimize`` runs onnxscript's graph optimiser after the export (constant folding, pattern rewrites), as
     ``mvgen export`` always does; it takes about a third of a small model's export time and leaves the graph's
@@ -208,9 +213,10 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
     example = sample_inputs(specs, EXPORT_SIZES, dtype, torch.Generator().manual_seed(0), cfg)
     denoiser = denoiser.eval().requires_grad_(False)
 
+    feeds, fed = calibration or ([example], CALIBRATION)
     with merged_reference_stream(denoiser), torch.no_grad(), warnings.catch_warnings(), \
             plugin_attention(denoiser) if attention == "plugin" else contextlib.nullcontext(), \
-            calibrated(denoiser, lambda feed: DenoiserGraph(denoiser)(**feed), [example], CALIBRATION) as fp8:
+            calibrated(denoiser, lambda feed: DenoiserGraph(denoiser)(**feed), feeds, fed, fp8_record) as fp8:
         # torch.onnx notes that derived axes (2*height_div2) keep their symbolic name; _name_axes renames them
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
@@ -243,26 +249,47 @@ def export_denoiser(denoiser, out_dir: str | Path, attention: str = "native",
 def export_onnx(model: str | Path, out_dir: str | Path, adapter: str | Path | None = None, dtype: str = "fp32",
                 attention: str = "native", profile: denoiser_io.Profile | None = None, lora_scale: float | None = None,
                 cache_root: str | Path | None = None, expert: int = 0, sources: dict | None = None,
-                **config_overrides) -> Path:
+                fp8_record: dict | None = None, fp8_calibration: str = "sample", **config_overrides) -> Path:
     """Load one expert of ``model`` with its base LoRAs merged into the video stream and ``adapter`` into the
     reference stream, export it; returns the .onnx path.
 
     ``model`` ``"tiny"`` (or another embedded model) is built under ``cache_root`` with its bundled adapters;
     ``sources`` are ``Checkpoint.load``'s weight sources (``loras``, ``transformer_file``, ``adapter_2``, ...);
-    ``expert`` 1 is Wan2.2's low-noise ``transformer_2``."""
+    ``expert`` 1 is Wan2.2's low-noise ``transformer_2``; ``fp8_record``: ``export_denoiser``'s. ``fp8_calibration``
+    (``FP8_CALIBRATIONS``): what a ``--quantize fp8`` graph's activation scales are calibrated on, the sample inputs or
+    the denoiser inputs of a short generation of this checkpoint (``export.calibration_inputs``; the generation runs
+    the adapter at its own scale, so it is refused with ``lora_scale``)."""
     if dtype not in denoiser_io.DTYPES:
         raise ValueError(f"dtype must be one of {sorted(denoiser_io.DTYPES)}, got {dtype!r}")
-    denoiser, checkpoint = load_for_export(model, adapter, dtype, lora_scale, cache_root, expert, sources,
-                                           config_overrides)
+    if fp8_calibration not in FP8_CALIBRATIONS:
+        raise ValueError(f"fp8_calibration must be one of {', '.join(FP8_CALIBRATIONS)}, got {fp8_calibration!r}")
+    checkpoint = checkpoint_for_export(model, adapter, dtype, cache_root, expert, sources, config_overrides)
+    calibration = None
+    if fp8_calibration == "generation" and checkpoint.config.quantize != "none" and fp8_record is None:
+        from .calibration_inputs import generation_feeds
+
+        if lora_scale is not None:
+            raise ValueError("fp8_calibration 'generation' runs the adapter at its own scale: it cannot calibrate a "
+                             "graph exported with lora_scale")
+        calibration = generation_feeds(checkpoint, expert, [s.name for s in graph_specs(checkpoint.config)])
+    denoiser = load_expert(checkpoint, expert, lora_scale)
     spec = checkpoint.experts[expert]
     source = {"model": str(model), "adapter": str(spec.adapter) if spec.adapter else None, "lora_scale": lora_scale,
               "expert": expert, "sources": checkpoint.sources()}
-    return export_denoiser(denoiser, out_dir, attention=attention, profile=profile, source=source)
+    return export_denoiser(denoiser, out_dir, attention=attention, profile=profile, source=source,
+                           fp8_record=fp8_record, calibration=calibration)
 
 
 def load_for_export(model, adapter, dtype: str, lora_scale, cache_root, expert: int, sources: dict | None,
                     config_overrides: dict):
-    """(the expert's denoiser on the reference attention path, its ``Checkpoint``). The reference stream is
+    """(the expert's denoiser on the reference attention path, its ``Checkpoint``: ``checkpoint_for_export``)."""
+    checkpoint = checkpoint_for_export(model, adapter, dtype, cache_root, expert, sources, config_overrides)
+    return load_expert(checkpoint, expert, lora_scale), checkpoint
+
+
+def checkpoint_for_export(model, adapter, dtype: str, cache_root, expert: int, sources: dict | None,
+                          config_overrides: dict) -> Checkpoint:
+    """The ``Checkpoint`` an export loads its expert from, on the reference attention path. The reference stream is
     merged (``ref_weights="merged"``): the graph holds its weights whole, and a refit replaces them."""
     if config_overrides.get("ref_weights", "merged") != "merged":
         raise ValueError(f"the export merges the reference stream into the graph's weights (ref_weights='merged'), "
@@ -276,7 +303,7 @@ def load_for_export(model, adapter, dtype: str, lora_scale, cache_root, expert: 
                                  **{**config_overrides, "ref_weights": "merged", "attention_precision": "bf16"})
     if not 0 <= expert < len(checkpoint.experts):
         raise ValueError(f"expert must be 0..{len(checkpoint.experts) - 1} for {checkpoint.path}, got {expert}")
-    return load_expert(checkpoint, expert, lora_scale), checkpoint
+    return checkpoint
 
 
 def read_meta(onnx_dir: str | Path) -> dict:

@@ -12,8 +12,9 @@ never as success.
   A ``--quantize fp8`` graph (FP8 weights behind DequantizeLinear, Q/DQ on each GEMM's activations:
   ``export.fp8_onnx``) builds FP8 GEMMs either way: strongly typed from its Q/DQ types, weakly typed with the FP8
   flag beside the asked one; the plan's ``PLAN.json`` keeps the graph's ``fp8`` record. A refit exports the graph
-  again, so an FP8 engine's activation scales are calibrated anew (TensorRT refits weights, not necessarily Q/DQ
-  scales: untested here, no TensorRT).
+  again with the activation scales that record holds (``refit_onnx``), not calibrated anew: the new reference
+  weights and their per-channel scales change, the Q/DQ scales the engine was built with stay (TensorRT's refit of
+  Q/DQ scales is untested here: no TensorRT).
 - ``plugin`` graphs: ``register_joint_attention_plugin`` registers ``mvgen::JointAttention`` as a
   quickly-deployable plugin whose AOT implementation is ``export/trt_kernel.py``'s Triton kernel compiled to
   PTX for the build GPU; the engine embeds it, so running it needs no Python. The ONNX nodes carry
@@ -159,6 +160,24 @@ def build_engine(onnx_dir: str | Path, plan: str | Path, profile: denoiser_io.Pr
 
 
 # ---- refit -----------------------------------------------------------------------------------------------
+def refit_onnx(meta: dict, adapter: str | Path, out_dir: str | Path, model: str | Path | None = None,
+               lora_scale: float | None = None, cache_root: str | Path | None = None) -> Path:
+    """The ONNX graph a refit reads its weights from (no TensorRT needed): the plan's graph (``meta``: its
+    ``PLAN.json`` or ``export.json``) exported again with ``adapter`` as the reference stream's, the same expert, base
+    LoRAs and single file, and a ``--quantize fp8`` graph's activation scales taken from ``meta["fp8"]`` (the
+    engine's Q/DQ scales), never calibrated anew."""
+    overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride",
+                                                  "ref_cross_attention", "quantize")
+                 if k in meta["config"]}
+    expert, sources = meta["source"].get("expert", 0), dict(meta["source"].get("sources") or {})
+    adapter_1 = adapter
+    if expert == 1:  # Wan2.2's low-noise expert takes the second adapter; the first one is not exported
+        sources["adapter_2"], adapter_1 = str(adapter), None
+    return export_onnx(model or meta["source"]["model"], out_dir, adapter=adapter_1, dtype=meta["dtype"],
+                       attention=meta["attention"], lora_scale=lora_scale, cache_root=cache_root, expert=expert,
+                       sources=sources, fp8_record=meta.get("fp8"), **overrides)
+
+
 def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None = None,
                  model: str | Path | None = None, lora_scale: float | None = None,
                  cache_root: str | Path | None = None) -> Path:
@@ -178,19 +197,8 @@ def refit_engine(plan: str | Path, adapter: str | Path, out: str | Path | None =
     engine = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
     if engine is None:
         raise RuntimeError(f"TensorRT could not deserialize {plan}")
-    # the graph's structure again (an FP8 graph's Q/DQ too: its activation scales are calibrated anew)
-    overrides = {k: meta["config"][k] for k in ("ref_attention", "ref_rope", "ref_timestep", "ref_t_stride",
-                                                  "ref_cross_attention", "quantize")
-                 if k in meta["config"]}
     with tempfile.TemporaryDirectory(prefix="mvgen_refit_") as tmp:
-        # the same expert with the same base LoRAs / single file as the plan, only its reference adapter new
-        expert, sources = meta["source"].get("expert", 0), dict(meta["source"].get("sources") or {})
-        adapter_1 = adapter
-        if expert == 1:  # Wan2.2's low-noise expert takes the second adapter; the first one is not exported
-            sources["adapter_2"], adapter_1 = str(adapter), None
-        onnx_path = export_onnx(model or meta["source"]["model"], tmp, adapter=adapter_1, dtype=meta["dtype"],
-                                attention=meta["attention"], lora_scale=lora_scale, cache_root=cache_root,
-                                expert=expert, sources=sources, **overrides)
+        onnx_path = refit_onnx(meta, adapter, tmp, model, lora_scale, cache_root)
         refitter = trt.Refitter(engine, logger)
         parser_refitter = trt.OnnxParserRefitter(refitter, logger)
         if not parser_refitter.refit_from_file(str(onnx_path)):

@@ -25,7 +25,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -83,7 +83,8 @@ class LoraSpec:
         return f"{self.path}:{self.scale!r}"
 
 
-def merge_base_loras(state: dict[str, torch.Tensor], loras: Sequence[LoraSpec], prefix: str = "") -> None:
+def merge_base_loras(state: dict[str, torch.Tensor], loras: Sequence[LoraSpec], prefix: str = "",
+                     prepare: Callable[[dict[str, torch.Tensor], set[str]], None] | None = None) -> None:
     """Merge each LoRA, in order, into ``state`` (diffusers ``WanTransformer3DModel`` names, each with ``prefix``
     before it): ``W += scale * B @ A`` and ``b += scale * diff_b`` in float32, cast back to the weight's dtype;
     entries are replaced. ``scale`` is what diffusers applies (alpha/rank, or the adapter config's) times the
@@ -91,10 +92,14 @@ def merge_base_loras(state: dict[str, torch.Tensor], loras: Sequence[LoraSpec], 
     left to the unprefixed merge.
 
     Every file is read and checked before the first weight changes: a bad second LoRA must not leave the first
-    merged into a state the caller may still hold.
+    merged into a state the caller may still hold. ``prepare(state, keys)`` is then called once with the weight keys
+    the merges will change (an FP8 file's weights are dequantised there: ``engine.backbones.assembly``).
     """
+    targets = set()
     for spec in loras:
-        _plan(spec, state, prefix)
+        targets.update(update.weight for update in _plan(spec, state, prefix) if update.weight is not None)
+    if prepare is not None:
+        prepare(state, targets)
     for spec in loras:
         for update in _plan(spec, state, prefix):
             update.apply(state)

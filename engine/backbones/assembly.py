@@ -14,7 +14,15 @@ same for every backbone and live here:
 5. ``apply_pairs``: the adapter's LoRA pairs merged, except those on a weight the shared reference stream holds,
    which stay unmerged;
 6. ``assign``: every tensor cast (the family's diffusers class says which modules stay float32, as
-   ``from_pretrained`` keeps them) and assigned by one strict load, the shared stream's tensors aliased.
+   ``from_pretrained`` keeps them) and assigned by one strict load, the shared stream's tensors aliased; then the
+   config's ``quantize`` holds the block linears in 8 bits (``engine.runtime.fp8.quantize_model``).
+
+An FP8 single file (``engine.backbones.wan.fp8_files``) goes through the same steps without passing through 16 bits:
+its weights stay in float8_e4m3fn in the state, with their per-output-channel scales beside it (``fp8_scales``, by
+state key). A reference copy copies bytes and scale; a weight a LoRA merges into is dequantised alone first
+(``dequantize_for_merge``); an adapter's full tensor replaces one and its scale. ``assign`` hands each remaining FP8
+weight uncast, with its scale, to the FP8 linear it becomes under ``--quantize fp8*``, and dequantises every other
+one (all of them without ``--quantize``) alone into its dtype as it goes: the state never holds a second full copy.
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ from ..adapters.lora import (AdapterNaming, LowRankDelta, ReferenceAdapter, Scal
 from ..adapters.reference_weights import reference_pairs, share_reference_stream, why_not_shared, wrap_low_rank
 from ..config import MULTIVIEW_FIELDS
 from ..errors import AdapterError
+from ..runtime.fp8 import FP8_DTYPE, block_linears, dequantize_weight, quantize_model
 
 log = logging.getLogger("mvgen.loading")
 
@@ -73,14 +82,29 @@ def shares_reference(model: nn.Module, parsed: ReferenceAdapter | None, loras: S
     return False
 
 
-def reference_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def reference_copy(model: nn.Module, state: dict[str, torch.Tensor],
+                   fp8_scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """MVI2V's initialisation of a merged reference stream: each reference block's tensors cloned from the video
-    block of the same index (empty without a reference stream of its own)."""
+    block of the same index (empty without a reference stream of its own). An FP8 weight's copy gets its scale in
+    ``fp8_scales`` too."""
     names, out = set(model.state_dict()), {}
     for video, ref in reference_pairs(model):  # a reference block may hold fewer modules (no text stream)
-        out.update({name: v.clone() for k, v in state.items() if k.startswith(f"{video}.")
-                    and (name := f"{ref}.{k.removeprefix(video + '.')}") in names})
+        for key, value in state.items():
+            name = f"{ref}.{key.removeprefix(video + '.')}"
+            if key.startswith(f"{video}.") and name in names:
+                out[name] = value.clone()
+                if fp8_scales is not None and key in fp8_scales:
+                    fp8_scales[name] = fp8_scales[key]
     return out
+
+
+def dequantize_for_merge(fp8_scales: dict[str, torch.Tensor], state: dict[str, torch.Tensor], keys) -> None:
+    """The FP8 weights among ``keys`` replaced by ``q * scale`` in float32, one at a time, before a LoRA merges into
+    them; their scales stay in ``fp8_scales``, so that ``--quantize`` requantises a merged weight with its file's scale
+    where it still fits (``engine.runtime.fp8.quantize_model``)."""
+    for key in keys:
+        if key in fp8_scales and key in state and state[key].dtype == FP8_DTYPE:
+            state[key] = dequantize_weight(state[key], fp8_scales[key], torch.float32)
 
 
 def apply_full_tensors(model: nn.Module, state: dict[str, torch.Tensor], adapter: ReferenceAdapter) -> None:
@@ -161,17 +185,29 @@ def kept_float32(model: nn.Module, family) -> tuple[str, ...]:
 
 
 def assign(model: nn.Module, state: dict[str, torch.Tensor], unmerged: dict[str, LowRankDelta], *, shared: bool,
-           dtype: torch.dtype, device: str | torch.device, keep_float32: Sequence[str]) -> nn.Module:
-    """The meta model given ``state`` by one strict load: the unmerged pairs as ``LowRankLinear``s, every floating
-    tensor in ``dtype`` (float32 where a dotted part of its name is in ``keep_float32``, diffusers' rule), a shared
-    reference stream's tensors the video stream's own objects."""
+           dtype: torch.dtype, device: str | torch.device, keep_float32: Sequence[str],
+           fp8_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The meta model given ``state`` by one strict load, then quantised as its config says: the unmerged pairs as
+    ``LowRankLinear``s, every floating tensor in ``dtype`` (float32 where a dotted part of its name is in
+    ``keep_float32``, diffusers' rule), a shared reference stream's tensors the video stream's own objects. An FP8
+    weight (``fp8_scales`` holds its scale) stays as it is where ``quantize`` makes its module an FP8 linear, and is
+    dequantised into its dtype otherwise (module docstring). ``state`` is emptied: the model holds its tensors.
+    """
     wrap_low_rank(model, {target: (delta.rank, delta.scale) for target, delta in unmerged.items()})
     for target, delta in unmerged.items():
         state[f"{target}.lora_A.weight"], state[f"{target}.lora_B.weight"] = delta.down, delta.up
+    fp8_scales = fp8_scales or {}
+    quantized = {f"{name}.weight" for name, _ in block_linears(model)} if model.config.quantize != "none" else set()
     keep = set(keep_float32)
-    for key, value in state.items():
-        if value.is_floating_point():
-            value = value.to(torch.float32 if keep.intersection(key.split(".")) else dtype)
+    for key, value in state.items():  # entry by entry: a replaced tensor is freed before the next one is made
+        target = torch.float32 if keep.intersection(key.split(".")) else dtype
+        if value.dtype == FP8_DTYPE and key not in fp8_scales:
+            raise AdapterError(f"{key}: a float8_e4m3fn tensor that comes with no scale (an adapter's?); FP8 weights "
+                               f"are read from a base single file's scale layout only")
+        if value.dtype == FP8_DTYPE and key not in quantized:
+            value = dequantize_weight(value, fp8_scales[key], target)
+        elif value.is_floating_point() and value.dtype != FP8_DTYPE:
+            value = value.to(target)
         state[key] = value.to(device)
     prefixes = reference_prefixes(model)
     own = {k for k in state if k.startswith(prefixes)}
@@ -184,4 +220,8 @@ def assign(model: nn.Module, state: dict[str, torch.Tensor], unmerged: dict[str,
     model.load_state_dict(state, strict=True, assign=True)
     if shared:
         share_reference_stream(model, own)
-    return model.eval().requires_grad_(False)
+    # the file's scales of the weights that become FP8 linears: as they are, or as a merged weight's hint
+    stored = {key.removesuffix(".weight"): fp8_scales[key] for key in quantized & set(fp8_scales)}
+    state.clear()  # the model holds every tensor now; quantising frees each replaced weight only if nothing else does
+    model = model.eval().requires_grad_(False)
+    return quantize_model(model, model.config.quantize, stored, model.config.deterministic)

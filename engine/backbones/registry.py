@@ -12,7 +12,6 @@ from torch import nn
 from ..adapters.base_lora import LoraSpec
 from ..checkpoint import Checkpoint
 from ..loading import denoiser_config, find_transformer_dir
-from ..runtime.fp8 import quantize_model
 from .families import MMDIT, WAN, Family, family_of
 from .mmdit.components import MMDiTTextEncoder, MMDiTVae
 from .mmdit.loading import load_mmdit
@@ -20,7 +19,6 @@ from .mmdit.model import MultiViewMMDiT
 from .wan.components import TextEncoder, Vae
 from .wan.loading import load_wan
 from .wan.model import MultiViewWanTransformer
-from .wan.single_file import fp8_file_scales
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,8 @@ def load_denoiser(
     reads) merge last into the video stream, in order, and into the reference stream too when
     ``lora_reference``. ``mvgen_config.json`` beside the adapter (or in ``path``) sets the multi-view options;
     keyword overrides win over both. The config's ``quantize`` then holds the block linears in 8 bits
-    (``engine.runtime.fp8``).
+    (``engine.runtime.fp8``; an FP8 single file's weights reach them as the file stores them, never passing through
+    16 bits: ``engine.backbones.assembly``).
 
     With ``ref_weights="shared"`` (the config's default) the reference stream holds no copy: it shares the video
     stream's final weights, owns what the adapter gives in full, and applies the LoRA pairs on shared weights
@@ -90,8 +89,5 @@ def load_denoiser(
     """
     transformer_dir = find_transformer_dir(path, folder)
     config = denoiser_config(path, adapter, folder, **config_overrides)
-    model = backbone(config).load(transformer_dir, config, adapter, dtype, device, lora_scale, weights_file=weights_file,
-                                  loras=loras, lora_reference=lora_reference)
-    # --quantize: the block linears in 8 bits (an FP8 single file's own scales kept, so its bytes come back unchanged)
-    return quantize_model(model, config.quantize, fp8_file_scales(weights_file, config.quantize),
-                          config.deterministic)
+    return backbone(config).load(transformer_dir, config, adapter, dtype, device, lora_scale, weights_file=weights_file,
+                                 loras=loras, lora_reference=lora_reference)

@@ -71,8 +71,9 @@ def quantize_with_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q * scale`` per output channel, computed in float32 and cast to ``dtype``."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
+    """``q * scale`` per output channel (``scale`` [out] along q's first dimension, whatever q's rank), computed in
+    float32 and cast to ``dtype``."""
+    return (q.float() * scale.float().reshape(-1, *(1,) * (q.ndim - 1))).to(dtype)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,8 +223,10 @@ def quantize_model(model: nn.Module, mode: str, stored_scales: Mapping[str, torc
                    deterministic: bool = False) -> nn.Module:
     """Replace the block linears of a loaded model by FP8 ones in place (``mode``: ``QUANTIZE_MODES``, "none" does
     nothing); returns the model. ``stored_scales`` (module name -> per-channel scale [out]) are an FP8 file's own
-    (``engine.backbones.wan.fp8_files``): with them the weights quantise back to the file's bytes instead of being
-    rescaled. ``deterministic``: FP8 GEMMs are not batch-invariant (their kernel depends on M), so ``fp8`` runs
+    (``engine.backbones.wan.fp8_files``): a Linear whose weight the loader handed over still in float8_e4m3fn
+    (``engine.backbones.assembly.assign``) becomes an FP8 module of those bytes and that scale as they are; a
+    16/32-bit weight that came from the file (a LoRA merged into it) quantises with the file's scale where it still
+    fits, instead of being rescaled. ``deterministic``: FP8 GEMMs are not batch-invariant (their kernel depends on M), so ``fp8`` runs
     weight-only there (through ``BatchInvariantOps``); ``fp8_gemm`` is refused. One INFO line on ``mvgen.loading``."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
@@ -241,11 +244,13 @@ def quantize_model(model: nn.Module, mode: str, stored_scales: Mapping[str, torc
     # loop goes (the peak is the model plus one layer's FP8 copy); an id of a freed weight cannot come back as a
     # module's weight, since every weight still to be looked up was alive beside it
     made: dict[int, Fp8Linear] = {}
+    as_stored = 0  # weights the loader handed over in float8_e4m3fn (an FP8 file's bytes)
     linears = block_linears(model)[::-1]
     while linears:
         name, module = linears.pop()
         base = made.get(id(module.weight))
         if base is None:
+            as_stored += module.weight.dtype == FP8_DTYPE
             base = made[id(module.weight)] = _fp8_module(module, path, stored_scales.pop(name, None))
         replacement = base if not isinstance(module, LowRankLinear) else Fp8LowRankLinear(base, module)
         if replacement is base and base.bias is not module.bias:  # a shared weight with the block's own bias
@@ -255,16 +260,23 @@ def quantize_model(model: nn.Module, mode: str, stored_scales: Mapping[str, torc
         del module
     if stored_scales:
         raise ValueError(f"FP8 scales for modules this model does not quantise: {sorted(stored_scales)[:6]}")
-    _log_quantized(model, mode, path, len(made), before)
+    _log_quantized(model, mode, path, len(made), as_stored, before)
     return model
 
 
 def _fp8_module(linear: nn.Linear, path: str, stored_scale: torch.Tensor | None) -> Fp8Linear:
-    """The FP8 module of a loaded Linear: with the file's scale where the weight still fits it (a base LoRA merged
-    into an FP8 file's weight can outgrow its row's 448 steps: that row set is rescaled by absmax instead)."""
+    """The FP8 module of a loaded Linear. A weight already in float8_e4m3fn (an FP8 file's, handed over uncast) is
+    taken as it is with its file's scale; a 16/32-bit one is quantised, with the file's scale where the weight still
+    fits it (a base LoRA merged into an FP8 file's weight can outgrow its row's 448 steps: that row set is rescaled by
+    absmax instead)."""
     weight = linear.weight.detach()
     scale = None if stored_scale is None else stored_scale.to(device=weight.device, dtype=torch.float32)
-    if scale is None or (weight.float().abs().amax(dim=1) > scale * FP8_MAX * (1 + 2.0**-7)).any():
+    if weight.dtype == FP8_DTYPE:
+        if scale is None or scale.shape != weight.shape[:1]:
+            raise ValueError(f"an FP8 weight {list(weight.shape)} needs its per-output-channel scale "
+                             f"[{weight.shape[0]}], got {None if scale is None else list(scale.shape)}")
+        q = weight
+    elif scale is None or (weight.float().abs().amax(dim=1) > scale * FP8_MAX * (1 + 2.0**-7)).any():
         q, scale = quantize_weight(weight)
     else:
         q = quantize_with_scale(weight, scale)
@@ -304,14 +316,16 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _log_quantized(model: nn.Module, mode: str, path: str, count: int, before: int) -> None:
+def _log_quantized(model: nn.Module, mode: str, path: str, count: int, as_stored: int, before: int) -> None:
     device = next(model.parameters()).device
     after = parameter_bytes(model)
     where = ("FP8 GEMMs where the call's device has FP8 tensor cores (sm_89+), weight-only elsewhere; here: "
              if path == "auto" else "")
-    log.info("quantize %s: %d block linears held as float8_e4m3fn with per-output-channel absmax scales "
-             "(model %.1f MiB, was %.1f MiB); compute: %s%s on %s", mode, count, after / 2**20, before / 2**20,
-             where, describe_path(model, device), device)
+    scales = (f"{as_stored} as the FP8 file stored them (its bytes and scales), {count - as_stored} with "
+              f"per-output-channel absmax scales" if as_stored else "with per-output-channel absmax scales")
+    log.info("quantize %s: %d block linears held as float8_e4m3fn, %s (model %.1f MiB, was %.1f MiB); compute: "
+             "%s%s on %s", mode, count, scales, after / 2**20, before / 2**20, where, describe_path(model, device),
+             device)
 
 
 def shares_reference_fp8(model: nn.Module) -> bool:

@@ -70,3 +70,18 @@ def test_fp8_quality_rows_on_tiny(tiny_cache, tmp_path):
 def test_fp8_quality_refuses_its_own_options(tmp_path, capsys):
     assert main(["bench", "pipeline", "--fp8-quality", "--quantize", "fp8", "--out", str(tmp_path)]) == 2
     assert "--fp8-quality runs its own variants" in capsys.readouterr().err
+
+
+def test_step_cache_rows_record_the_quantize_mode(tiny_cache, tmp_path):
+    """``mvgen bench steps --quantize fp8`` loads the FP8 denoiser and every row (and the run's config) says so, with
+    the compute path its linears took; without the flag the rows say none and 16/32-bit."""
+    base = ["--cache-dir", str(tiny_cache), "bench", "steps", "--config", "tiny", "--thresholds", "0.2", "--steps", "2",
+            "--frames", "5", "--size", "32", "--refs", "1", "--repeats", "1"]
+    for flags, mode, path in ((["--quantize", "fp8"], "fp8", "fp8 weight-only"), ([], "none", "16/32-bit")):
+        out = tmp_path / mode
+        assert main([*base, *flags, "--out", str(out)]) == 0
+        payload = json.loads((out / "step_cache.json").read_text())
+        assert payload["config"]["quantize"] == mode and len(payload["rows"]) == 2
+        for row in payload["rows"]:
+            assert row["quantize"] == mode and row["block_weights"].startswith(path), row
+        assert f"| {mode} |" in (out / "step_cache.md").read_text()

@@ -8,7 +8,8 @@ checkpoint in each convention's key layout and quantisation rule, read from each
   ``scaled_fp8`` marker (empty); LightX2V's ``--comfyui_mode`` variant writes the marker as two zeros;
 - ComfyUI ``comfy_quant``: ``<layer>.comfy_quant`` JSON bytes + 0-d ``<layer>.weight_scale``;
 - LightX2V ``--linear_type fp8``: the ``self_attn``/``cross_attn``/``ffn`` weights per output channel (absmax / 448,
-  absmax clamped at 1e-5), ``<layer>.weight_scale`` [out, 1] float32, everything else bf16.
+  absmax clamped at 1e-5), ``<layer>.weight_scale`` [out, 1] float32, everything else bf16 (``benchmarks.fp8_load``
+  writes it, for its memory figures too).
 
 The oracle for "the same weights": quantising the original model ourselves (``--quantize fp8`` on the 32-bit
 checkpoint) for the per-channel convention, and each convention's own dequantisation (the file's bytes times the
@@ -18,22 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 
+from benchmarks.fp8_load import LIGHTX2V_TARGETS
+from benchmarks.fp8_load import lightx2v_tensors as lightx2v  # the benchmark's file is the same convention
+from engine.adapters.base_lora import LoraSpec
+from engine.adapters.reference_weights import weight_bytes
 from engine.backbones.registry import load_denoiser
-from engine.backbones.wan.single_file import fp8_file_scales
 from engine.errors import CheckpointError
-from engine.runtime.fp8 import FP8_MAX, Fp8Linear, block_linears
+from engine.runtime.fp8 import (FP8_MAX, Fp8Linear, Fp8LowRankLinear, block_linears, quantize_weight,
+                                quantize_with_scale, shares_reference_fp8)
+from engine.tiny import ADAPTER_MODULES
 
 from .original_wan import to_original_wan
 
 E4M3 = torch.float8_e4m3fn
 KIJAI_KEEP = ("norm", "head", "bias", "time_", "patch_embedding", "img_emb", "modulation")
-LIGHTX2V_TARGETS = ("self_attn", "cross_attn", "ffn")
 
 
 def _block_linear(key: str, value: torch.Tensor) -> bool:
@@ -79,18 +85,6 @@ def comfyui_quant(state):
     return out
 
 
-def lightx2v(state):
-    out = {}
-    for k, v in state.items():
-        if _block_linear(k, v):
-            scale = v.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / FP8_MAX
-            out[k] = (v / scale).clamp(-FP8_MAX, FP8_MAX).to(E4M3)
-            out[k.removesuffix(".weight") + ".weight_scale"] = scale.float()
-        else:
-            out[k] = v.to(torch.bfloat16)
-    return out
-
-
 CONVENTIONS = {"comfyui_plain": comfyui_plain, "wanvideowrapper": wanvideowrapper, "comfyui_scaled": comfyui_scaled,
                "comfyui_scaled_lightx2v": lambda s: comfyui_scaled(s, 2),
                "comfyui_quant": comfyui_quant, "lightx2v": lightx2v}
@@ -109,43 +103,46 @@ def _write(tmp_path, tensors, name="fp8.safetensors"):
     return tmp_path / name
 
 
-def _file_dequantized(tensors: dict, wan_key: str) -> torch.Tensor:
-    """The convention's own dequantisation of one weight: the file's e4m3 values times the file's scale."""
-    full = next(k for k in tensors if k.endswith(wan_key))
-    layer = full.removesuffix(".weight")
-    scale = next((tensors[k] for k in (f"{layer}.scale_weight", f"{layer}.weight_scale") if k in tensors), None)
-    q = tensors[full].float()
-    return q if scale is None else q * scale.float().reshape(-1, 1) if scale.numel() > 1 else q * scale.float()
-
-
 # what each file is recognised as (``Fp8Layout.convention``)
 RECOGNISED = {"comfyui_plain": "plain", "wanvideowrapper": "plain", "comfyui_scaled": "comfyui_scaled",
               "comfyui_scaled_lightx2v": "comfyui_scaled", "comfyui_quant": "comfyui_quant", "lightx2v": "lightx2v"}
 
 
+def _file_weight(tensors: dict, wan_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the file's e4m3 weight, its scale as the convention means it, broadcast to one per output row: a per-tensor
+    scale repeated, an unscaled file's ones) of one original-name weight key."""
+    full = next(k for k in tensors if k.endswith(wan_key))
+    layer = full.removesuffix(".weight")
+    q = tensors[full]
+    scale = next((tensors[k] for k in (f"{layer}.scale_weight", f"{layer}.weight_scale") if k in tensors), None)
+    rows = q.shape[0]
+    scale = torch.ones(rows) if scale is None else scale.float().reshape(-1).expand(rows) if scale.numel() == 1 \
+        else scale.float().reshape(rows)
+    return q, scale
+
+
 @pytest.mark.parametrize("convention", sorted(CONVENTIONS))
 def test_each_convention_loads_the_file_bytes_as_fp8(original, tmp_path, convention, caplog):
-    """With ``--quantize fp8`` each block linear holds the file's own e4m3 bytes (an unscaled file: scale 1; a
-    per-tensor scale broadcast over the rows), so its dequantised weight is exactly the convention's; the log names
-    the convention it was read as."""
+    """With ``--quantize fp8`` each block linear holds the file's own e4m3 bytes and scale (an unscaled file: 1; a
+    per-tensor scale broadcast over the rows), handed over without a 16-bit pass. Those are also exactly what the
+    former path made of them (dequantised into bfloat16, then requantised with the file's scale): the bytes do not
+    change with the path. The log names the convention and counts the weights taken as stored."""
     path, state = original
     tensors = CONVENTIONS[convention](state)
     file = _write(tmp_path, tensors)
     with caplog.at_level(logging.INFO, logger="mvgen.loading"):
         model = load_denoiser(path, weights_file=file, quantize="fp8", ref_mode="token_concat")
     assert f"FP8 file ({RECOGNISED[convention]})" in caplog.text
-    scales = fp8_file_scales(file)
-    checked = 0
+    assert "24 block linears held as float8_e4m3fn, 24 as the FP8 file stored them" in caplog.text
     for name, module in block_linears(model):
-        assert isinstance(module, Fp8Linear), name
-        wan_key = _wan_name(name)
-        want = _file_dequantized(tensors, wan_key)
-        if want.dtype != torch.float32 or tensors[next(k for k in tensors if k.endswith(wan_key))].dtype != E4M3:
-            continue  # a weight the convention left in 16/32 bits: quantised by us (absmax), checked elsewhere
-        assert torch.equal(module.weight.float() * module.weight_scale[:, None], want), name
-        assert torch.equal(module.weight_scale, scales[name]), name
-        checked += 1
-    assert checked == len(block_linears(model)) == 24  # every block linear is FP8 in every convention's file
+        assert isinstance(module, Fp8Linear) and module.weight.dtype == E4M3, name
+        q, scale = _file_weight(tensors, _wan_name(name))
+        assert q.dtype == E4M3, name  # every convention's file holds every block linear in FP8
+        assert torch.equal(module.weight.view(torch.uint8), q.view(torch.uint8)), name
+        assert torch.equal(module.weight_scale, scale), name
+        former = quantize_with_scale((q.float() * scale[:, None]).to(torch.bfloat16), scale)
+        assert torch.equal(former.view(torch.uint8), q.view(torch.uint8)), name
+    assert len(block_linears(model)) == 24
 
 
 def _wan_name(diffusers_module: str) -> str:
@@ -162,22 +159,136 @@ def test_lightx2v_file_loads_to_the_same_fp8_weights_as_quantizing_the_original(
                               ref_mode="token_concat")
     ours = load_denoiser(path, quantize="fp8", ref_mode="token_concat")
     pairs = list(zip(block_linears(from_file), block_linears(ours)))
-    assert pairs
+    assert len(pairs) == 24
     for (name, got), (_, want) in pairs:
         assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
         assert torch.equal(got.weight_scale, want.weight_scale), name
 
 
-@pytest.mark.parametrize("convention", ["comfyui_scaled", "lightx2v"])
-def test_without_quantize_an_fp8_file_loads_dequantized(original, tmp_path, convention):
-    """No ``--quantize``: the FP8 weights come back as 16/32-bit weights, q * scale rounded once to bf16."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("convention", ["comfyui_plain", "comfyui_scaled", "lightx2v"])
+def test_without_quantize_an_fp8_file_loads_dequantized(original, tmp_path, convention, dtype):
+    """No ``--quantize``: each FP8 weight comes back as ``q * scale`` computed in float32 and rounded once to the
+    model's dtype (float32: exact; bfloat16: what the former bfloat16 pass gave too), block linears and the
+    embeddings a plain file casts alike."""
     path, state = original
     tensors = CONVENTIONS[convention](state)
-    model = load_denoiser(path, weights_file=_write(tmp_path, tensors), ref_mode="token_concat")
-    module = model.blocks[1].attn1.to_q
-    assert not isinstance(module, Fp8Linear) and module.weight.dtype == torch.float32
-    want = _file_dequantized(tensors, "blocks.1.self_attn.q.weight").to(torch.bfloat16).float()
-    assert torch.equal(module.weight, want)
+    model = load_denoiser(path, weights_file=_write(tmp_path, tensors), ref_mode="token_concat", dtype=dtype)
+    assert not any(p.dtype == E4M3 for p in model.parameters())
+    checked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not name:
+            continue
+        wan_key = _wan_name(name)
+        if not any(k.endswith(wan_key) and v.dtype == E4M3 for k, v in tensors.items()):
+            continue  # a tensor the convention left in 16/32 bits
+        q, scale = _file_weight(tensors, wan_key)
+        want = (q.float() * scale[:, None]).to(module.weight.dtype)
+        assert module.weight.dtype == (torch.float32 if "time_embedder" in name else dtype), name
+        assert torch.equal(module.weight, want), name
+        checked += 1
+    assert checked >= 24
+
+
+def test_fp8_file_with_a_shared_reference_stream_shares_its_bytes(original, tmp_path):
+    """MVI2V's adapter (its reference LoRA unmerged on the shared weights) on an FP8 file: the reference stream holds
+    the video stream's FP8 tensors (the file's bytes), so the model weighs exactly what the same model quantised from
+    the 32-bit checkpoint weighs (at Wan 14B's widths 1.037x the FP8 base: ``test_fp8``), and computes the same."""
+    path, state = original
+    file = _write(tmp_path, lightx2v(state))
+    from_file = load_denoiser(path, path / "adapter", weights_file=file, quantize="fp8")
+    ours = load_denoiser(path, path / "adapter", quantize="fp8")
+    assert shares_reference_fp8(from_file) and any(isinstance(m, Fp8LowRankLinear) for m in from_file.modules())
+    video, ref = from_file.blocks[0].attn1.to_q, from_file.ref_blocks[0].attn1.to_q
+    assert ref.weight.untyped_storage().data_ptr() == video.weight.untyped_storage().data_ptr()
+    assert ref.weight_scale is video.weight_scale
+    assert weight_bytes(from_file) == weight_bytes(ours)
+    for (name, got), (_, want) in zip(block_linears(from_file), block_linears(ours)):
+        assert torch.equal(got.weight.view(torch.uint8), want.weight.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("lora_scale,kept", [(None, "absmax"), (1e-3, "file")])
+def test_fp8_file_with_a_merged_reference_stream(original, tmp_path, lora_scale, kept):
+    """``ref_weights=merged``: the reference stream copies the file's bytes and scales; where the adapter's LoRA merges
+    into a copy, that weight alone is dequantised (float32), merged (as the same load without ``--quantize`` gives it
+    in float32), and quantised again: with the file's scale where every row still fits it (a small LoRA), by absmax
+    where one outgrew it (the tiny adapter's random pairs at their own scale)."""
+    path, state = original
+    tensors = comfyui_scaled(state)
+    file = _write(tmp_path, tensors)
+    fp8 = load_denoiser(path, path / "adapter", lora_scale=lora_scale, weights_file=file, quantize="fp8",
+                        ref_weights="merged")
+    plain = load_denoiser(path, path / "adapter", lora_scale=lora_scale, weights_file=file, ref_weights="merged")
+    assert not shares_reference_fp8(fp8)
+    merged, scales = 0, set()
+    for name, module in block_linears(fp8):
+        if not name.startswith("ref_blocks."):
+            continue
+        q, scale = _file_weight(tensors, _wan_name(name.removeprefix("ref_")))
+        weight = plain.get_submodule(name).weight
+        if torch.equal(weight, q.float() * scale[:, None]):  # no LoRA on it: the file's bytes
+            want = q, scale
+        elif (weight.abs().amax(1) <= scale * FP8_MAX * (1 + 2.0**-7)).all():  # the file's scale still fits
+            want = quantize_with_scale(weight, scale), scale
+            scales.add("file")
+        else:  # a row outgrew it (it would saturate): absmax scales
+            want = quantize_weight(weight)
+            scales.add("absmax")
+        merged += want[0] is not q
+        assert torch.equal(module.weight.view(torch.uint8), want[0].view(torch.uint8)), name
+        assert torch.equal(module.weight_scale, want[1]), name
+    assert merged == len(fp8.ref_blocks) * len(ADAPTER_MODULES) and scales == {kept}  # every pair of the adapter
+
+
+def test_fp8_file_with_a_base_lora(original, tmp_path):
+    """A base-model LoRA (``--lora``) on an FP8 file: only the weights it targets are dequantised and merged (then
+    quantised again, with the file's scale where it fits); every other block linear keeps the file's bytes."""
+    path, state = original
+    tensors = lightx2v(state)
+    file = _write(tmp_path, tensors)
+    gen = torch.Generator().manual_seed(8)
+    targets = ("blocks.0.attn1.to_q", "blocks.1.ffn.net.2")
+    pairs = {}
+    for target in targets:
+        out_features, in_features = state[_wan_name(target)].shape
+        pairs[f"transformer.{target}.lora_A.weight"] = torch.randn(2, in_features, generator=gen) * 0.1
+        pairs[f"transformer.{target}.lora_B.weight"] = torch.randn(out_features, 2, generator=gen) * 0.1
+    lora = LoraSpec(_write(tmp_path, pairs, "lora.safetensors"))
+    fp8 = load_denoiser(path, weights_file=file, loras=[lora], quantize="fp8", ref_mode="token_concat")
+    plain = load_denoiser(path, weights_file=file, loras=[lora], ref_mode="token_concat")
+    for name, module in block_linears(fp8):
+        q, scale = _file_weight(tensors, _wan_name(name))
+        weight = plain.get_submodule(name).weight
+        if name not in targets:
+            assert torch.equal(weight, q.float() * scale[:, None]), name
+            want = q, scale
+        elif (weight.abs().amax(1) <= scale * FP8_MAX * (1 + 2.0**-7)).all():
+            want = quantize_with_scale(weight, scale), scale
+        else:
+            want = quantize_weight(weight)
+        assert torch.equal(module.weight.view(torch.uint8), want[0].view(torch.uint8)), name
+        assert torch.equal(module.weight_scale, want[1]), name
+        assert (name in targets) == (not torch.equal(module.weight.view(torch.uint8), q.view(torch.uint8))), name
+
+
+@pytest.mark.slow  # one load in a fresh process (~25 s on 2 busy cores)
+def test_loading_an_fp8_file_to_fp8_never_holds_a_16_bit_copy(tmp_path):
+    """The peak resident memory of ``--quantize fp8`` from a LightX2V file grows by about the FP8 model, every tensor
+    read (``benchmarks.fp8_load``'s sample): measured 1.23x its 14.6 MiB here, where dequantising into bfloat16 and
+    casting to float32 first measured 4.48x (the revision before the direct path)."""
+    from benchmarks.fp8_load import sample
+
+    from .conftest import make_wan
+
+    model = make_wan(seed=6, in_channels=16, image_dim=None, added_kv_proj_dim=None, num_attention_heads=4,
+                     attention_head_dim=64, ffn_dim=1024, num_layers=12, text_dim=32)
+    model.save_pretrained(tmp_path / "transformer", safe_serialization=True)
+    file = _write(tmp_path, lightx2v(to_original_wan(model.state_dict())))
+    del model
+    code = Path(__file__).resolve().parents[2]
+    measured = sample(code, tmp_path, file, {"quantize": "fp8"})
+    assert measured["fp8_sha256"] is not None
+    assert measured["peak_growth"] < 1.6 * measured["model_bytes"], measured
 
 
 def _refusal(tmp_path, original, change, match):

@@ -32,7 +32,7 @@ def sharded(tmp_path_factory):
 @pytest.mark.parametrize("by", ["index", "folder"])
 def test_shards_convert_to_the_diffusers_state(sharded, by):
     state, index = sharded
-    got = read_single_file_transformer(index if by == "index" else index.parent)
+    got, _ = read_single_file_transformer(index if by == "index" else index.parent)
     assert got.keys() == state.keys()
     for key, value in state.items():
         assert torch.equal(got[key], value), key
@@ -89,7 +89,7 @@ _PEAK = textwrap.dedent("""
         return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 
     before = peak_kib()
-    state = read_single_file_transformer(sys.argv[1])
+    state, _ = read_single_file_transformer(sys.argv[1])
     touched = sum(float(t.sum()) for t in state.values())  # every page read
     print(peak_kib() - before, sum(t.numel() * t.element_size() for t in state.values()) // 1024)
 """)

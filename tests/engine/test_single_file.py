@@ -83,7 +83,9 @@ def test_original_names_are_wans_and_diffusers_converter_inverts_them(wan):
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_reads_every_weight_bitwise(wan, tmp_path, prefix):
     _, model, _ = wan
-    _assert_same_state(read_single_file_transformer(_single_file(tmp_path, model, prefix)), model.state_dict())
+    state, fp8_scales = read_single_file_transformer(_single_file(tmp_path, model, prefix))
+    _assert_same_state(state, model.state_dict())
+    assert fp8_scales == {}  # a 32-bit file has no FP8 weights
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
@@ -91,7 +93,7 @@ def test_matches_diffusers_from_single_file(wan, tmp_path, prefix):
     # diffusers' converter strips only "model.diffusion_model.": given "diffusion_model." keys from_single_file
     # leaves every weight on the meta device, so for that prefix its oracle reads the same tensors unprefixed
     _, model, folder = wan
-    ours = read_single_file_transformer(_single_file(tmp_path, model, prefix))
+    ours, _ = read_single_file_transformer(_single_file(tmp_path, model, prefix))
     theirs_file = _single_file(tmp_path, model, "" if prefix == "diffusion_model." else prefix, "oracle.safetensors")
     # config= a local folder holding config.json makes it run offline: no Hub lookup of a default config
     loaded = WanTransformer3DModel.from_single_file(str(theirs_file), config=str(folder), local_files_only=True)

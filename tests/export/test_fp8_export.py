@@ -174,6 +174,105 @@ def _call(den, feed):
     return DenoiserGraph(den)(**feed)
 
 
+def _initializers(path) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+
+
+def _qdq_scales(path) -> list[float]:
+    """The per-tensor scale of every QuantizeLinear in node order (an initializer or a Constant, through the
+    CastLike to the activation's type)."""
+    graph = onnx.load(str(path)).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"
+                   and n.attribute[0].name == "value"})
+    producer = {out: node for node in graph.node for out in node.output}
+    scales = []
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":
+            name = node.input[1]
+            while name not in values:
+                name = producer[name].input[0]
+            scales.append(float(values[name]))
+    return scales
+
+
+@pytest.mark.slow  # two FP8 exports of the small checkpoint (~70 s on 2 busy cores)
+def test_a_refit_graph_takes_the_recorded_activation_scales(checkpoint, tmp_path):
+    """``refit_onnx`` (all of a refit that runs without TensorRT) from the export's ``export.json``, with the adapter at
+    another strength: the reference stream's FP8 weights and per-channel scales change, every other initializer is
+    the export's byte for byte, and the Q/DQ activation scales are the recorded ones, where calibrating the new model
+    anew would have moved them."""
+    from export.fp8_onnx import calibrate
+    from export.onnx_export import DenoiserGraph, export_onnx, graph_specs, sample_inputs
+    from export.tensorrt_build import refit_onnx
+
+    root, adapter, _ = checkpoint
+    first = export_onnx(root, tmp_path / "export", adapter=adapter, quantize="fp8")
+    meta = read_meta(first.parent)
+    refit = refit_onnx(meta, adapter, tmp_path / "refit", lora_scale=0.5)
+    assert read_meta(refit.parent)["fp8"] == meta["fp8"]
+    before, after = _initializers(first), _initializers(refit)
+    assert before.keys() == after.keys()
+    changed = sorted(name for name in before if before[name].dtype != after[name].dtype
+                     or before[name].tobytes() != after[name].tobytes())
+    assert changed and all(name.startswith("denoiser.ref_blocks.") for name in changed), changed
+    recorded = _qdq_scales(first)  # linears reading one input with one scale (to_q, to_k, to_v) share a pair
+    assert _qdq_scales(refit) == recorded
+    assert set(recorded) <= {float(np.float32(v)) for v in meta["fp8"]["activation_scales"].values()}
+    new = load_denoiser(root, adapter=adapter, lora_scale=0.5, attention_backend="reference", quantize="fp8",
+                        ref_weights="merged")
+    example = sample_inputs(graph_specs(new.config), EXPORT_SIZES, torch.float32, torch.Generator().manual_seed(0),
+                            new.config)
+    anew = calibrate(new, lambda feed: DenoiserGraph(new)(**feed), [example])
+    assert anew.keys() == meta["fp8"]["activation_scales"].keys() and anew != meta["fp8"]["activation_scales"]
+
+
+def test_recorded_scales_must_name_the_model_fp8_linears(checkpoint):
+    from export.fp8_onnx import calibrated
+
+    den = _fp8_model(checkpoint)
+    record = {"activation_scales": {"blocks.0.norm1": 0.1}, "calibration": "x"}
+    with pytest.raises(ValueError, match=r"no FP8 linear of this model: \['blocks.0.norm1'\]"), \
+            calibrated(den, None, [], "unused", record):
+        pass
+    with pytest.raises(ValueError, match="this model has none"), \
+            calibrated(load_denoiser(checkpoint[0]), None, [], "unused", record):
+        pass
+
+
+@pytest.mark.slow  # a short generation of tiny, then its FP8 export (~50 s on 2 busy cores)
+def test_fp8_calibration_on_a_real_generation(tiny_cache, tmp_path):
+    """``fp8_calibration="generation"``: the activation scales are max |input| / 448 over what the denoiser received
+    in a short generation of the checkpoint (its latents, text states, CLIP context, VAE latents), export.json says
+    so, and they are not the random sample inputs' scales."""
+    from engine.runtime.denoiser import load_expert
+    from export.calibration_inputs import generation_feeds
+    from export.fp8_onnx import calibrate
+    from export.onnx_export import DenoiserGraph, checkpoint_for_export, export_onnx, graph_specs, sample_inputs
+
+    path = export_onnx("tiny", tmp_path, quantize="fp8", fp8_calibration="generation", cache_root=tiny_cache)
+    record = read_meta(path.parent)["fp8"]
+    assert record["calibration"].startswith("the denoiser inputs of a short generation of this checkpoint")
+    checkpoint = checkpoint_for_export("tiny", None, "fp32", tiny_cache, 0, None, {"quantize": "fp8"})
+    feeds, _ = generation_feeds(checkpoint, 0, [s.name for s in graph_specs(checkpoint.config)])
+    assert len(feeds) == 3 and feeds[0]["text"].abs().sum() > 0  # cond + uncond rows of every step, batched
+    den = load_expert(checkpoint, 0, None)
+    assert record["activation_scales"] == calibrate(den, lambda feed: DenoiserGraph(den)(**feed), feeds)
+    example = sample_inputs(graph_specs(den.config), EXPORT_SIZES, torch.float32, torch.Generator().manual_seed(0),
+                            den.config)
+    assert record["activation_scales"] != calibrate(den, lambda feed: DenoiserGraph(den)(**feed), [example])
+
+
+def test_fp8_calibration_choices_are_checked(tiny_cache):
+    from export.onnx_export import export_onnx
+
+    with pytest.raises(ValueError, match=r"fp8_calibration must be one of sample, generation, got 'real'"):
+        export_onnx("tiny", "unused", quantize="fp8", fp8_calibration="real", cache_root=tiny_cache)
+    with pytest.raises(ValueError, match="cannot calibrate a graph exported with lora_scale"):
+        export_onnx("tiny", "unused", quantize="fp8", fp8_calibration="generation", lora_scale=0.5,
+                    cache_root=tiny_cache)
+
+
 def _run_cli(argv):
     args = build_parser({}).parse_args(argv)
     return args.func(args)

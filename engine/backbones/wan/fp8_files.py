@@ -19,15 +19,17 @@ Conventions (read from each tool's public loader/converter code; key names after
 Anything else that looks like a scale (block-wise ``[out/128, in/128]`` scales, ``weight_scale_inv``, a scale
 without an FP8 weight, ``scale_weight`` without the marker, an e5m2 weight) is refused in one line naming the key.
 
-What the loader gets: ``dequantize_state`` turns each FP8 weight into bfloat16 ``q * scale`` (computed in float32;
-exact for unscaled files, and for scaled ones ``quantize_with_scale`` recovers the file's bytes from it: bf16's
-rounding, 2**-9 relative, stays far inside half an FP8 step, 2**-4). ``single_file.fp8_file_scales`` reads the file's
-scales again (only those tensors) under the diffusers module names, so that ``--quantize fp8`` puts the file's own
-bytes back instead of rescaling them. The loader (``engine.backbones.wan.loading``) casts every floating tensor to
-the compute dtype, so the whole model passes through bfloat16 once during the load (a LightX2V file of the CPU-sized
-checkpoint: +200 MiB peak for 52 MiB of FP8 weights, against +275 MiB loading its float32 folder into bf16); a
-file-to-FP8 path without that pass needs the loader to hand float8 tensors and their scales to
-``engine.runtime.fp8`` uncast.
+What the loader gets: ``split_scales`` leaves each FP8 weight in float8_e4m3fn as the file stores it and gives its
+scale per output channel (a per-tensor scale broadcast, an unscaled file's ones); ``single_file`` renames both.
+``engine.backbones.assembly`` then hands a block linear's weight and scale uncast to its FP8 module under
+``--quantize fp8*`` (the file's own bytes: the same bytes and scales the former path recovered by requantising a
+bfloat16 copy) and dequantises every other FP8 tensor, and all of them without ``--quantize``, alone into the compute
+dtype as it goes. Loading the CPU-sized checkpoint's LightX2V file (50.3 MiB; ``mvgen bench fp8-load``, AMD EPYC, 2
+cores): ``--quantize fp8`` peaks at +70.5 MiB for its 60.0 MiB model (1.18x; the former bfloat16 pass: +209.2 MiB,
+3.49x, the same FP8 bytes and scales by SHA-256); without ``--quantize`` bfloat16 +144.7 MiB (1.58x; formerly 1.55x)
+and float32 +244 to +269 MiB over two runs (1.34x to 1.48x; formerly 1.04x). No load holds a second copy of the model:
+above it is the file, which safetensors maps whole and unmaps with its last tensor (the former path's anonymous
+bfloat16 copies let the mapping go early in float32).
 """
 from __future__ import annotations
 
@@ -50,8 +52,6 @@ _INPUT_SUFFIXES = (".scale_input", ".input_scale")  # static activation scales: 
 _QUANT_CONF = ".comfy_quant"
 # Wan's own parameter whose name holds "scale" (every other key whose last part does is taken for an FP8 scale)
 _NOT_SCALES = ("scale_shift_table",)
-SAFETENSORS_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F32": torch.float32,
-                       "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 _LAYOUTS = ("known FP8 layouts: ComfyUI fp8_e4m3fn (no scales), ComfyUI fp8_scaled ('scaled_fp8' marker + per-tensor "
             "<layer>.scale_weight), ComfyUI comfy_quant (<layer>.comfy_quant + per-tensor <layer>.weight_scale), "
             "LightX2V (per-channel <layer>.weight_scale [out, 1])")
@@ -148,22 +148,23 @@ def channel_scale(scale: torch.Tensor | None, rows: int) -> torch.Tensor:
     return scale.float().reshape(-1).expand(rows).contiguous() if scale.numel() == 1 else scale.float().reshape(rows)
 
 
-def dequantize_state(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` (prefix stripped) with every FP8 weight dequantised into bfloat16 (module docstring) and the
-    convention's scale and bookkeeping keys gone; a file without FP8 comes back as it is."""
+def split_scales(path: Path, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                       dict[str, torch.Tensor]]:
+    """(``state`` (prefix stripped) without the convention's scale and bookkeeping keys, its FP8 weights left in
+    float8_e4m3fn as stored; per FP8 weight key, its scale as float32 [out]: ``channel_scale``). A file without FP8
+    comes back as it is, with no scales."""
     layout = fp8_layout(path, {k: (v.dtype, tuple(v.shape)) for k, v in state.items()},
                         lambda key: read_tag(state[key]))
     if layout is None:
-        return state
-    out = {k: v for k, v in state.items() if k not in layout.extra and k not in set(layout.scales.values())}
-    for key, scale_key in layout.scales.items():
-        q = state[key]
-        scale = channel_scale(state[scale_key] if scale_key else None, q.shape[0])
-        out[key] = (q.float() * scale.reshape(-1, *(1,) * (q.ndim - 1))).to(torch.bfloat16)
-    log.info("%s: FP8 file (%s): %d float8_e4m3fn tensors dequantised into bfloat16 for the loader; --quantize fp8 "
-             "holds its block linears in 8 bits again (the file's own bytes and scales)", path, layout.convention,
-             len(layout.scales))
-    return out
+        return state, {}
+    dropped = set(layout.extra) | {s for s in layout.scales.values() if s is not None}
+    scales = {key: channel_scale(state[scale_key] if scale_key else None, state[key].shape[0])
+              for key, scale_key in layout.scales.items()}
+    log.info("%s: FP8 file (%s): %d float8_e4m3fn tensors handed to the loader as stored, each with its "
+             "per-output-channel scale (--quantize fp8 keeps the block linears' bytes; other tensors, and every one "
+             "without --quantize, are dequantised one by one into the compute dtype)", path, layout.convention,
+             len(scales))
+    return {k: v for k, v in state.items() if k not in dropped}, scales
 
 
 def read_tag(tensor: torch.Tensor) -> dict:

@@ -4,6 +4,7 @@ changed it, a mode's modules) and base-model LoRAs merged once; the reference st
 weights where it can (``engine.adapters.reference_weights``)."""
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -17,8 +18,8 @@ from ...errors import AdapterError, CheckpointError
 from ...files import load_safetensors
 from ...loading import transformer_weight_files
 from ...modes.view_attention import paper_view_omega
-from ..assembly import (apply_full_tensors, apply_pairs, assign, kept_float32, reads_adapter, reference_copy,
-                        require_complete, shares_reference)
+from ..assembly import (apply_full_tensors, apply_pairs, assign, dequantize_for_merge, kept_float32, reads_adapter,
+                        reference_copy, require_complete, shares_reference)
 from ..families import WAN
 from .model import MultiViewWanTransformer
 from .single_file import read_single_file_transformer
@@ -145,29 +146,35 @@ def load_wan(transformer_dir: Path, config: MvgenConfig, adapter: str | Path | N
         model = MultiViewWanTransformer(config)
     parsed, naming = reads_adapter(model, adapter, ORIGINAL_WAN_NAMES)
     shared = shares_reference(model, parsed, loras, lora_reference)
+    fp8_scales = {}  # an FP8 file's weights stay float8 in the state, their scales here (engine.backbones.assembly)
     if weights_file is not None:
-        state = _without_ignored(read_single_file_transformer(weights_file))
+        state, fp8_scales = read_single_file_transformer(weights_file)
+        state = _without_ignored(state)
     else:
         state = _base_state(transformer_weight_files(transformer_dir))
     base_keys = _check_base_keys(model, state)
     # full tensors first (the base, its copy as a merged reference stream, the config's, the adapter's), then every
     # delta on top: LoRA deltas commute, replacements do not
     if not shared:
-        state.update(reference_copy(model, state))
+        state.update(reference_copy(model, state, fp8_scales))
     state.update(_config_tensors(config))
     if parsed is not None:
         _apply_full_tensors(model, state, parsed)
+        for key in parsed.tensors:  # a full tensor replaced the file's FP8 weight: its scale is no longer its own
+            fp8_scales.pop(key, None)
     require_complete(model, state, adapter, shared)
     video_lora = [LoraSpec(parsed.video_lora)] if parsed is not None and parsed.video_lora is not None else []
     unmerged = {}
     if parsed is not None:
+        dequantize_for_merge(fp8_scales, state, (f"{target}.weight" for target in parsed.loras))
         unmerged, used = apply_pairs(model, state, parsed, rule, naming)
         _log_adapter(adapter, parsed, rule, used, base_keys, len(unmerged))
-    merge_base_loras(state, [*video_lora, *loras])
+    prepare = functools.partial(dequantize_for_merge, fp8_scales)
+    merge_base_loras(state, [*video_lora, *loras], prepare=prepare)
     if model.ref_blocks is not None and lora_reference:
         if shared:
             _merge_base_loras_into_own(model, state, loras)
         else:
-            merge_base_loras(state, loras, prefix="ref_")
+            merge_base_loras(state, loras, prefix="ref_", prepare=prepare)
     return assign(model, state, unmerged, shared=shared, dtype=dtype, device=device,
-                  keep_float32=kept_float32(model, WAN))
+                  keep_float32=kept_float32(model, WAN), fp8_scales=fp8_scales)

@@ -12,8 +12,9 @@ converter leaves to its caller:
   name, and ``from_single_file`` then only logs a warning and drops it (a weight the model lacks); here every
   converted name must be one a ``WanTransformer3DModel`` has, or the file is refused naming the key;
 - two keys that convert to the same name would overwrite one another silently; refused too;
-- FP8 files (ComfyUI, ComfyUI-WanVideoWrapper, LightX2V): their weights dequantised with their scales before the
-  renaming, the scale keys dropped, an unknown scale layout refused (``engine.backbones.wan.fp8_files``).
+- FP8 files (ComfyUI, ComfyUI-WanVideoWrapper, LightX2V): their weights kept in float8_e4m3fn as stored, their scales
+  read per output channel and renamed with the weights, the scale keys dropped, an unknown scale layout refused
+  (``engine.backbones.wan.fp8_files``); the loader decides per tensor whether it stays FP8 or is dequantised.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ...errors import CheckpointError
-from .fp8_files import SAFETENSORS_DTYPES, channel_scale, dequantize_state, fp8_layout, read_tag
+from .fp8_files import split_scales
 from .sharded_files import read_weights
 
 # ComfyUI's prefixes for the diffusion model inside a checkpoint, longest first
@@ -50,9 +51,10 @@ def is_single_file(path: str | Path) -> bool:
     return path.is_file() or path.suffix.lower() in (".safetensors", *_PICKLE_SUFFIXES)
 
 
-def read_single_file_transformer(path: str | Path) -> dict[str, torch.Tensor]:
-    """The diffusers-named state dict (``WanTransformer3DModel`` names, tensors as stored) of a single-file
-    Wan transformer; ``CheckpointError`` naming the file for anything else."""
+def read_single_file_transformer(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the diffusers-named state dict (``WanTransformer3DModel`` names, tensors as stored: an FP8 file's weights
+    in float8_e4m3fn), the scale [out] float32 of each FP8 weight by the same names (empty for a 16/32-bit file))
+    of a single-file Wan transformer; ``CheckpointError`` naming the file for anything else."""
     from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
     path = Path(path)
@@ -60,11 +62,19 @@ def read_single_file_transformer(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it to "
                               f"safetensors); {_SUPPORTED}")
     prefix, state = _strip_prefix(path, read_weights(path))  # one file, or an index of shards
-    state = dequantize_state(path, state)
+    state, scales = split_scales(path, state)
     _check_family(path, state)
     converted = convert_wan_transformer_to_diffusers(dict(state))  # it pops every key of the dict it is given
     _check_converted(path, prefix, state, converted)
-    return converted
+    # the converter renames key by key: each scale takes its weight's new name
+    return converted, {_renamed(key, state): scale for key, scale in scales.items()}
+
+
+def _renamed(key: str, state: dict[str, torch.Tensor]) -> str:
+    """diffusers' converter's name for one key of ``state``."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    return next(iter(convert_wan_transformer_to_diffusers({key: state[key]})))
 
 
 def _strip_prefix(path: Path, state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
@@ -116,21 +126,16 @@ def _not_wan(state: dict[str, torch.Tensor]) -> str:
 
 def _check_converted(path: Path, prefix: str, state: dict, converted: dict) -> None:
     """Every converted name is a ``WanTransformer3DModel`` parameter, and no two keys became one."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
-    def renamed(key: str) -> str:  # the converter's name for one key (its renames are key by key)
-        return next(iter(convert_wan_transformer_to_diffusers({key: state[key]})))
-
     if len(converted) < len(state):
         names: dict[str, list[str]] = {}
         for key in state:
-            names.setdefault(renamed(key), []).append(prefix + key)
+            names.setdefault(_renamed(key, state), []).append(prefix + key)
         merged = [group for group in names.values() if len(group) > 1]
         raise CheckpointError(f"{path}: keys that diffusers' Wan converter maps to one name: {merged[:3]}")
     known = _wan_parameter_patterns()
     unknown = {_block_pattern(k) for k in converted} - known
     if unknown:
-        foreign = sorted(prefix + k for k in state if _block_pattern(renamed(k)) in unknown)
+        foreign = sorted(prefix + k for k in state if _block_pattern(_renamed(k, state)) in unknown)
         raise CheckpointError(f"{path}: {len(foreign)} key(s) that are not part of a Wan T2V/I2V transformer "
                               f"(diffusers' converter does not map them to one): {_few(foreign)}; {_SUPPORTED}")
 
@@ -154,35 +159,3 @@ def _block_pattern(key: str) -> str:
 def _few(keys, limit: int = 6) -> str:
     keys = sorted(keys)
     return f"{keys[:limit]}{f' and {len(keys) - limit} more' if len(keys) > limit else ''}"
-
-
-def fp8_file_scales(weights_file: str | Path | None, quantize: str = "fp8") -> dict[str, torch.Tensor] | None:
-    """Per-output-channel scales [out] float32 of an FP8 single file's block weights, by diffusers module name
-    (``blocks.3.attn1.to_q``); unscaled FP8 weights get ones. None without a file, for a file without FP8 weights,
-    or when ``quantize`` is "none" (nothing will be quantised). Reads only the scale tensors."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-    from safetensors import safe_open
-
-    if weights_file is None or quantize == "none" or Path(weights_file).suffix.lower() != ".safetensors":
-        return None
-    path = Path(weights_file)
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        prefix = next((p for p in COMFYUI_PREFIXES if f"{p}head.modulation" in keys), "")
-        named = {k.removeprefix(prefix): k for k in keys}
-        infos = {}
-        for short, key in named.items():
-            piece = f.get_slice(key)
-            infos[short] = (SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape()))
-        layout = fp8_layout(path, infos, lambda short: read_tag(f.get_tensor(named[short])))
-        if layout is None:
-            return None
-        scales = {}
-        for key, scale_key in layout.scales.items():
-            if not key.startswith("blocks.") or not key.endswith(".weight") or len(infos[key][1]) != 2:
-                continue  # FP8 tensors outside the blocks (a text embedding) load dequantised, not as FP8 linears
-            stored = f.get_tensor(named[scale_key]) if scale_key else None
-            channel = channel_scale(stored, infos[key][1][0])
-            (name,) = convert_wan_transformer_to_diffusers({key: channel})
-            scales[name.removesuffix(".weight")] = channel
-    return scales
