@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.backbones.wan.original_names import to_original_wan
 from engine.backbones.wan.single_file import read_single_file_transformer
 from engine.errors import CheckpointError
 from engine.tiny import write_original_shards
