@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from engine.errors import UsageError
 
-from . import (bench_denoiser, bench_mmdit, bench_pipeline, bench_plot, bench_server, bls_bytes, deterministic, fp8_load,
-               sp_comm, stand_in, step_cache)
+from . import (bench_denoiser, bench_mmdit, bench_pipeline, bench_plot, bench_server, bls_bytes, deterministic,
+               fp8_load, sp_comm, stand_in, step_cache)
 
 BENCHMARKS = (sp_comm, bls_bytes, deterministic, bench_denoiser, bench_mmdit, bench_pipeline, bench_server, step_cache,
               stand_in, fp8_load, bench_plot)

@@ -59,7 +59,8 @@ _SAMPLE = textwrap.dedent("""
     for module in quantized_modules(model):
         digest.update(module.weight.view(torch.uint8).numpy().tobytes())
         digest.update(module.weight_scale.numpy().tobytes())
-    print(json.dumps({"peak_growth": grown, "resident_growth": held, "model_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(json.dumps({"peak_growth": grown, "resident_growth": held, "model_bytes": model_bytes,
                       "fp8_sha256": digest.hexdigest() if quantized_modules(model) else None}))
 """)
 

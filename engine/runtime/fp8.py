@@ -226,8 +226,9 @@ def quantize_model(model: nn.Module, mode: str, stored_scales: Mapping[str, torc
     (``engine.backbones.wan.fp8_files``): a Linear whose weight the loader handed over still in float8_e4m3fn
     (``engine.backbones.assembly.assign``) becomes an FP8 module of those bytes and that scale as they are; a
     16/32-bit weight that came from the file (a LoRA merged into it) quantises with the file's scale where it still
-    fits, instead of being rescaled. ``deterministic``: FP8 GEMMs are not batch-invariant (their kernel depends on M), so ``fp8`` runs
-    weight-only there (through ``BatchInvariantOps``); ``fp8_gemm`` is refused. One INFO line on ``mvgen.loading``."""
+    fits, instead of being rescaled. ``deterministic``: FP8 GEMMs are not batch-invariant (their kernel depends on
+    M), so ``fp8`` runs weight-only there (through ``BatchInvariantOps``); ``fp8_gemm`` is refused. One INFO line on
+    ``mvgen.loading``."""
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if mode == "none":
