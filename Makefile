@@ -42,8 +42,8 @@ demo: venv
 
 # two processes (xdist) for what does not time itself, then the timing and memory measurements alone
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" tests
-	$(BIN)/python -m pytest -q -m serial tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=25 tests
+	$(BIN)/python -m pytest -q -m serial --durations=10 tests
 
 # the iteration tier (a few minutes): no tritonserver, nothing marked slow (compilation for GPU targets, exports of
 # every family, CLI subprocesses, sequence-parallel spawns)

@@ -29,29 +29,37 @@ OTHERS = [dict(seed=99), dict(seed=5, guidance_scale=1.0), dict(refs=3, height=6
           dict(seed=11, refs=0), dict(seed=13, num_frames=9), dict(seed=17, guidance_scale=3.0)]
 
 
+# concurrent runs tried until one batched (each checked bit for bit): on a loaded machine four requests may reach the
+# denoiser at different steps throughout a run
+BATCHING_TRIES = 3
+
+
 @pytest.mark.parametrize("companions", [1, 3, 7])
 def test_same_request_is_bit_identical_alone_and_batched_with_others(served, images, companions):
     """``--deterministic`` (the ``served`` fixture): batches at their real size, the bits from batch-invariant
     kernels, not from padding."""
     target = _request(images, steps=4)
     alone = generate(served.url, target, stream=False)
-    batched_before = served.metric("mvgen_denoiser_batch_requests_bucket", le="1")
-    batches_before = served.metric("mvgen_denoiser_batch_requests_count")
     others = [_request(images, steps=4, **other) for other in OTHERS[:companions]]
-    with ThreadPoolExecutor(companions + 1) as pool:
-        futures = [pool.submit(generate, served.url, r, None, i % 2 == 0) for i, r in enumerate([target, *others])]
-        results = [f.result(timeout=240) for f in futures]
-    assert np.array_equal(results[0], alone), "the same request and seed changed when batched with others"
-    assert not np.array_equal(results[0], results[1])  # rows of different requests never mix
-    if companions >= 3:
-        assert results[3].shape == (SMALL["num_frames"], 64, 48, 3)
-    # the concurrent run did batch: some denoiser batches held more than one request (two requests alone may
-    # never meet at the same step)
-    if companions < 3:
-        return
-    multi = (served.metric("mvgen_denoiser_batch_requests_count") - batches_before) - \
-        (served.metric("mvgen_denoiser_batch_requests_bucket", le="1") - batched_before)
-    assert multi > 0, "no denoiser batch held more than one request"
+    for _ in range(BATCHING_TRIES):
+        batched_before = served.metric("mvgen_denoiser_batch_requests_bucket", le="1")
+        batches_before = served.metric("mvgen_denoiser_batch_requests_count")
+        with ThreadPoolExecutor(companions + 1) as pool:
+            futures = [pool.submit(generate, served.url, r, None, i % 2 == 0) for i, r in enumerate([target, *others])]
+            results = [f.result(timeout=240) for f in futures]
+        assert np.array_equal(results[0], alone), "the same request and seed changed when batched with others"
+        assert not np.array_equal(results[0], results[1])  # rows of different requests never mix
+        if companions >= 3:
+            assert results[3].shape == (SMALL["num_frames"], 64, 48, 3)
+        # the concurrent run did batch: some denoiser batches held more than one request (two requests alone may
+        # never meet at the same step)
+        if companions < 3:
+            return
+        multi = (served.metric("mvgen_denoiser_batch_requests_count") - batches_before) - \
+            (served.metric("mvgen_denoiser_batch_requests_bucket", le="1") - batched_before)
+        if multi > 0:
+            return
+    pytest.fail(f"no denoiser batch held more than one request in {BATCHING_TRIES} concurrent runs")
 
 
 def _wait_idle(served, timeout: float = 60) -> None:
