@@ -1,7 +1,6 @@
 """Exported graphs against the unmerged PyTorch model (PEFT LoRA), through polygraphy and onnxruntime."""
 from __future__ import annotations
 
-import time
 
 import onnx
 import pytest
@@ -72,9 +71,7 @@ def test_large_widths_export_passes_checker(tmp_path):
     gen = torch.Generator().manual_seed(0)
     for p in den.parameters():
         p.normal_(0.0, 0.02, generator=gen)
-    start = time.time()
-    path = export_denoiser(den, tmp_path, attention="native")
-    assert time.time() - start < 180
+    path = export_denoiser(den, tmp_path, attention="native")  # its duration is no assertion: a loaded machine varies
     onnx.checker.check_model(str(path), full_check=True)
     data = path.parent / denoiser_io.ONNX_DATA_FILE
     assert data.stat().st_size > 500e6 and path.stat().st_size < 5e6  # weights live in the external file
