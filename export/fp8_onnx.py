@@ -21,9 +21,9 @@ graph's weights bit-identical to the PyTorch FP8 model's.
 Calibration inputs: ``calibrated`` takes the inputs to calibrate on; the exporter passes its sample inputs (random,
 seeded), or with ``--fp8-calibration generation`` the denoiser inputs of a short real generation of the checkpoint
 (``export.calibration_inputs``: on the tiny model its scales are 0.6x to 2.1x the random inputs'), and ``export.json``
-records which (``fp8.calibration``) with every scale. A graph made
-for an engine that already exists (a TensorRT refit: ``export.tensorrt_build.refit_onnx``) is not calibrated again:
-it takes the scales its ``export.json`` recorded (``recorded``), so the refit's Q/DQ scales are the engine's.
+records which (``fp8.calibration``) with every scale. A graph made for an engine that already exists (a TensorRT
+refit: ``export.tensorrt_build.refit_onnx``) is not calibrated again: it takes the scales its ``export.json``
+recorded (``recorded``), so the refit's Q/DQ scales are the engine's.
 """
 from __future__ import annotations
 

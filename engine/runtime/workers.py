@@ -166,8 +166,9 @@ class DistributedDenoiser:
         """Until every worker has loaded its expert; a worker that exits meanwhile ends the wait at once."""
         keys, deadline = [f"ready{rank}" for rank in range(1, self.layout.world_size)], time.monotonic() + timeout_s
         while not self.store.check(keys):
-            if self._exited() is not None:
-                raise RuntimeError(self._exited())
+            exited = self._exited()
+            if exited is not None:
+                raise RuntimeError(exited)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the workers were not ready within {timeout_s:g} s")
             time.sleep(0.05)
