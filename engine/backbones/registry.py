@@ -2,9 +2,9 @@
 its loader, text encoder and VAE. ``backbone(config)`` is the one dispatch on the family."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -12,34 +12,17 @@ from torch import nn
 from ..adapters.base_lora import LoraSpec
 from ..checkpoint import Checkpoint
 from ..loading import denoiser_config, find_transformer_dir
-from .families import MMDIT, WAN, Family, family_of
-from .mmdit.components import MMDiTTextEncoder, MMDiTVae
-from .mmdit.loading import load_mmdit
-from .mmdit.model import MultiViewMMDiT
-from .wan.components import TextEncoder, Vae
-from .wan.loading import load_wan
-from .wan.model import MultiViewWanTransformer
+from .backbone import Backbone
+from .families import MMDIT, WAN, family_of
 
-
-@dataclass(frozen=True)
-class Backbone:
-    family: Family
-    model: type[nn.Module]  # the multi-view denoiser built from an ``MvgenConfig`` of this family
-    # (transformer_dir, config, adapter, dtype, device, lora_scale, *, weights_file, loras, lora_reference) -> model
-    load: Callable
-    text_encoder: type  # a served part built from a ``Checkpoint``; returns ``family.text_outputs``
-    vae: type
-
-
-BACKBONES = {b.family.name: b for b in (
-    Backbone(WAN, MultiViewWanTransformer, load_wan, TextEncoder, Vae),
-    Backbone(MMDIT, MultiViewMMDiT, load_mmdit, MMDiTTextEncoder, MMDiTVae),
-)}
+# each family's code: the module of its folder that holds its ``BACKBONE``, imported on first use so that a process
+# serving one family (a server's stub, a worker) never imports another's dependencies (the MMDiT's diffusers modules)
+CODE = {WAN.name: "engine.backbones.wan.backbone", MMDIT.name: "engine.backbones.mmdit.backbone"}
 
 
 def backbone(config) -> Backbone:
     """The code of a config's family (an ``MvgenConfig``, its ``to_dict()`` or a family name)."""
-    return BACKBONES[family_of(config).name]
+    return import_module(CODE[family_of(config).name]).BACKBONE
 
 
 def text_encoder_class(checkpoint: Checkpoint) -> type:
