@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
 
 
 def _add_convert(subparsers) -> None:
-    convert = subparsers.add_parser("convert", help="convert a released checkpoint into an mvgen adapter folder")
+    convert = subparsers.add_parser("convert", help="convert a released checkpoint into files mvgen loads")
     formats = convert.add_subparsers(dest="format", metavar="FORMAT", parser_class=type(convert))
     formats.required = True
     p = formats.add_parser(
@@ -47,6 +47,16 @@ def _add_convert(subparsers) -> None:
     p.add_argument("--rank", type=int, default=None, help="the LoRA rank every tensor must have (default: "
                    "Stand-In's 128)")
     p.set_defaults(func=run_convert_stand_in)
+    p = formats.add_parser(
+        "wan-pth", help="a Wan transformer saved with torch.save in the original names (Phantom-Wan-1.3B.pth) -> one "
+                        ".safetensors for --transformer",
+        description="Convert a pickled Wan2.1/2.2 T2V or I2V transformer in the original Wan key names (Phantom-Wan-"
+                    "1.3B's .pth) into one .safetensors file, for --transformer. The file is read with torch.load("
+                    "weights_only=True), memory-mapped, and refused unless it holds exactly a Wan transformer's "
+                    "tensors (its computed RoPE buffer 'freqs' is left out).")
+    p.add_argument("checkpoint", type=Path, metavar="PTH", help="the .pth / .pt / .ckpt file")
+    p.add_argument("out", type=Path, metavar="OUT", help="the .safetensors file to write (must not exist)")
+    p.set_defaults(func=run_convert_wan_pth)
 
 
 def _add_generate(subparsers) -> None:
@@ -131,6 +141,13 @@ def run_convert_stand_in(args) -> int:
     if rank < 1:
         raise UsageError(f"--rank must be >= 1, got {rank}")
     print(convert_stand_in(args.checkpoint, args.out_dir, rank))
+    return 0
+
+
+def run_convert_wan_pth(args) -> int:
+    from .backbones.wan.single_file import convert_pickled_transformer
+
+    print(convert_pickled_transformer(args.checkpoint, args.out))
     return 0
 
 

@@ -9,9 +9,10 @@ sees them; each problem is one line ``"{path}: {problem}"`` in the caller's erro
 from __future__ import annotations
 
 import contextlib
-
 import json
 import math
+import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -87,6 +88,44 @@ def load_safetensors(path: str | Path, error_cls: type[ValueError]) -> dict[str,
         return load_file(path)
     except (SafetensorError, OSError) as error:  # e.g. the file changed or became unreadable since the check
         raise error_cls(f"{path}: cannot read safetensors ({error})") from None
+
+
+def load_pickled_tensors(path: str | Path, error_cls: type[ValueError], holds: str) -> dict[str, torch.Tensor]:
+    """The tensors of a pickled checkpoint (a dict of tensors, or one under ``state_dict``) for a converter, the only
+    reader of a pickle: ``torch.load(weights_only=True)``, so no code in the file runs, memory-mapped where the file
+    is torch's zip format (the weights stay the file's pages, which the kernel can drop and re-read under pressure).
+    Anything but tensors is refused in one line; ``holds`` says what the file should hold instead."""
+    path = Path(path)
+    check_file(path, error_cls, "checkpoint")
+    try:
+        try:
+            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # torch's legacy (pre-zip) format cannot be memory-mapped
+            if "mmap" not in str(error):
+                raise
+            found = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise error_cls(f"{path.name}: not a checkpoint of plain tensors (torch.load(weights_only=True) refused "
+                        f"it: {_unpickler_reason(error)})") from None
+    if isinstance(found, dict) and set(found) == {"state_dict"}:
+        found = found["state_dict"]
+    if not isinstance(found, dict):
+        raise error_cls(f"{path.name}: holds a {type(found).__name__}, expected a dict of tensors")
+    others = {str(key): type(value).__name__ for key, value in found.items()
+              if not isinstance(key, str) or not isinstance(value, torch.Tensor)}
+    if others:
+        shown = ", ".join(f"{key!r} ({kind})" for key, kind in sorted(others.items())[:4])
+        raise error_cls(f"{path.name}: holds values that are not tensors: {shown}{' ...' if len(others) > 4 else ''}; "
+                        f"{holds}")
+    return found
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """The line of torch's (multi-line, partly ANSI-coloured) refusal that names what the pickle holds."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "WeightsUnpickler error" in line]
+    # torch goes on to explain how to allowlist the class: advice for trusted files, not for a converter
+    return (named or [line for line in lines if line] or [type(error).__name__])[0].split(" Please use")[0]
 
 
 def read_json(path: str | Path, error_cls: type[ValueError], what: str = "JSON file") -> dict:

@@ -10,8 +10,8 @@ stream with shared weights, ``isolated``, ``ref_timestep="zero"``, ``ref_rope="p
 
 Two spellings are read:
 - the authors' pickled ``.ckpt`` (``blocks.{i}.self_attn.{q,k,v}_loras.{down,up}.weight``, maybe under a
-  ``state_dict`` key): the one place mvgen reads a pickle, through ``torch.load(weights_only=True)``, and only to
-  convert it (``mvgen convert stand-in``);
+  ``state_dict`` key): read by the one pickle reader (``engine.files.load_pickled_tensors``:
+  ``torch.load(weights_only=True)``), and only to convert it (``mvgen convert stand-in``);
 - ComfyUI-WanVideoWrapper's (kijai) ``.safetensors``: the same names after a ``diffusion_model.`` prefix.
 Anything else in the file (another key, a non-tensor value, a rank other than the expected one, a missing half or
 projection) is refused in one line before anything is written.
@@ -19,14 +19,13 @@ projection) is refused in one line before anything is written.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 
 import torch
 
 from ..errors import AdapterError
-from ..files import load_safetensors
+from ..files import load_pickled_tensors, load_safetensors
 from .lora import few_names
 
 STAND_IN_RANK = 128  # Stand-In's LoRALinearLayer(dim, dim, rank=128)
@@ -53,40 +52,12 @@ def read_stand_in(path: str | Path, rank: int = STAND_IN_RANK) -> dict[str, torc
     if path.suffix == ".safetensors":
         tensors = {key.removeprefix(KIJAI_PREFIX): t for key, t in load_safetensors(path, AdapterError).items()}
     elif path.suffix in PICKLE_SUFFIXES:
-        tensors = _load_pickle(path)
+        tensors = load_pickled_tensors(path, AdapterError, "a Stand-In checkpoint holds LoRA tensors only")
     else:
         raise AdapterError(f"{path.name}: a Stand-In checkpoint is the authors' .ckpt or kijai's .safetensors, got "
                            f"a {path.suffix or 'suffix-less'} file")
     check_stand_in(tensors, rank, path.name)
     return tensors
-
-
-def _load_pickle(path: Path) -> dict:
-    """The authors' ``.ckpt``: a dict of tensors (or one under ``state_dict``), read with ``weights_only=True`` so
-    that no code in the pickle runs; anything else in it is refused."""
-    try:
-        found = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        raise AdapterError(f"{path.name}: not a checkpoint of plain tensors (torch.load(weights_only=True) refused "
-                           f"it: {_unpickler_reason(error)})") from None
-    if isinstance(found, dict) and set(found) == {"state_dict"}:
-        found = found["state_dict"]
-    if not isinstance(found, dict):
-        raise AdapterError(f"{path.name}: holds a {type(found).__name__}, expected a dict of tensors")
-    others = {str(key): type(value).__name__ for key, value in found.items() if not isinstance(value, torch.Tensor)}
-    if others:
-        shown = ", ".join(f"{key!r} ({kind})" for key, kind in sorted(others.items())[:4])
-        raise AdapterError(f"{path.name}: holds values that are not tensors: {shown}"
-                           f"{' ...' if len(others) > 4 else ''}; a Stand-In checkpoint holds LoRA tensors only")
-    return found
-
-
-def _unpickler_reason(error: Exception) -> str:
-    """The line of torch's (multi-line, partly ANSI-coloured) refusal that names what the pickle holds."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    named = [line.removeprefix("WeightsUnpickler error: ") for line in lines if "WeightsUnpickler error" in line]
-    # torch goes on to explain how to allowlist the class: advice for trusted files, not for this converter
-    return (named or [line for line in lines if line] or [type(error).__name__])[0].split(" Please use")[0]
 
 
 def check_stand_in(tensors: dict, rank: int, source: str = "Stand-In checkpoint") -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ...errors import CheckpointError
+from ...files import load_pickled_tensors
 from .fp8_files import split_scales
 from .sharded_files import read_weights
 
@@ -36,6 +37,9 @@ _SUPPORTED = (
     "original Wan key names (optionally prefixed 'model.diffusion_model.' or 'diffusion_model.'), or a diffusers "
     "checkpoint directory"
 )
+# Wan's ``WanModel`` keeps its RoPE table as a buffer, so a torch.save of its whole state (Phantom-Wan-1.3B's .pth)
+# holds it, a complex tensor computed from the config rather than learned: the converter leaves it out
+_COMPUTED_BUFFERS = ("freqs",)
 # the variants diffusers recognises by one key and that this engine does not serve
 _UNSERVED = {"wan_vace": "Wan VACE", "wan_animate": "Wan Animate"}
 
@@ -59,8 +63,8 @@ def read_single_file_transformer(path: str | Path) -> tuple[dict[str, torch.Tens
 
     path = Path(path)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it to "
-                              f"safetensors); {_SUPPORTED}")
+        raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it: "
+                              f"mvgen convert wan-pth {path.name} OUT.safetensors); {_SUPPORTED}")
     prefix, state = _strip_prefix(path, read_weights(path))  # one file, or an index of shards
     state, scales = split_scales(path, state)
     _check_family(path, state)
@@ -68,6 +72,29 @@ def read_single_file_transformer(path: str | Path) -> tuple[dict[str, torch.Tens
     _check_converted(path, prefix, state, converted)
     # the converter renames key by key: each scale takes its weight's new name
     return converted, {_renamed(key, state): scale for key, scale in scales.items()}
+
+
+def convert_pickled_transformer(source: str | Path, out: str | Path) -> Path:
+    """``mvgen convert wan-pth``: a Wan transformer in the original names saved with torch.save (Phantom-Wan-1.3B's
+    ``.pth``) -> one ``.safetensors`` file for ``--transformer``. The pickle is read by the one pickle reader
+    (``torch.load(weights_only=True)``, memory-mapped) and checked as the single-file loader checks a file (a Wan
+    T2V/I2V transformer, every key one of its parameters) before anything is written; the tensors are then written
+    as loaded (never copied), under their original names."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+    from safetensors.torch import save_file
+
+    source, out = Path(source), Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: the converted file's name must end in .safetensors")
+    if out.exists():
+        raise CheckpointError(f"{out}: exists; the converter writes a new file")
+    state = load_pickled_tensors(source, CheckpointError, "a Wan transformer checkpoint holds its tensors only")
+    prefix, state = _strip_prefix(source, state)
+    state = {key: tensor for key, tensor in state.items() if key not in _COMPUTED_BUFFERS}
+    _check_family(source, state)
+    _check_converted(source, prefix, state, convert_wan_transformer_to_diffusers(dict(state)))
+    save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(out), metadata={"format": "pt"})
+    return out
 
 
 def _renamed(key: str, state: dict[str, torch.Tensor]) -> str:
