@@ -3,7 +3,9 @@ every quantised GEMM's activation input, checked with onnxruntime against the Py
 the graph's activation scales) at shapes unlike the export's; TensorRT's FP8 engine where TensorRT and a GPU exist."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 
 import numpy as np
 import onnx
@@ -197,18 +199,20 @@ def _qdq_scales(path) -> list[float]:
 
 
 @pytest.mark.slow  # two FP8 exports of the small checkpoint (~70 s on 2 busy cores)
-def test_a_refit_graph_takes_the_recorded_activation_scales(checkpoint, tmp_path):
+def test_a_refit_graph_takes_the_recorded_activation_scales(checkpoint, cli_fp8_export, tmp_path):
     """``refit_onnx`` (all of a refit that runs without TensorRT) from the export's ``export.json``, with the adapter at
     another strength: the reference stream's FP8 weights and per-channel scales change, every other initializer is
     the export's byte for byte, and the Q/DQ activation scales are the recorded ones, where calibrating the new model
     anew would have moved them."""
     from export.fp8_onnx import calibrate
-    from export.onnx_export import DenoiserGraph, export_onnx, graph_specs, sample_inputs
+    from export.onnx_export import DenoiserGraph, graph_specs, sample_inputs
     from export.tensorrt_build import refit_onnx
 
     root, adapter, _ = checkpoint
-    first = export_onnx(root, tmp_path / "export", adapter=adapter, quantize="fp8")
-    meta = read_meta(first.parent)
+    code, printed, out = cli_fp8_export  # export_onnx(root, out, adapter=adapter, quantize="fp8") by the CLI
+    assert code == 0, printed
+    first = out / denoiser_io.ONNX_FILE
+    meta = read_meta(out)
     refit = refit_onnx(meta, adapter, tmp_path / "refit", lora_scale=0.5)
     assert read_meta(refit.parent)["fp8"] == meta["fp8"]
     before, after = _initializers(first), _initializers(refit)
@@ -278,13 +282,22 @@ def _run_cli(argv):
     return args.func(args)
 
 
-@pytest.mark.slow
-def test_export_onnx_quantize_fp8_with_verification(checkpoint, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def cli_fp8_export(checkpoint, tmp_path_factory):
+    """``mvgen export onnx --quantize fp8 --verify`` of the checkpoint with its adapter: (exit code, printed lines,
+    output folder); the refit test starts from the same export."""
     root, adapter, _ = checkpoint
-    out = tmp_path / "onnx"
-    code = _run_cli(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
-                     "--quantize", "fp8", "--verify"])
-    printed = capsys.readouterr().out.splitlines()
+    out = tmp_path_factory.mktemp("cli_fp8") / "onnx"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = _run_cli(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
+                         "--quantize", "fp8", "--verify"])
+    return code, printed.getvalue().splitlines(), out
+
+
+@pytest.mark.slow
+def test_export_onnx_quantize_fp8_with_verification(cli_fp8_export):
+    code, printed, out = cli_fp8_export
     assert code == 0, printed
     assert printed[0] == str(out / denoiser_io.ONNX_FILE)
     assert len([line for line in printed if line.startswith("verify ok")]) == 3
