@@ -74,3 +74,26 @@ def test_families_and_seed_modes_export_and_verify(tiny_cache, tmp_path, capsys,
     mode_inputs = {"t2v+multiview": {"view_omega"}, "wan22-expert2+prototype": {"frame_pose", "ref_pose"},
                    "i2v+identity": {"identity_context"}}[case]
     assert names & {"view_omega", "frame_pose", "ref_pose", "identity_context"} == mode_inputs
+
+
+def test_wan22_t2v_expert_with_stand_in_exports_and_verifies(tiny_cache, tmp_path, capsys):
+    """Wan2.2-T2V-A14B's low-noise expert with Stand-In's pair (``--adapter`` high, ``--adapter-2`` low; the experts
+    must agree on the reference settings): a T2V expert's graph (no
+    condition, no CLIP) carrying Stand-In's positions (``past_grid``) and its references skipping the
+    cross-attention; polygraphy compares onnxruntime with PyTorch at every verification shape."""
+    from engine.tiny import TRANSFORMER_CONFIG, VARIANTS, write_stand_in_adapter
+    from export.onnx_export import read_meta
+
+    config = {**TRANSFORMER_CONFIG, **VARIANTS["tiny-wan22-t2v"].transformer}
+    high, low = (write_stand_in_adapter(tmp_path / name, config, seed) for name, seed in (("high", 31), ("low", 32)))
+    out = tmp_path / "onnx"
+    code = _run(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", "tiny-wan22-t2v", "--expert", "2",
+                 "--adapter", str(high), "--adapter-2", str(low), "--out", str(out), "--verify"])
+    printed = capsys.readouterr().out.splitlines()
+    assert code == 0, printed
+    verified = [line for line in printed if line.startswith("verify ")]
+    assert len(verified) == 3 and all(line.startswith("verify ok") for line in verified), printed
+    meta = read_meta(out)
+    assert meta["source"]["expert"] == 1 and meta["source"]["sources"]["adapter_2"] == str(low)
+    assert meta["config"]["ref_rope"] == "past_grid" and meta["config"]["ref_cross_attention"] is False
+    assert {spec["name"] for spec in meta["inputs"]} == {"latents", "timestep", "text", "ref_latents"}
