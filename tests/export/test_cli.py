@@ -78,9 +78,9 @@ def test_families_and_seed_modes_export_and_verify(tiny_cache, tmp_path, capsys,
 
 def test_wan22_t2v_expert_with_stand_in_exports_and_verifies(tiny_cache, tmp_path, capsys):
     """Wan2.2-T2V-A14B's low-noise expert with Stand-In's pair (``--adapter`` high, ``--adapter-2`` low; the experts
-    must agree on the reference settings): a T2V expert's graph (no
-    condition, no CLIP) carrying Stand-In's positions (``past_grid``) and its references skipping the
-    cross-attention; polygraphy compares onnxruntime with PyTorch at every verification shape."""
+    must agree on the reference settings): a T2V expert's graph (no condition, no CLIP) carrying Stand-In's positions
+    (``past_grid``) and its references skipping the cross-attention; polygraphy compares onnxruntime with PyTorch at
+    every verification shape."""
     from engine.tiny import TRANSFORMER_CONFIG, VARIANTS, write_stand_in_adapter
     from export.onnx_export import read_meta
 
