@@ -15,19 +15,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test under tests/server/ starts (or shares) a real tritonserver: marked ``server`` by its folder.
-
-    Then the files are ordered longest first (``slow`` ones, then ``server`` ones, then the rest; the order inside a
-    file kept): xdist's ``--dist loadfile`` hands out files in this order, so the many short files end the run on both
-    workers instead of one long file running alone at the end."""
+    """Every test under tests/server/ starts (or shares) a real tritonserver: marked ``server`` by its folder."""
     for item in items:
         if "server" in item.path.relative_to(config.rootpath).parts[1:2]:
             item.add_marker(pytest.mark.server)
-    weight: dict = {}
-    for item in items:
-        rank = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("server") else 2
-        weight[item.path] = min(weight.get(item.path, rank), rank)
-    items.sort(key=lambda item: weight[item.path])  # stable: each file's tests keep their order
 
 
 @pytest.fixture(scope="session")
