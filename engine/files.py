@@ -14,6 +14,7 @@ import math
 import pickle
 import re
 import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -98,12 +99,8 @@ def load_pickled_tensors(path: str | Path, error_cls: type[ValueError], holds: s
     path = Path(path)
     check_file(path, error_cls, "checkpoint")
     try:
-        try:
-            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # torch's legacy (pre-zip) format cannot be memory-mapped
-            if "mmap" not in str(error):
-                raise
-            found = torch.load(path, map_location="cpu", weights_only=True)
+        # torch's zip format (torch.save since 1.6) can be memory-mapped; its legacy format cannot
+        found = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
         raise error_cls(f"{path.name}: not a checkpoint of plain tensors (torch.load(weights_only=True) refused "
                         f"it: {_unpickler_reason(error)})") from None

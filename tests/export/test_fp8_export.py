@@ -198,7 +198,7 @@ def _qdq_scales(path) -> list[float]:
     return scales
 
 
-@pytest.mark.slow  # two FP8 exports of the small checkpoint (~70 s on 2 busy cores)
+@pytest.mark.slow  # the refit's FP8 export, after the CLI test's (~35 s on 2 busy cores)
 def test_a_refit_graph_takes_the_recorded_activation_scales(checkpoint, cli_fp8_export, tmp_path):
     """``refit_onnx`` (all of a refit that runs without TensorRT) from the export's ``export.json``, with the adapter at
     another strength: the reference stream's FP8 weights and per-channel scales change, every other initializer is

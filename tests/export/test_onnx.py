@@ -1,7 +1,6 @@
 """Exported graphs against the unmerged PyTorch model (PEFT LoRA), through polygraphy and onnxruntime."""
 from __future__ import annotations
 
-
 import onnx
 import pytest
 import torch

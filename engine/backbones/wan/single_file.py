@@ -59,17 +59,13 @@ def read_single_file_transformer(path: str | Path) -> tuple[dict[str, torch.Tens
     """(the diffusers-named state dict (``WanTransformer3DModel`` names, tensors as stored: an FP8 file's weights
     in float8_e4m3fn), the scale [out] float32 of each FP8 weight by the same names (empty for a 16/32-bit file))
     of a single-file Wan transformer; ``CheckpointError`` naming the file for anything else."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
     path = Path(path)
     if path.suffix.lower() in _PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: a {path.suffix} file is a pickle; pickles are never loaded (convert it: "
                               f"mvgen convert wan-pth {path.name} OUT.safetensors); {_SUPPORTED}")
     prefix, state = _strip_prefix(path, read_weights(path))  # one file, or an index of shards
     state, scales = split_scales(path, state)
-    _check_family(path, state)
-    converted = convert_wan_transformer_to_diffusers(dict(state))  # it pops every key of the dict it is given
-    _check_converted(path, prefix, state, converted)
+    converted = _checked_conversion(path, prefix, state)
     # the converter renames key by key: each scale takes its weight's new name
     return converted, {_renamed(key, state): scale for key, scale in scales.items()}
 
@@ -80,7 +76,6 @@ def convert_pickled_transformer(source: str | Path, out: str | Path) -> Path:
     (``torch.load(weights_only=True)``, memory-mapped) and checked as the single-file loader checks a file (a Wan
     T2V/I2V transformer, every key one of its parameters) before anything is written; the tensors are then written
     as loaded (never copied), under their original names."""
-    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     from safetensors.torch import save_file
 
     source, out = Path(source), Path(out)
@@ -91,10 +86,20 @@ def convert_pickled_transformer(source: str | Path, out: str | Path) -> Path:
     state = load_pickled_tensors(source, CheckpointError, "a Wan transformer checkpoint holds its tensors only")
     prefix, state = _strip_prefix(source, state)
     state = {key: tensor for key, tensor in state.items() if key not in _COMPUTED_BUFFERS}
-    _check_family(source, state)
-    _check_converted(source, prefix, state, convert_wan_transformer_to_diffusers(dict(state)))
+    _checked_conversion(source, prefix, state)
     save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(out), metadata={"format": "pt"})
     return out
+
+
+def _checked_conversion(path: Path, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (original names, prefix stripped) in diffusers' names, refused unless it is a served Wan transformer
+    whose every key converts to one of its parameters: the loader's checks, and the converter's before it writes."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    _check_family(path, state)
+    converted = convert_wan_transformer_to_diffusers(dict(state))  # it pops every key of the dict it is given
+    _check_converted(path, prefix, state, converted)
+    return converted
 
 
 def _renamed(key: str, state: dict[str, torch.Tensor]) -> str:
