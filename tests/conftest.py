@@ -14,6 +14,17 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (make test) keeps the files sharing a session-scoped server on one worker
+    (``tests/scheduling.py``); any other mode is xdist's own."""
+    if config.getvalue("dist") == "loadfile":
+        from tests.scheduling import scheduler
+
+        return scheduler(config, log)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test under tests/server/ starts (or shares) a real tritonserver: marked ``server`` by its folder."""
     for item in items:
