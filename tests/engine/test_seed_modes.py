@@ -112,8 +112,14 @@ def test_each_mode_from_the_command_line(tiny_cache, tmp_path, mode):
         Image.fromarray(values["identity"]).save(tmp_path / "id.png")
         command += ["--identity", str(tmp_path / "id.png")]
     paths["video"] = tmp_path / "v.mp4"
-    done = subprocess.run([*command, "--out", str(paths["video"])], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    command += ["--out", str(paths["video"])]
+    if mode == MODES[0]:  # one mode as a shell runs it; the others through mvgen.cli.main here (~5 s of imports less)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        from mvgen.cli import main
+
+        assert main(command[1:]) == 0
     assert paths["video"].is_file()
 
 

@@ -24,8 +24,9 @@ def served_wan22(tiny_cache, tmp_path_factory):
     yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-wan22"), *CACHEABLE, model="tiny-wan22")
 
 
-def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str) -> np.ndarray:
-    """`mvgen generate --model MODEL` in its own process; its (lossless) contact sheet."""
+def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str, process: bool = False) -> np.ndarray:
+    """`mvgen generate --model MODEL` (``mvgen.cli.main`` in this process; in its own with ``process``, as a shell
+    runs it: T2V's case here, and test_phantom's); its (lossless) contact sheet."""
     command = [MVGEN, "--cache-dir", str(tiny_cache), "generate", "--model", model, "--device", "cpu",
                "--dtype", "float32", *CACHEABLE,
                *flags]
@@ -38,8 +39,14 @@ def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str) -> np.ndar
             command += [item for v in value for item in (FLAGS[name], str(v))]
         else:
             command += [FLAGS[name], str(value)]
-    done = subprocess.run([*command, "--out", str(tmp_path / "v.mp4")], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    command += ["--out", str(tmp_path / "v.mp4")]
+    if process:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        from mvgen.cli import main
+
+        assert main(command[1:]) == 0
     return np.asarray(Image.open(tmp_path / "v.png").convert("RGB"))
 
 
@@ -54,12 +61,12 @@ def _builds(server, model: str) -> tuple[float, float]:
             server.metric("mvgen_reference_cache_entries", model=model))
 
 
-def _same_everywhere(model: str, server, values: dict, tiny_cache, tmp_path, adapter=None) -> np.ndarray:
+def _same_everywhere(model: str, server, values: dict, tiny_cache, tmp_path, adapter=None, process=False) -> np.ndarray:
     from engine.pipeline import MultiViewPipeline
 
     api = MultiViewPipeline.from_pretrained(model, cache_root=tiny_cache, adapter=adapter, **OVERRIDES)(**values)
     served = _served(server, values)
-    cli = _cli(model, tiny_cache, tmp_path, values, *(("--adapter", str(adapter)) if adapter else ()))
+    cli = _cli(model, tiny_cache, tmp_path, values, *(("--adapter", str(adapter)) if adapter else ()), process=process)
     assert api.shape == (SMALL["num_frames"], SMALL["height"], SMALL["width"], 3)
     assert np.array_equal(served, api), "server vs API"
     assert np.array_equal(cli, contact_sheet(api)), "CLI vs API"
@@ -73,7 +80,7 @@ def test_reference_to_video_on_t2v_is_the_same_everywhere(served_t2v, images, ti
     before = _builds(served_t2v, "mvgen_denoiser")
     adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
     _same_everywhere("tiny-t2v", served_t2v, dict(prompt=PROMPT, references=refs[:2], view_omega=[0.3, 2.0], **SMALL),
-                     tiny_cache, tmp_path, adapter)
+                     tiny_cache, tmp_path, adapter, process=True)
     assert _builds(served_t2v, "mvgen_denoiser") == (before[0] + 1, 0)  # built once, released
 
 
