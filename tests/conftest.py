@@ -33,11 +33,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory):
-    """A cache root (``$MVGEN_CACHE``) holding the built tiny pipeline at ``<root>/tiny-v2``."""
+def tiny_cache(request, tmp_path_factory):
+    """A cache root (``$MVGEN_CACHE``) holding the built tiny pipeline at ``<root>/tiny-v2``. The xdist workers of one
+    run share it (under the run's base temp, above each worker's), so each embedded model is built once per run
+    rather than once per worker: ``engine.tiny.build_tiny`` stages a build and renames it into place, so two workers
+    building the same model at once both end with one complete copy. No test writes into it."""
     from engine.tiny import ensure_tiny
 
-    root = tmp_path_factory.mktemp("mvgen-cache")
+    if hasattr(request.config, "workerinput"):  # an xdist worker
+        root = tmp_path_factory.getbasetemp().parent / "mvgen-cache"
+        root.mkdir(exist_ok=True)
+    else:
+        root = tmp_path_factory.mktemp("mvgen-cache")
     ensure_tiny(root)
     return root
 

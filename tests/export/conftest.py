@@ -18,6 +18,15 @@ from export.onnx_export import export_denoiser
 from tests.engine.conftest import make_wan
 from tests.engine.test_ti2v import TI2V
 
+def run_cli(argv):
+    """The handler of ``mvgen ARGV`` called in this process (the root parser supplies ``--cache-dir``), so a usage
+    error arrives as the exception and a refusal as the exit code."""
+    from mvgen.cli import build_parser
+
+    args = build_parser({}).parse_args(argv)
+    return args.func(args)
+
+
 RANK, ALPHA = 4, 8.0
 TARGETS = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.add_v_proj",
            "ffn.net.0.proj", "ffn.net.2"]

@@ -5,21 +5,15 @@ import pytest
 
 from engine import denoiser_io
 from engine.errors import UsageError
-from mvgen.cli import build_parser
+from tests.export.conftest import run_cli
 
 pytestmark = pytest.mark.slow  # exports every family and mode through the command line
-
-
-def _run(argv):
-    """The handler of ``mvgen ARGV`` called directly, so a usage error arrives as the exception."""
-    args = build_parser({}).parse_args(argv)
-    return args.func(args)
 
 
 def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
     root, adapter, _ = checkpoint
     out = tmp_path / "onnx"
-    code = _run(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
+    code = run_cli(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
                  "--attention", "plugin", "--set", "ref_attention=isolated", "--profile", "batch=1:2:4",
                  "--verify"])
     printed = capsys.readouterr().out.splitlines()
@@ -39,7 +33,7 @@ def test_export_onnx_with_verification(checkpoint, tmp_path, capsys):
 ])
 def test_bad_export_arguments_are_usage_errors(checkpoint, tmp_path, extra, message):
     with pytest.raises(UsageError, match=message):
-        _run(["export", "onnx", "--model", str(checkpoint[0]), "--out", str(tmp_path / "o"), *extra])
+        run_cli(["export", "onnx", "--model", str(checkpoint[0]), "--out", str(tmp_path / "o"), *extra])
 
 
 # (model, expert, adapter flag, the embedded adapter): each family's graph carries one seed method, so three
@@ -59,7 +53,7 @@ def test_families_and_seed_modes_export_and_verify(tiny_cache, tmp_path, capsys,
 
     model, expert, flag, adapter = FAMILY_MODES[case]
     out = tmp_path / "onnx"
-    code = _run(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", model, "--expert", expert, flag,
+    code = run_cli(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", model, "--expert", expert, flag,
                  str(tiny_cache / VARIANTS[model].directory / adapter), "--out", str(out), "--verify"])
     printed = capsys.readouterr().out.splitlines()
     assert code == 0, printed
@@ -87,7 +81,7 @@ def test_wan22_t2v_expert_with_stand_in_exports_and_verifies(tiny_cache, tmp_pat
     config = {**TRANSFORMER_CONFIG, **VARIANTS["tiny-wan22-t2v"].transformer}
     high, low = (write_stand_in_adapter(tmp_path / name, config, seed) for name, seed in (("high", 31), ("low", 32)))
     out = tmp_path / "onnx"
-    code = _run(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", "tiny-wan22-t2v", "--expert", "2",
+    code = run_cli(["--cache-dir", str(tiny_cache), "export", "onnx", "--model", "tiny-wan22-t2v", "--expert", "2",
                  "--adapter", str(high), "--adapter-2", str(low), "--out", str(out), "--verify"])
     printed = capsys.readouterr().out.splitlines()
     assert code == 0, printed

@@ -21,7 +21,7 @@ from export.fp8_onnx import FP8_OPSET, static_scales
 from export.onnx_export import CALIBRATION, EXPORT_SIZES, export_denoiser, read_meta
 from export.tensorrt_build import SKIP_REASON
 from export.verify import verify_onnx
-from mvgen.cli import build_parser
+from tests.export.conftest import run_cli
 
 from .test_onnx import SHAPES
 
@@ -277,11 +277,6 @@ def test_fp8_calibration_choices_are_checked(tiny_cache):
                     cache_root=tiny_cache)
 
 
-def _run_cli(argv):
-    args = build_parser({}).parse_args(argv)
-    return args.func(args)
-
-
 @pytest.fixture(scope="module")
 def cli_fp8_export(checkpoint, tmp_path_factory):
     """``mvgen export onnx --quantize fp8 --verify`` of the checkpoint with its adapter: (exit code, printed lines,
@@ -290,7 +285,7 @@ def cli_fp8_export(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_fp8") / "onnx"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        code = _run_cli(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
+        code = run_cli(["export", "onnx", "--model", str(root), "--adapter", str(adapter), "--out", str(out),
                          "--quantize", "fp8", "--verify"])
     return code, printed.getvalue().splitlines(), out
 
@@ -308,7 +303,7 @@ def test_export_onnx_quantize_fp8_with_verification(cli_fp8_export):
 @pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed: the skip path is not taken")
 def test_without_tensorrt_an_fp8_engine_build_reports_a_skip(fp8_graph, tmp_path, capsys):
     path, _, _ = fp8_graph
-    assert _run_cli(["export", "tensorrt", "--onnx", str(path.parent), "--out", str(tmp_path / "fp8.plan")]) \
+    assert run_cli(["export", "tensorrt", "--onnx", str(path.parent), "--out", str(tmp_path / "fp8.plan")]) \
         == cli.EXIT_SKIPPED
     assert capsys.readouterr().err.strip() == SKIP_REASON
 

@@ -8,15 +8,9 @@ import torch
 
 from export import cli
 from export.tensorrt_build import SKIP_REASON
-from mvgen.cli import build_parser
+from tests.export.conftest import run_cli
 
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
-
-
-def _run_cli(argv):
-    """The handler of ``mvgen ARGV`` called directly (the root parser supplies ``--cache-dir``)."""
-    args = build_parser({}).parse_args(argv)
-    return args.func(args)
 
 
 @pytest.mark.skipif(HAVE_TENSORRT, reason="tensorrt is installed: the skip path is not taken")
@@ -25,7 +19,7 @@ def _run_cli(argv):
     ["export", "refit", "--plan", "x.plan", "--adapter", "a.safetensors"],
 ])
 def test_without_tensorrt_the_cli_reports_a_skip(argv, capsys):
-    assert _run_cli(argv) == cli.EXIT_SKIPPED
+    assert run_cli(argv) == cli.EXIT_SKIPPED
     assert capsys.readouterr().err.strip() == SKIP_REASON
 
 
