@@ -81,3 +81,13 @@ def test_8bit_attention_compiles_for_sm90_sm89_sm80(compiled):
                    and r["label"] == "bf16 d128 full 128x128")
     assert hopper["sass_per_64"] <= HOPPER_SASS_RATIO * sixteen["sass_per_64"], (hopper, sixteen)
     assert {r["kernel"] for r in rows if r["arch"] == 80} >= {"_quantize_int8", "_column_stats"}
+
+
+def test_batch_invariant_linear_compiles_with_tensor_cores_and_no_spills(compiled):
+    """The batch-invariant linear's production tiles, as launched: wgmma on sm_90 and mma.sync on sm_80 for bf16,
+    fp32 beside them, no spills anywhere."""
+    _, all_rows = compiled
+    rows = [r for r in all_rows if r["kernel"] == "_batch_invariant_linear_fwd"]
+    assert {(r["arch"], r["label"].split()[0]) for r in rows} == {(a, d) for a in (90, 80) for d in ("bf16", "fp32")}
+    assert all(r["spill_stores"] == 0 and r["spill_loads"] == 0 for r in rows), rows
+    assert {r["arch"]: r["mma"] for r in rows if r["label"].startswith("bf16")} == {90: "wgmma", 80: "mma.sync"}
