@@ -73,7 +73,7 @@ class ModelSupervisor:
         self._restore: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._cmdlines: dict[tuple, list[str]] = {}
-        self._processes: dict = {}  # pid -> psutil.Process of each stub _stubs has seen (what _runs asks)
+        self._processes: dict = {}  # pid -> psutil.Process of each live stub _stubs last saw (what _runs asks)
         self._threads = [threading.Thread(target=self._watch, daemon=True, name="mvgen-supervisor-watch"),
                          threading.Thread(target=self._restore_loop, daemon=True, name="mvgen-supervisor-restore")]
 
@@ -141,7 +141,7 @@ class ModelSupervisor:
         import psutil
 
         process = self._processes.get(pid)
-        if process is None:  # not seen by _stubs (cannot happen for a pid it returned): ask the slow way
+        if process is None:  # not among the stubs _stubs last saw: ask it again
             return pid in self._stubs().values()
         try:
             return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
@@ -193,7 +193,7 @@ class ModelSupervisor:
         runs ``<repository>/<model>/1/model.py``); dead (zombie) stubs are left out."""
         import psutil
 
-        found = {}
+        found, processes = {}, {}
         try:
             children = psutil.Process(self.server.process.pid).children()
         except psutil.NoSuchProcess:
@@ -210,7 +210,8 @@ class ModelSupervisor:
                 script = Path(command[1])
                 if script.parent.parent.parent == self.repository:
                     found[script.parent.parent.name] = child.pid
-                    self._processes[child.pid] = child
+                    processes[child.pid] = child
+        self._processes = processes  # the live stubs only: a replaced stub's entry goes
         return found
 
     # --- restoring --------------------------------------------------------------------------------------------

@@ -11,14 +11,16 @@ from tests.scheduling import SHARED_SERVERS, UNITS, unit
 
 @pytest.fixture(scope="module")
 def server_fixtures(request) -> dict[str, set[str]]:
-    """session-scoped fixtures defined in tests/server/conftest.py -> the files (relative paths) whose tests use them,
-    read from this session's collection (every xdist worker collects the whole suite)."""
+    """session-scoped server fixtures (those defined under tests/server that hand their server to ``stopping``) -> the
+    files (relative paths) whose tests use them, read from this session's collection (every xdist worker collects the
+    whole suite)."""
     root = Path(request.config.rootpath)
     used: dict[str, set[str]] = {}
     for item in request.session.items:
         for name in getattr(item, "fixturenames", ()):
             for definition in item._fixtureinfo.name2fixturedefs.get(name, ()):
-                if definition.scope == "session" and definition.baseid.startswith("tests/server"):
+                if (definition.scope == "session" and definition.baseid.startswith("tests/server")
+                        and "stopping" in definition.argnames):
                     used.setdefault(name, set()).add(item.path.relative_to(root).as_posix())
     return used
 

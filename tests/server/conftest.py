@@ -84,10 +84,10 @@ def _tritonserver_available() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def served(tiny_cache, tmp_path_factory):
+def served(stopping, tiny_cache, tmp_path_factory):
     """``mvgen serve --model tiny --deterministic`` on free loopback ports (a request's bits do not depend on its
     batch companions: test_load); SIGINT at the end must stop it with exit code 0."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served"), "--deterministic")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served"), "--deterministic")
 
 
 # `--set` overrides that make the tiny model's reference stream cacheable (MvgenConfig.caches_reference)
@@ -95,38 +95,39 @@ CACHEABLE = ("--set", "ref_attention=isolated", "--set", "ref_timestep=zero")
 
 
 @pytest.fixture(scope="session")
-def served_cached(tiny_cache, tmp_path_factory):
+def served_cached(stopping, tiny_cache, tmp_path_factory):
     """The tiny model with a cacheable reference stream, the denoiser's reference K/V cache on (the default)."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-cached"), *CACHEABLE)
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-cached"), *CACHEABLE)
 
 
 @pytest.fixture(scope="session")
-def served_uncached(tiny_cache, tmp_path_factory):
+def served_uncached(stopping, tiny_cache, tmp_path_factory):
     """The same cacheable model served with ``--no-reference-cache``: references recomputed at every step."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE, "--no-reference-cache")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE, "--no-reference-cache")
 
 
 @pytest.fixture(scope="session")
-def served_t2v(tiny_cache, tmp_path_factory):
+def served_t2v(stopping, tiny_cache, tmp_path_factory):
     """``tiny-t2v`` (reference-to-video) with MVAnimate's multi-view attention (its ``adapter_multiview``) and a
     cacheable reference stream: one server for the T2V family and the multiview mode."""
     from engine.tiny import VARIANTS
 
     adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, "--adapter", str(adapter),
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, "--adapter", str(adapter),
                       model="tiny-t2v")
 
 
 @pytest.fixture(scope="module")
-def served_ti2v(tiny_cache, tmp_path_factory):
+def served_ti2v(stopping, tiny_cache, tmp_path_factory):
     """``tiny-ti2v`` (Wan2.2-TI2V-5B: a first frame optional) under ``--deterministic``, the reference stream cacheable
     as ``served_t2v``'s (``test_wan_family._cli`` passes the same flags to ``mvgen generate``)."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-ti2v"), *CACHEABLE, "--deterministic",
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-ti2v"), *CACHEABLE, "--deterministic",
                       model="tiny-ti2v")
 
 
-def _serve(tiny_cache, work: Path, *extra: str, model: str = "tiny"):
-    """Start ``mvgen serve --model MODEL [extra]``, yield it ready, then SIGINT it and require exit code 0."""
+def _serve(stopping: list, tiny_cache, work: Path, *extra: str, model: str = "tiny"):
+    """Start ``mvgen serve --model MODEL [extra]`` and yield it ready; then SIGINT it and hand it to ``stopping``,
+    which requires exit code 0 at the end of the session."""
     reason = _tritonserver_available()
     if reason:
         pytest.skip(reason)
@@ -145,16 +146,34 @@ def _serve(tiny_cache, work: Path, *extra: str, model: str = "tiny"):
         yield server
     finally:
         process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
-        output = process.stdout.read()
-        # only a server that came up is asked for a clean exit: one that never did keeps _wait_ready's error (its
-        # output), which an assertion raised here would replace
         if ready:
-            assert code == 0, f"mvgen serve {' '.join(extra)} exited with {code} on SIGINT:\n{output[-2000:]}"
+            stopping.append((process, f"--model {model} {' '.join(extra)}"))
+        else:  # one that never came up keeps _wait_ready's error (its output), which a later assertion would bury
+            _exit_code(process)
+
+
+@pytest.fixture(scope="session")
+def stopping():
+    """The served processes whose fixtures are done. Each got SIGINT and stops while the tests go on: Triton unloads
+    every model and each stub exits, ~4 s (more on a loaded machine) that a worker would otherwise sit idle for. At
+    the end of the session each must have exited with code 0."""
+    servers: list[tuple[subprocess.Popen, str]] = []
+    yield servers
+    failures = []
+    for process, what in servers:
+        code = _exit_code(process)
+        if code != 0:
+            failures.append(f"mvgen serve {what} exited with {code} on SIGINT:\n{process.stdout.read()[-2000:]}")
+    assert not failures, "\n".join(failures)
+
+
+def _exit_code(process: subprocess.Popen) -> int:
+    """The exit code of a server sent SIGINT; killed if it has not stopped within 120 s."""
+    try:
+        return process.wait(120)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 def _wait_ready(server: Served, models: tuple[str, ...]) -> None:

@@ -13,10 +13,10 @@ PROMPT = "the person of the references turns around"
 
 
 @pytest.fixture(scope="module")
-def served_mmdit(tiny_cache, tmp_path_factory):
+def served_mmdit(stopping, tiny_cache, tmp_path_factory):
     """tiny-mmdit with an isolated, zero-timestep reference stream (``_cli``'s flags): the isolated mask through the
     three-stream attention (the full one is checked in process against diffusers, tests/engine/test_mmdit.py)."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-mmdit"), *CACHEABLE, model="tiny-mmdit")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-mmdit"), *CACHEABLE, model="tiny-mmdit")
 
 
 @pytest.mark.parametrize("num_refs", [0, 2])

@@ -18,9 +18,9 @@ WORKER_TIMEOUT_S = 20
 
 
 @pytest.fixture(scope="module")
-def served_sp2(tiny_cache, tmp_path_factory):
+def served_sp2(stopping, tiny_cache, tmp_path_factory):
     # --deterministic as `served` (the sp = 1 side of test_sp2_equals_sp1): the same kernels on both sides
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-sp2"), "--sp", "2", "--worker-timeout",
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-sp2"), "--sp", "2", "--worker-timeout",
                       str(WORKER_TIMEOUT_S), "--deterministic")
 
 

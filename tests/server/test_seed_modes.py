@@ -13,9 +13,9 @@ from tests.server.conftest import _serve, png
 
 
 @pytest.fixture(scope="module")
-def served_all(tiny_cache, tmp_path_factory):
+def served_all(stopping, tiny_cache, tmp_path_factory):
     adapter = tiny_cache / TINY_VERSION / "adapter_all"
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-all"), "--adapter", str(adapter))
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-all"), "--adapter", str(adapter))
 
 
 def _pipe(model: str, tiny_cache, adapter, **overrides):

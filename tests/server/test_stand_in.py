@@ -15,9 +15,9 @@ PROMPT = "the person of the reference smiles"
 
 
 @pytest.fixture(scope="module")
-def served_standin(tiny_cache, tmp_path_factory):
+def served_standin(stopping, tiny_cache, tmp_path_factory):
     """``mvgen serve --model tiny-standin``: its adapter's config makes the reference stream cacheable."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-standin"), model="tiny-standin")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-standin"), model="tiny-standin")
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +30,9 @@ def stand_in_pair(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served_wan22_t2v(tiny_cache, tmp_path_factory, stand_in_pair):
+def served_wan22_t2v(stopping, tiny_cache, tmp_path_factory, stand_in_pair):
     high, low = stand_in_pair
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-wan22-t2v"), "--adapter", str(high),
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-wan22-t2v"), "--adapter", str(high),
                       "--adapter-2", str(low), model="tiny-wan22-t2v")
 
 

@@ -20,8 +20,8 @@ OVERRIDES = dict(ref_attention="isolated", ref_timestep="zero")  # CACHEABLE as 
 
 
 @pytest.fixture(scope="module")
-def served_wan22(tiny_cache, tmp_path_factory):
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-wan22"), *CACHEABLE, model="tiny-wan22")
+def served_wan22(stopping, tiny_cache, tmp_path_factory):
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-wan22"), *CACHEABLE, model="tiny-wan22")
 
 
 def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str, process: bool = False) -> np.ndarray:

@@ -18,9 +18,9 @@ LATER = 4
 
 
 @pytest.fixture(scope="module")
-def fresh_server(tiny_cache, tmp_path_factory):
+def fresh_server(stopping, tiny_cache, tmp_path_factory):
     """A server of its own: the session's ``served`` has answered other tests' requests already."""
-    yield from _serve(tiny_cache, tmp_path_factory.mktemp("served-warm"))
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-warm"))
 
 
 @pytest.mark.serial
