@@ -5,10 +5,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class Served:
     metrics_url: str
     process: subprocess.Popen
     log: Path
+    output: list[str] = field(default_factory=list)  # what mvgen serve printed so far (read by a thread)
 
     def tree_rss(self) -> int:
         """Resident memory of tritonserver and every process below it (the python backend stubs), bytes."""
@@ -139,6 +141,8 @@ def _serve(stopping: list, tiny_cache, work: Path, *extra: str, model: str = "ti
                "--max-tokens", str(MAX_TOKENS), *extra]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = Served(f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", process, log)
+    # drained as it comes: a full pipe would block mvgen serve, and _wait_ready waits for its "ready:" line
+    threading.Thread(target=lambda: server.output.extend(iter(process.stdout.readline, "")), daemon=True).start()
     ready = False
     try:
         _wait_ready(server, SERVED_MODELS[model])
@@ -147,7 +151,7 @@ def _serve(stopping: list, tiny_cache, work: Path, *extra: str, model: str = "ti
     finally:
         process.send_signal(signal.SIGINT)
         if ready:
-            stopping.append((process, f"--model {model} {' '.join(extra)}"))
+            stopping.append((server, f"--model {model} {' '.join(extra)}"))
         else:  # one that never came up keeps _wait_ready's error (its output), which a later assertion would bury
             _exit_code(process)
 
@@ -157,13 +161,13 @@ def stopping():
     """The served processes whose fixtures are done. Each got SIGINT and stops while the tests go on: Triton unloads
     every model and each stub exits, ~4 s (more on a loaded machine) that a worker would otherwise sit idle for. At
     the end of the session each must have exited with code 0."""
-    servers: list[tuple[subprocess.Popen, str]] = []
+    servers: list[tuple[Served, str]] = []
     yield servers
     failures = []
-    for process, what in servers:
-        code = _exit_code(process)
+    for server, what in servers:
+        code = _exit_code(server.process)
         if code != 0:
-            failures.append(f"mvgen serve {what} exited with {code} on SIGINT:\n{process.stdout.read()[-2000:]}")
+            failures.append(f"mvgen serve {what} exited with {code} on SIGINT:\n{''.join(server.output)[-2000:]}")
     assert not failures, "\n".join(failures)
 
 
@@ -177,20 +181,21 @@ def _exit_code(process: subprocess.Popen) -> int:
 
 
 def _wait_ready(server: Served, models: tuple[str, ...]) -> None:
+    """Until mvgen serve prints that it is ready (after Triton's readiness, once its supervisor watches: a SIGINT
+    before that line ends it with 130, not 0); then Triton must report every model the checkpoint is served as."""
     import tritonclient.grpc as grpcclient
 
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while not any(line.startswith("mvgen serve: ready:") for line in server.output):
         if server.process.poll() is not None:
-            raise RuntimeError(f"mvgen serve exited ({server.process.returncode}): {server.process.stdout.read()}")
-        try:
-            client = grpcclient.InferenceServerClient(server.url)
-            if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
-                return
-        except Exception:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s; log {server.log}")
+            time.sleep(0.5)  # the reader thread takes the last lines
+            raise RuntimeError(f"mvgen serve exited ({server.process.returncode}): {''.join(server.output)}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s; log {server.log}")
+        time.sleep(0.2)
+    client = grpcclient.InferenceServerClient(server.url)
+    missing = [m for m in models if not client.is_model_ready(m)]
+    assert client.is_server_ready() and not missing, f"mvgen serve is ready but Triton's models are not: {missing}"
 
 
 @pytest.fixture
