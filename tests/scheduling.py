@@ -39,7 +39,7 @@ def unit(nodeid: str) -> str:
 
 
 def scheduler(config, log):
-    """``loadfile`` scheduling over ``unit``: a subclass of xdist's scope scheduler, which groups by ``_split_scope``."""
+    """``loadfile`` scheduling over ``unit``: xdist's scope scheduler, which groups tests by ``_split_scope``."""
     from xdist.scheduler import LoadScopeScheduling
 
     class SharedServerScheduling(LoadScopeScheduling):

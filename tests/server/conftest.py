@@ -105,7 +105,8 @@ def served_cached(stopping, tiny_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def served_uncached(stopping, tiny_cache, tmp_path_factory):
     """The same cacheable model served with ``--no-reference-cache``: references recomputed at every step."""
-    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE, "--no-reference-cache")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-uncached"), *CACHEABLE,
+                      "--no-reference-cache")
 
 
 @pytest.fixture(scope="session")
@@ -115,8 +116,8 @@ def served_t2v(stopping, tiny_cache, tmp_path_factory):
     from engine.tiny import VARIANTS
 
     adapter = tiny_cache / VARIANTS["tiny-t2v"].directory / "adapter_multiview"
-    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, "--adapter", str(adapter),
-                      model="tiny-t2v")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-t2v"), *CACHEABLE, "--adapter",
+                      str(adapter), model="tiny-t2v")
 
 
 @pytest.fixture(scope="module")

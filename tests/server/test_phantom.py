@@ -22,7 +22,8 @@ REQUEST = dict(prompt="the person of the references walks", negative_prompt="sta
 
 @pytest.fixture(scope="module")
 def served_phantom(stopping, tiny_cache, tmp_path_factory):
-    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-phantom"), "--deterministic", model="tiny-phantom")
+    yield from _serve(stopping, tiny_cache, tmp_path_factory.mktemp("served-phantom"), "--deterministic",
+                      model="tiny-phantom")
 
 
 @pytest.fixture
