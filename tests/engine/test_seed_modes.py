@@ -3,7 +3,6 @@ denoiser and change the video, from the Python API and the command line (their O
 test_cli.py). The equations themselves are checked against float64 formulations in tests/engine/modes/."""
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from PIL import Image
 from engine.errors import AdapterError
 from engine.pipeline import MultiViewPipeline
 from engine.tiny import TINY_VERSION
+from tests.commands import run_mvgen
 
 MVGEN = str(Path(sys.executable).parent / "mvgen")
 SMALL = dict(num_frames=5, height=32, width=32, steps=2, seed=3)
@@ -113,13 +113,7 @@ def test_each_mode_from_the_command_line(tiny_cache, tmp_path, mode):
         command += ["--identity", str(tmp_path / "id.png")]
     paths["video"] = tmp_path / "v.mp4"
     command += ["--out", str(paths["video"])]
-    if mode == MODES[0]:  # one mode as a shell runs it; the others through mvgen.cli.main here (~5 s of imports less)
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    else:
-        from mvgen.cli import main
-
-        assert main(command[1:]) == 0
+    run_mvgen(command, process=mode == MODES[0])  # one mode as a shell runs it, the others in this process
     assert paths["video"].is_file()
 
 

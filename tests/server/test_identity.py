@@ -9,7 +9,6 @@ lossy, so the command line is compared through the lossless contact sheet it wri
 """
 from __future__ import annotations
 
-import subprocess
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ from PIL import Image
 from engine.media import contact_sheet
 from engine.request import FIELDS
 from server.client import GenerationInputs, generate
+from tests.commands import run_mvgen
 from tests.server.conftest import CACHEABLE, MVGEN, SMALL, png
 from tests.server.test_load import _cancel_stream
 
@@ -67,13 +67,7 @@ def _cli(tiny_cache, tmp_path, first: np.ndarray, refs: list[np.ndarray], config
     for name, value in SMALL.items():
         command += [FLAGS[name], str(value)]
     command += [*flags, *([] if cache else ["--no-reference-cache"]), "--out", str(tmp_path / "video.mp4")]
-    if process:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    else:
-        from mvgen.cli import main
-
-        assert main(command[1:]) == 0
+    run_mvgen(command, process)
     return np.asarray(Image.open(tmp_path / "video.png").convert("RGB"))
 
 

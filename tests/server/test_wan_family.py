@@ -3,8 +3,6 @@ the same video, bit for bit; the served reference cache built once per expert an
 carries MVAnimate's multi-view attention (its tiny ``adapter_multiview``), so one server serves both."""
 from __future__ import annotations
 
-import subprocess
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +10,7 @@ from PIL import Image
 from engine.media import contact_sheet
 from engine.request import FIELDS
 from server.client import ClientError, GenerationInputs, generate
+from tests.commands import run_mvgen
 from tests.server.conftest import CACHEABLE, MVGEN, SMALL, _serve, png
 
 PROMPT = "the person of the references walks"
@@ -40,13 +39,7 @@ def _cli(model: str, tiny_cache, tmp_path, values: dict, *flags: str, process: b
         else:
             command += [FLAGS[name], str(value)]
     command += ["--out", str(tmp_path / "v.mp4")]
-    if process:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    else:
-        from mvgen.cli import main
-
-        assert main(command[1:]) == 0
+    run_mvgen(command, process)
     return np.asarray(Image.open(tmp_path / "v.png").convert("RGB"))
 
 
