@@ -18,7 +18,8 @@ import pytest
 
 from server.client import ClientError, GenerationInputs, generate, infer_inputs
 from server.launcher import free_ports
-from tests.server.conftest import MAX_TOKENS, MVGEN, SERVED_MODELS, SMALL, _tritonserver_available, png
+from tests.server.conftest import (MAX_TOKENS, MVGEN, SERVED_MODELS, SMALL, _exit_code, _tritonserver_available,
+                                   png)
 
 CALL_TIMEOUT_S = 6.0  # --call-timeout of these servers: the bound of every call of the tests' small requests
 RECOVERY_S = 60.0  # the issue's bound: serving again within a minute of the fault
@@ -113,11 +114,7 @@ def stop(server: Supervised) -> int | None:
     if server.process.poll() is not None:
         return None
     server.process.send_signal(signal.SIGINT)
-    try:
-        return server.process.wait(120)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        return server.process.wait()
+    return _exit_code(server.process)
 
 
 def request(images, **changes) -> GenerationInputs:
